@@ -1,0 +1,178 @@
+"""The `mailappliance` command: domains, users, aliases, and (through the admin protocol) the
+running server. Exit status: 0 success, 1 refused (one line on stderr), 2 usage error.
+
+Passwords are read from stdin (--password-stdin) or prompted without echo; never from argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from typing import Sequence
+
+from mailappliance.config import ConfigError, Settings, load_settings
+from mailappliance.users.store import StoreError, UserStore
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+class Refused(Exception):
+    """A request the store or server refused; str() is the one stderr line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: one line, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mailappliance", description="administer a mailappliance instance")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--data", "-d", help="state directory of the instance (default ./var)")
+    where.add_argument("--config", "-c", help="the instance's TOML configuration file")
+    sub = p.add_subparsers(dest="area", required=True, parser_class=_Parser)
+
+    dom = sub.add_parser("domain", help="virtual domains").add_subparsers(dest="action",
+                                                                          required=True)
+    d_add = dom.add_parser("add", help="add a domain")
+    d_add.add_argument("name")
+    d_add.add_argument("--postmaster", help="user that receives postmaster/abuse/mailer-daemon "
+                       "(default: the first user added)")
+    dom.add_parser("del", help="delete a domain and its mailboxes").add_argument("name")
+    dom.add_parser("list", help="list domains")
+
+    usr = sub.add_parser("user", help="virtual users").add_subparsers(dest="action", required=True)
+    u_add = usr.add_parser("add", help="add a user with a Maildir")
+    u_add.add_argument("address")
+    u_add.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of stdin")
+    u_add.add_argument("--quota", type=int, default=0, help="mailbox quota in bytes (0: none)")
+    usr.add_parser("del", help="delete a user and its Maildir").add_argument("address")
+    u_pw = usr.add_parser("passwd", help="change a user's password")
+    u_pw.add_argument("address")
+    u_pw.add_argument("--password-stdin", action="store_true")
+    u_list = usr.add_parser("list", help="list users")
+    u_list.add_argument("domain", nargs="?")
+
+    ali = sub.add_parser("alias", help="aliases and forwards").add_subparsers(dest="action",
+                                                                             required=True)
+    a_add = ali.add_parser("add", help="map an address to one or more targets")
+    a_add.add_argument("address")
+    a_add.add_argument("targets", nargs="+")
+    ali.add_parser("del", help="delete an alias").add_argument("address")
+    ali.add_parser("list", help="list aliases")
+
+    sub.add_parser("stat", help="services, uptime, connections, queue (server must run)")
+    q = sub.add_parser("queue", help="the mail queue").add_subparsers(dest="action", required=True)
+    q.add_parser("list", help="list queued messages")
+    q.add_parser("flush", help="retry every deferred message now")
+    q_rm = q.add_parser("remove", help="remove a message")
+    q_rm.add_argument("id")
+    q_rm.add_argument("--bounce", action="store_true", help="bounce it to the sender first")
+    sub.add_parser("reload", help="re-read configuration and rules (like HUP)")
+    r = sub.add_parser("relay", help="POP-before-SMTP grants").add_subparsers(dest="action",
+                                                                            required=True)
+    r.add_parser("list", help="current grants")
+    sm = sub.add_parser("sendmail", help="sendmail-compatible injection", add_help=False)
+    sm.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def settings_for(args: argparse.Namespace) -> Settings:
+    overrides = {"data": args.data} if args.data else {}
+    return load_settings(args.config, overrides)
+
+
+def read_password(from_stdin: bool, confirm: bool = True) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise Refused("no password on standard input")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise Refused("no terminal to prompt for the password: use --password-stdin")
+    first = getpass.getpass("New password: ")
+    if confirm and getpass.getpass("Retype new password: ") != first:
+        raise Refused("passwords do not match")
+    return first
+
+
+# --- store-direct commands (server stopped, or the server delegates here) ----------------------
+
+def _store_command(args: argparse.Namespace, store: UserStore, out) -> None:
+    area, action = args.area, args.action
+    if area == "domain":
+        if action == "add":
+            name = store.add_domain(args.name, args.postmaster)
+            print(f"domain {name} added", file=out)
+        elif action == "del":
+            store.del_domain(args.name)
+            print(f"domain {args.name.lower()} deleted", file=out)
+        else:
+            for name in store.list_domains():
+                print(name, file=out)
+    elif area == "user":
+        if action == "add":
+            password = read_password(args.password_stdin)
+            user = store.add_user(args.address, password, args.quota)
+            print(f"user {user.address} added", file=out)
+        elif action == "passwd":
+            password = read_password(args.password_stdin)
+            store.set_password(args.address, password)
+            print(f"password of {args.address.lower()} changed", file=out)
+        elif action == "del":
+            store.del_user(args.address)
+            print(f"user {args.address.lower()} deleted", file=out)
+        else:
+            for user in store.list_users(args.domain):
+                quota = f" quota={user.quota}" if user.quota else ""
+                print(f"{user.address}{quota}", file=out)
+    elif area == "alias":
+        if action == "add":
+            store.add_alias(args.address, args.targets)
+            print(f"alias {args.address.lower()} added", file=out)
+        elif action == "del":
+            store.del_alias(args.address)
+            print(f"alias {args.address.lower()} deleted", file=out)
+        else:
+            for address, targets in store.list_aliases():
+                print(f"{address} -> {' '.join(targets)}", file=out)
+
+
+STORE_AREAS = ("domain", "user", "alias")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.area == "sendmail":
+        from mailappliance import sendmail
+        extra = ["--data", args.data] if args.data else []
+        extra += ["--config", args.config] if args.config else []
+        return sendmail.main(extra + args.args)
+    try:
+        settings = settings_for(args)
+        if args.area in STORE_AREAS:
+            store = UserStore(settings.data, settings.bcrypt_cost)
+            try:
+                _store_command(args, store, sys.stdout)
+            finally:
+                store.close()
+            return EXIT_OK
+        try:
+            from mailappliance.admin import client
+        except ModuleNotFoundError:
+            raise Refused("this command needs the admin protocol, which is not built in")
+        return client.run(args, settings)
+    except (StoreError, ConfigError, Refused) as e:
+        print(f"mailappliance: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("mailappliance: interrupted", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

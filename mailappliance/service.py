@@ -1,0 +1,262 @@
+"""The service tree: settings in, one MultiService out.
+
+`make_service(settings, reactor)` builds the shared parts (the App) and one listener per endpoint
+string. Each job contributes a `build_factory(app, kind)` in its own `service` module; this file
+only wires them. Listening happens in privilegedStartService, so with twistd --uid/--gid every
+port is bound as root and no network input is read before the privilege drop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mailappliance.access.relay import RelayGrants
+from mailappliance.config import Settings
+from mailappliance.users.auth import Authenticator
+from mailappliance.users.store import UserStore
+
+# Threads for blocking work (bcrypt, SQLite, fsync). Small: the machine has few cores, and
+# bcrypt and fsync gain little beyond a handful of concurrent calls (PEERS.md: ext4 batches
+# journal commits up to about 8 concurrent writers).
+THREADPOOL_MIN = 2
+THREADPOOL_MAX = 10
+
+# endpoint kind -> (module with build_factory, kind passed to it)
+FACTORIES: dict[str, tuple[str, str]] = {
+    "smtp": ("mailappliance.smtp.service", "smtp"),
+    "submission": ("mailappliance.smtp.service", "submission"),
+    "submissions": ("mailappliance.smtp.service", "submissions"),
+    "pop3": ("mailappliance.pop3.service", "pop3"),
+    "pop3s": ("mailappliance.pop3.service", "pop3s"),
+    "admin": ("mailappliance.admin.service", "admin"),
+}
+
+
+@dataclass
+class App:
+    """What every service builder shares. Later parts fill the optional fields."""
+
+    settings: Settings
+    reactor: Any
+    store: UserStore
+    threadpool: ThreadPool
+    authenticator: Authenticator
+    grants: RelayGrants
+    started: float = field(default_factory=time.time)
+    injector: Any = None
+    queue_manager: Any = None
+    resolver: Any = None
+    dnsbl: Any = None
+    tls: Any = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    listeners: list["Listener"] = field(default_factory=list)
+    # Called with the new Settings after a successful reload.
+    reload_hooks: list[Callable[[Settings], None]] = field(default_factory=list)
+
+    def reload(self, settings: Settings) -> None:
+        self.settings = settings
+        for hook in self.reload_hooks:
+            hook(settings)
+
+
+class ThreadPoolService(service.Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class Listener(service.Service):
+    """Binds one endpoint in privilegedStartService and remembers the port it got."""
+
+    log = Logger()
+
+    def __init__(self, kind: str, description: str, endpoint, factory) -> None:
+        self.kind = kind
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+        self.started_at: float | None = None
+        self.listening: defer.Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.listening = self.endpoint.listen(self.factory)
+        self.listening.addCallback(self._bound)
+        self.listening.addErrback(self._failed)
+
+    def _bound(self, port):
+        self.port = port
+        self.started_at = time.time()
+        self.log.info("{kind}: listening on {where}", kind=self.kind, where=self.address_text())
+        return port
+
+    def _failed(self, failure):
+        self.log.failure("{kind}: cannot listen on {ep}", failure, kind=self.kind,
+                         ep=self.description)
+        return failure
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return defer.maybeDeferred(self.port.stopListening)
+        return None
+
+    def address_text(self) -> str:
+        if self.port is None:
+            return self.description
+        host = self.port.getHost()
+        if hasattr(host, "port"):
+            return f"{host.host}:{host.port}"
+        return str(getattr(host, "name", self.description))
+
+    def bound_port(self) -> int | str | None:
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        return getattr(host, "port", None) or str(getattr(host, "name", b""), "utf-8", "replace")
+
+
+class ReadyService(service.Service):
+    """Writes data/run/ready.json once every listener is bound; runs hooks (sd_notify, tests)."""
+
+    log = Logger()
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.waiters: list[Callable[[], Any]] = []   # extra readiness conditions (queue loaded)
+        self.on_ready: list[Callable[[App], None]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        waits = [l.listening for l in self.app.listeners if l.listening is not None]
+        waits += [defer.maybeDeferred(w) for w in self.waiters]
+        d = defer.gatherResults(waits, consumeErrors=True)
+        d.addCallback(lambda _: self._ready())
+        d.addErrback(self._not_ready)
+
+    def _ready(self) -> None:
+        run = self.app.settings.data / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        listen: dict[str, list] = {}
+        for l in self.app.listeners:
+            listen.setdefault(l.kind, []).append(l.bound_port())
+        payload = {"pid": os.getpid(), "listen": listen}
+        tmp = run / "ready.json.tmp"
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, run / "ready.json")
+        self.log.info("ready: {listen}", listen=json.dumps(listen))
+        for hook in self.on_ready:
+            hook(self.app)
+
+    def _not_ready(self, failure) -> None:
+        self.log.error("start-up failed: {why}", why=failure.getErrorMessage())
+        reactor = self.app.reactor
+        if reactor.running:
+            reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        try:
+            (self.app.settings.data / "run" / "ready.json").unlink()
+        except OSError:
+            pass
+
+
+def build_app(settings: Settings, reactor) -> App:
+    data = settings.data
+    data.mkdir(parents=True, exist_ok=True)
+    store = UserStore(data, settings.bcrypt_cost)
+    pool = ThreadPool(THREADPOOL_MIN, THREADPOOL_MAX, name="mailappliance")
+    app = App(settings=settings, reactor=reactor, store=store, threadpool=pool,
+              authenticator=Authenticator(store, reactor, pool),
+              grants=RelayGrants(data / "relay-grants.json"))
+    return app
+
+
+log = Logger()
+
+
+def _optional_module(name: str):
+    """Import a job's module; None while that job is not built yet (logged, not hidden)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and name.startswith(e.name):
+            log.warn("{module} is not available: {why}", module=name, why=str(e))
+            return None
+        raise
+
+
+def _factory_for(app: App, kind: str):
+    module_name, arg = FACTORIES[kind]
+    module = _optional_module(module_name)
+    return None if module is None else module.build_factory(app, arg)
+
+
+def make_service(settings: Settings, reactor=None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: the adapter tier owns the reactor
+    app = build_app(settings, reactor)
+    top = service.MultiService()
+    top.app = app  # type: ignore[attr-defined]
+    ThreadPoolService(app.threadpool).setServiceParent(top)
+
+    # Shared parts (queue manager, DNS, TLS, logging, ...): each module's function is called
+    # with (app, top) in this order and attaches its services and fills its App field.
+    for module_name, function in COMPONENTS:
+        module = _optional_module(module_name)
+        if module is not None:
+            getattr(module, function)(app, top)
+
+    ready = ReadyService(app)
+    top.ready = ready  # type: ignore[attr-defined]
+    for kind in FACTORIES:
+        for description in getattr(settings.listen, kind):
+            factory = _factory_for(app, kind)
+            if factory is None:
+                continue
+            if description.startswith("unix:"):
+                _prepare_unix_socket(description)
+            endpoint = endpoints.serverFromString(reactor, description)
+            listener = Listener(kind, description, endpoint, factory)
+            app.listeners.append(listener)
+            listener.setServiceParent(top)
+    ready.setServiceParent(top)
+    return top
+
+
+def _prepare_unix_socket(description: str) -> None:
+    """Create the socket's directory; remove a stale socket file left by a killed server."""
+    path = description.split(":", 1)[1].split(":")[0].replace("\\:", ":")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+
+
+# Component builders: (module, function) with function(app, parent_service) -> None, run in
+# this order by make_service before any listener is created.
+COMPONENTS: list[tuple[str, str]] = [
+]

@@ -1,0 +1,399 @@
+"""Virtual domains, users and aliases (vpopmail's job), in SQLite under the data directory.
+
+A store: blocking SQLite I/O, no Twisted. WAL mode plus a busy timeout makes it safe for the
+server and the `mailappliance` command writing at the same time; every read goes to the
+database, so a running server sees a change made by the command at once.
+
+Names are validated before they reach SQL or a path: domains are LDH labels (IDNA for unicode),
+local parts a conservative ASCII set, so nothing can escape data/domains/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailappliance.users import passwords
+
+# RFC 5321 4.5.3.1.1 / 4.5.3.1.2
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 253
+MAX_LABEL = 63
+# A forward list longer than this is a mistake or an amplifier, not an alias.
+MAX_ALIAS_TARGETS = 100
+# SQLite busy wait: the CLI and the server may both hold the write lock briefly.
+BUSY_TIMEOUT_MS = 10_000
+# The aliases every domain gets, so mail to them is never lost (RFC 2142).
+ROLE_ALIASES = ("postmaster", "abuse", "mailer-daemon")
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LOCAL = re.compile(r"^[a-z0-9!#$&'*+=?^_`{|}~-]+(?:\.[a-z0-9!#$&'*+=?^_`{|}~-]+)*$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY,
+    postmaster TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    local TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    quota INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    PRIMARY KEY (domain, local)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    local TEXT NOT NULL,
+    targets TEXT NOT NULL,
+    PRIMARY KEY (domain, local)
+);
+"""
+
+
+class StoreError(Exception):
+    """A refused request; str() is the one line shown to the operator."""
+
+
+@dataclass(frozen=True)
+class User:
+    local: str
+    domain: str
+    quota: int
+    maildir: Path
+    password_hash: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+
+def normalize_domain(name: str) -> str:
+    """Lower-case, IDNA-encoded, validated domain name; raises StoreError."""
+    if not isinstance(name, str) or not name:
+        raise StoreError("empty domain name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise StoreError(f"domain name {name!r} contains control characters")
+    name = name.strip().rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise StoreError(f"domain name {name!r} is not a valid internationalised name") from None
+    if len(name) > MAX_DOMAIN:
+        raise StoreError(f"domain name longer than {MAX_DOMAIN} characters")
+    labels = name.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise StoreError(f"bad domain name {name!r}: use letters, digits, hyphens and dots "
+                         "(at least two labels)")
+    return name
+
+
+def normalize_local(local: str) -> str:
+    if not isinstance(local, str) or not local:
+        raise StoreError("empty user name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in local):
+        raise StoreError(f"user name {local!r} contains control characters")
+    local = local.lower()
+    if len(local) > MAX_LOCAL_PART:
+        raise StoreError(f"user name longer than {MAX_LOCAL_PART} characters")
+    if not local.isascii() or not _LOCAL.match(local) or local in (".", ".."):
+        raise StoreError(f"bad user name {local!r}: use ASCII letters, digits and . _ - + "
+                         "(no leading, trailing or double dot, no / or @)")
+    return local
+
+
+def split_address(address: str) -> tuple[str, str]:
+    if not isinstance(address, str) or address.count("@") != 1:
+        raise StoreError(f"bad address {address!r}: expected user@domain")
+    local, domain = address.rsplit("@", 1)
+    return normalize_local(local), normalize_domain(domain)
+
+
+def _check_target(target: str) -> str:
+    """Alias targets may be remote; they need a plausible address, not a local user."""
+    if not isinstance(target, str) or "@" not in target:
+        raise StoreError(f"bad alias target {target!r}: expected user@domain")
+    if any(ord(c) < 33 or ord(c) == 127 for c in target) or len(target) > 256:
+        raise StoreError(f"bad alias target {target!r}")
+    local, domain = target.rsplit("@", 1)
+    if not local or len(local) > MAX_LOCAL_PART:
+        raise StoreError(f"bad alias target {target!r}")
+    return f"{local}@{normalize_domain(domain)}"
+
+
+class UserStore:
+    def __init__(self, data_dir: Path | str, bcrypt_cost: int = passwords.DEFAULT_COST) -> None:
+        self.data_dir = Path(data_dir)
+        self.bcrypt_cost = bcrypt_cost
+        self.path = self.data_dir / "users.sqlite"
+        self.domains_dir = self.data_dir / "domains"
+        self._local = threading.local()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.domains_dir.mkdir(exist_ok=True)
+        self._db().executescript(SCHEMA)
+        self._dummy_hash: str | None = None
+
+    # -- connections: one per thread (the reactor thread and the pool's threads) --------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                 isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._local.db = _Tx(db)
+            db = self._local.db
+        return db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.conn.close()
+            self._local.db = None
+
+    # -- paths -------------------------------------------------------------------------------
+    def maildir_for(self, local: str, domain: str) -> Path:
+        # Both parts are validated names; resolve() guards against a symlinked escape too.
+        path = self.domains_dir / domain / local / "Maildir"
+        return path
+
+    @staticmethod
+    def _make_maildir(path: Path) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- domains -----------------------------------------------------------------------------
+    def add_domain(self, name: str, postmaster: str | None = None) -> str:
+        domain = normalize_domain(name)
+        pm_local = None
+        if postmaster is not None:
+            pm = postmaster if "@" in postmaster else f"{postmaster}@{domain}"
+            pm_local = _check_target(pm)
+        with self._db() as db:
+            if db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
+                raise StoreError(f"domain {domain} already exists")
+            db.execute("INSERT INTO domains(name, postmaster, created) VALUES (?,?,?)",
+                       (domain, pm_local, time.time()))
+            if pm_local is not None:
+                self._set_role_aliases(db, domain, pm_local)
+        (self.domains_dir / domain).mkdir(exist_ok=True, mode=0o700)
+        return domain
+
+    def _set_role_aliases(self, db, domain: str, target: str) -> None:
+        for role in ROLE_ALIASES:
+            db.execute("INSERT OR IGNORE INTO aliases(domain, local, targets) VALUES (?,?,?)",
+                       (domain, role, json.dumps([target])))
+
+    def del_domain(self, name: str) -> None:
+        domain = normalize_domain(name)
+        with self._db() as db:
+            cur = db.execute("DELETE FROM domains WHERE name=?", (domain,))
+            if cur.rowcount == 0:
+                raise StoreError(f"no such domain: {domain}")
+            db.execute("DELETE FROM users WHERE domain=?", (domain,))
+            db.execute("DELETE FROM aliases WHERE domain=?", (domain,))
+        # vpopmail's vdeldomain removes the mail too; the directory name is a validated label.
+        shutil.rmtree(self.domains_dir / domain, ignore_errors=True)
+
+    def list_domains(self) -> list[str]:
+        return [r[0] for r in self._db().execute("SELECT name FROM domains ORDER BY name")]
+
+    def has_domain(self, name: str) -> bool:
+        try:
+            domain = normalize_domain(name)
+        except StoreError:
+            return False
+        return self._db().execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone() is not None
+
+    # -- users -------------------------------------------------------------------------------
+    def add_user(self, address: str, password: str, quota: int = 0) -> User:
+        local, domain = split_address(address)
+        if local in ROLE_ALIASES:
+            # A role name may still be a real mailbox: the alias then points at it.
+            pass
+        why = passwords.check_policy(password)
+        if why:
+            raise StoreError(why)
+        if not isinstance(quota, int) or quota < 0:
+            raise StoreError("quota must be a number of bytes, 0 for none")
+        hashed = passwords.hash_password(password, self.bcrypt_cost)
+        maildir = self.maildir_for(local, domain)
+        with self._db() as db:
+            if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
+                raise StoreError(f"no such domain: {domain}")
+            if db.execute("SELECT 1 FROM users WHERE domain=? AND local=?",
+                          (domain, local)).fetchone():
+                raise StoreError(f"user {local}@{domain} already exists")
+            db.execute("INSERT INTO users(domain, local, password_hash, quota, created) "
+                       "VALUES (?,?,?,?,?)", (domain, local, hashed, quota, time.time()))
+            # The first user of a domain without a named postmaster receives the role aliases.
+            pm = db.execute("SELECT postmaster FROM domains WHERE name=?", (domain,)).fetchone()[0]
+            if pm is None:
+                target = f"{local}@{domain}"
+                db.execute("UPDATE domains SET postmaster=? WHERE name=?", (target, domain))
+                self._set_role_aliases(db, domain, target)
+            self._make_maildir(maildir)
+        return User(local, domain, quota, maildir, hashed)
+
+    def del_user(self, address: str) -> None:
+        local, domain = split_address(address)
+        with self._db() as db:
+            cur = db.execute("DELETE FROM users WHERE domain=? AND local=?", (domain, local))
+            if cur.rowcount == 0:
+                raise StoreError(f"no such user: {local}@{domain}")
+        shutil.rmtree(self.domains_dir / domain / local, ignore_errors=True)
+
+    def set_password(self, address: str, password: str) -> None:
+        local, domain = split_address(address)
+        why = passwords.check_policy(password)
+        if why:
+            raise StoreError(why)
+        hashed = passwords.hash_password(password, self.bcrypt_cost)
+        with self._db() as db:
+            cur = db.execute("UPDATE users SET password_hash=? WHERE domain=? AND local=?",
+                             (hashed, domain, local))
+            if cur.rowcount == 0:
+                raise StoreError(f"no such user: {local}@{domain}")
+
+    def set_quota(self, address: str, quota: int) -> None:
+        local, domain = split_address(address)
+        if not isinstance(quota, int) or quota < 0:
+            raise StoreError("quota must be a number of bytes, 0 for none")
+        with self._db() as db:
+            cur = db.execute("UPDATE users SET quota=? WHERE domain=? AND local=?",
+                             (quota, domain, local))
+            if cur.rowcount == 0:
+                raise StoreError(f"no such user: {local}@{domain}")
+
+    def _user(self, row) -> User:
+        domain, local, hashed, quota = row
+        return User(local, domain, quota, self.maildir_for(local, domain), hashed)
+
+    def get_user(self, address: str) -> User | None:
+        try:
+            local, domain = split_address(address)
+        except StoreError:
+            return None
+        row = self._db().execute("SELECT domain, local, password_hash, quota FROM users "
+                                 "WHERE domain=? AND local=?", (domain, local)).fetchone()
+        return self._user(row) if row else None
+
+    def list_users(self, domain: str | None = None) -> list[User]:
+        if domain is None:
+            rows = self._db().execute("SELECT domain, local, password_hash, quota FROM users "
+                                      "ORDER BY domain, local")
+        else:
+            d = normalize_domain(domain)
+            if not self.has_domain(d):
+                raise StoreError(f"no such domain: {d}")
+            rows = self._db().execute("SELECT domain, local, password_hash, quota FROM users "
+                                      "WHERE domain=? ORDER BY local", (d,))
+        return [self._user(r) for r in rows]
+
+    # -- aliases -----------------------------------------------------------------------------
+    def add_alias(self, address: str, targets: list[str]) -> None:
+        local, domain = split_address(address)
+        if not targets:
+            raise StoreError("an alias needs at least one target")
+        if len(targets) > MAX_ALIAS_TARGETS:
+            raise StoreError(f"an alias may have at most {MAX_ALIAS_TARGETS} targets")
+        clean = [_check_target(t) for t in targets]
+        if f"{local}@{domain}" in clean:
+            raise StoreError("an alias cannot point to itself")
+        with self._db() as db:
+            if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
+                raise StoreError(f"no such domain: {domain}")
+            db.execute("INSERT INTO aliases(domain, local, targets) VALUES (?,?,?) "
+                       "ON CONFLICT(domain, local) DO UPDATE SET targets=excluded.targets",
+                       (domain, local, json.dumps(clean)))
+
+    def del_alias(self, address: str) -> None:
+        local, domain = split_address(address)
+        with self._db() as db:
+            cur = db.execute("DELETE FROM aliases WHERE domain=? AND local=?", (domain, local))
+            if cur.rowcount == 0:
+                raise StoreError(f"no such alias: {local}@{domain}")
+
+    def get_alias(self, address: str) -> list[str] | None:
+        try:
+            local, domain = split_address(address)
+        except StoreError:
+            return None
+        row = self._db().execute("SELECT targets FROM aliases WHERE domain=? AND local=?",
+                                 (domain, local)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list_aliases(self) -> list[tuple[str, list[str]]]:
+        rows = self._db().execute("SELECT local, domain, targets FROM aliases "
+                                  "ORDER BY domain, local")
+        return [(f"{lo}@{d}", json.loads(t)) for lo, d, t in rows]
+
+    # -- lookups for SMTP, delivery and POP3 --------------------------------------------------
+    def lookup_recipient(self, address: str) -> str:
+        """"user", "alias", "unknown" (our domain, no such name) or "remote" (not our domain)."""
+        if not isinstance(address, str) or "@" not in address:
+            return "unknown"
+        local_raw, domain_raw = address.rsplit("@", 1)
+        try:
+            domain = normalize_domain(domain_raw)
+        except StoreError:
+            return "remote"
+        db = self._db()
+        if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
+            return "remote"
+        try:
+            local = normalize_local(local_raw)
+        except StoreError:
+            return "unknown"
+        if db.execute("SELECT 1 FROM users WHERE domain=? AND local=?", (domain, local)).fetchone():
+            return "user"
+        row = db.execute("SELECT targets FROM aliases WHERE domain=? AND local=?",
+                         (domain, local)).fetchone()
+        if row and json.loads(row[0]):
+            return "alias"
+        return "unknown"
+
+    def check_password(self, address: str, password: str) -> User | None:
+        """Blocking bcrypt check. Unknown users cost one bcrypt too, so timing reveals nothing."""
+        user = self.get_user(address)
+        if user is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = passwords.hash_password("dummy-password-1!", self.bcrypt_cost)
+            passwords.verify_password(password, self._dummy_hash)
+            return None
+        return user if passwords.verify_password(password, user.password_hash) else None
+
+
+class _Tx:
+    """A connection whose `with` block is one IMMEDIATE transaction (writers serialise early)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, *args):
+        return self.conn.execute(*args)
+
+    def executescript(self, script: str):
+        return self.conn.executescript(script)
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+        return False

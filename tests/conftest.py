@@ -1,0 +1,21 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    """Path of an interoperability tool; in CI a missing tool fails the test instead of skipping."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI (installed by .ci/run) but is missing")
+        pytest.skip(f"{name} not installed")
+    return path

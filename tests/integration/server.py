@@ -1,0 +1,110 @@
+"""Start the real `twistd -n mailappliance` on loopback with kernel-chosen ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Upper bound on start-up: the server binds, loads the queue and writes run/ready.json.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
+class ServerProcess:
+    """One server instance in its own directory; ports come from data/run/ready.json."""
+
+    def __init__(self, root: Path, config: str = "", hostname: str = "mx.test.example",
+                 extra_args: list[str] | None = None, env: dict | None = None) -> None:
+        self.root = Path(root)
+        self.data = self.root / "var"
+        self.config_text = config
+        self.hostname = hostname
+        self.extra_args = extra_args or []
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, list] = {}
+        self.config_path = self.root / "mailappliance.toml"
+
+    def _write_config(self) -> None:
+        base = (f'hostname = "{self.hostname}"\n'
+                f'data = "{self.data}"\n'
+                "bcrypt_cost = 4\n")
+        text = self.config_text
+        # Listen on kernel-chosen loopback ports unless the test configured [listen] itself.
+        if "[listen]" not in text:
+            text += ("\n[listen]\n"
+                     'smtp = ["tcp:0:interface=127.0.0.1"]\n'
+                     'submission = ["tcp:0:interface=127.0.0.1"]\n'
+                     'pop3 = ["tcp:0:interface=127.0.0.1"]\n')
+        self.config_path.write_text(base + text)
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the `mailappliance` command against this instance."""
+        cmd = [sys.executable, "-m", "mailappliance.cli", "--config", str(self.config_path), *args]
+        res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{cmd} -> {res.returncode}: {res.stderr}")
+        return res
+
+    def start(self) -> "ServerProcess":
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.config_path.exists():
+            self._write_config()
+        ready = self.data / "run" / "ready.json"
+        try:
+            ready.unlink()
+        except FileNotFoundError:
+            pass
+        self.log = open(self.root / "twistd.out", "ab")
+        env = dict(os.environ)
+        env.update(self.env or {})
+        self.proc = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "mailappliance", "-c", str(self.config_path),
+             *self.extra_args],
+            cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                info = json.loads(ready.read_text())
+                if info.get("pid") == self.proc.pid:
+                    self.ports = info["listen"]
+                    return self
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server not ready within {START_TIMEOUT}s:\n{self.output()}")
+
+    def port(self, kind: str) -> int:
+        return self.ports[kind][0]
+
+    def output(self) -> str:
+        try:
+            return (self.root / "twistd.out").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        """kill -9: the crash the durability promise is about."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
