@@ -1,0 +1,158 @@
+"""The user store: vpopmail semantics, validation against traversal, concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+from mailappliance.users import passwords
+from mailappliance.users.store import StoreError, UserStore
+
+PW = "Passw0rd!"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = UserStore(tmp_path, bcrypt_cost=4)
+    yield s
+    s.close()
+
+
+def test_domain_user_alias_round_trip(store, tmp_path):
+    assert store.add_domain("Test.COM") == "test.com"
+    assert store.has_domain("TEST.com")
+    u = store.add_user("Joe@Test.com", PW, quota=5000)
+    assert (u.local, u.domain, u.quota) == ("joe", "test.com", 5000)
+    for sub in ("tmp", "new", "cur"):
+        assert (tmp_path / "domains/test.com/joe/Maildir" / sub).is_dir()
+    assert store.get_user("JOE@test.com").address == "joe@test.com"
+    store.add_alias("info@test.com", ["joe@test.com", "someone@Example.ORG"])
+    assert store.get_alias("info@test.com") == ["joe@test.com", "someone@example.org"]
+    assert store.lookup_recipient("joe@TEST.com") == "user"
+    assert store.lookup_recipient("info@test.com") == "alias"
+    assert store.lookup_recipient("nobody@test.com") == "unknown"
+    assert store.lookup_recipient("joe@example.org") == "remote"
+    store.del_alias("info@test.com")
+    assert store.get_alias("info@test.com") is None
+    store.del_user("joe@test.com")
+    assert store.get_user("joe@test.com") is None
+    assert not (tmp_path / "domains/test.com/joe").exists()
+    store.del_domain("test.com")
+    assert store.list_domains() == []
+
+
+def test_role_aliases_go_to_first_user_or_named_postmaster(store):
+    store.add_domain("a.example")
+    assert store.lookup_recipient("postmaster@a.example") == "unknown", \
+        "no target yet: refuse at RCPT rather than lose mail"
+    store.add_user("first@a.example", PW)
+    store.add_user("second@a.example", PW)
+    for role in ("postmaster", "abuse", "mailer-daemon"):
+        assert store.get_alias(f"{role}@a.example") == ["first@a.example"]
+    store.add_domain("b.example", postmaster="boss")
+    assert store.get_alias("abuse@b.example") == ["boss@b.example"]
+
+
+def test_passwords_are_bcrypt_hashes_only(store, tmp_path):
+    store.add_domain("test.com")
+    store.add_user("joe@test.com", PW)
+    raw = (tmp_path / "users.sqlite").read_bytes()
+    assert PW.encode() not in raw
+    assert store.get_user("joe@test.com").password_hash.startswith("$2")
+    assert store.check_password("joe@test.com", PW).address == "joe@test.com"
+    assert store.check_password("joe@test.com", "Wrong0ne!") is None
+    assert store.check_password("nobody@test.com", PW) is None
+    store.set_password("joe@test.com", "N3w-secret")
+    assert store.check_password("joe@test.com", PW) is None
+    assert store.check_password("joe@test.com", "N3w-secret") is not None
+
+
+@pytest.mark.parametrize("pw, why", [
+    ("Sh0rt!", "too short"), ("lettersonly!", "at least one digit"),
+    ("12345678!", "at least one letter"), ("Passw0rdX", "at least one symbol"),
+    ("A1!" + "x" * 80, "too long"), ("Pass\nw0rd!", "NUL, CR or LF"),
+])
+def test_password_policy(store, pw, why):
+    store.add_domain("test.com")
+    with pytest.raises(StoreError, match=why):
+        store.add_user("joe@test.com", pw)
+    assert passwords.check_policy(pw) is not None
+
+
+@pytest.mark.parametrize("address", [
+    "../etc@test.com", "a/b@test.com", "a\0b@test.com", "..@test.com", ".hidden@test.com",
+    "a..b@test.com", "x" * 65 + "@test.com", "tab\there@test.com", "ünï@test.com",
+    "joe@../../etc", "joe@test.com/..", "joe@", "@test.com", "joe", "a@b@test.com",
+])
+def test_names_cannot_escape_the_data_directory(store, tmp_path, address):
+    store.add_domain("test.com")
+    with pytest.raises(StoreError):
+        store.add_user(address, PW)
+    created = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+    assert all(str(p).startswith(("domains", "users.sqlite")) for p in created)
+
+
+@pytest.mark.parametrize("name", ["..", "a/b.com", "a\0.com", "-bad.com", "x" * 64 + ".com",
+                                  "nodot", "a..b.com", "a b.com", "a.b.c" + ".d" * 130])
+def test_bad_domain_names(store, name):
+    with pytest.raises(StoreError):
+        store.add_domain(name)
+
+
+def test_unicode_domain_is_stored_as_idna(store, tmp_path):
+    assert store.add_domain("Bücher.example") == "xn--bcher-kva.example"
+    assert store.has_domain("bücher.example")
+    assert (tmp_path / "domains" / "xn--bcher-kva.example").is_dir()
+
+
+def test_refusals_are_store_errors(store):
+    with pytest.raises(StoreError, match="no such domain"):
+        store.add_user("a@nowhere.example", PW)
+    store.add_domain("test.com")
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_domain("TEST.com")
+    store.add_user("a@test.com", PW)
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_user("A@test.com", PW)
+    with pytest.raises(StoreError, match="no such user"):
+        store.del_user("b@test.com")
+    with pytest.raises(StoreError, match="itself"):
+        store.add_alias("x@test.com", ["x@test.com"])
+    with pytest.raises(StoreError, match="bad alias target"):
+        store.add_alias("x@test.com", ["not an address"])
+
+
+def _writer(data_dir: str, n: int, worker: int) -> None:
+    s = UserStore(data_dir, bcrypt_cost=4)
+    for i in range(n):
+        s.add_alias(f"w{worker}-{i}@test.com", [f"t{i}@example.org"])
+        if i % 5 == 0:
+            s.add_user(f"u{worker}-{i}@test.com", PW)
+    s.close()
+
+
+def test_concurrent_writer_processes_lose_nothing(store, tmp_path):
+    """The server and the CLI write at once: WAL plus busy waits serialise them safely."""
+    store.add_domain("test.com")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), 40, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    aliases = {a for a, _ in store.list_aliases()}
+    assert all(f"w{w}-{i}@test.com" in aliases for w in range(4) for i in range(40))
+    assert len(store.list_users("test.com")) == 4 * 8
+
+
+def test_a_second_store_sees_changes_at_once(tmp_path):
+    a, b = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+    a.add_domain("test.com")
+    assert b.has_domain("test.com")
+    a.add_user("joe@test.com", PW)
+    assert b.lookup_recipient("joe@test.com") == "user"
+    a.close(), b.close()
+    assert os.path.exists(tmp_path / "users.sqlite")
