@@ -1,0 +1,253 @@
+"""The one door into the queue (qmail-queue), as a Twisted adapter over queue/store.py.
+
+SMTP, submission, alias forwards and bounces inject here; the `sendmail` command uses the
+blocking `QueueStore.inject` in its own process, which writes the same files.
+
+Durability and speed
+--------------------
+A message is committed when its file (data, envelope, trailer) is fsynced, renamed from tmp/
+into mess/, and mess/ has been fsynced.  The Deferred of `commit()` fires only after all three.
+
+The disk does about 1,000 serial fsyncs a second but several times more when fsyncs overlap
+(ext4 folds concurrent fsyncs into one journal commit; see PEERS.md), so:
+
+* each commit's write + file fsync + rename runs in the thread pool, several at once;
+* the directory fsync is a *group commit*: one fsync of mess/ covers every rename that
+  completed before it started.  While one directory fsync is in flight, renames that finish
+  meanwhile wait for the next one, which starts as soon as the current one returns.
+
+So N concurrent injections cost N overlapping file fsyncs plus about one directory fsync,
+instead of 2N serial ones, and no Deferred fires before its own rename is durable.
+
+Nothing here blocks the reactor: `write()` only buffers until `FLUSH_BYTES` are pending and
+then hands the bytes to a pool thread (one write in flight per message, in order).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailappliance.queue.store import QueueStore, QueueWriteError, TmpMessage, check_envelope
+
+__all__ = ["Injector", "MessageWriter", "QueueWriteError"]
+
+# Bytes buffered in memory before a chunk goes to the tmp file.  64 KiB keeps a 2 KiB message
+# to one write in the commit call, and a 10 MiB message to ~160 writes with bounded memory.
+FLUSH_BYTES = 64 * 1024
+
+
+class MessageWriter:
+    """One message being received.  `write()` canonical bytes (LF line ends, no dot-stuffing),
+    then `commit()` or `abort()` exactly once."""
+
+    def __init__(self, injector: "Injector") -> None:
+        self._injector = injector
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._tmp: TmpMessage | None = None
+        self._busy: defer.Deferred | None = None   # the write in flight, if any
+        self._error: BaseException | None = None
+        self._done = False
+        self.size = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held in memory; a producer may pause above a few FLUSH_BYTES."""
+        return self._buffered
+
+    def write(self, chunk: bytes) -> None:
+        if self._done:
+            raise RuntimeError("write after commit/abort")
+        if not chunk or self._error is not None:
+            return
+        self._buffer.append(bytes(chunk))
+        self._buffered += len(chunk)
+        self.size += len(chunk)
+        if self._buffered >= FLUSH_BYTES and self._busy is None:
+            self._flush()
+
+    def _take(self) -> bytes:
+        data = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
+        return data
+
+    def _flush(self) -> None:
+        data = self._take()
+        store, tmp = self._injector.store, self._tmp
+
+        def work() -> TmpMessage:
+            t = tmp or store.begin()
+            t.write(data)
+            return t
+
+        d = self._injector._defer(work)
+        self._busy = d
+
+        def done(result):
+            self._busy = None
+            if isinstance(result, Failure):
+                self._error = result.value
+                self._buffer, self._buffered = [], 0
+            else:
+                self._tmp = result
+                if self._done:
+                    return None
+                if self._buffered >= FLUSH_BYTES:
+                    self._flush()
+            return None
+
+        d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _settle(self):
+        while self._busy is not None:
+            yield self._busy
+
+    def commit(self, sender: str, recipients: list[str],
+               received_from: str | None = None) -> defer.Deferred:
+        """-> Deferred[qid], fired once message and envelope are durable in the queue."""
+        if self._done:
+            raise RuntimeError("commit after commit/abort")
+        recipients = list(recipients)
+        try:
+            check_envelope(sender, recipients)
+        except ValueError:
+            self.abort()
+            raise
+        self._done = True
+        return self._commit(sender, recipients, received_from)
+
+    @defer.inlineCallbacks
+    def _commit(self, sender, recipients, received_from):
+        yield self._settle()
+        if self._error is not None:
+            self._discard_tmp()
+            raise _as_write_error(self._error)
+        data = self._take()
+        store, tmp = self._injector.store, self._tmp
+        self._tmp = None
+
+        def work() -> int:
+            t = tmp or store.begin()
+            if data:
+                t.write(data)
+            return t.finish(sender, recipients, received_from)
+
+        try:
+            qid = yield self._injector._defer(work)
+        except BaseException as e:
+            raise _as_write_error(e)
+        qid = yield self._injector._group_sync(qid)
+        return qid
+
+    def abort(self) -> None:
+        """Forget the message; a tmp file already written is removed (off the reactor)."""
+        if self._done:
+            return
+        self._done = True
+        self._buffer, self._buffered = [], 0
+
+        @defer.inlineCallbacks
+        def later():
+            yield self._settle()
+            self._discard_tmp()
+
+        later()
+
+    def _discard_tmp(self) -> None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            self._injector._defer(tmp.discard).addErrback(lambda f: None)
+
+
+def _as_write_error(e: BaseException) -> BaseException:
+    if isinstance(e, (QueueWriteError, ValueError)):
+        return e
+    if isinstance(e, OSError):
+        return QueueWriteError(f"queue write failed: {e.strerror or e}")
+    return QueueWriteError(f"queue write failed: {e!r}")
+
+
+class Injector:
+    """Injector(queue_store, reactor, threadpool, on_commit=callable(qid))."""
+
+    log = Logger()
+
+    def __init__(self, queue_store: QueueStore, reactor, threadpool,
+                 on_commit: Callable[[int], object] | None = None) -> None:
+        self.store = queue_store
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.on_commit = on_commit
+        # group commit state: renames waiting for a directory fsync, and the one in flight
+        self._waiting: list[tuple[int, defer.Deferred]] = []
+        self._syncing = False
+        self.stats = {"commits": 0, "dir_syncs": 0, "write_errors": 0}
+
+    def _defer(self, f, *args) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
+
+    def begin(self) -> MessageWriter:
+        return MessageWriter(self)
+
+    def inject(self, message: bytes, sender: str, recipients: list[str],
+               received_from: str | None = None) -> defer.Deferred:
+        w = self.begin()
+        w.write(message)
+        return w.commit(sender, recipients, received_from)
+
+    # -- group commit of the directory fsync ------------------------------------------------------
+    def _group_sync(self, qid: int) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((qid, d))
+        if not self._syncing:
+            self._start_sync()
+        return d
+
+    def _start_sync(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._syncing = True
+        self.stats["dir_syncs"] += 1
+        d = self._defer(self.store.sync)
+
+        def ok(_):
+            self._syncing = False
+            if self._waiting:
+                self._start_sync()
+            for qid, waiter in batch:
+                self.stats["commits"] += 1
+                if self.on_commit is not None:
+                    try:
+                        self.on_commit(qid)
+                    except Exception:
+                        self.log.failure("on_commit({qid}) failed", qid=qid)
+                waiter.callback(qid)
+
+        def failed(f: Failure):
+            self._syncing = False
+            if self._waiting:
+                self._start_sync()
+            err = _as_write_error(f.value)
+            self.stats["write_errors"] += len(batch)
+            self.log.error("queue directory fsync failed: {err}", err=str(f.value))
+            # Not known durable: withdraw these messages, then report the failure.
+            qids = [q for q, _ in batch]
+
+            def withdraw():
+                for q in qids:
+                    self.store._unlink_quietly(self.store.message_path(q))
+
+            w = self._defer(withdraw)
+
+            def report(_):
+                for _q, waiter in batch:
+                    waiter.errback(Failure(err))
+
+            w.addBoth(report)
+
+        d.addCallbacks(ok, failed)

@@ -1,0 +1,678 @@
+"""The queue directory: qmail-queue's files, written by this module and nobody else.
+
+A store: blocking file I/O, no Twisted. Adapters call it from a thread pool; the `sendmail`
+command calls it directly.
+
+Layout under ``<data>/queue``::
+
+    tmp/<time>.<pid>.<seq>.<rand>   an injection in progress (never looked at by delivery)
+    mess/<N>                        a committed message; N is its inode number, like qmail's
+                                    queue ids, so ids are unique across processes for free
+    bounce/<N>                      failure reports of message N, appended before the
+                                    recipient is marked failed (qmail's bounce/ directory)
+    corrupt/<N>                     entries that could not be parsed, moved aside with a log line
+    trigger                         unix datagram socket of the running manager (qmail's
+                                    lock/trigger): injectors poke it, delivery starts at once
+
+One message is one file: ``message bytes | envelope | trailer``.  The message part is the
+canonical stored form (lines end in LF, no dot-stuffing).  The envelope is a list of records
+``<tag><len>:<bytes>\\n``; recipient records carry one status byte before the length,
+``R<status><len>:<address>\\n``.  Every value is length-prefixed, so CR, LF or NUL inside an
+address cannot start a new record.  No pickle anywhere.  The fixed-size trailer names the
+two lengths and a CRC-32 of the envelope (status bytes counted as ``T``), so a truncated or
+damaged file is recognised instead of being misread.
+
+Per-recipient state lives in those status bytes, as qmail-send keeps ``T``/``D`` marks in its
+local/ and remote/ files: ``T`` to do, ``D`` delivered, ``F`` failed (its bounce record is
+already on disk).  A mark is one byte written in place and fdatasync'ed, so a crash after
+three of five deliveries redelivers only the other two.
+
+The commit point is one rename: ``tmp/x`` -> ``mess/N`` after the file (data, envelope,
+trailer) has been fsynced; the rename is durable once ``mess/`` itself is fsynced.  The
+adapter (inject.py) groups that directory fsync over every rename that finished before it
+started, so concurrent injections share one; `inject()` here does all steps for one message.
+
+The time a message should next be tried is kept as the mtime of its file (qmail-send keeps
+it as the mtime of the info file); losing it in a crash only means an earlier retry.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+import socket
+import stat
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+# --- names and limits ------------------------------------------------------------------------
+
+TMP, MESS, BOUNCE, CORRUPT = "tmp", "mess", "bounce", "corrupt"
+TRIGGER = "trigger"
+
+# Recipient states (one byte each, rewritten in place).
+TODO, DELIVERED, FAILED = b"T", b"D", b"F"
+_STATES = frozenset((TODO, DELIVERED, FAILED))
+
+FORMAT_VERSION = b"1"
+_MAGIC = b"MAQ1"
+# "\nMAQ1 <20 digits> <20 digits> <8 hex>\n": fixed size so a reader finds it from the end.
+TRAILER_SIZE = 1 + 4 + 1 + 20 + 1 + 20 + 1 + 8 + 1
+
+# RFC 5321 4.5.3.1.3: a path is at most 256 octets; allow some slack for SMTPUTF8 and
+# alias expansion, refuse anything that could only be an attack on the envelope format.
+MAX_ADDRESS = 1024
+# One envelope field (e.g. received_from) at most this long.
+MAX_FIELD = 4096
+# An envelope larger than this is not one we wrote (100 recipients of 256 octets need 26 KiB;
+# the sendmail command and alias expansion may carry more recipients, but not 16 MiB of them).
+MAX_ENVELOPE = 16 * 1024 * 1024
+# A length prefix longer than this many digits cannot fit MAX_ENVELOPE.
+_MAX_LEN_DIGITS = 8
+# qmail-clean removes leftovers of injections that never completed after 36 hours
+# (qmail-send.c: "if (st.st_mtime + 129600 < recent)").
+TMP_MAX_AGE = 36 * 60 * 60
+# Bytes read at a time when handing a message to a deliverer.
+READ_CHUNK = 64 * 1024
+
+
+class QueueWriteError(Exception):
+    """The message could not be committed; nothing of it is visible in the queue.
+
+    SMTP answers ``451 qq write error or disk full (#4.3.0)``; sendmail exits 75.
+    """
+
+
+class CorruptEntry(Exception):
+    """A queue file that does not parse; the manager moves it to corrupt/."""
+
+
+# --- the file system, injectable so tests can make the disk fail -----------------------------
+
+class FileOps:
+    """The system calls the store makes.  Tests subclass this to fail at a chosen step
+    (ENOSPC on write, EIO on fsync, ...) instead of monkeypatching `os`."""
+
+    def open_excl(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                       0o600)
+
+    def write(self, fd: int, data) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_all(ops: FileOps, fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        n = ops.write(fd, view)
+        if n <= 0:  # pragma: no cover - os.write raises instead
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+
+
+# --- the envelope codec (pure) ---------------------------------------------------------------
+
+@dataclass
+class Recipient:
+    index: int
+    address: str
+    state: bytes = TODO
+    offset: int = 0          # file offset of the status byte (set when parsed)
+
+
+@dataclass
+class Envelope:
+    sender: str
+    recipients: list[Recipient]
+    birth: float
+    received_from: str | None = None
+    qp: int = 0
+    uid: int = 0
+    token: str = ""
+    qid: int = 0
+    size: int = 0            # message bytes before the envelope
+
+    @property
+    def todo(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == TODO]
+
+    @property
+    def failed(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == FAILED]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.state != TODO for r in self.recipients)
+
+
+def _enc(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _dec(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _record(tag: bytes, value: bytes, status: bytes = b"") -> bytes:
+    return tag + status + str(len(value)).encode() + b":" + value + b"\n"
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    out = [_record(b"V", FORMAT_VERSION),
+           _record(b"B", repr(float(env.birth)).encode()),
+           _record(b"P", str(int(env.qp)).encode()),
+           _record(b"U", str(int(env.uid)).encode()),
+           _record(b"K", _enc(env.token)),
+           _record(b"S", _enc(env.sender))]
+    if env.received_from is not None:
+        out.append(_record(b"H", _enc(env.received_from)))
+    for r in env.recipients:
+        out.append(_record(b"R", _enc(r.address), r.state))
+    return b"".join(out)
+
+
+def _crc(envelope: bytes | bytearray, status_positions: Iterable[int]) -> int:
+    masked = bytearray(envelope)
+    for pos in status_positions:
+        masked[pos] = TODO[0]
+    return zlib.crc32(masked) & 0xFFFFFFFF
+
+
+def _status_positions(envelope: bytes) -> list[int]:
+    return [pos for _tag, _value, pos in _iter_records(envelope) if pos is not None]
+
+
+def make_trailer(message_len: int, envelope: bytes) -> bytes:
+    crc = _crc(envelope, _status_positions(envelope))
+    trailer = b"\n%s %020d %020d %08x\n" % (_MAGIC, message_len, len(envelope), crc)
+    assert len(trailer) == TRAILER_SIZE
+    return trailer
+
+
+def parse_trailer(trailer: bytes) -> tuple[int, int, int]:
+    if (len(trailer) != TRAILER_SIZE or trailer[:1] != b"\n" or trailer[1:5] != _MAGIC
+            or trailer[-1:] != b"\n"):
+        raise CorruptEntry("no trailer (truncated file?)")
+    parts = trailer[6:-1].split(b" ")
+    if (len(parts) != 3 or len(parts[0]) != 20 or len(parts[1]) != 20 or len(parts[2]) != 8
+            or not parts[0].isdigit() or not parts[1].isdigit()):
+        raise CorruptEntry("malformed trailer")
+    try:
+        crc = int(parts[2], 16)
+    except ValueError:
+        raise CorruptEntry("malformed trailer") from None
+    return int(parts[0]), int(parts[1]), crc
+
+
+def _iter_records(envelope: bytes) -> Iterator[tuple[bytes, bytes, int | None]]:
+    """Yield (tag, value, status_position_or_None); raise CorruptEntry on any deviation."""
+    pos, end = 0, len(envelope)
+    while pos < end:
+        tag = envelope[pos:pos + 1]
+        pos += 1
+        status_pos = None
+        if tag == b"R":
+            status_pos = pos
+            pos += 1
+        colon = envelope.find(b":", pos, pos + _MAX_LEN_DIGITS + 1)
+        digits = envelope[pos:colon] if colon >= 0 else b""
+        if not digits or not digits.isdigit() or not digits.isascii():
+            raise CorruptEntry("bad length in envelope record")
+        length = int(digits)
+        start = colon + 1
+        stop = start + length
+        if stop >= end or envelope[stop:stop + 1] != b"\n":
+            raise CorruptEntry("envelope record overruns")
+        yield tag, envelope[start:stop], status_pos
+        pos = stop + 1
+
+
+def decode_envelope(envelope: bytes, expected_crc: int | None = None,
+                    base_offset: int = 0) -> Envelope:
+    fields: dict[bytes, bytes] = {}
+    recipients: list[Recipient] = []
+    positions: list[int] = []
+    for tag, value, status_pos in _iter_records(envelope):
+        if tag == b"R":
+            state = envelope[status_pos:status_pos + 1]
+            if state not in _STATES:
+                raise CorruptEntry("bad recipient state")
+            positions.append(status_pos)
+            recipients.append(Recipient(len(recipients), _dec(value), state,
+                                        base_offset + status_pos))
+        elif tag in (b"V", b"B", b"P", b"U", b"K", b"S", b"H"):
+            if tag in fields:
+                raise CorruptEntry("duplicate envelope field")
+            fields[tag] = value
+        else:
+            raise CorruptEntry("unknown envelope record")
+    if expected_crc is not None and _crc(envelope, positions) != expected_crc:
+        raise CorruptEntry("envelope checksum mismatch")
+    if fields.get(b"V") != FORMAT_VERSION:
+        raise CorruptEntry("unknown queue format version")
+    for need in (b"B", b"S", b"K"):
+        if need not in fields:
+            raise CorruptEntry("envelope field missing")
+    if not recipients:
+        raise CorruptEntry("envelope without recipients")
+    try:
+        birth = float(fields[b"B"])
+        qp = int(fields.get(b"P", b"0"))
+        uid = int(fields.get(b"U", b"0"))
+    except ValueError:
+        raise CorruptEntry("bad number in envelope") from None
+    received = _dec(fields[b"H"]) if b"H" in fields else None
+    return Envelope(sender=_dec(fields[b"S"]), recipients=recipients, birth=birth,
+                    received_from=received, qp=qp, uid=uid, token=_dec(fields[b"K"]))
+
+
+def check_envelope(sender: str, recipients: list[str]) -> None:
+    check_address(sender, "sender")
+    if not recipients:
+        raise ValueError("no recipients")
+    for r in recipients:
+        check_address(r, "recipient")
+
+
+def check_address(address: str, what: str) -> None:
+    """Addresses are data: refuse the bytes that would let one forge an SMTP command later."""
+    if not isinstance(address, str):
+        raise ValueError(f"{what} must be a str")
+    if len(_enc(address)) > MAX_ADDRESS:
+        raise ValueError(f"{what} too long")
+    if any(c in address for c in "\r\n\0"):
+        raise ValueError(f"{what} contains CR, LF or NUL")
+
+
+# --- bounce records (per message, append-only) ----------------------------------------------
+
+def _encode_bounce_record(token: str, index: int, address: str, text: str) -> bytes:
+    body = (_record(b"K", _enc(token)) + _record(b"I", str(index).encode())
+            + _record(b"A", _enc(address)) + _record(b"T", _enc(text)))
+    return _record(b"X", body)
+
+
+def _decode_bounce_records(raw: bytes, token: str) -> dict[int, tuple[str, str]]:
+    """index -> (address, text); a torn last record (crash mid-append) is ignored."""
+    out: dict[int, tuple[str, str]] = {}
+    try:
+        for tag, value, _ in _iter_records(raw):
+            if tag != b"X":
+                break
+            fields = {t: v for t, v, _p in _iter_records(value)}
+            if _dec(fields.get(b"K", b"")) != token:
+                continue  # left over from an earlier message with the same inode number
+            out[int(fields[b"I"])] = (_dec(fields.get(b"A", b"")), _dec(fields.get(b"T", b"")))
+    except (CorruptEntry, KeyError, ValueError):
+        pass
+    return out
+
+
+# --- the store -------------------------------------------------------------------------------
+
+_seq = itertools.count(1)
+
+
+class TmpMessage:
+    """An injection in progress: a file in tmp/ that only its writer knows about."""
+
+    def __init__(self, store: "QueueStore", path: str, fd: int, token: str) -> None:
+        self.store = store
+        self.path = path
+        self.fd = fd
+        self.token = token
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise QueueWriteError("write after close")
+        try:
+            write_all(self.store.ops, self.fd, data)
+        except OSError as e:
+            self.discard()
+            raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
+        self.size += len(data)
+
+    def finish(self, sender: str, recipients: list[str], received_from: str | None = None,
+               *, qp: int | None = None, uid: int | None = None,
+               birth: float | None = None) -> int:
+        """Write envelope and trailer, fsync, rename into mess/.  Returns the queue id.
+
+        The rename is durable only after `QueueStore.sync()`; the caller does that (once for
+        a whole group of finishes, in the adapter)."""
+        if self.closed:
+            raise QueueWriteError("finish after close")
+        ops = self.store.ops
+        try:
+            check_envelope(sender, recipients)
+        except ValueError:
+            self.discard()
+            raise
+        if received_from is not None and (len(received_from) > MAX_FIELD):
+            received_from = received_from[:MAX_FIELD]
+        try:
+            ino = os.fstat(self.fd).st_ino
+            env = Envelope(sender=sender,
+                           recipients=[Recipient(i, a) for i, a in enumerate(recipients)],
+                           birth=self.store.clock() if birth is None else birth,
+                           received_from=received_from,
+                           qp=ino if qp is None else qp,
+                           uid=os.getuid() if uid is None else uid,
+                           token=self.token)
+            envelope = encode_envelope(env)
+            if len(envelope) > MAX_ENVELOPE:
+                raise QueueWriteError("envelope too large")
+            write_all(ops, self.fd, envelope + make_trailer(self.size, envelope))
+            ops.fsync(self.fd)
+            ops.close(self.fd)
+            self.closed = True
+            ops.rename(self.path, os.path.join(self.store.mess_dir, str(ino)))
+        except OSError as e:
+            self.discard()
+            raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
+        except QueueWriteError:
+            self.discard()
+            raise
+        return ino
+
+    def discard(self) -> None:
+        """Abort: close and remove the tmp file; nothing of it was ever visible."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.store.ops.close(self.fd)
+            except OSError:
+                pass
+        try:
+            self.store.ops.unlink(self.path)
+        except OSError:
+            pass
+
+
+class MessageReader:
+    """The message part of a queue file (not the envelope), read in chunks."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self._f = open(path, "rb")
+        self._left = size
+        self.size = size
+
+    def read(self, n: int = READ_CHUNK) -> bytes:
+        if self._left <= 0:
+            return b""
+        data = self._f.read(min(n, self._left))
+        if not data:
+            raise CorruptEntry("message shorter than its trailer says")
+        self._left -= len(data)
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            chunk = self.read()
+            if not chunk:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "MessageReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class QueueEntry:
+    """What `list` shows to the admin."""
+    qid: int
+    birth: float
+    size: int
+    sender: str
+    recipients: list[tuple[str, str]] = field(default_factory=list)  # (address, state)
+    next_try: float = 0.0
+
+
+class QueueStore:
+    def __init__(self, queue_dir: Path | str, *, clock: Callable[[], float] = time.time,
+                 ops: FileOps | None = None) -> None:
+        self.dir = str(queue_dir)
+        self.clock = clock
+        self.ops = ops or FileOps()
+        self.tmp_dir = os.path.join(self.dir, TMP)
+        self.mess_dir = os.path.join(self.dir, MESS)
+        self.bounce_dir = os.path.join(self.dir, BOUNCE)
+        self.corrupt_dir = os.path.join(self.dir, CORRUPT)
+        self.trigger_path = os.path.join(self.dir, TRIGGER)
+        for d in (self.dir, self.tmp_dir, self.mess_dir, self.bounce_dir, self.corrupt_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+
+    # -- injection ------------------------------------------------------------------------------
+    def begin(self) -> TmpMessage:
+        token = "%d.%d.%d.%s" % (int(self.clock()), os.getpid(), next(_seq),
+                                 secrets.token_hex(4))
+        path = os.path.join(self.tmp_dir, token)
+        try:
+            fd = self.ops.open_excl(path)
+        except OSError as e:
+            raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
+        return TmpMessage(self, path, fd, token)
+
+    def sync(self) -> None:
+        """Make every rename into mess/ that has returned so far durable (commit point)."""
+        try:
+            self.ops.fsync_dir(self.mess_dir)
+        except OSError as e:
+            raise QueueWriteError(f"queue sync failed: {e.strerror or e}") from e
+
+    def inject(self, message: bytes, sender: str, recipients: list[str],
+               received_from: str | None = None, *, trigger: bool = True) -> int:
+        """The blocking door (sendmail command): returns the queue id once durable."""
+        check_envelope(sender, list(recipients))
+        tmp = self.begin()
+        tmp.write(message)
+        qid = tmp.finish(sender, list(recipients), received_from)
+        try:
+            self.sync()
+        except QueueWriteError:
+            # The rename happened but is not known durable: withdraw it, so a caller who
+            # hears "failed" never also gets the message delivered.
+            self._unlink_quietly(os.path.join(self.mess_dir, str(qid)))
+            raise
+        if trigger:
+            self.pull_trigger()
+        return qid
+
+    def pull_trigger(self) -> None:
+        """Tell a running manager to look (qmail-queue writes a byte to lock/trigger)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.setblocking(False)
+            s.sendto(b"!", self.trigger_path)
+        except OSError:
+            pass  # nobody listening: the periodic scan will find it
+        finally:
+            s.close()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def message_path(self, qid: int) -> str:
+        return os.path.join(self.mess_dir, str(int(qid)))
+
+    def list_ids(self) -> list[int]:
+        out = []
+        for name in os.listdir(self.mess_dir):
+            if name.isdigit():
+                out.append(int(name))
+        out.sort()
+        return out
+
+    def read_envelope(self, qid: int) -> Envelope:
+        path = self.message_path(qid)
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size < TRAILER_SIZE:
+                raise CorruptEntry("file shorter than a trailer")
+            f.seek(st.st_size - TRAILER_SIZE)
+            msg_len, env_len, crc = parse_trailer(f.read(TRAILER_SIZE))
+            if env_len > MAX_ENVELOPE or msg_len + env_len + TRAILER_SIZE != st.st_size:
+                raise CorruptEntry("lengths in trailer do not match the file")
+            f.seek(msg_len)
+            raw = f.read(env_len)
+        env = decode_envelope(raw, crc, base_offset=msg_len)
+        env.qid = int(qid)
+        env.size = msg_len
+        return env
+
+    def open_message(self, env: Envelope) -> MessageReader:
+        return MessageReader(self.message_path(env.qid), env.size)
+
+    def read_message(self, env: Envelope) -> bytes:
+        with self.open_message(env) as r:
+            return b"".join(r)
+
+    # -- per-recipient state ----------------------------------------------------------------------
+    def mark(self, env: Envelope, marks: list[tuple[int, bytes]]) -> None:
+        """Set recipient states in place and fdatasync: after return the marks survive a crash."""
+        if not marks:
+            return
+        for _i, state in marks:
+            if state not in _STATES:
+                raise ValueError("bad state")
+        fd = os.open(self.message_path(env.qid), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for index, state in marks:
+                rcpt = env.recipients[index]
+                os.pwrite(fd, state, rcpt.offset)
+                rcpt.state = state
+            os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add_failure(self, env: Envelope, index: int, text: str) -> None:
+        """Record why recipient `index` failed, durably, then mark it FAILED."""
+        rcpt = env.recipients[index]
+        path = os.path.join(self.bounce_dir, str(env.qid))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                     0o600)
+        try:
+            if os.fstat(fd).st_size == 0:
+                new = True
+            else:
+                new = False
+            write_all(self.ops, fd, _encode_bounce_record(env.token, index, rcpt.address, text))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            self.ops.fsync_dir(self.bounce_dir)
+        self.mark(env, [(index, FAILED)])
+
+    def failures(self, env: Envelope) -> dict[int, tuple[str, str]]:
+        """index -> (address, text) for this message's recorded failures."""
+        try:
+            with open(os.path.join(self.bounce_dir, str(env.qid)), "rb") as f:
+                raw = f.read(MAX_ENVELOPE)
+        except FileNotFoundError:
+            return {}
+        return _decode_bounce_records(raw, env.token)
+
+    # -- scheduling hint --------------------------------------------------------------------------
+    def set_next_try(self, qid: int, when: float) -> None:
+        try:
+            os.utime(self.message_path(qid), (when, when))
+        except OSError:
+            pass  # only a hint
+
+    def next_try(self, qid: int) -> float:
+        return os.stat(self.message_path(qid)).st_mtime
+
+    # -- removal ---------------------------------------------------------------------------------
+    def remove(self, qid: int) -> None:
+        """The message is done (every recipient delivered or bounced).  The message goes
+        first: a crash between the two leaves a stale bounce file, which carries the old
+        message's token and is therefore ignored by any later message with the same id."""
+        self._unlink_quietly(self.message_path(qid))
+        self._unlink_quietly(os.path.join(self.bounce_dir, str(int(qid))))
+
+    def move_corrupt(self, qid: int) -> str:
+        """Move a damaged entry aside (never delete what might be a customer's mail)."""
+        dst = os.path.join(self.corrupt_dir, "%d.%d" % (int(qid), int(self.clock())))
+        os.rename(self.message_path(qid), dst)
+        bounce = os.path.join(self.bounce_dir, str(int(qid)))
+        if os.path.exists(bounce):
+            os.rename(bounce, dst + ".bounce")
+        return dst
+
+    def cleanup(self, now: float | None = None) -> list[str]:
+        """Remove tmp/ files older than 36 hours and bounce files without a message."""
+        now = self.clock() if now is None else now
+        removed = []
+        for name in os.listdir(self.tmp_dir):
+            path = os.path.join(self.tmp_dir, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mtime + TMP_MAX_AGE < now:
+                self._unlink_quietly(path)
+                removed.append(path)
+        for name in os.listdir(self.bounce_dir):
+            if name.isdigit() and not os.path.exists(os.path.join(self.mess_dir, name)):
+                path = os.path.join(self.bounce_dir, name)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                # A bounce file is created only for an existing message; give a message
+                # that is being committed right now no chance to race with us.
+                if st.st_mtime + TMP_MAX_AGE < now:
+                    self._unlink_quietly(path)
+                    removed.append(path)
+        return removed
+
+    def entries(self) -> list[QueueEntry]:
+        """Every message, for `mailappliance queue list` (qmail-qread)."""
+        out = []
+        for qid in self.list_ids():
+            try:
+                env = self.read_envelope(qid)
+                nxt = self.next_try(qid)
+            except (OSError, CorruptEntry):
+                continue
+            out.append(QueueEntry(qid, env.birth, env.size, env.sender,
+                                  [(r.address, {TODO: "todo", DELIVERED: "done",
+                                                FAILED: "failed"}[r.state])
+                                   for r in env.recipients], nxt))
+        return out
+
+    def _unlink_quietly(self, path: str) -> None:
+        try:
+            self.ops.unlink(path)
+        except FileNotFoundError:
+            pass

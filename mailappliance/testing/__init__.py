@@ -1,0 +1,1 @@
+"""Fakes that ship beside the interfaces they fake (CONVENTIONS.md example 7)."""
