@@ -1,0 +1,431 @@
+"""The Twisted side of POP3: bytes in and out, timers, the password check, the mailbox.
+
+The protocol feeds what it reads to core.POP3Session and carries out the actions it returns.
+Everything slow or blocking is somebody else's thread or a timer:
+- password checks: the injected `authenticate` (users.auth.Authenticator: bcrypt in the pool);
+- the login penalty: reactor.callLater, so a penalised client waits alone;
+- mailbox lock + listing and the QUIT update: `run_blocking` (the application thread pool);
+- RETR: a message that fits in one read (READ_CHUNK) goes out in one write; a larger one is
+  streamed by a pull producer, one chunk per request of the transport, so a 50 MB message costs
+  one chunk of memory and a slow reader holds back only itself.
+Opening and reading a message file happen on the reactor thread: page-cache reads of one chunk,
+as qmail-pop3d does them, far cheaper than a thread hop per message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailappliance.access.relay import normalize_ip
+from mailappliance.pop3 import core
+from mailappliance.pop3.core import (
+    NEED_DATA, PAUSED, Authenticate, Close, MessageEncoder, Retrieve, Send, StartTLS, Update,
+    escape_login)
+from mailappliance.pop3.mailbox import READ_CHUNK, MailboxBusy, MailboxError, MessageGone
+from mailappliance.pop3.penalty import LoginPenalty
+
+# RFC 1939 section 3: an inactivity autologout timer of at least 10 minutes.
+DEFAULT_TIMEOUT = 600
+
+
+class POP3Factory(ServerFactory):
+    """Carries the injected dependencies; one per listener (pop3 / pop3s share the penalty)."""
+
+    def __init__(self, *, reactor, hostname: str,
+                 authenticate: Callable[[str, str], defer.Deferred],
+                 open_mailbox: Callable[[Any], defer.Deferred],
+                 run_blocking: Callable[..., defer.Deferred],
+                 grant: Callable[[str, Any], None] | None = None,
+                 penalty: LoginPenalty | None = None,
+                 tls: Callable[[], Any] = lambda: None,
+                 implicit_tls: bool = False, require_tls: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT,
+                 next_token: Callable[[], str] | None = None) -> None:
+        self.reactor = reactor
+        self.hostname = hostname
+        self.authenticate = authenticate
+        self.open_mailbox = open_mailbox
+        self.run_blocking = run_blocking
+        self.grant = grant
+        self.penalty = penalty if penalty is not None else LoginPenalty()
+        self.tls = tls                      # callable: the current TLSContext or None
+        self.implicit_tls = implicit_tls
+        self.require_tls = require_tls
+        self.timeout = timeout
+        self._counter = 0
+        self._next_token = next_token
+        self.sessions = 0                   # open connections (for stat)
+
+    def greeting_token(self) -> str:
+        """qmail-popup's <pid.counter.time@host>: unique per connection."""
+        if self._next_token is not None:
+            return self._next_token()
+        self._counter += 1
+        return f"<{os.getpid()}.{self._counter}.{int(self.reactor.seconds())}@{self.hostname}>"
+
+    def buildProtocol(self, addr):
+        p = POP3ServerProtocol()
+        p.factory = self
+        return p
+
+
+@implementer(IPullProducer)
+class _MessageSender:
+    """Streams one message file: one READ_CHUNK per resumeProducing."""
+
+    def __init__(self, proto: "POP3ServerProtocol", f, encoder: MessageEncoder) -> None:
+        self.proto = proto
+        self.file = f
+        self.encoder = encoder
+
+    def resumeProducing(self) -> None:
+        transport = self.proto.transport
+        while True:
+            try:
+                data = self.file.read(READ_CHUNK)
+            except OSError as e:
+                self.proto._stream_failed(e)
+                return
+            if data:
+                out = self.encoder.feed(data)
+                if self.encoder.done or not out:
+                    if self.encoder.done:
+                        if out:
+                            transport.write(out)
+                        break
+                    continue          # a lone held-back CR: read on, a pull producer must write
+                transport.write(out)
+                self.proto._activity()
+                return
+            break
+        self.close()
+        self.proto._stream_finished(self.encoder.finish())
+
+    def stopProducing(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        f, self.file = self.file, None
+        if f is not None:
+            f.close()
+
+
+class POP3ServerProtocol(Protocol):
+    log = Logger(namespace="mailappliance.pop3")
+
+    factory: POP3Factory
+
+    def __init__(self) -> None:
+        self.session: core.POP3Session | None = None
+        self.ip = "unknown"
+        self.mailbox = None
+        self.user = None
+        self._sender: _MessageSender | None = None
+        self._timer = None
+        self._last_activity = 0.0
+        self._pending_call = None
+        self._closed = False
+        self._lost = False
+        self._reading_paused = False
+        self._updating = False
+        self._in_pump = False
+
+    # --- connection life ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        f.sessions += 1
+        peer = self.transport.getPeer()
+        self.ip = normalize_ip(str(getattr(peer, "host", "unknown")))
+        tls = f.tls()
+        self.session = core.POP3Session(
+            greeting_token=f.greeting_token(),
+            tls_available=tls is not None and not f.implicit_tls,
+            tls_active=f.implicit_tls,
+            require_tls=f.require_tls)
+        self._last_activity = f.reactor.seconds()
+        self._timer = f.reactor.callLater(f.timeout, self._check_idle)
+        self.session.start()
+        self._pump()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._activity()
+        self.session.receive_data(data)
+        self._pump()
+
+    def connectionLost(self, reason=None) -> None:
+        if self._lost:
+            return
+        self._lost = self._closed = True
+        self.factory.sessions -= 1
+        for call in (self._timer, self._pending_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._pending_call = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        if not self._updating:
+            self._release_mailbox()
+
+    def _release_mailbox(self) -> None:
+        box, self.mailbox = self.mailbox, None
+        if box is not None:
+            box.unlock()
+
+    # --- idle timeout: one timer, re-armed lazily -------------------------------------------
+
+    def _activity(self) -> None:
+        self._last_activity = self.factory.reactor.seconds()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        f = self.factory
+        idle = f.reactor.seconds() - self._last_activity
+        if idle < f.timeout:
+            self._timer = f.reactor.callLater(f.timeout - idle, self._check_idle)
+            return
+        self.log.info("pop3 timeout: rip={ip} user=<{user}>", ip=self.ip,
+                      user=escape_login(self.session.login or ""))
+        if self._sender is not None:
+            # Stuck mid-message with a full socket buffer: no -ERR can get through.
+            self._sender.close()
+            self._sender = None
+            self._closed = True
+            self.transport.abortConnection()
+            return
+        self.session.timed_out()
+        self._pump()
+
+    # --- the action loop ------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._in_pump:
+            return            # a synchronous completion re-entered; the outer loop continues
+        self._in_pump = True
+        out: list[bytes] = []
+        try:
+            session = self.session
+            while not self._closed:
+                action = session.next_action()
+                kind = type(action)
+                if kind is Send:
+                    out.append(action.data)
+                elif action is NEED_DATA or action is PAUSED:
+                    break
+                elif kind is Retrieve:
+                    if not self._retrieve(action, out):
+                        break         # streaming: resumes from _stream_finished
+                elif kind is Authenticate:
+                    self._authenticate(action)
+                elif kind is StartTLS:
+                    self._flush(out)
+                    self._start_tls()
+                elif kind is Update:
+                    self._update(action)
+                elif kind is Close:
+                    self._flush(out)
+                    self._closed = True
+                    self.transport.loseConnection()
+                else:
+                    raise AssertionError(f"unknown POP3 action {action!r}")
+            self._flush(out)
+            self._flow_control()
+        finally:
+            self._in_pump = False
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out:
+            self.transport.writeSequence(out)
+            out.clear()
+
+    def _flow_control(self) -> None:
+        if self._closed:
+            return
+        backlog = self.session.pending_input
+        if not self._reading_paused and backlog > core.MAX_PENDING_INPUT:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif self._reading_paused and backlog <= core.MAX_PENDING_INPUT:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _resume(self) -> None:
+        """A request finished outside dataReceived: handle what was pipelined behind it."""
+        if not self._closed:
+            self._pump()
+
+    # --- AUTHORIZATION ----------------------------------------------------------------------
+
+    def _authenticate(self, action: Authenticate) -> None:
+        f = self.factory
+        wait = f.penalty.wait_before_check(self.ip, f.reactor.seconds())
+        if wait > 0:
+            self._pending_call = f.reactor.callLater(wait, self._check_password, action)
+        else:
+            self._check_password(action)
+
+    def _check_password(self, action: Authenticate) -> None:
+        self._pending_call = None
+        if self._closed:
+            return
+        d = defer.maybeDeferred(self.factory.authenticate, action.login, action.password)
+        d.addCallback(self._password_checked, action.login)
+        d.addErrback(self._password_error, action.login)
+
+    def _password_error(self, failure, login: str) -> None:
+        # The user store failed (disk, database): not the client's fault, so no penalty, but
+        # no access either.
+        self.log.failure("pop3 password check failed: rip={ip} user=<{user}>", failure,
+                         ip=self.ip, user=escape_login(login))
+        if not self._closed:
+            self.session.login_failed()
+            self._resume()
+
+    def _password_checked(self, user, login: str) -> None:
+        f = self.factory
+        if user is None:
+            delay = f.penalty.failed(self.ip, f.reactor.seconds())
+            # One line per failure with the address and the escaped login, for fail2ban:
+            #   failregex = pop3 login failed: rip=<HOST> user=
+            self.log.warn("pop3 login failed: rip={ip} user=<{user}> tls={tls} delay={delay:g}s",
+                          ip=self.ip, user=escape_login(login),
+                          tls="yes" if self.session.tls_active else "no", delay=delay)
+            if self._closed:
+                return
+            self._pending_call = f.reactor.callLater(delay, self._answer_failure)
+            return
+        f.penalty.succeeded(self.ip)
+        if self._closed:
+            return
+        self.user = user
+        if f.grant is not None:
+            f.grant(self.ip, user)
+        d = defer.maybeDeferred(f.open_mailbox, user)
+        d.addCallbacks(self._mailbox_opened, self._mailbox_failed)
+
+    def _answer_failure(self) -> None:
+        self._pending_call = None
+        if not self._closed:
+            self.session.login_failed()
+            self._resume()
+
+    def _mailbox_opened(self, result) -> None:
+        box, messages = result
+        if self._closed:
+            box.unlock()
+            return
+        self.mailbox = box
+        self.session.login_succeeded(messages)
+        self.log.info("pop3 login: user=<{user}> rip={ip} tls={tls} messages={count}",
+                      user=escape_login(self.user.address), ip=self.ip,
+                      tls="yes" if self.session.tls_active else "no", count=len(messages))
+        self._resume()
+
+    def _mailbox_failed(self, failure) -> None:
+        busy = failure.check(MailboxBusy) is not None
+        if busy:
+            self.log.info("pop3 mailbox in use: user=<{user}> rip={ip}",
+                          user=escape_login(self.user.address), ip=self.ip)
+        else:
+            self.log.failure("pop3 cannot open mailbox: user=<{user}> rip={ip}", failure,
+                             user=escape_login(self.user.address), ip=self.ip)
+        self.user = None
+        if not self._closed:
+            self.session.mailbox_unavailable(in_use=busy)
+            self._resume()
+
+    def _start_tls(self) -> None:
+        tls = self.factory.tls()
+        if tls is None:       # certificate removed by a reload between CAPA and STLS
+            self._closed = True
+            self.transport.abortConnection()
+            return
+        self.transport.startTLS(tls.options())
+        self.session.tls_started()
+
+    # --- TRANSACTION ------------------------------------------------------------------------
+
+    def _retrieve(self, action: Retrieve, out: list[bytes]) -> bool:
+        """True when the answer is complete in `out`; False when a stream was started."""
+        try:
+            f = self.mailbox.open(action.message)
+        except MessageGone:
+            self.session.retrieve_failed()
+            return True
+        except MailboxError as e:
+            self.log.error("pop3 cannot open message: user=<{user}> {why}",
+                           user=escape_login(self.user.address), why=str(e))
+            self.session.retrieve_failed()
+            return True
+        encoder = MessageEncoder(action.body_lines)
+        try:
+            chunk = f.read(READ_CHUNK)
+        except OSError as e:
+            f.close()
+            self.log.error("pop3 cannot read message: {why}", why=str(e))
+            self.session.retrieve_failed()
+            return True
+        out.append(self.session.retrieve_opened())
+        out.append(encoder.feed(chunk))
+        if len(chunk) < READ_CHUNK or encoder.done:
+            f.close()
+            out.append(encoder.finish())
+            self.session.retrieve_done()
+            return True
+        self._flush(out)
+        self._sender = _MessageSender(self, f, encoder)
+        # A pull producer may be run at once by registerProducer (and finish a short tail).
+        self.transport.registerProducer(self._sender, False)
+        return self._sender is None
+
+    def _stream_finished(self, tail: bytes) -> None:
+        self._sender = None
+        self.transport.unregisterProducer()
+        self.transport.write(tail)
+        self.session.retrieve_done()
+        self._resume()
+
+    def _stream_failed(self, error: OSError) -> None:
+        # The +OK is out; the only honest signal left is to drop the connection (the client
+        # sees no final ".", and nothing is deleted without QUIT).
+        self.log.error("pop3 read error during RETR: user=<{user}> {why}",
+                       user=escape_login(self.user.address), why=str(error))
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        self.transport.unregisterProducer()
+        self._closed = True
+        self.transport.abortConnection()
+
+    def _update(self, action: Update) -> None:
+        self._updating = True
+        d = self.factory.run_blocking(self.mailbox.update, action.deleted, action.kept)
+        d.addErrback(self._update_error, len(action.deleted))
+        d.addCallback(self._updated, action)
+
+    def _update_error(self, failure, count: int) -> int:
+        self.log.failure("pop3 QUIT update failed: user=<{user}>", failure,
+                         user=escape_login(self.user.address))
+        return max(count, 1)
+
+    def _updated(self, failures: int, action: Update) -> None:
+        self._updating = False
+        self.log.info("pop3 quit: user=<{user}> rip={ip} deleted={deleted} kept={kept}"
+                      " failures={failures}", user=escape_login(self.user.address), ip=self.ip,
+                      deleted=len(action.deleted), kept=len(action.kept), failures=failures)
+        self._release_mailbox()
+        if not self._closed:
+            self.session.update_done(failures)
+            self._resume()

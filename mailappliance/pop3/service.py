@@ -1,0 +1,131 @@
+"""build_factory(app, kind) for the `pop3` and `pop3s` listeners (called by make_service).
+
+`pop3` offers STLS when [tls] is configured; `pop3s` is implicit TLS (RFC 8314) and needs it.
+`settings.pop3.require_tls = true` refuses USER/PASS until STLS on the plain port (RFC 2595
+section 2.3's "LOGINDISABLED" idea for POP3); it needs [tls] too.
+
+Both listeners of one App share the login penalty table (an address is one client whichever
+port it uses) and the roaming-relay expiry sweep.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailappliance.config import ConfigError
+from mailappliance.pop3.mailbox import open_session
+from mailappliance.pop3.penalty import LoginPenalty
+from mailappliance.pop3.protocol import POP3Factory
+
+log = Logger(namespace="mailappliance.pop3")
+
+# How often expired roaming-relay grants are dropped (and logged) even without SMTP traffic
+# asking for them; a grant lasts minutes, so a minute's lateness in the log is harmless.
+GRANT_SWEEP_SECONDS = 60
+
+
+class _Shared:
+    """Per-App POP3 state shared by every POP3 listener."""
+
+    def __init__(self, app) -> None:
+        self.penalty = LoginPenalty()
+        self.counter = 0
+        self.factories: set[POP3Factory] = set()
+        self.sweeper = task.LoopingCall(self._sweep, app)
+        self.sweeper.clock = app.reactor
+
+    @staticmethod
+    def _sweep(app) -> None:
+        for ip in app.grants.expire():
+            log.info("pop3 roaming relay expired: rip={ip}", ip=ip)
+
+
+_shared: dict[int, _Shared] = {}
+
+
+def _shared_for(app) -> _Shared:
+    key = id(app)
+    state = _shared.get(key)
+    if state is None:
+        state = _shared[key] = _Shared(app)
+        weakref.finalize(app, _shared.pop, key, None)
+    return state
+
+
+class _ListenerFactory(POP3Factory):
+    """POP3Factory that starts the shared grant sweep while any POP3 listener runs."""
+
+    shared: _Shared
+
+    def startFactory(self) -> None:
+        self.shared.factories.add(self)
+        if not self.shared.sweeper.running:
+            self.shared.sweeper.start(GRANT_SWEEP_SECONDS, now=False)
+
+    def stopFactory(self) -> None:
+        self.shared.factories.discard(self)
+        if not self.shared.factories and self.shared.sweeper.running:
+            self.shared.sweeper.stop()
+
+
+def build_factory(app, kind: str):
+    if kind not in ("pop3", "pop3s"):
+        raise ValueError(f"pop3.service cannot build {kind!r}")
+    settings = app.settings
+    if app.tls is None and settings.tls.cert is not None:
+        from mailappliance import tls
+        tls.setup(app, None)
+    if kind == "pop3s" and app.tls is None:
+        raise ConfigError("listen.pop3s: needs a [tls] cert and key")
+    if kind == "pop3" and settings.pop3.require_tls and app.tls is None:
+        raise ConfigError("pop3.require_tls: needs a [tls] cert and key (for STLS)")
+
+    shared = _shared_for(app)
+    reactor = app.reactor
+
+    def run_blocking(fn, *args):
+        return deferToThreadPool(reactor, app.threadpool, fn, *args)
+
+    def authenticate(login: str, password: str):
+        return app.authenticator.authenticate(login, password, app.settings.default_domain)
+
+    def open_mailbox(user):
+        return run_blocking(open_session, user.maildir)
+
+    def grant(ip: str, user: Any) -> None:
+        minutes = app.settings.pop3.roaming_relay_minutes
+        if minutes <= 0:
+            return
+        app.grants.grant(ip, minutes * 60)
+        log.info("pop3 roaming relay granted: rip={ip} user=<{user}> minutes={minutes}",
+                 ip=ip, user=user.address, minutes=minutes)
+
+    def next_token() -> str:
+        import os
+        shared.counter += 1
+        return f"<{os.getpid()}.{shared.counter}.{int(reactor.seconds())}@{app.settings.hostname}>"
+
+    factory = _ListenerFactory(
+        reactor=reactor, hostname=settings.hostname, authenticate=authenticate,
+        open_mailbox=open_mailbox, run_blocking=run_blocking, grant=grant,
+        penalty=shared.penalty, tls=lambda: app.tls, implicit_tls=(kind == "pop3s"),
+        require_tls=settings.pop3.require_tls, timeout=settings.pop3.timeout,
+        next_token=next_token)
+    factory.shared = shared
+
+    def on_reload(new_settings) -> None:
+        factory.hostname = new_settings.hostname
+        factory.require_tls = new_settings.pop3.require_tls and app.tls is not None
+        factory.timeout = new_settings.pop3.timeout
+
+    app.reload_hooks.append(on_reload)
+    if kind == "pop3s":
+        # The TLSContext is itself the connection creator: reloads reach new connections.
+        return TLSMemoryBIOFactory(app.tls.options(), False, factory)
+    return factory
