@@ -134,9 +134,7 @@ class MessageWriter:
 
         def work() -> int:
             t = tmp or store.begin()
-            if data:
-                t.write(data)
-            return t.finish(sender, recipients, received_from)
+            return t.finish(sender, recipients, received_from, data=data)
 
         try:
             qid = yield self._injector._defer(work)

@@ -5,7 +5,10 @@ command calls it directly.
 
 Layout under ``<data>/queue``::
 
-    tmp/<time>.<pid>.<seq>.<rand>   an injection in progress (never looked at by delivery)
+    tmp/<k>/<time>.<pid>.<seq>.<rand>  an injection in progress (never looked at by delivery);
+                                    k is per writer thread: concurrent creates and fsyncs in
+                                    one directory contend (measured here: 8 writers reach
+                                    ~2,000 commits/s in one tmp/ and ~3,300 in separate ones)
     mess/<N>                        a committed message; N is its inode number, like qmail's
                                     queue ids, so ids are unique across processes for free
     bounce/<N>                      failure reports of message N, appended before the
@@ -44,6 +47,7 @@ import os
 import secrets
 import socket
 import stat
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -77,6 +81,8 @@ _MAX_LEN_DIGITS = 8
 # qmail-clean removes leftovers of injections that never completed after 36 hours
 # (qmail-send.c: "if (st.st_mtime + 129600 < recent)").
 TMP_MAX_AGE = 36 * 60 * 60
+# tmp/ subdirectories, one per concurrent writer thread (more than the thread pool's size).
+TMP_SPLIT = 16
 # Bytes read at a time when handing a message to a deliverer.
 READ_CHUNK = 64 * 1024
 
@@ -335,6 +341,15 @@ def _decode_bounce_records(raw: bytes, token: str) -> dict[int, tuple[str, str]]
 # --- the store -------------------------------------------------------------------------------
 
 _seq = itertools.count(1)
+_shard_counter = itertools.count()
+_thread_shard = threading.local()
+
+
+def _my_tmp_shard() -> int:
+    shard = getattr(_thread_shard, "k", None)
+    if shard is None:
+        shard = _thread_shard.k = next(_shard_counter) % TMP_SPLIT
+    return shard
 
 
 class TmpMessage:
@@ -360,8 +375,9 @@ class TmpMessage:
 
     def finish(self, sender: str, recipients: list[str], received_from: str | None = None,
                *, qp: int | None = None, uid: int | None = None,
-               birth: float | None = None) -> int:
-        """Write envelope and trailer, fsync, rename into mess/.  Returns the queue id.
+               birth: float | None = None, data: bytes = b"") -> int:
+        """Write `data` (the last part of the message), envelope and trailer in one write,
+        fsync, rename into mess/.  Returns the queue id.
 
         The rename is durable only after `QueueStore.sync()`; the caller does that (once for
         a whole group of finishes, in the adapter)."""
@@ -387,7 +403,9 @@ class TmpMessage:
             envelope = encode_envelope(env)
             if len(envelope) > MAX_ENVELOPE:
                 raise QueueWriteError("envelope too large")
-            write_all(ops, self.fd, envelope + make_trailer(self.size, envelope))
+            self.size += len(data)
+            write_all(ops, self.fd, b"".join((data, envelope,
+                                              make_trailer(self.size, envelope))))
             ops.fsync(self.fd)
             ops.close(self.fd)
             self.closed = True
@@ -472,12 +490,15 @@ class QueueStore:
         self.trigger_path = os.path.join(self.dir, TRIGGER)
         for d in (self.dir, self.tmp_dir, self.mess_dir, self.bounce_dir, self.corrupt_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        self.tmp_dirs = [os.path.join(self.tmp_dir, str(k)) for k in range(TMP_SPLIT)]
+        for d in self.tmp_dirs:
+            os.makedirs(d, mode=0o700, exist_ok=True)
 
     # -- injection ------------------------------------------------------------------------------
     def begin(self) -> TmpMessage:
         token = "%d.%d.%d.%s" % (int(self.clock()), os.getpid(), next(_seq),
                                  secrets.token_hex(4))
-        path = os.path.join(self.tmp_dir, token)
+        path = os.path.join(self.tmp_dirs[_my_tmp_shard()], token)
         try:
             fd = self.ops.open_excl(path)
         except OSError as e:
@@ -496,8 +517,7 @@ class QueueStore:
         """The blocking door (sendmail command): returns the queue id once durable."""
         check_envelope(sender, list(recipients))
         tmp = self.begin()
-        tmp.write(message)
-        qid = tmp.finish(sender, list(recipients), received_from)
+        qid = tmp.finish(sender, list(recipients), received_from, data=message)
         try:
             self.sync()
         except QueueWriteError:
@@ -633,8 +653,7 @@ class QueueStore:
         """Remove tmp/ files older than 36 hours and bounce files without a message."""
         now = self.clock() if now is None else now
         removed = []
-        for name in os.listdir(self.tmp_dir):
-            path = os.path.join(self.tmp_dir, name)
+        for path in self.tmp_files():
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -655,6 +674,15 @@ class QueueStore:
                     self._unlink_quietly(path)
                     removed.append(path)
         return removed
+
+    def tmp_files(self) -> list[str]:
+        out = []
+        for d in self.tmp_dirs:
+            try:
+                out.extend(os.path.join(d, name) for name in os.listdir(d))
+            except FileNotFoundError:
+                continue
+        return sorted(out)
 
     def entries(self) -> list[QueueEntry]:
         """Every message, for `mailappliance queue list` (qmail-qread)."""

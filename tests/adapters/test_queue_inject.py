@@ -60,7 +60,7 @@ def test_commit_fires_with_the_queue_id_after_the_message_is_on_disk(tmp_path):
     assert store.read_message(env) == b"Subject: x\n\nbody\n"
     assert env.received_from == "helo [127.0.0.1]"
     assert committed == [qid]
-    assert os.listdir(store.tmp_dir) == []
+    assert store.tmp_files() == []
 
 
 def result(d):
@@ -115,8 +115,8 @@ def test_large_message_is_streamed_to_disk_before_commit(tmp_path):
         w.write(chunk)
     assert w.pending_bytes < 3 * qi.FLUSH_BYTES  # a flush was handed off
     pool.run_all()
-    [tmpname] = os.listdir(store.tmp_dir)
-    assert os.path.getsize(os.path.join(store.tmp_dir, tmpname)) >= qi.FLUSH_BYTES
+    [tmpname] = store.tmp_files()
+    assert os.path.getsize(tmpname) >= qi.FLUSH_BYTES
     assert os.listdir(store.mess_dir) == []      # not visible before commit
     d = w.commit("a@x", ["b@y"])
     pool.run_all()
@@ -131,9 +131,9 @@ def test_abort_removes_the_partial_file(tmp_path):
     store, inj = make(tmp_path)
     w = inj.begin()
     w.write(b"y" * (qi.FLUSH_BYTES + 10))
-    assert len(os.listdir(store.tmp_dir)) == 1
+    assert len(store.tmp_files()) == 1
     w.abort()
-    assert os.listdir(store.tmp_dir) == [] and os.listdir(store.mess_dir) == []
+    assert store.tmp_files() == [] and os.listdir(store.mess_dir) == []
 
 
 @pytest.mark.parametrize("fail", ["write", "fsync", "rename", "fsync_dir"])
@@ -144,7 +144,7 @@ def test_disk_error_fails_the_commit_and_leaves_nothing_visible(tmp_path, fail):
     w.write(b"z" * (2 * qi.FLUSH_BYTES))   # streamed write, then the commit
     f = result(w.commit("a@x", ["b@y"]))
     assert f.check(QueueWriteError), f
-    assert os.listdir(store.tmp_dir) == [] and os.listdir(store.mess_dir) == []
+    assert store.tmp_files() == [] and os.listdir(store.mess_dir) == []
     assert committed == []
 
 
@@ -170,7 +170,7 @@ def test_bad_addresses_are_refused_before_any_io(tmp_path):
         w.commit("a@x", ["evil\r\nRCPT TO:<x@y>"])
     with pytest.raises(ValueError):
         inj.begin().commit("a@x", [])
-    assert os.listdir(store.tmp_dir) == [] and os.listdir(store.mess_dir) == []
+    assert store.tmp_files() == [] and os.listdir(store.mess_dir) == []
 
 
 def test_write_after_commit_is_a_programming_error(tmp_path):

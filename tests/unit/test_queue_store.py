@@ -28,7 +28,7 @@ def test_inject_round_trip_message_and_envelope(store):
     qid = store.inject(b"Subject: hi\n\nbody\n", "a@x.test", ["b@y.test", "c@z.test"],
                        "client [127.0.0.1]", trigger=False)
     assert files(store.mess_dir) == [str(qid)]
-    assert files(store.tmp_dir) == []
+    assert store.tmp_files() == []
     # qmail's trick: the id is the inode number, unique while the file exists
     assert os.stat(store.message_path(qid)).st_ino == qid
     env = store.read_envelope(qid)
@@ -102,7 +102,7 @@ def test_addresses_with_cr_lf_nul_are_refused_at_injection(store):
             store.inject(b"m\n", bad, ["r@x"], trigger=False)
     with pytest.raises(ValueError):
         store.inject(b"m\n", "s@x", [], trigger=False)
-    assert files(store.mess_dir) == [] and files(store.tmp_dir) == []
+    assert files(store.mess_dir) == [] and store.tmp_files() == []
 
 
 def test_truncated_file_is_corrupt(store):
@@ -206,7 +206,7 @@ def test_cleanup_removes_only_tmp_files_older_than_36_hours(store):
     os.utime(young.path, (now - 60, now - 60))
     removed = store.cleanup(now)
     assert removed == [old.path]
-    assert files(store.tmp_dir) == [os.path.basename(young.path)]
+    assert store.tmp_files() == [young.path]
 
 
 def test_next_try_is_kept_as_mtime(store):
@@ -289,7 +289,7 @@ def test_failing_disk_gives_queue_write_error_and_leaves_nothing_visible(tmp_pat
     with pytest.raises(QueueWriteError):
         store.inject(b"data\n" * 100, "a@x", ["b@y"], trigger=False)
     assert files(store.mess_dir) == []
-    assert files(store.tmp_dir) == []
+    assert store.tmp_files() == []
     # the disk recovers: the next injection works
     qid = store.inject(b"again\n", "a@x", ["b@y"], trigger=False)
     assert store.read_message(store.read_envelope(qid)) == b"again\n"
