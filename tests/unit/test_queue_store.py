@@ -287,9 +287,25 @@ class FailingOps(FileOps):
 def test_failing_disk_gives_queue_write_error_and_leaves_nothing_visible(tmp_path, at, err, nth):
     store = QueueStore(tmp_path / "q", ops=FailingOps(at, err, nth))
     with pytest.raises(QueueWriteError):
-        store.inject(b"data\n" * 100, "a@x", ["b@y"], trigger=False)
+        # the streaming path: a chunk written early, the rest with the envelope
+        tmp = store.begin()
+        tmp.write(b"data\n" * 100)
+        qid = tmp.finish("a@x", ["b@y"], data=b"tail\n")
+        try:
+            store.sync()
+        except QueueWriteError:
+            store._unlink_quietly(store.message_path(qid))
+            raise
     assert files(store.mess_dir) == []
     assert store.tmp_files() == []
+    if nth == 1:
+        # the one-call path of the sendmail command
+        store.ops = FailingOps(at, err, 1)
+        with pytest.raises(QueueWriteError):
+            store.inject(b"data\n" * 100, "a@x", ["b@y"], trigger=False)
+        assert files(store.mess_dir) == []
+        assert store.tmp_files() == []
+        store.ops = FileOps()
     # the disk recovers: the next injection works
     qid = store.inject(b"again\n", "a@x", ["b@y"], trigger=False)
     assert store.read_message(store.read_envelope(qid)) == b"again\n"
