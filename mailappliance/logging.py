@@ -1,0 +1,468 @@
+"""Logs like multilog: one line per event, a prefix per area, files rotated by size.
+
+Every Twisted log event becomes one line ``<time> <area>: <text>`` in ``<log dir>/current``
+(``settings.log_directory``). When the next line would take ``current`` past
+``[log] rotate_bytes``, ``current`` is fsynced and renamed to ``@<tai64n>.s`` (multilog's
+names, so ``tai64nlocal`` and ``ls`` order them by time) and a new ``current`` is started; of
+the old files only the newest ``keep - 1`` stay, so the directory never holds more than
+``keep`` files (multilog ``n``).
+
+Areas (``smtp``, ``delivery``, ``pop3``, ``admin``, ``dns``, ``server``) come from the
+event's namespace, so ``grep ' smtp: '`` or ``awk '$2 == "pop3:"'`` splits the log. An event
+may name its area itself with a ``log_area`` key.
+
+Nothing secret is written: values of keys that name secrets (``password``, ``token``, ...)
+are replaced before formatting, and control characters from network input (CR, LF, NUL) are
+escaped, so a client can neither forge a log line nor hide one.
+
+With ``[log] stdout = true`` no files are written: events go to twistd's own log (standard
+output under ``twistd -n``). ``twistd --logger=mailappliance.logging.journal`` makes that
+standard output journald-friendly: ``<priority>area: text``, no timestamp (the journal adds
+one). While the file log is active the journal observer passes only warnings, errors and
+``server`` events (start, listen, stop), so the journal shows the service's health and the
+files hold the mail log.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Deque, Iterable, TextIO
+
+from twisted.application import service
+from twisted.logger import (ILogObserver, LogLevel, formatEvent, globalLogPublisher)
+from zope.interface import implementer
+
+# --- limits ----------------------------------------------------------------------------------
+
+# One event is one line, at most this many characters; a longer text is cut with a marker.
+# A sane event is well under 1 KB; this keeps one runaway event (a huge address echoed back)
+# from filling a log file by itself.
+MAX_LOG_LINE = 8192
+# `stat` shows this many of the most recent warnings and errors ("last errors").
+LAST_ERRORS = 10
+# Lines logged before the log directory can be opened (between makeService and the start of
+# the service, i.e. before the privilege drop) are kept in memory up to this many.
+EARLY_BUFFER_LINES = 1000
+
+# The TAI64 label of 1970-01-01 00:00:10 TAI (= 00:00:00 UTC): daemontools' tai64n.
+_TAI64_BASE = 2 ** 62 + 10
+
+# Namespace prefix -> area; the first matching prefix wins (so dnsbl is "dns", not "smtp").
+AREAS: tuple[tuple[str, str], ...] = (
+    ("mailappliance.access.dnsbl", "dns"),
+    ("mailappliance.dns", "dns"),
+    ("mailappliance.smtp", "smtp"),
+    ("mailappliance.access", "smtp"),
+    ("mailappliance.address", "smtp"),
+    ("mailappliance.queue", "delivery"),
+    ("mailappliance.delivery", "delivery"),
+    ("mailappliance.sendmail", "delivery"),
+    ("mailappliance.pop3", "pop3"),
+    ("mailappliance.admin", "admin"),
+    ("mailappliance.reload", "admin"),
+)
+DEFAULT_AREA = "server"
+KNOWN_AREAS = frozenset(a for _, a in AREAS) | {DEFAULT_AREA}
+
+# Event keys whose values are never written, whatever the format string says.
+SECRET_KEYS = frozenset({"password", "passwd", "new_password", "secret", "token", "credentials",
+                         "auth_data", "auth_payload", "response"})
+REDACTED = "[redacted]"
+
+# sd-daemon(3) priority prefixes for journald (SyslogLevelPrefix=yes is systemd's default).
+_JOURNAL_PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4,
+                     LogLevel.error: 3, LogLevel.critical: 2}
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --- pure formatting -------------------------------------------------------------------------
+
+def area_of(event: dict) -> str:
+    explicit = event.get("log_area")
+    if isinstance(explicit, str) and explicit in KNOWN_AREAS:
+        return explicit
+    namespace = event.get("log_namespace") or ""
+    for prefix, area in AREAS:
+        if namespace == prefix or namespace.startswith(prefix + "."):
+            return area
+    return DEFAULT_AREA
+
+
+def _escape(match: re.Match) -> str:
+    c = match.group(0)
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, "\\x%02x" % ord(c))
+
+
+def clean(text: str, limit: int = MAX_LOG_LINE) -> str:
+    """One line: control characters escaped, length bounded."""
+    text = _CONTROL.sub(_escape, text)
+    if len(text) > limit:
+        cut = len(text) - limit
+        text = text[:limit] + f"...[{cut} more characters]"
+    return text
+
+
+def redact(event: dict) -> dict:
+    """A copy of `event` without the values of secret-named keys."""
+    if not SECRET_KEYS.intersection(event):
+        return event
+    return {k: (REDACTED if k in SECRET_KEYS else v) for k, v in event.items()}
+
+
+def event_text(event: dict) -> str:
+    """The event's message (format string filled in, secrets redacted), failure appended."""
+    event = redact(event)
+    try:
+        text = formatEvent(event)
+    except Exception as e:  # a broken format string must not lose the event
+        text = f"unformattable event {event.get('log_format')!r}: {e}"
+    failure = event.get("log_failure")
+    if failure is not None:
+        why = _failure_summary(failure)
+        text = f"{text}: {why}" if text else why
+    return text
+
+
+def _failure_summary(failure) -> str:
+    try:
+        return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    except Exception:
+        return "unknown failure"
+
+
+def traceback_lines(event: dict) -> list[str]:
+    failure = event.get("log_failure")
+    if failure is None:
+        return []
+    try:
+        return failure.getTraceback().rstrip("\n").splitlines()
+    except Exception:
+        return []
+
+
+def format_time(when: float) -> str:
+    """ISO 8601 UTC with microseconds: sorts as text, greps by day or minute."""
+    when = float(when)
+    secs = int(when)
+    micros = int(round((when - secs) * 1_000_000))
+    if micros >= 1_000_000:
+        secs, micros = secs + 1, micros - 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+
+
+def tai64n(when: float) -> str:
+    """daemontools' external TAI64N label for a UNIX time, e.g. @4000000065f1a2b3075bcd15."""
+    secs = int(when)
+    nanos = int((when - secs) * 1_000_000_000)
+    return "@%016x%08x" % (_TAI64_BASE + secs, nanos)
+
+
+def event_lines(event: dict) -> list[tuple[str, str]]:
+    """(area, text) lines for one event: one line, plus the traceback of a logged failure
+    (each of its lines prefixed `traceback:` in the same area, so grep by area keeps them)."""
+    area = area_of(event)
+    lines = [(area, clean(event_text(event)))]
+    for tb in traceback_lines(event):
+        lines.append((area, clean("traceback: " + tb)))
+    return lines
+
+
+def is_error(event: dict) -> bool:
+    level = event.get("log_level")
+    return level in (LogLevel.warn, LogLevel.error, LogLevel.critical) or (
+        "log_failure" in event)
+
+
+# --- the rotating file (multilog's job) ------------------------------------------------------
+
+class RotatingLog:
+    """`current` plus at most `keep - 1` rotated `@<tai64n>.s` files in one directory.
+
+    Blocking file I/O (a write per line, an fsync per rotation), like Twisted's own file log
+    observer and like multilog on the other end of a pipe. A failed write is counted in
+    `write_errors` and never raised: logging must not take the server down.
+    """
+
+    CURRENT = "current"
+
+    def __init__(self, directory: Path, rotate_bytes: int, keep: int,
+                 clock: Callable[[], float] = time.time, file_mode: int = 0o640) -> None:
+        self.directory = Path(directory)
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+        self.clock = clock
+        self.file_mode = file_mode
+        self.fd: int | None = None
+        self.size = 0
+        self.write_errors = 0
+        self.rotations = 0
+
+    @property
+    def current(self) -> Path:
+        return self.directory / self.CURRENT
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        fd = os.open(self.current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     self.file_mode)
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.fsync(self.fd)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def configure(self, rotate_bytes: int, keep: int) -> None:
+        """New limits (on reload); they apply from the next line on."""
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+        self._prune()
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        if len(data) > self.rotate_bytes:
+            data = data[: self.rotate_bytes - 1] + b"\n"
+        try:
+            if self.fd is None:
+                self.open()
+            if self.size > 0 and self.size + len(data) > self.rotate_bytes:
+                self.rotate()
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            self.size += len(data)
+        except OSError:
+            self.write_errors += 1
+            # Reopen next time: the directory may have been repaired (disk space freed).
+            if self.fd is not None:
+                try:
+                    os.close(self.fd)
+                except OSError:
+                    pass
+                self.fd = None
+
+    def rotate(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+        name = tai64n(self.clock()) + ".s"
+        target = self.directory / name
+        n = 0
+        while target.exists():  # two rotations within one clock tick
+            n += 1
+            target = self.directory / f"{name[:-2]}.{n}.s"
+        os.rename(self.current, target)
+        self.rotations += 1
+        self._prune()
+        self.open()
+        _fsync_dir(self.directory)
+
+    def old_files(self) -> list[Path]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return [self.directory / n for n in sorted(n for n in names
+                                                  if n.startswith("@") and n.endswith(".s"))]
+
+    def _prune(self) -> None:
+        old = self.old_files()
+        excess = len(old) - (self.keep - 1)
+        for path in old[:max(0, excess)]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- observers -------------------------------------------------------------------------------
+
+@implementer(ILogObserver)
+class FileLogObserver:
+    """Writes events to a RotatingLog; until `start()`, lines wait in a bounded buffer."""
+
+    def __init__(self, log: RotatingLog, last_errors: Deque[str] | None = None) -> None:
+        self.log = log
+        self.last_errors = last_errors if last_errors is not None else collections.deque(
+            maxlen=LAST_ERRORS)
+        self.started = False
+        self.early: Deque[str] = collections.deque(maxlen=EARLY_BUFFER_LINES)
+        self.early_dropped = 0
+
+    def __call__(self, event: dict) -> None:
+        try:
+            when = format_time(event.get("log_time") or time.time())
+            lines = [f"{when} {area}: {text}" for area, text in event_lines(event)]
+            if is_error(event):
+                self.last_errors.append(lines[0])
+            for line in lines:
+                if self.started:
+                    self.log.write_line(line)
+                else:
+                    if len(self.early) == self.early.maxlen:
+                        self.early_dropped += 1
+                    self.early.append(line)
+        except Exception:
+            # An observer that raises is reported to every other observer, this one included;
+            # never let a log line become a loop or a crash.
+            self.log.write_errors += 1
+
+    def start(self) -> None:
+        self.started = True
+        if self.early_dropped:
+            self.log.write_line(f"{format_time(time.time())} {DEFAULT_AREA}: "
+                                f"{self.early_dropped} early log lines dropped")
+        while self.early:
+            self.log.write_line(self.early.popleft())
+
+    def stop(self) -> None:
+        self.started = False
+        self.log.close()
+
+
+# True while a FileLogObserver of a running server writes the mail log (see module docstring).
+_files_active = False
+
+
+@implementer(ILogObserver)
+class JournalObserver:
+    """``<priority>area: text`` lines on a stream, for journald via ``twistd -n``."""
+
+    def __init__(self, stream: TextIO | None = None,
+                 files_active: Callable[[], bool] = lambda: _files_active) -> None:
+        self.stream = stream
+        self.files_active = files_active
+
+    def __call__(self, event: dict) -> None:
+        try:
+            stream = self.stream or sys.stdout
+            area = area_of(event)
+            if self.files_active() and area != DEFAULT_AREA and not is_error(event):
+                return
+            level = event.get("log_level", LogLevel.info)
+            prio = _JOURNAL_PRIORITY.get(level, 6)
+            if "log_failure" in event:
+                prio = min(prio, 3)
+            out = [f"<{prio}>{a}: {t}\n" for a, t in event_lines(event)]
+            stream.write("".join(out))
+            stream.flush()
+        except Exception:
+            pass
+
+
+def journal() -> JournalObserver:
+    """Log observer factory for ``twistd --logger=mailappliance.logging.journal``."""
+    return JournalObserver()
+
+
+# --- the service ------------------------------------------------------------------------------
+
+class LoggingService(service.Service):
+    """Attaches the file observer to Twisted's global log publisher for the server's lifetime.
+
+    The observer is attached at construction (so the listening lines of privilegedStartService
+    are kept) and the files are opened in startService, after twistd has dropped privileges,
+    so the log files belong to the user the server runs as.
+    """
+
+    def __init__(self, settings, publisher=globalLogPublisher,
+                 last_errors: Deque[str] | None = None, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.publisher = publisher
+        self.file_log = RotatingLog(settings.log_directory, settings.log.rotate_bytes,
+                                    settings.log.keep, clock=clock)
+        self.observer = FileLogObserver(self.file_log, last_errors)
+        self.publisher.addObserver(self.observer)
+
+    def startService(self) -> None:
+        global _files_active
+        super().startService()
+        from mailappliance.privileges import adopt_for_data
+        self.file_log.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        adopt_for_data(self.settings.data, self.file_log.directory)
+        self.observer.start()
+        _files_active = True
+
+    def stopService(self) -> None:
+        global _files_active
+        super().stopService()
+        _files_active = False
+        self.publisher.removeObserver(self.observer)
+        self.observer.stop()
+
+    def reload(self, settings) -> None:
+        self.settings = settings
+        self.file_log.configure(settings.log.rotate_bytes, settings.log.keep)
+
+
+@implementer(ILogObserver)
+class ErrorRing:
+    """Only remembers the last warnings/errors (for `stat`) when no file log runs."""
+
+    def __init__(self, last_errors: Deque[str]) -> None:
+        self.last_errors = last_errors
+
+    def __call__(self, event: dict) -> None:
+        try:
+            if is_error(event):
+                when = format_time(event.get("log_time") or time.time())
+                area, text = event_lines(event)[0]
+                self.last_errors.append(f"{when} {area}: {text}")
+        except Exception:
+            pass
+
+
+class _ErrorRingService(service.Service):
+    def __init__(self, observer: ErrorRing, publisher=globalLogPublisher) -> None:
+        self.observer = observer
+        self.publisher = publisher
+        publisher.addObserver(observer)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.publisher.removeObserver(self.observer)
+
+
+def setup(app, parent) -> None:
+    """COMPONENTS entry: the file log (or, with [log] stdout, only the error ring)."""
+    last_errors = app.stats.setdefault("last_errors", collections.deque(maxlen=LAST_ERRORS))
+    if app.settings.log.stdout:
+        _ErrorRingService(ErrorRing(last_errors)).setServiceParent(parent)
+        return
+    svc = LoggingService(app.settings, last_errors=last_errors)
+    svc.setServiceParent(parent)
+    app.reload_hooks.append(svc.reload)
+
+
+def iter_log_files(directory: Path) -> Iterable[Path]:
+    """Rotated files oldest first, then `current` (for tests and tools)."""
+    log = RotatingLog(directory, 4096, 2)
+    yield from log.old_files()
+    if log.current.exists():
+        yield log.current
