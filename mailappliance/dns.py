@@ -642,7 +642,7 @@ _PENDING = object()
 
 class _UDPExchange(protocol.DatagramProtocol):
     """One query over a connected UDP socket: the kernel passes only the server's datagrams,
-    and an ICMP port unreachable arrives as connectionRefused."""
+    and an ICMP port unreachable ends the exchange at once instead of at the timeout."""
 
     def __init__(self, query: dns.message.Message, server: tuple[str, int]) -> None:
         self.query = query
@@ -672,6 +672,11 @@ class _UDPExchange(protocol.DatagramProtocol):
         self._finish(reply)
 
     def connectionRefused(self) -> None:
+        self._finish(DNSTemporaryError(_qname(self.query), "server unreachable"))
+
+    def stopProtocol(self) -> None:
+        # Twisted's epoll reactor reports the ICMP error of a connected UDP socket (EPOLLERR
+        # without EPOLLIN) by closing the port rather than through connectionRefused.
         self._finish(DNSTemporaryError(_qname(self.query), "server unreachable"))
 
     def _finish(self, outcome) -> None:

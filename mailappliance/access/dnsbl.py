@@ -268,7 +268,7 @@ class _Check:
         resolver = self.checker.resolver
         timeout = self.checker.timeout
 
-        d = self._track(resolver.query(name, "A", timeout))
+        d = self._track(defer.maybeDeferred(resolver.query, name, "A", timeout))
         d.addErrback(self._as_error, name)
         d.addCallback(lambda a: classify(zone, a))
 
@@ -277,7 +277,7 @@ class _Check:
                 return result
             if self.timed_out:
                 return ZoneResult(zone, Status.LISTED, reason_text(self.ip, zone, None))
-            t = self._track(resolver.query(name, "TXT", timeout))
+            t = self._track(defer.maybeDeferred(resolver.query, name, "TXT", timeout))
             t.addErrback(self._as_error, name)
             t.addCallback(lambda txt: ZoneResult(zone, Status.LISTED,
                                                  reason_text(self.ip, zone, txt)))

@@ -182,10 +182,12 @@ def test_servfail_everywhere_is_temporary_and_names_the_rcode(reactor):
     assert err.check(DNSTemporaryError) and "SERVFAIL from 192.0.2.53:53" in err.value.reason
 
 
-def test_unreachable_server_moves_on_at_once(reactor):
+@pytest.mark.parametrize("how", ["connectionRefused", "stopProtocol"])
+def test_unreachable_server_moves_on_at_once(reactor, how):
     r = make(reactor, SERVERS)
     d = r.query("a.test", "A")
-    reactor.udp[0].protocol.connectionRefused()          # ICMP port unreachable
+    # ICMP port unreachable: select reactors call connectionRefused, epoll closes the port.
+    getattr(reactor.udp[0].protocol, how)()
     assert len(reactor.udp) == 2 and reactor.udp[0].closed
     reactor.udp[1].reply(answer=[("a.test.", 60, "IN", "A", "192.0.2.1")])
     assert result_of(d).addresses() == ["192.0.2.1"]
