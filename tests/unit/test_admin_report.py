@@ -1,0 +1,75 @@
+"""stat / queue list / relay list texts (qmailctl and qmail-qread wording)."""
+
+from __future__ import annotations
+
+from mailappliance.admin import report as r
+from mailappliance.queue.store import QueueEntry
+
+NOW = 1_700_000_000.0
+
+
+def test_duration_forms():
+    assert [r.duration(x) for x in (0, 59, 60, 185, 3600, 7380, 86400 * 4 + 7200, -3)] == \
+        ["0s", "59s", "1m00s", "3m05s", "1h00m", "2h03m", "4d02h", "0s"]
+
+
+def snapshot(**kw):
+    base = dict(
+        hostname="mx.test.com", pid=42, started=NOW - 3600,
+        services=(r.ServiceStatus("smtp", ("127.0.0.1:25", "127.0.0.2:25"), NOW - 3600, 2, 17),
+                  r.ServiceStatus("admin", ("/var/admin.sock",), NOW - 60, None, None)),
+        queue=r.QueueStatus(3, 1, 0, 10, 1, 20),
+        last_errors=("2023-11-14T22:00:00.000000Z delivery: delivery 7: deferral: x",),
+        config_path="/etc/m.toml", config_loaded=NOW - 10, rules="3 rules from /etc/tcp.smtp")
+    base.update(kw)
+    return r.StatSnapshot(**base)
+
+
+def test_stat_reads_like_qmailctl_stat():
+    assert r.format_stat(snapshot(), NOW) == [
+        "mailappliance: up (pid 42) 3600 seconds, hostname mx.test.com",
+        "config: /etc/m.toml, loaded 10 seconds ago",
+        "rules: 3 rules from /etc/tcp.smtp",
+        "smtp: up 3600 seconds, listening on 127.0.0.1:25 127.0.0.2:25; "
+        "connections 2 now, 17 total",
+        "admin: up 60 seconds, listening on /var/admin.sock; connections not counted",
+        "messages in queue: 3",
+        "messages in queue but not yet preprocessed: 1",
+        "status: local 0/10 remote 1/20",
+        "last errors (1, newest last):",
+        "  2023-11-14T22:00:00.000000Z delivery: delivery 7: deferral: x",
+    ]
+
+
+def test_stat_without_queue_rules_or_errors_says_so():
+    lines = r.format_stat(snapshot(queue=None, queue_why="queue manager not built in",
+                                   rules=None, last_errors=(), config_path=None,
+                                   config_loaded=None), NOW)
+    assert "config: embedded defaults" in lines
+    assert "rules: none (nobody relays by IP)" in lines
+    assert "queue: queue manager not built in" in lines
+    assert lines[-1] == "last errors: none"
+
+
+def test_queue_list_one_line_per_message_and_per_recipient_with_limit():
+    entries = [QueueEntry(100 + i, NOW - 600, 2048, "a@test.com",
+                          [("b@example.org", "todo"), ("c@test.com", "done")],
+                          NOW + 300 if i else NOW - 5) for i in range(3)]
+    lines = r.format_queue(entries, NOW, limit=2)
+    assert lines == [
+        "100  14 Nov 2023 22:03:20 GMT  age 10m00s  2048 bytes  from <a@test.com>  next try now",
+        "  todo  b@example.org",
+        "  done  c@test.com",
+        "101  14 Nov 2023 22:03:20 GMT  age 10m00s  2048 bytes  from <a@test.com>  "
+        "next try in 5m00s",
+        "  todo  b@example.org",
+        "  done  c@test.com",
+        "... 1 more messages not shown",
+        "3 messages",
+    ]
+    assert r.format_queue([], NOW, 10) == ["0 messages"]
+
+
+def test_grants_list():
+    assert r.format_grants([("192.0.2.1", 90.0), ("::1", 1700.0)]) == [
+        "192.0.2.1  expires in 1m30s", "::1  expires in 28m20s", "2 grants"]
