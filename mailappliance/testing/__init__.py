@@ -1,1 +1,10 @@
-"""Fakes that ship beside the interfaces they fake (CONVENTIONS.md example 7)."""
+"""Fakes that ship beside the interfaces they fake (CONVENTIONS.md example 7).
+
+- mailappliance.testing.resolver.FakeResolver: an IResolver answering from zone data.
+- mailappliance.testing.dnsserver: a real DNS server on loopback (in-process or subprocess).
+- mailappliance.testing.threads: thread-pool doubles.
+"""
+
+from mailappliance.testing.resolver import FakeResolver
+
+__all__ = ["FakeResolver"]
