@@ -130,6 +130,10 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     rules: Rules | None = None
+    # How these settings were made, so a reload (SIGHUP, `mailappliance reload`) can apply the
+    # same command-line overrides, relative to the same directory, to the re-read file.
+    cli_overrides: tuple[tuple[str, Any], ...] = ()
+    cwd: Path | None = None
 
     @property
     def log_directory(self) -> Path:
@@ -422,7 +426,8 @@ def load_settings(config: str | os.PathLike[str] | None = None,
         pop3=POP3Settings(**sections.get("pop3", {})),
         queue=QueueSettings(**sections.get("queue", {})),
         routes=routes, dns=DNSSettings(**sections.get("dns", {})), log=log, admin=admin,
-        rules=rules)
+        rules=rules, cli_overrides=tuple((k, v) for k, v in (overrides or {}).items()),
+        cwd=cwd)
 
 
 def load_rules(path: Path) -> Rules:
