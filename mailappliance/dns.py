@@ -460,6 +460,16 @@ class Resolver(ResolverBase):
         self.stats = {"queries": 0, "cache_hits": 0, "shared": 0, "sent_udp": 0,
                       "sent_tcp": 0, "timeouts": 0, "failures": 0}
 
+    def reload(self, settings) -> None:
+        """`mailappliance reload`: new [dns] nameservers take effect (and start a fresh cache)."""
+        if settings.dns.nameservers:
+            servers = _settings_nameservers(settings.dns.nameservers)
+        else:
+            servers = _read_resolv_conf(RESOLV_CONF).nameservers
+        if servers != self.nameservers:
+            self.nameservers = servers
+            self.cache.clear()
+
     # public API
 
     def query(self, name: str, rdtype: int | str, timeout: float | None = None) -> Deferred:
@@ -740,3 +750,4 @@ class _TCPExchangeFactory(protocol.ClientFactory):
 def attach(app, parent) -> None:
     """make_service component: app.resolver from settings.dns (resolv.conf when empty)."""
     app.resolver = Resolver(app.reactor, app.settings.dns.nameservers)
+    app.reload_hooks.append(app.resolver.reload)

@@ -392,3 +392,22 @@ def test_empty_nameservers_setting_reads_resolv_conf(reactor, tmp_path):
     r = Resolver(reactor, (), resolv_conf=str(conf))
     assert r.nameservers == (("203.0.113.9", 53),)
     assert (r.attempt_timeout, r.attempts) == (3.0, 4)
+
+
+def test_reload_switches_nameservers_and_drops_the_cache(reactor):
+    import dataclasses
+    from pathlib import Path
+
+    from mailappliance.config import DNSSettings, Settings
+
+    r = make(reactor)
+    d = r.query("a.test", "A")
+    reactor.udp[0].reply(answer=[("a.test.", 300, "IN", "A", "192.0.2.1")])
+    result_of(d)
+    settings = Settings(hostname="mx.test", data=Path("/tmp"))
+    r.reload(dataclasses.replace(settings, dns=DNSSettings(nameservers=(SERVERS[0],))))
+    assert len(r.cache) == 1                               # same servers: cache kept
+    r.reload(dataclasses.replace(settings, dns=DNSSettings(nameservers=(SERVERS[1],))))
+    assert r.nameservers == (SERVERS[1],) and len(r.cache) == 0
+    r.query("a.test", "A")
+    assert reactor.udp[-1].peer == SERVERS[1]

@@ -1,0 +1,199 @@
+"""DNSBL cost on the SMTP connection rate: two lists answering after 50 ms vs no lists.
+
+    /work/venv/bin/python benchmarks/dnsbl_bench.py [--concurrency 40] [--seconds 8]
+        [--delay 0.05] [--rounds 2] [--json FILE]
+
+What it does, all on loopback:
+
+1. starts the test DNS server (mailappliance.testing.dnsserver, a subprocess) serving two empty
+   DNSBL zones with SOA minimum 0, so no answer can be cached, and an answer delay of 50 ms;
+2. starts the real `twistd -n mailappliance` twice per round: once without DNSBL, once with
+   `dnsbl = ["bl1.bench", "bl2.bench"]` and `[dns] nameservers` pointing at that server;
+3. runs N concurrent clients (asyncio, one process) for a fixed time; each connection binds its
+   own source address in 127.0.0.0/8 (127.0.0.N is a client of its own), so every connection
+   costs two real DNS lookups: no cache hit, no sharing of in-flight queries. A connection is
+   greeting, EHLO, MAIL FROM (where the DNSBL verdict applies), QUIT.
+4. reports connections/s and connection latency p50/p99 for each run, the DNS queries the server
+   saw per connection, and the ratio. The promise: with DNSBL the rate stays within 20% of the
+   rate without (the lookups overlap instead of serialising).
+
+Rounds alternate off/on to spread drift (PEERS.md: 10-15% between runs on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mailappliance.testing.dnsserver import DNSServerProcess  # noqa: E402
+from tests.integration.server import ServerProcess  # noqa: E402
+
+ZONES = {"bl1.bench": {"$minimum": 0, "$ttl": 0}, "bl2.bench": {"$minimum": 0, "$ttl": 0}}
+# Warm-up before measuring: the server's first connections pay for imports and JIT-less caches.
+WARMUP_SECONDS = 1.0
+# One SMTP reply must come within this, or the run is reported as broken (bounds every wait).
+REPLY_TIMEOUT = 10.0
+# Source addresses: 127.A.B.C with C in 1..250, B in 0..249, A from 1 up: 62,500 per A.
+ADDRESSES_PER_BLOCK = 250 * 250
+
+
+def source_address(i: int) -> str:
+    a = 1 + i // ADDRESSES_PER_BLOCK
+    b = (i // 250) % 250
+    c = i % 250 + 1
+    return f"127.{a}.{b}.{c}"
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """Read one SMTP reply (possibly multi-line); return its last line."""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), REPLY_TIMEOUT)
+        if not line:
+            raise ConnectionError("server closed the connection")
+        if len(line) < 4 or line[3:4] != b"-":
+            return line
+
+
+async def one_connection(port: int, source: str) -> bytes:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), REPLY_TIMEOUT)
+    try:
+        greeting = await _reply(reader)
+        if not greeting.startswith(b"220"):
+            raise ConnectionError(f"greeting {greeting!r}")
+        writer.write(b"EHLO bench.example\r\n")
+        await _reply(reader)
+        writer.write(b"MAIL FROM:<bench@example.org>\r\n")
+        mail = await _reply(reader)
+        writer.write(b"QUIT\r\n")
+        await _reply(reader)
+        return mail[:3]
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def load(port: int, concurrency: int, seconds: float, first_address: int) -> dict:
+    counter = iter(range(first_address, first_address + 10 ** 7))
+    start = time.monotonic()
+    measure_from = start + WARMUP_SECONDS
+    stop_at = measure_from + seconds
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    errors: list[str] = []
+
+    async def worker() -> None:
+        while time.monotonic() < stop_at:
+            t0 = time.monotonic()
+            try:
+                code = await one_connection(port, source_address(next(counter)))
+            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+                errors.append(repr(e))
+                if len(errors) > 100:
+                    return
+                continue
+            t1 = time.monotonic()
+            if t0 >= measure_from and t1 <= stop_at:
+                latencies.append(t1 - t0)
+                codes[code.decode()] = codes.get(code.decode(), 0) + 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    used = next(counter) - first_address
+    lat = sorted(latencies)
+    return {
+        "connections": len(lat),
+        "rate": len(lat) / seconds,
+        "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+        "mean_ms": 1000 * statistics.fmean(lat) if lat else None,
+        "mail_replies": codes,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "addresses_used": used,
+    }
+
+
+def server_config(dns: DNSServerProcess | None, concurrency: int) -> str:
+    text = ("[smtp]\n"
+            f"max_connections = {concurrency * 4}\n"
+            f"max_per_ip = {concurrency}\n")
+    if dns is not None:
+        text += ('dnsbl = ["bl1.bench", "bl2.bench"]\n'
+                 "dnsbl_timeout = 10\n"
+                 f'\n[dns]\nnameservers = ["{dns.nameserver}"]\n')
+    return text
+
+
+def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: int) -> dict:
+    srv = ServerProcess(root / label, server_config(dns, args.concurrency))
+    srv.start()
+    try:
+        if dns is not None:
+            dns.reset()
+        result = asyncio.run(load(srv.port("smtp"), args.concurrency, args.seconds, first))
+        if dns is not None:
+            total = result["addresses_used"]
+            result["dns_queries"] = dns.count()
+            result["dns_queries_per_connection"] = dns.count() / total if total else None
+    finally:
+        srv.stop()
+    result["label"] = label
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", type=int, default=40)
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--delay", type=float, default=0.05, help="DNS answer delay, seconds")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write the results here too")
+    args = p.parse_args(argv)
+
+    results = []
+    first = 0
+    with tempfile.TemporaryDirectory(prefix="dnsbl-bench-", dir="/var/tmp") as tmp, \
+            DNSServerProcess(ZONES, delay=args.delay) as dns:
+        root = Path(tmp)
+        for rnd in range(args.rounds):
+            for label, server_dns in (("off", None), ("dnsbl", dns)):
+                r = run_one(f"{label}-{rnd}", root, server_dns, args, first)
+                first += r["addresses_used"]
+                results.append(r)
+                print(f"{r['label']:>8}: {r['rate']:8.1f} conn/s  p50 {r['p50_ms']:.1f} ms  "
+                      f"p99 {r['p99_ms']:.1f} ms  MAIL {r['mail_replies']}  "
+                      f"errors {r['errors']}"
+                      + (f"  dns/conn {r['dns_queries_per_connection']:.2f}"
+                         if "dns_queries" in r else ""), flush=True)
+
+    off = [r["rate"] for r in results if r["label"].startswith("off")]
+    on = [r["rate"] for r in results if r["label"].startswith("dnsbl")]
+    ratio = statistics.fmean(on) / statistics.fmean(off)
+    summary = {"concurrency": args.concurrency, "seconds": args.seconds, "delay": args.delay,
+               "rate_off": statistics.fmean(off), "rate_dnsbl": statistics.fmean(on),
+               "ratio": ratio, "within_20_percent": ratio >= 0.8, "runs": results,
+               "cpus": os.cpu_count()}
+    print(f"\nmean without DNSBL {summary['rate_off']:.1f} conn/s, with two lists at "
+          f"{args.delay * 1000:.0f} ms: {summary['rate_dnsbl']:.1f} conn/s "
+          f"-> {ratio:.1%} of the rate ({'within' if ratio >= 0.8 else 'NOT within'} 20%)")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
