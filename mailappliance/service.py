@@ -261,4 +261,5 @@ def _prepare_unix_socket(description: str) -> None:
 COMPONENTS: list[tuple[str, str]] = [
     ("mailappliance.dns", "attach"),                 # app.resolver (before queue and DNSBL)
     ("mailappliance.access.dnsbl", "attach"),        # app.dnsbl
+    ("mailappliance.queue.service", "attach"),       # app.injector, app.queue_manager
 ]
