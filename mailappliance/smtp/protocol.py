@@ -1,0 +1,436 @@
+"""The Twisted side of the SMTP receiver: tcpserver + qmail-smtpd's policy around the sans-IO core.
+
+Per connection (tcpserver's job): the rules lookup (deny = close without a word), connection
+limits (421), the rules environment kept for the session, the idle timer, the DNSBL check
+started at connect (rblsmtpd's job; its verdict applies from MAIL on).
+
+Per command (qmail-smtpd's job): the core parses and sequences; this adapter answers the events
+that need policy: RCPT (the relay decision in access/relay_policy.py), DATA (open a queue
+writer, write our Received: line), the end of the message (commit; "250 ok" only after the
+commit Deferred fires). Decisions may be Deferreds; while one is pending the core hands out no
+further event, so pipelined replies leave in command order. Replies produced in one pass are
+written with one transport.write.
+
+Recipient lookups call the user store on the reactor thread: each is one or two primary-key
+SELECTs on a SQLite database in WAL mode (readers never wait for writers, no fsync), tens of
+microseconds; sending them through the thread pool would cost more than the query and queue them
+behind the queue's fsyncs in the same pool, adding a disk latency to every RCPT under load.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING, Any, Mapping
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailappliance.access import relay_policy
+from mailappliance.access.relay import normalize_ip
+from mailappliance.access.rules import DEFAULT_ALLOW
+from mailappliance.address import classify
+from mailappliance.smtp import replies
+from mailappliance.smtp.core import (
+    CLOSED_EVENT, NEED_DATA, PAUSED, Auth, AuthResponse, DataChunk, DataStart, MailFrom,
+    MessageEnd, RcptTo, ServerConnection, StartTLS, received_header)
+from mailappliance.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from mailappliance.smtp.service import SMTPFactory
+
+# Pipelined input waiting while a decision is pending: above this, stop reading the socket until
+# the decision arrives (TCP flow control pushes back on the client). Four command lines' worth of
+# 16 KiB is plenty for any real PIPELINING client (RFC 2920 asks clients to stop at the window).
+MAX_PIPELINED_INPUT = 64 * 1024
+# Message bytes the queue writer may hold in memory before we stop reading the socket.
+MAX_WRITER_BACKLOG = 4 * 64 * 1024
+# How often to look again at a writer backlog while reading is paused for it.
+WRITER_BACKLOG_POLL = 0.01
+# qmail greetdelay patch (SMTPD_GREETDELAY / GREETDELAY in the rules environment): seconds to
+# wait before the greeting; a client speaking earlier is refused. Capped so a typo cannot hold
+# connection slots for long.
+MAX_GREETDELAY = 60.0
+
+TEMPORARY_FAILURE = Reply(451, "4.3.0", "sorry, temporary failure (#4.3.0)")
+
+_UNSET = object()
+
+
+@implementer(IHalfCloseableProtocol)
+class SMTPServerProtocol(protocol.Protocol):
+    log = Logger(namespace="mailappliance.smtp")
+
+    def __init__(self, factory: "SMTPFactory") -> None:
+        self.factory = factory
+        self.app = factory.app
+        self.core: ServerConnection | None = None
+        self.ip = ""
+        self.env: Mapping[str, str] = {}
+        self.counted = False           # holds a connection slot in the factory
+        self._out: list[bytes] = []
+        self._waiting = False          # a decision Deferred is pending
+        self._in_pump = False
+        self._sync_result: Any = _UNSET
+        self._timer = None
+        self._greet_timer = None
+        self._writer = None
+        self._paused = False
+        self._backlog_timer = None
+        self._lost = False
+        self._rbl: Any = None          # None: no refusal; Refusal; or _UNSET while pending
+        self._rbl_waiters: list[Deferred] | None = None
+        self.messages = 0
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        app, factory = self.app, self.factory
+        settings = app.settings
+        peer = self.transport.getPeer()
+        self.ip = normalize_ip(getattr(peer, "host", "") or "")
+        rules = settings.rules
+        decision = rules.lookup(self.ip) if rules is not None and self.ip else DEFAULT_ALLOW
+        if not decision.allow:
+            # tcpserver: "deny" drops the connection before the server program starts.
+            self.log.info("tcpserver: deny {kind} {ip} (rules line {line})",
+                          kind=factory.kind, ip=self.ip, line=decision.line)
+            self.transport.abortConnection()
+            return
+        refusal = factory.admit(self)
+        if refusal is not None:
+            self.log.warn("tcpserver: {kind} {ip}: {text}", kind=factory.kind, ip=self.ip,
+                          text=refusal.text)
+            self.transport.write(refusal.render())
+            self.transport.loseConnection()
+            return
+        env = dict(decision.env)
+        if self.ip and app.grants is not None and app.grants.is_granted(self.ip):
+            # vchkpw roaming users: POP-before-SMTP opens relaying for a while, without DNSBL.
+            env.setdefault("RELAYCLIENT", "")
+            env.setdefault("RBLSMTPD", "")
+        self.env = env
+        smtp = settings.smtp
+        hostname = settings.hostname
+        self.core = ServerConnection(
+            hostname, databytes=smtp.databytes, max_recipients=smtp.max_recipients,
+            max_errors=smtp.max_errors,
+            postmaster_domain=settings.default_domain or hostname)
+        self._start_dnsbl()
+        self._timer = app.reactor.callLater(smtp.timeout, self._timed_out)
+        delay = _greetdelay(env)
+        if delay > 0:
+            self._greet_timer = app.reactor.callLater(delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greet_timer = None
+        core = self.core
+        if core is None or core.closed or self._lost:
+            return
+        self.transport.write(core.send(replies.greeting(self.app.settings.hostname)))
+        self._pump()
+
+    def dataReceived(self, data: bytes) -> None:
+        core = self.core
+        if core is None or core.closed:
+            return
+        if self._timer is not None:
+            self._timer.reset(self.app.settings.smtp.timeout)
+        core.receive_data(data)
+        if self._greet_timer is not None:
+            # Spoke before the greeting (qmail greetdelay / Postfix postscreen pregreet test).
+            self._greet_timer.cancel()
+            self._greet_timer = None
+        if self._waiting:
+            if core.buffered > MAX_PIPELINED_INPUT:
+                self._pause()
+            return
+        self._pump()
+
+    def readConnectionLost(self) -> None:
+        # Half-close: the client may have sent QUIT and shut down its side; answer what it sent.
+        if self.core is not None and not self.core.closed:
+            self.core.receive_data(b"")
+            if not self._waiting:
+                self._pump()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost = True
+        for timer in (self._timer, self._greet_timer, self._backlog_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._greet_timer = self._backlog_timer = None
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        if self.counted:
+            self.factory.release(self)
+            self.counted = False
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        core = self.core
+        if core is None or core.closed or self._lost:
+            return
+        if self._waiting:
+            # We are the slow one (a commit in progress): the client is not idle.
+            self._timer = self.app.reactor.callLater(self.app.settings.smtp.timeout,
+                                                     self._timed_out)
+            return
+        self.log.info("smtp: {ip}: timeout", ip=self.ip)
+        self.transport.write(core.close_with(replies.TIMEOUT))
+        self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self.transport.loseConnection()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            if not self._lost:
+                self.transport.resumeProducing()
+
+    # --- the event loop -----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        core = self.core
+        out = self._out
+        while not self._waiting:
+            ev = core.next_event()
+            if ev is NEED_DATA or ev is PAUSED or ev is CLOSED_EVENT:
+                break
+            if type(ev) is DataChunk:
+                writer = self._writer
+                writer.write(ev.data)
+                if writer.pending_bytes > MAX_WRITER_BACKLOG:
+                    self._wait_for_writer()
+                continue
+            result = self._decide(ev)
+            if type(result) is not Reply:
+                self._waiting = True
+                self._sync_result = _UNSET
+                self._in_pump = True
+                result.addBoth(self._decided)
+                self._in_pump = False
+                if self._sync_result is _UNSET:
+                    break                              # truly asynchronous: resume later
+                result, self._sync_result = self._sync_result, _UNSET
+                self._waiting = False
+                result = self._as_reply(result)
+            out.append(core.send(result))
+            if core.closed:
+                break
+        if out:
+            self._out = []
+            if not self._lost:
+                self.transport.write(b"".join(out))
+        if core.closed and not self._lost:
+            self._close()
+        elif not self._waiting and self._paused and self._writer_ok():
+            self._resume()
+
+    def _decided(self, result: Any) -> None:
+        if self._in_pump:
+            self._sync_result = result
+            return None
+        self._waiting = False
+        reply = self._as_reply(result)
+        core = self.core
+        if self._lost or core.closed:
+            return None
+        self._out.append(core.send(reply))
+        self._pump()
+        return None
+
+    def _as_reply(self, result: Any) -> Reply:
+        if isinstance(result, Reply):
+            return result
+        if isinstance(result, Failure):
+            self.log.failure("smtp: {ip}: internal error", result, ip=self.ip)
+        else:
+            self.log.error("smtp: {ip}: decision gave {r!r}", ip=self.ip, r=result)
+        return TEMPORARY_FAILURE
+
+    def _writer_ok(self) -> bool:
+        return self._writer is None or self._writer.pending_bytes <= MAX_WRITER_BACKLOG
+
+    def _wait_for_writer(self) -> None:
+        """The disk is slower than the client: stop reading until the writer drains."""
+        self._pause()
+        if self._backlog_timer is None:
+            self._backlog_timer = self.app.reactor.callLater(WRITER_BACKLOG_POLL,
+                                                             self._check_writer)
+
+    def _check_writer(self) -> None:
+        self._backlog_timer = None
+        if self._lost:
+            return
+        if self._writer_ok():
+            if not self._waiting:
+                self._resume()
+        else:
+            self._backlog_timer = self.app.reactor.callLater(WRITER_BACKLOG_POLL,
+                                                             self._check_writer)
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def _decide(self, ev) -> Reply | Deferred:
+        t = type(ev)
+        if t is RcptTo:
+            return self._after_rbl(self._rcpt, ev)
+        if t is MessageEnd:
+            return self._message_end(ev)
+        if t is DataStart:
+            return self._data_start(ev)
+        if t is MailFrom:
+            return self._after_rbl(self._mail, ev)
+        if t is StartTLS:
+            return replies.TLS_UNAVAILABLE     # STARTTLS arrives with the TLS issue
+        if t is Auth or t is AuthResponse:
+            return replies.AUTH_FAILED         # AUTH arrives with the submission issue
+        return ev.reply
+
+    def _mail(self, ev: MailFrom) -> Reply:
+        return ev.reply
+
+    def _rcpt(self, ev: RcptTo) -> Reply:
+        dest = classify(ev.path)
+        store = self.app.store
+        try:
+            if dest.literal:
+                local = relay_policy.REMOTE
+            elif relay_policy.needs_user_lookup(dest):
+                local = store.lookup_recipient(str(ev.recipient))
+            else:
+                local = relay_policy.UNKNOWN if store.has_domain(dest.domain) \
+                    else relay_policy.REMOTE
+        except (sqlite3.Error, OSError) as e:
+            self.log.error("smtp: {ip}: recipient lookup failed: {why}", ip=self.ip, why=str(e))
+            return replies.LOOKUP_FAILED
+        verdict = relay_policy.decide(dest, local, self.relay_client())
+        if not verdict.accept:
+            self.log.info("smtp: {ip}: refused RCPT {rcpt}: {why} ({tricks})", ip=self.ip,
+                          rcpt=str(ev.recipient), why=verdict.why,
+                          tricks=",".join(sorted(dest.tricks)) or "-")
+        return verdict.reply
+
+    def relay_client(self) -> relay_policy.RelayClient:
+        grants = self.app.grants
+        core = self.core
+        return relay_policy.RelayClient(
+            relayclient="RELAYCLIENT" in self.env,
+            authenticated=core is not None and core.authenticated,
+            # Checked again per RCPT: a POP3 login during this session counts at once.
+            granted=bool(self.ip) and grants is not None and grants.is_granted(self.ip))
+
+    def _data_start(self, ev: DataStart) -> Reply:
+        injector = self.app.injector
+        if injector is None:
+            return replies.QQ_TEMPORARY
+        core = self.core
+        self._writer = writer = injector.begin()
+        protocol_name = "ESMTP" if core.extended else "SMTP"
+        if core.authenticated:
+            protocol_name += "A"                  # RFC 3848
+        writer.write(received_header(helo=core.helo, client_ip=self.ip or "unknown",
+                                     hostname=self.app.settings.hostname,
+                                     when=self.app.reactor.seconds(), protocol=protocol_name))
+        return ev.reply
+
+    def _message_end(self, ev: MessageEnd) -> Reply | Deferred:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return ev.reply or replies.QQ_TEMPORARY
+        if ev.reply is not None:
+            writer.abort()
+            if ev.reply.code == 451:
+                self.log.info("smtp: {ip}: {text}", ip=self.ip, text=ev.reply.text)
+            return ev.reply
+        try:
+            d = writer.commit(ev.sender, list(ev.recipients), self.ip or None)
+        except ValueError as e:
+            self.log.error("smtp: {ip}: envelope refused by the queue: {why}", ip=self.ip,
+                           why=str(e))
+            return replies.QQ_TEMPORARY
+        return d.addCallbacks(self._committed, self._commit_failed)
+
+    def _committed(self, qid) -> Reply:
+        self.messages += 1
+        self.factory.count_message()
+        return replies.queued(int(self.app.reactor.seconds()), str(qid))
+
+    def _commit_failed(self, failure: Failure) -> Reply:
+        from mailappliance.queue.store import QueueWriteError
+        if failure.check(QueueWriteError):
+            self.log.error("smtp: {ip}: qq write error: {why}", ip=self.ip,
+                           why=failure.getErrorMessage())
+            return replies.QQ_WRITE_ERROR
+        self.log.failure("smtp: {ip}: commit failed", failure, ip=self.ip)
+        return replies.QQ_TEMPORARY
+
+    # --- DNSBL (rblsmtpd) ---------------------------------------------------------------------
+
+    def _start_dnsbl(self) -> None:
+        dnsbl = self.app.dnsbl
+        if dnsbl is None or not self.ip:
+            return
+        self._rbl = _UNSET
+        self._rbl_waiters = []
+        try:
+            d = dnsbl.check(self.ip, self.env)
+        except Exception:
+            self.log.failure("rblsmtpd: {ip}: check raised; not checked", ip=self.ip)
+            d = defer.succeed(None)
+        d.addErrback(self._rbl_error)
+        d.addCallback(self._rbl_verdict)
+
+    def _rbl_error(self, failure: Failure) -> None:
+        self.log.failure("rblsmtpd: {ip}: check failed; not checked", failure, ip=self.ip)
+        return None
+
+    def _rbl_verdict(self, refusal) -> None:
+        self._rbl = refusal
+        waiters, self._rbl_waiters = self._rbl_waiters or [], None
+        for w in waiters:
+            w.callback(refusal)
+
+    def _after_rbl(self, decide, ev) -> Reply | Deferred:
+        """Apply the DNSBL verdict first (waiting for it if the lookups still run)."""
+        rbl = self._rbl
+        if rbl is None:
+            return decide(ev)
+        if rbl is _UNSET:
+            d: Deferred = Deferred()
+            self._rbl_waiters.append(d)
+            return d.addCallback(lambda refusal: self._rbl_reply(refusal) or decide(ev))
+        return self._rbl_reply(rbl)
+
+    @staticmethod
+    def _rbl_reply(refusal) -> Reply | None:
+        if refusal is None:
+            return None
+        return replies.dnsbl_refusal(refusal.permanent, refusal.text)
+
+
+def _greetdelay(env: Mapping[str, str]) -> float:
+    text = env.get("GREETDELAY", env.get("SMTPD_GREETDELAY", ""))
+    try:
+        value = float(text)
+    except ValueError:
+        return 0.0
+    if value != value:     # NaN
+        return 0.0
+    return max(0.0, min(value, MAX_GREETDELAY))

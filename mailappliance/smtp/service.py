@@ -1,0 +1,68 @@
+"""`build_factory(app, kind)`: one SMTP listener's factory, tcpserver's share of the work.
+
+Each listening endpoint gets its own factory and so its own connection counters, as each port
+had its own tcpserver (`-c` for max_connections; max_per_ip as tcpserver's per-IP limit patches
+and Postfix's smtpd_client_connection_count_limit). The limits are read from `app.settings` at
+every connection, so a reload applies them to the next client.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+from mailappliance import stats
+from mailappliance.smtp import replies
+from mailappliance.smtp.protocol import SMTPServerProtocol
+from mailappliance.smtp.replies import Reply
+
+KINDS = ("smtp", "submission", "submissions")
+
+
+class SMTPFactory(protocol.ServerFactory):
+    log = Logger(namespace="mailappliance.smtp")
+    protocol = SMTPServerProtocol
+
+    def __init__(self, app, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown SMTP listener kind {kind!r}")
+        self.app = app
+        self.kind = kind
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+
+    def buildProtocol(self, addr) -> SMTPServerProtocol:
+        return SMTPServerProtocol(self)
+
+    def admit(self, proto: SMTPServerProtocol) -> Reply | None:
+        """Take a connection slot for `proto`, or say why not (421 and close)."""
+        limits = self.app.settings.smtp
+        if self.connections >= limits.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        ip = proto.ip
+        held = self.per_ip.get(ip, 0)
+        if held >= limits.max_per_ip:
+            return replies.TOO_MANY_FROM_IP
+        self.connections += 1
+        self.per_ip[ip] = held + 1
+        proto.counted = True
+        stats.connection_opened(self.app.stats, self.kind)
+        return None
+
+    def release(self, proto: SMTPServerProtocol) -> None:
+        self.connections -= 1
+        ip = proto.ip
+        left = self.per_ip.get(ip, 1) - 1
+        if left > 0:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+        stats.connection_closed(self.app.stats, self.kind)
+
+    def count_message(self) -> None:
+        key = f"messages.{self.kind}.accepted"
+        self.app.stats[key] = self.app.stats.get(key, 0) + 1
+
+
+def build_factory(app, kind: str) -> SMTPFactory:
+    return SMTPFactory(app, kind)

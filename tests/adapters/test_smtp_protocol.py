@@ -1,0 +1,440 @@
+"""The SMTP protocol adapter with Twisted doubles: StringTransport per client (each with its own
+127.0.0.N peer), a MemoryReactorClock for timers, the real user store and the real queue injector
+over a thread pool double, so "250 ok" is checked against what is actually in the queue."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from mailappliance.access.dnsbl import Refusal
+from mailappliance.access.relay import RelayGrants
+from mailappliance.access.rules import parse_rules
+from mailappliance.config import Settings, SMTPSettings
+from mailappliance.queue.inject import Injector
+from mailappliance.queue.store import FileOps, QueueStore
+from mailappliance.smtp import protocol as smtp_protocol
+from mailappliance.smtp.service import SMTPFactory, build_factory
+from mailappliance.testing.threads import DeferredThreadPool, ImmediateThreadPool, ThreadlessReactor
+from mailappliance.users.store import UserStore
+
+HOST = "mx.test.com"
+PASSWORD = "s3cret-Password"
+
+
+class FailingWrites(FileOps):
+    def write(self, fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class World:
+    def __init__(self, tmp_path, *, rules="", pool=None, ops=None, **smtp):
+        self.reactor = ThreadlessReactor()
+        self.pool = pool or ImmediateThreadPool()
+        self.store = UserStore(tmp_path, bcrypt_cost=4)
+        self.store.add_domain("test.com")
+        self.store.add_user("alice@test.com", PASSWORD)
+        self.store.add_alias("sales@test.com", ["alice@test.com"])
+        self.queue = QueueStore(tmp_path / "queue", ops=ops)
+        self.injector = Injector(self.queue, self.reactor, self.pool)
+        settings = Settings(hostname=HOST, data=tmp_path,
+                            smtp=dataclasses.replace(SMTPSettings(), **smtp),
+                            rules=parse_rules(rules, "tcp.smtp") if rules else None)
+        self.app = SimpleNamespace(settings=settings, reactor=self.reactor, store=self.store,
+                                   grants=RelayGrants(None, clock=self.reactor.seconds),
+                                   injector=self.injector, dnsbl=None, stats={})
+        self.factory = build_factory(self.app, "smtp")
+
+    def connect(self, ip="127.0.0.5") -> "Client":
+        return Client(self.factory, ip)
+
+    def queued(self):
+        out = []
+        for qid in self.queue.list_ids():
+            env = self.queue.read_envelope(qid)
+            out.append((env.sender, [r.address for r in env.recipients],
+                        self.queue.read_message(env)))
+        return out
+
+
+class Client:
+    def __init__(self, factory, ip):
+        addr = (IPv6Address if ":" in ip else IPv4Address)("TCP", ip, 40000)
+        self.proto = factory.buildProtocol(addr)
+        self.transport = StringTransport(peerAddress=addr)
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def take(self) -> str:
+        value = self.transport.value().decode()
+        self.transport.clear()
+        return value
+
+    def chat(self, data: bytes) -> str:
+        self.send(data)
+        return self.take()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def lose(self):
+        self.proto.connectionLost(Failure(ConnectionError()))
+
+
+def codes(text: str) -> list[int]:
+    return [int(line[:3]) for line in text.split("\r\n")[:-1] if line[3] == " "]
+
+
+TRANSACTION = (b"HELO client.example\r\nMAIL FROM:<bob@remote.example>\r\n"
+               b"RCPT TO:<alice@test.com>\r\nDATA\r\n")
+
+
+# --- delivery into the queue ------------------------------------------------------------------
+
+def test_message_to_local_user_is_queued_with_received_header_before_250(tmp_path):
+    w = World(tmp_path)
+    c = w.connect("127.0.0.5")
+    assert c.take() == "220 mx.test.com ESMTP\r\n"
+    assert codes(c.chat(TRANSACTION)) == [250, 250, 250, 354]
+    reply = c.chat(b"Subject: hi\r\n\r\n..dot\r\n.\r\n")
+    ((sender, rcpts, message),) = w.queued()
+    qid = w.queue.list_ids()[0]
+    assert reply == f"250 ok 0 qp {qid}\r\n"
+    assert (sender, rcpts) == ("bob@remote.example", ["alice@test.com"])
+    assert message == (b"Received: from unknown (HELO client.example) (127.0.0.5)\n"
+                       b"  by mx.test.com with SMTP; Thu, 01 Jan 1970 00:00:00 -0000\n"
+                       b"Subject: hi\n\n.dot\n")
+    assert c.chat(b"QUIT\r\n") == "221 mx.test.com\r\n" and c.closed
+    assert w.app.stats["messages.smtp.accepted"] == 1
+
+
+def test_250_waits_for_the_commit_and_pipelined_replies_stay_in_order(tmp_path):
+    pool = DeferredThreadPool()
+    w = World(tmp_path, pool=pool, rules='127.0.0.5:allow,RELAYCLIENT=""\n')
+    c = w.connect("127.0.0.5")
+    c.take()
+    c.send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@test.com>\r\nDATA\r\n")
+    c.send(b"one\r\n.\r\nMAIL FROM:<b@remote.example>\r\nRCPT TO:<x@remote.example>\r\n"
+           b"RCPT TO:<nobody@test.com>\r\nNOOP\r\n")
+    assert codes(c.take()) == [250, 250, 250, 354]          # no 250 before the commit
+    assert w.queued() == []
+    pool.run_all()
+    out = c.take()
+    assert codes(out) == [250, 250, 250, 550, 250]
+    assert out.startswith("250 2.0.0 ok 0 qp ")
+    assert len(w.queued()) == 1
+
+
+def test_queue_write_error_is_451_and_nothing_is_queued(tmp_path):
+    w = World(tmp_path, ops=FailingWrites())
+    c = w.connect()
+    c.take()
+    c.chat(TRANSACTION)
+    assert c.chat(b"x" * 70000 + b"\r\n.\r\n") == "451 qq write error or disk full (#4.3.0)\r\n"
+    assert w.queued() == [] and not c.closed
+    assert w.queue.tmp_files() == []
+
+
+def test_databytes_overflow_is_552_after_the_dot_and_nothing_is_queued(tmp_path):
+    w = World(tmp_path, databytes=1000)
+    c = w.connect()
+    c.take()
+    c.chat(TRANSACTION)
+    out = c.chat(b"y" * 600 + b"\r\n" + b"z" * 600 + b"\r\n")
+    assert out == ""
+    assert c.chat(b".\r\nNOOP\r\n") == (
+        "552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n250 ok\r\n")
+    w.reactor.advance(1)
+    assert w.queued() == [] and w.queue.tmp_files() == []
+
+
+def test_bare_lf_in_data_is_451_close_and_nothing_is_queued(tmp_path):
+    w = World(tmp_path)
+    c = w.connect()
+    c.take()
+    c.chat(TRANSACTION)
+    out = c.chat(b"a\r\n\n.\r\nMAIL FROM:<evil@x.example>\r\n")
+    assert out == "451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
+    assert c.closed and w.queued() == []
+
+
+# --- relay control ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rcpt, reply", [
+    (b"alice@test.com", "250 ok"),
+    (b"ALICE@Test.COM", "250 ok"),
+    (b"sales@test.com", "250 ok"),                       # alias
+    (b"postmaster@test.com", "250 ok"),                  # role alias of the domain
+    (b"Postmaster",                                      # = postmaster@mx.test.com: not ours
+     "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"),
+    (b"nobody@test.com", "550 sorry, no mailbox here by that name (#5.1.1)"),
+    (b"x@remote.example", "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"),
+    (b"x%remote.example@test.com",
+     "550 sorry, no mailbox here by that name; no routing in local parts (#5.1.1)"),
+    (b"remote.example!x@test.com",
+     "550 sorry, no mailbox here by that name; no routing in local parts (#5.1.1)"),
+    (b'"x@remote.example"@test.com',
+     "550 sorry, no mailbox here by that name; no routing in local parts (#5.1.1)"),
+    (b"@test.com:x@remote.example",
+     "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"),
+    (b"alice@[127.0.0.1]", "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"),
+    (b"x@remote.example.", "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"),
+])
+def test_rcpt_decisions_without_relay_permission(tmp_path, rcpt, reply):
+    w = World(tmp_path)
+    c = w.connect()
+    c.take()
+    c.chat(b"HELO c\r\nMAIL FROM:<alice@test.com>\r\n")     # a local sender grants nothing
+    assert c.chat(b"RCPT TO:<" + rcpt + b">\r\n") == reply + "\r\n"
+
+
+def test_bare_postmaster_means_the_default_domain(tmp_path):
+    w = World(tmp_path)
+    w.app.settings = dataclasses.replace(w.app.settings, default_domain="test.com")
+    c = w.connect()
+    c.take()
+    out = c.chat(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nDATA\r\nhi\r\n.\r\n")
+    assert codes(out) == [250, 250, 250, 354, 250]
+    assert w.queued()[0][1] == ["postmaster@test.com"]
+
+
+def test_rules_relayclient_is_per_client_address(tmp_path):
+    w = World(tmp_path, rules='127.0.0.7:allow,RELAYCLIENT=""\n:allow\n')
+    for ip, code in (("127.0.0.7", 250), ("127.0.0.8", 553), ("127.0.0.1", 553)):
+        c = w.connect(ip)
+        c.take()
+        out = c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@remote.example>\r\n")
+        assert codes(out)[-1] == code, ip
+
+
+def test_relay_client_still_gets_550_for_unknown_local_users(tmp_path):
+    w = World(tmp_path, rules='127.0.0.7:allow,RELAYCLIENT=""\n')
+    c = w.connect("127.0.0.7")
+    c.take()
+    out = c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<nobody@test.com>\r\n")
+    assert codes(out)[-1] == 550
+
+
+def test_pop_before_smtp_grant_relays_for_that_ip_only_until_it_expires(tmp_path):
+    w = World(tmp_path)
+    w.app.grants.grant("127.0.0.9", 60)
+    probe = b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@remote.example>\r\n"
+    c = w.connect("127.0.0.9")
+    c.take()
+    assert codes(c.chat(probe))[-1] == 250
+    other = w.connect("127.0.0.10")
+    other.take()
+    assert codes(other.chat(probe))[-1] == 553
+    w.reactor.advance(61)
+    late = w.connect("127.0.0.9")
+    late.take()
+    assert codes(late.chat(probe))[-1] == 553
+
+
+def test_deny_rule_closes_without_greeting(tmp_path):
+    w = World(tmp_path, rules="127.0.0.66:deny\n:allow\n")
+    c = w.connect("127.0.0.66")
+    assert c.take() == "" and c.closed
+    assert w.factory.connections == 0
+    ok = w.connect("127.0.0.67")
+    assert ok.take().startswith("220 ")
+
+
+def test_rules_environment_stays_with_the_session(tmp_path):
+    w = World(tmp_path, rules='127.0.0.5:allow,RBLSMTPD="",X_CUSTOM="a b"\n')
+    c = w.connect("127.0.0.5")
+    assert c.proto.env == {"RBLSMTPD": "", "X_CUSTOM": "a b"}
+
+
+def test_ipv6_client(tmp_path):
+    w = World(tmp_path, rules='::1:allow,RELAYCLIENT=""\n')
+    c = w.connect("::1")
+    c.take()
+    out = c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@remote.example>\r\nDATA\r\n"
+                 b"hi\r\n.\r\n")
+    assert codes(out)[-1] == 250
+    assert b"(::1)" in w.queued()[0][2]
+
+
+# --- connection limits and timeouts -----------------------------------------------------------
+
+def test_max_connections_gives_421_and_a_slot_frees_on_close(tmp_path):
+    w = World(tmp_path, max_connections=2, max_per_ip=10)
+    a, b = w.connect("127.0.0.2"), w.connect("127.0.0.3")
+    c = w.connect("127.0.0.4")
+    assert c.take() == "421 sorry, too many connections, try again later (#4.3.2)\r\n"
+    assert c.closed
+    c.lose()
+    assert w.factory.connections == 2
+    a.lose()
+    d = w.connect("127.0.0.4")
+    assert d.take().startswith("220 ")
+    assert w.app.stats["connections.smtp.now"] == 2
+
+
+def test_max_per_ip_gives_421(tmp_path):
+    w = World(tmp_path, max_per_ip=2)
+    w.connect("127.0.0.2"), w.connect("127.0.0.2")
+    c = w.connect("127.0.0.2")
+    assert c.take() == "421 sorry, too many connections from your address (#4.7.0)\r\n"
+    assert w.connect("127.0.0.3").take().startswith("220 ")
+
+
+def test_idle_client_gets_451_timeout_and_is_closed(tmp_path):
+    w = World(tmp_path, timeout=30)
+    c = w.connect()
+    c.take()
+    w.reactor.advance(20)
+    c.chat(b"NOOP\r\n")
+    w.reactor.advance(20)                                   # 20 s since the last byte
+    assert not c.closed
+    w.reactor.advance(10)
+    assert c.take() == "451 timeout (#4.4.2)\r\n" and c.closed
+
+
+def test_timeout_does_not_fire_while_we_are_committing(tmp_path):
+    pool = DeferredThreadPool()
+    w = World(tmp_path, timeout=30, pool=pool)
+    c = w.connect()
+    c.take()
+    c.chat(TRANSACTION + b"x\r\n.\r\n")
+    w.reactor.advance(31)
+    assert not c.closed
+    pool.run_all()
+    assert c.take().startswith("250 ok 31 qp ")
+
+
+def test_greetdelay_refuses_a_client_that_talks_first(tmp_path):
+    w = World(tmp_path, rules='127.0.0.5:allow,GREETDELAY="2"\n')
+    eager = w.connect("127.0.0.5")
+    assert eager.take() == ""
+    assert eager.chat(b"EHLO spam\r\n") == "554 sorry, you talked before my greeting (#5.5.1)\r\n"
+    assert eager.closed
+    patient = w.connect("127.0.0.5")
+    w.reactor.advance(2)
+    assert patient.take() == "220 mx.test.com ESMTP\r\n"
+
+
+def test_client_disconnect_during_data_discards_the_message(tmp_path):
+    w = World(tmp_path)
+    c = w.connect()
+    c.take()
+    c.chat(TRANSACTION + b"x" * 100000)
+    c.lose()
+    w.reactor.advance(1)
+    assert w.queued() == [] and w.queue.tmp_files() == []
+    assert w.factory.connections == 0
+
+
+def test_pipelined_flood_while_waiting_pauses_reading(tmp_path):
+    pool = DeferredThreadPool()
+    w = World(tmp_path, pool=pool)
+    c = w.connect()
+    c.take()
+    c.send(TRANSACTION + b"x\r\n.\r\n")
+    for _ in range(80):
+        c.send(b"NOOP\r\n" * 200)
+    assert c.transport.producerState == "paused"
+    pool.run_all()
+    assert c.transport.producerState == "producing"
+    assert codes(c.take()).count(250) == 4 + 80 * 200
+
+
+def test_lookup_failure_is_451(tmp_path):
+    import sqlite3
+
+    class BrokenStore:
+        def lookup_recipient(self, address):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        def has_domain(self, name):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    w = World(tmp_path)
+    w.app.store = BrokenStore()
+    c = w.connect()
+    c.take()
+    out = c.chat(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@test.com>\r\n")
+    assert out.endswith("451 sorry, temporary failure looking up the recipient (#4.3.0)\r\n")
+
+
+def test_no_injector_means_451_at_data(tmp_path):
+    w = World(tmp_path)
+    w.app.injector = None
+    c = w.connect()
+    c.take()
+    assert c.chat(TRANSACTION).endswith("451 qq temporary problem (#4.3.0)\r\n")
+
+
+# --- DNSBL seam -------------------------------------------------------------------------------
+
+class FakeDNSBL:
+    def __init__(self):
+        self.calls = []
+
+    def check(self, ip, env):
+        d = defer.Deferred()
+        self.calls.append((ip, dict(env), d))
+        return d
+
+
+def test_dnsbl_verdict_is_awaited_at_mail_and_greeting_is_not_delayed(tmp_path):
+    w = World(tmp_path)
+    w.app.dnsbl = bl = FakeDNSBL()
+    c = w.connect("127.0.0.2")
+    assert c.take() == "220 mx.test.com ESMTP\r\n"
+    assert bl.calls[0][0] == "127.0.0.2"
+    out = c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@test.com>\r\nNOOP\r\n")
+    assert codes(out) == [250]                               # MAIL waits for the verdict
+    bl.calls[0][2].callback(Refusal(False, "listed at bl.example: see http://bl.example/"))
+    out = c.take()
+    assert out == ("451 listed at bl.example: see http://bl.example/\r\n"
+                   "503 MAIL first (#5.5.1)\r\n250 ok\r\n")
+
+
+def test_dnsbl_not_listed_lets_mail_through(tmp_path):
+    w = World(tmp_path)
+    w.app.dnsbl = bl = FakeDNSBL()
+    c = w.connect()
+    c.take()
+    c.send(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n")
+    bl.calls[0][2].callback(None)
+    assert codes(c.take()) == [250, 250]
+    assert codes(c.chat(b"RCPT TO:<alice@test.com>\r\n")) == [250]
+
+
+def test_dnsbl_permanent_refusal_and_grant_env(tmp_path):
+    w = World(tmp_path)
+    w.app.dnsbl = bl = FakeDNSBL()
+    w.app.grants.grant("127.0.0.3", 60)
+    c = w.connect("127.0.0.3")
+    assert bl.calls[0][1] == {"RELAYCLIENT": "", "RBLSMTPD": ""}
+    bl.calls[0][2].callback(Refusal(True, "go away"))
+    c.take()
+    assert c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n").endswith("553 go away\r\n")
+
+
+def test_dnsbl_failure_fails_open(tmp_path):
+    w = World(tmp_path)
+    w.app.dnsbl = bl = FakeDNSBL()
+    c = w.connect()
+    c.take()
+    bl.calls[0][2].errback(RuntimeError("boom"))
+    assert codes(c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n")) == [250, 250]
+
+
+def test_factory_refuses_unknown_kind(tmp_path):
+    w = World(tmp_path)
+    with pytest.raises(ValueError):
+        SMTPFactory(w.app, "pop3")
+    assert build_factory(w.app, "submission").kind == "submission"
