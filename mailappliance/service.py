@@ -63,6 +63,11 @@ class App:
     listeners: list["Listener"] = field(default_factory=list)
     # Called with the new Settings after a successful reload.
     reload_hooks: list[Callable[[Settings], None]] = field(default_factory=list)
+    # Graceful stop (mailappliance/drain.py): sessions register with app.drain.
+    drain: Any = None
+    # Run after every listener stopped accepting and before the other services stop; each may
+    # return a Deferred (its owner bounds the wait). See AppService.
+    stop_hooks: list[Callable[[], Any]] = field(default_factory=list)
 
     def reload(self, settings: Settings) -> None:
         self.settings = settings
@@ -217,11 +222,68 @@ def _factory_for(app: App, kind: str):
     return None if module is None else module.build_factory(app, arg)
 
 
+# A stop phase that takes longer than this is logged and the stop goes on without it, so a
+# wedged part cannot keep the process from exiting (systemd's TimeoutStopSec is 90 s).
+STOP_PHASE_TIMEOUT = 60.0
+
+
+class AppService(service.MultiService):
+    """The root of the tree. It starts like a MultiService and stops in phases: every listener
+    stops accepting; then app.stop_hooks run (the drain: sessions in DATA finish or get 421);
+    then the other services stop one after the other in reverse order of start, each waited
+    for (the queue manager before the thread pool that finishes in-flight writes)."""
+
+    log = Logger()
+
+    def __init__(self, app: App) -> None:
+        super().__init__()
+        self.app = app
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        children = list(self)
+        listeners = [s for s in children if isinstance(s, Listener)]
+        yield self._bounded(defer.DeferredList(
+            [defer.maybeDeferred(l.stopService) for l in listeners], consumeErrors=True),
+            "stop listening")
+        yield self._bounded(defer.DeferredList(
+            [defer.maybeDeferred(h) for h in self.app.stop_hooks], consumeErrors=True),
+            "drain")
+        for child in reversed(children):
+            if isinstance(child, Listener):
+                continue
+            try:
+                yield self._bounded(defer.maybeDeferred(child.stopService),
+                                    type(child).__name__)
+            except Exception:
+                self.log.failure("stopping {name} failed", name=type(child).__name__)
+
+    def _bounded(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        def late(failure):
+            failure.trap(defer.TimeoutError, defer.CancelledError)
+            self.log.warn("stop: {what} took longer than {t:.0f} s, going on", what=what,
+                          t=STOP_PHASE_TIMEOUT)
+        d.addTimeout(STOP_PHASE_TIMEOUT, self.app.reactor)
+        d.addErrback(late)
+        return d
+
+
+def _endpoint_for(app: App, kind: str, description: str, reactor):
+    """A job's service module may build its own endpoints (`build_endpoint`; the admin socket
+    sets its mode, group and stale-socket lock); otherwise the string is used as it is."""
+    module = _optional_module(FACTORIES[kind][0])
+    build = getattr(module, "build_endpoint", None)
+    if build is not None:
+        return build(app, kind, description, reactor)
+    return endpoints.serverFromString(reactor, description)
+
+
 def make_service(settings: Settings, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor  # noqa: the adapter tier owns the reactor
     app = build_app(settings, reactor)
-    top = service.MultiService()
+    top = AppService(app)
     top.app = app  # type: ignore[attr-defined]
     ThreadPoolService(app.threadpool).setServiceParent(top)
 
@@ -241,7 +303,7 @@ def make_service(settings: Settings, reactor=None) -> service.MultiService:
                 continue
             if description.startswith("unix:"):
                 _prepare_unix_socket(description)
-            endpoint = endpoints.serverFromString(reactor, description)
+            endpoint = _endpoint_for(app, kind, description, reactor)
             listener = Listener(kind, description, endpoint, factory)
             app.listeners.append(listener)
             listener.setServiceParent(top)
