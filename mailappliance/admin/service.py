@@ -1,0 +1,591 @@
+"""The admin endpoints: the line protocol of admin/protocol.py over unix sockets or loopback TCP.
+
+- A unix socket is created with mode ``[admin] socket_mode`` (0600) before it listens, so no
+  other user can connect even for an instant; with ``[admin] socket_group`` it is then handed
+  to that group (mode 0660 unless socket_mode says otherwise). A stale socket left by a killed
+  server is removed at start (Twisted's lockfile=1 protocol), never a socket of a live one.
+- A TCP endpoint (config.py accepts it only with interface=127.x or ::1 and a token file)
+  serves only loopback peers and only after ``auth`` with the token from
+  ``[admin] token_file`` on the following line.
+- Commands run one at a time per connection. Blocking work (the user store, bcrypt, the
+  queue directory, parsing the configuration) runs in the application's thread pool. While
+  a command runs, or while the client does not read its replies, the connection stops
+  reading, so a client that never reads costs one reply and a socket buffer, not more.
+"""
+
+from __future__ import annotations
+
+import grp
+import hmac
+import ipaddress
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.address import UNIXAddress
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mailappliance import stats as stats_mod
+from mailappliance.admin import report
+from mailappliance.admin.protocol import (NEED_DATA, AdminConnection, Command, Invalid,
+                                          encode_error, encode_reply, help_lines)
+from mailappliance.config import ConfigError
+from mailappliance.privileges import data_owner
+from mailappliance.users.store import StoreError
+
+# At most this many admin connections at once: the admin socket is for an operator and a
+# few scripts, and each connection may hold a thread-pool job (bcrypt) at a time.
+MAX_CONNECTIONS = 10
+# Seconds without input (or without the client reading our output) before we hang up; the
+# RFC 1939 POP3 minimum, 10 minutes, is plenty for a person at `socat`.
+IDLE_TIMEOUT = 600.0
+# `queue list` shows at most this many messages (the reply block stays bounded).
+QUEUE_LIST_LIMIT = 1000
+# The token file holds one line; anything longer than this is not a token file.
+MAX_TOKEN_FILE = 4096
+# A token shorter than this is refused at start-up (128 bits as hex is 32 characters).
+MIN_TOKEN_LENGTH = 16
+# Default mode of a group-shared socket when socket_mode was left at its private default.
+GROUP_SOCKET_MODE = 0o660
+PRIVATE_SOCKET_MODE = 0o600
+
+
+class CommandRefused(Exception):
+    """A command that cannot be done; str() is the text after "error: "."""
+
+
+# --- endpoints ---------------------------------------------------------------------------------
+
+def _split_unix(description: str) -> tuple[str, list[str]]:
+    """unix:PATH[:k=v...] -> (PATH with escapes removed, ["k=v", ...])."""
+    body = description.split(":", 1)[1]
+    parts = re.split(r"(?<!\\):", body)
+    path = parts[0].replace("\\:", ":").replace("\\\\", "\\")
+    return path, parts[1:]
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def socket_permissions(settings) -> tuple[int, int | None]:
+    """(mode, gid or None) for the admin unix socket."""
+    gid = None
+    mode = settings.admin.socket_mode
+    if settings.admin.socket_group:
+        try:
+            gid = grp.getgrnam(settings.admin.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(f"admin.socket_group: no such group: "
+                              f"{settings.admin.socket_group}") from None
+        if mode == PRIVATE_SOCKET_MODE:
+            mode = GROUP_SOCKET_MODE
+    if mode & 0o007:
+        raise ConfigError(f"admin.socket_mode: {mode:o} lets every local user in; "
+                          "use 600 or 660 with admin.socket_group")
+    return mode, gid
+
+
+class _UnixAdminEndpoint:
+    """Listens with mode 0600 (set between bind and listen by Twisted), then applies the
+    group/owner: the socket only ever widens from private to the configured access."""
+
+    def __init__(self, inner, path: str, mode: int, gid: int | None, owner) -> None:
+        self.inner = inner
+        self.path = path
+        self.mode = mode
+        self.gid = gid
+        self.owner = owner
+
+    def listen(self, factory):
+        d = self.inner.listen(factory)
+        d.addCallback(self._permissions)
+        return d
+
+    def _permissions(self, port):
+        uid = -1
+        gid = -1 if self.gid is None else self.gid
+        if self.owner is not None:
+            uid = self.owner[0]
+            if self.gid is None:
+                gid = self.owner[1]
+        if uid != -1 or gid != -1:
+            os.chown(self.path, uid, gid)
+        os.chmod(self.path, self.mode)
+        return port
+
+
+def build_endpoint(app, kind: str, description: str, reactor):
+    """service.py asks the job's module for its endpoints (hook `build_endpoint`)."""
+    if not description.startswith("unix:"):
+        return endpoints.serverFromString(reactor, description)
+    path, params = _split_unix(description)
+    mode, gid = socket_permissions(app.settings)
+    keep = [p for p in params if not p.startswith(("mode=", "lockfile="))]
+    text = ":".join([f"unix:{_escape(path)}", *keep, f"mode={PRIVATE_SOCKET_MODE:o}",
+                     "lockfile=1"])
+    inner = endpoints.serverFromString(reactor, text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return _UnixAdminEndpoint(inner, path, mode, gid, data_owner(app.settings.data))
+
+
+# --- the protocol ------------------------------------------------------------------------------
+
+def _is_loopback(addr) -> bool:
+    host = getattr(addr, "host", None)
+    if not host:
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+class AdminProtocol(protocol.Protocol):
+    log = Logger(namespace="mailappliance.admin.service")
+
+    def __init__(self, factory: "AdminFactory", peer: str, needs_token: bool) -> None:
+        self.factory = factory
+        self.peer = peer
+        self.core = AdminConnection(needs_token=needs_token)
+        self.busy = False
+        self.write_paused = False
+        self.reading_paused = False
+        self.lost = False
+        self._timer = None
+
+    # -- connection -------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.factory.active.add(self)
+        stats_mod.connection_opened(self.factory.app.stats, "admin")
+        self.transport.registerProducer(self, True)
+        self._touch()
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.lost = True
+        self.factory.active.discard(self)
+        stats_mod.connection_closed(self.factory.app.stats, "admin")
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _touch(self) -> None:
+        reactor = self.factory.reactor
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.factory.idle_timeout)
+        else:
+            self._timer = reactor.callLater(self.factory.idle_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.log.info("{peer}: idle for {t:.0f} s, closing", peer=self.peer,
+                      t=self.factory.idle_timeout)
+        if self.write_paused:
+            self.transport.abortConnection()      # the client is not reading at all
+        else:
+            self.transport.write(encode_error("idle timeout, closing"))
+            self.transport.loseConnection()
+
+    # -- IPushProducer: the transport tells us when the client stops reading -----------------
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self.write_paused = False
+        self._touch()
+        self._update_reading()
+        self._run()
+
+    def stopProducing(self) -> None:
+        self.lost = True
+
+    def _update_reading(self) -> None:
+        want_pause = self.busy or self.write_paused
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+        elif not want_pause and self.reading_paused and not self.lost:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    # -- input ---------------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        self._touch()
+        self.core.receive_data(data)
+        self._run()
+
+    def _run(self) -> None:
+        while not (self.busy or self.write_paused or self.lost):
+            event = self.core.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Invalid):
+                self.log.info("{peer}: refused line: {why}", peer=self.peer, why=event.text)
+                self.transport.write(encode_error(event.text))
+                if event.fatal:
+                    self.transport.loseConnection()
+                    return
+                continue
+            self._execute(event)
+        self._update_reading()
+        if self.core.closed and not self.busy and not self.lost:
+            self.transport.loseConnection()
+
+    def _execute(self, cmd: Command) -> None:
+        handler = HANDLERS[cmd.name]
+        if cmd.name not in QUIET:
+            self.log.info("{peer}: {command}", peer=self.peer, command=cmd.describe())
+        self.busy = True
+        d = defer.maybeDeferred(handler, self, cmd)
+        d.addCallbacks(self._reply, self._refused, errbackArgs=(cmd,))
+        d.addErrback(self._crashed, cmd)
+        d.addBoth(self._done)
+
+    def _reply(self, lines) -> None:
+        if not self.lost:
+            self.transport.write(encode_reply(lines))
+
+    def _refused(self, failure, cmd: Command) -> None:
+        failure.trap(CommandRefused, StoreError, ConfigError)
+        text = str(failure.value)
+        self.log.info("{peer}: {command}: refused: {why}", peer=self.peer,
+                      command=cmd.describe(), why=text)
+        if not self.lost:
+            self.transport.write(encode_error(text))
+
+    def _crashed(self, failure, cmd: Command) -> None:
+        self.log.failure("{peer}: {command} failed", failure, peer=self.peer,
+                         command=cmd.describe())
+        if not self.lost:
+            self.transport.write(encode_error(
+                f"internal error in {cmd.name}: {failure.type.__name__}; see the log"))
+
+    def _done(self, _) -> None:
+        self.busy = False
+        if not self.lost:
+            self._run()
+
+
+class AdminFactory(protocol.ServerFactory):
+    log = Logger(namespace="mailappliance.admin.service")
+
+    def __init__(self, app, reactor=None, run_blocking: Callable | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self.reactor = reactor or app.reactor
+        self.clock = clock
+        self.idle_timeout = IDLE_TIMEOUT
+        self.max_connections = MAX_CONNECTIONS
+        self.active: set[AdminProtocol] = set()
+        self.token = read_token(app.settings.admin.token_file)
+        if run_blocking is None:
+            def run_blocking(f, *a):
+                return deferToThreadPool(self.reactor, app.threadpool, f, *a)
+        self.run_blocking = run_blocking
+
+    def reload(self, settings) -> None:
+        try:
+            self.token = read_token(settings.admin.token_file)
+        except ConfigError as e:
+            self.log.error("admin: keeping the old token: {why}", why=str(e))
+
+    def buildProtocol(self, addr):
+        if isinstance(addr, UNIXAddress):
+            peer, needs_token = "unix", False
+        else:
+            if not _is_loopback(addr):
+                self.log.warn("refused admin connection from non-loopback {host}",
+                              host=getattr(addr, "host", "?"))
+                return None
+            peer, needs_token = f"{addr.host}:{addr.port}", True
+        if len(self.active) >= self.max_connections:
+            self.log.warn("refused admin connection from {peer}: {n} already open",
+                          peer=peer, n=len(self.active))
+            return None
+        p = AdminProtocol(self, peer, needs_token)
+        p.factory = self
+        return p
+
+
+def read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()[:MAX_TOKEN_FILE + 1]
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read admin token: {e.strerror or e}") from None
+    if len(raw) > MAX_TOKEN_FILE:
+        raise ConfigError(f"{path}: admin token file longer than {MAX_TOKEN_FILE} bytes")
+    token = raw.decode("utf-8", "replace").strip()
+    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+        raise ConfigError(f"{path}: admin token must be one word of at least "
+                          f"{MIN_TOKEN_LENGTH} characters")
+    return token
+
+
+def build_factory(app, kind: str) -> AdminFactory:
+    """One factory for all admin endpoints (service.py calls this once per endpoint)."""
+    factory = getattr(app, "_admin_factory", None)
+    if factory is None:
+        factory = AdminFactory(app)
+        app._admin_factory = factory
+        app.reload_hooks.append(factory.reload)
+    return factory
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+def _blocking(proto: AdminProtocol, f, *args):
+    return proto.factory.run_blocking(f, *args)
+
+
+def cmd_help(proto, cmd):
+    return help_lines()
+
+
+def cmd_quit(proto, cmd):
+    return ["bye"]
+
+
+def cmd_auth(proto, cmd):
+    token = proto.factory.token
+    if not proto.core.authenticated:
+        if token is None or not hmac.compare_digest(cmd.secret.encode(), token.encode()):
+            proto.log.warn("{peer}: admin authentication failed", peer=proto.peer)
+            proto.core.closed = True          # one try per connection
+            raise CommandRefused("authentication failed")
+        proto.core.authenticated = True
+        return ["authenticated"]
+    return ["authenticated (no token needed here)"]
+
+
+def _listener_services(app) -> tuple[report.ServiceStatus, ...]:
+    from mailappliance.service import FACTORIES
+    by_kind: dict[str, list] = {}
+    for listener in app.listeners:
+        by_kind.setdefault(listener.kind, []).append(listener)
+    out = []
+    for kind in FACTORIES:
+        ls = by_kind.get(kind)
+        if not ls:
+            continue
+        starts = [l.started_at for l in ls if l.started_at]
+        now, total = stats_mod.connections(app.stats, kind)
+        out.append(report.ServiceStatus(kind, tuple(l.address_text() for l in ls),
+                                        min(starts) if starts else None, now, total))
+    return tuple(out)
+
+
+@dataclass
+class QueueFacts:
+    status: report.QueueStatus | None
+    why: str = ""
+
+
+def manager_status(manager) -> dict[str, int]:
+    """The queue manager's numbers for stat: `manager.status()` (queue/manager.py) returns a
+    mapping with unprocessed, local_busy, local_max, remote_busy, remote_max."""
+    status = getattr(manager, "status", None)
+    if status is None:
+        return {}
+    return dict(status())
+
+
+def cmd_stat(proto, cmd):
+    app = proto.factory.app
+    settings = app.settings
+
+    def build(facts: QueueFacts):
+        last = app.stats.get("last_errors") or ()
+        rules = (f"{settings.rules.count} rules from {settings.rules.source}"
+                 if settings.rules is not None else None)
+        snap = report.StatSnapshot(
+            hostname=settings.hostname, pid=os.getpid(), started=app.started,
+            services=_listener_services(app), queue=facts.status, queue_why=facts.why,
+            last_errors=tuple(last), config_path=str(settings.config_path)
+            if settings.config_path else None,
+            config_loaded=app.stats.get("config_loaded"), rules=rules)
+        return report.format_stat(snap, proto.factory.clock())
+
+    # The manager's counters live on the reactor thread; the directory count in the pool.
+    d = _blocking(proto, queue_facts_blocking_part, app)
+    d.addCallback(lambda n: queue_facts_finish(app, n))
+    d.addCallback(build)
+    return d
+
+
+def queue_facts_blocking_part(app) -> int | None:
+    store = getattr(app, "queue_store", None)
+    return None if store is None else len(store.list_ids())
+
+
+def queue_facts_finish(app, messages: int | None) -> QueueFacts:
+    if messages is None:
+        return QueueFacts(None, "no queue (queue component not built in)")
+    q = app.settings.queue
+    manager = app.queue_manager
+    if manager is None:
+        return QueueFacts(report.QueueStatus(messages, messages, 0, q.concurrency_local, 0,
+                                             q.concurrency_remote))
+    s = manager_status(manager)
+    return QueueFacts(report.QueueStatus(
+        messages, s.get("unprocessed", 0), s.get("local_busy", 0),
+        s.get("local_max", q.concurrency_local), s.get("remote_busy", 0),
+        s.get("remote_max", q.concurrency_remote)))
+
+
+def cmd_queue_list(proto, cmd):
+    app = proto.factory.app
+    store = getattr(app, "queue_store", None)
+    if store is None:
+        raise CommandRefused("no queue (queue component not built in)")
+    d = _blocking(proto, store.entries)
+    d.addCallback(lambda entries: report.format_queue(entries, proto.factory.clock(),
+                                                      QUEUE_LIST_LIMIT))
+    return d
+
+
+def _manager(proto, what: str) -> Any:
+    manager = proto.factory.app.queue_manager
+    if manager is None:
+        raise CommandRefused(f"{what}: the queue manager is not running")
+    return manager
+
+
+def cmd_queue_flush(proto, cmd):
+    manager = _manager(proto, "queue flush")
+    d = defer.maybeDeferred(manager.flush)
+    d.addCallback(lambda n: [f"{n} deferred messages scheduled for delivery now"])
+    return d
+
+
+def cmd_queue_remove(proto, cmd):
+    manager = _manager(proto, "queue remove")
+    qid = int(cmd.args["ID"])
+    bounce = bool(cmd.options.get("--bounce"))
+    d = defer.maybeDeferred(manager.remove, qid, bounce)
+
+    def done(result):
+        if result is False:
+            raise CommandRefused(f"no such message in the queue: {qid}")
+        return [f"message {qid} {'bounced to its sender and ' if bounce else ''}removed"]
+    d.addCallback(done)
+    return d
+
+
+def cmd_reload(proto, cmd):
+    from mailappliance.reload import ReloadRefused
+    reloader = getattr(proto.factory.app, "reloader", None)
+    if reloader is None:
+        raise CommandRefused("reload is not available")
+    d = reloader.reload(f"admin {proto.peer}")
+
+    def refused(f):
+        f.trap(ReloadRefused)
+        raise CommandRefused(str(f.value))
+    d.addErrback(refused)
+    return d
+
+
+def _store_call(proto, f: Callable[[Any], list[str]]):
+    store = proto.factory.app.store
+    return _blocking(proto, f, store)
+
+
+def cmd_domain_add(proto, cmd):
+    return _store_call(proto, lambda s: [f"domain {s.add_domain(cmd.args['NAME'], cmd.options.get('--postmaster'))} added"])
+
+
+def cmd_domain_del(proto, cmd):
+    def f(s):
+        s.del_domain(cmd.args["NAME"])
+        return [f"domain {cmd.args['NAME'].lower()} deleted"]
+    return _store_call(proto, f)
+
+
+def cmd_domain_list(proto, cmd):
+    return _store_call(proto, lambda s: s.list_domains())
+
+
+def cmd_user_add(proto, cmd):
+    def f(s):
+        user = s.add_user(cmd.args["ADDR"], cmd.secret, int(cmd.options.get("--quota", 0)))
+        return [f"user {user.address} added"]
+    return _store_call(proto, f)
+
+
+def cmd_user_del(proto, cmd):
+    def f(s):
+        s.del_user(cmd.args["ADDR"])
+        return [f"user {cmd.args['ADDR'].lower()} deleted"]
+    return _store_call(proto, f)
+
+
+def cmd_user_passwd(proto, cmd):
+    def f(s):
+        s.set_password(cmd.args["ADDR"], cmd.secret)
+        return [f"password of {cmd.args['ADDR'].lower()} changed"]
+    return _store_call(proto, f)
+
+
+def cmd_user_list(proto, cmd):
+    def f(s):
+        return [u.address + (f" quota={u.quota}" if u.quota else "")
+                for u in s.list_users(cmd.args.get("DOMAIN"))]
+    return _store_call(proto, f)
+
+
+def cmd_alias_add(proto, cmd):
+    def f(s):
+        s.add_alias(cmd.args["ADDR"], list(cmd.args["TARGET"]))
+        return [f"alias {cmd.args['ADDR'].lower()} added"]
+    return _store_call(proto, f)
+
+
+def cmd_alias_del(proto, cmd):
+    def f(s):
+        s.del_alias(cmd.args["ADDR"])
+        return [f"alias {cmd.args['ADDR'].lower()} deleted"]
+    return _store_call(proto, f)
+
+
+def cmd_alias_list(proto, cmd):
+    return _store_call(proto, lambda s: [f"{a} -> {' '.join(t)}" for a, t in s.list_aliases()])
+
+
+def cmd_relay_list(proto, cmd):
+    return report.format_grants(list(proto.factory.app.grants.entries()))
+
+
+# Command name (protocol.COMMANDS) -> handler(protocol, command) -> lines | Deferred[lines].
+HANDLERS: dict[str, Callable[[AdminProtocol, Command], Any]] = {
+    "help": cmd_help,
+    "stat": cmd_stat,
+    "queue list": cmd_queue_list,
+    "queue flush": cmd_queue_flush,
+    "queue remove": cmd_queue_remove,
+    "reload": cmd_reload,
+    "domain add": cmd_domain_add,
+    "domain del": cmd_domain_del,
+    "domain list": cmd_domain_list,
+    "user add": cmd_user_add,
+    "user del": cmd_user_del,
+    "user passwd": cmd_user_passwd,
+    "user list": cmd_user_list,
+    "alias add": cmd_alias_add,
+    "alias del": cmd_alias_del,
+    "alias list": cmd_alias_list,
+    "relay list": cmd_relay_list,
+    "auth": cmd_auth,
+    "quit": cmd_quit,
+}
+# Not written to the log on every call (read-only and frequent).
+QUIET = frozenset({"help", "quit"})
