@@ -1,0 +1,214 @@
+"""SMTP acceptance benchmark: mailappliance vs aiosmtpd (Maildir + fsync), same run, loopback.
+
+    /work/venv/bin/python benchmarks/smtp_bench.py [--scale 1.0] [--idle 1000] [--profile]
+        [--only ours|aiosmtpd] [--aiosmtpd-executor N] [--scratch /var/tmp] [--keep]
+
+For each of (1, 20) sessions x (2 KiB, 100 KiB) messages, postfix's smtp-source sends M
+messages (a new connection per message) to each server in turn; messages/s = M / wall time
+of smtp-source.  Afterwards every message is looked for on disk by its Message-Id (smtp-source
+makes one per message): for mailappliance in its Maildir or still in queue/mess, for aiosmtpd
+in its Maildir; the table shows found/sent and duplicates.  Then 1,000 idle connections (each
+reads the 220 greeting and stays silent) and the server's RSS before and with them.
+
+Each server is started fresh in a scratch folder on the real disk and stopped by PID.  Results
+are printed and written to benchmarks/results/<time>-smtp.{txt,json}.  Targets (issue 3): at
+20 sessions / 2 KiB at least 2x aiosmtpd's messages/s; under 50 KiB RSS per idle connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import shutil
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (AiosmtpdPeer, HeaderCache, Meter, OurServer,  # noqa: E402
+                               ServerUnavailable, DEFAULT_SCRATCH, fmt, idle_rss,
+                               machine_info, py_spy_record, ratio, run_smtp_source, settle,
+                               summarize_folded, table, write_results)
+
+# (sessions, message bytes, messages at --scale 1): sized so each run lasts a few seconds
+# at the rates PEERS.md reports (hundreds of msg/s), long enough to average out the disk's
+# fsync latency switching between 0.3 and 1.2 ms.
+MATRIX = [
+    (1, 2048, 1000),
+    (20, 2048, 4000),
+    (1, 102400, 500),
+    (20, 102400, 1500),
+]
+IDLE_CONNECTIONS = 1000
+# smtp-source gets this many seconds per message (plus a floor) before it is killed: even at
+# 10 msg/s a run finishes; anything slower is a hang, reported as such.
+SECONDS_PER_MESSAGE = 0.1
+MIN_RUN_TIMEOUT = 60.0
+PROFILE_SECONDS = 8
+TARGET_RATIO = 2.0          # issue 3: >= 2x aiosmtpd at 20 sessions, 2 KiB
+TARGET_IDLE_KIB = 50.0      # issue 3: < 50 KiB RSS per idle connection
+
+
+def one_run(server, sessions: int, size: int, messages: int, ids: HeaderCache,
+            profile_out: Path | None = None) -> dict:
+    before = ids.ids(server.message_files())
+    timeout = max(MIN_RUN_TIMEOUT, messages * SECONDS_PER_MESSAGE)
+    spy = None
+    with Meter(server.pid, tree=True) as m:
+        if profile_out is not None:
+            spy = py_spy_record(server.pid, PROFILE_SECONDS, profile_out)
+        res = run_smtp_source(server.port, sessions, messages, size, timeout)
+    if spy is not None:
+        try:
+            _, err = spy.communicate(timeout=PROFILE_SECONDS + 30)
+            res["py_spy_rc"] = spy.returncode
+            res["py_spy_err"] = err.decode(errors="replace")[-300:]
+        except Exception as e:  # noqa: BLE001 - report, never hang on the profiler
+            spy.kill()
+            res["py_spy_err"] = repr(e)
+    waited = settle(server)
+    after = ids.ids(server.message_files())
+    new = after - before
+    res.update({
+        "server": server.name, "sessions": sessions, "size": size, "sent": messages,
+        "rate": messages / res["wall"] if res["rc"] == 0 else None,
+        "found": len(new), "duplicates": sum(n - 1 for n in new.values() if n > 1),
+        "pending_after_settle": server.pending(), "settle_seconds": round(waited, 1),
+        "server_cpu": m.cpu, "server_cpu_pct": 100.0 * m.cpu / m.wall,
+        "peak_rss_kib": m.peak_rss_kib,
+    })
+    return res
+
+
+def start(kind: str, scratch: Path, args):
+    if kind == "ours":
+        return OurServer(scratch / "mailappliance").start()
+    return AiosmtpdPeer(scratch / "aiosmtpd", executor=args.aiosmtpd_executor).start()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
+    ap.add_argument("--idle", type=int, default=IDLE_CONNECTIONS)
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy our server during the 20-session 2 KiB run")
+    ap.add_argument("--only", choices=("ours", "aiosmtpd"))
+    ap.add_argument("--aiosmtpd-executor", type=int, default=0,
+                    help="aiosmtpd peer: threads for Maildir writes (0 = inline, the default)")
+    ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH)
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = ap.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="smtp-bench-", dir=args.scratch))
+    kinds = [args.only] if args.only else ["ours", "aiosmtpd"]
+    servers, unavailable, results, idle = {}, {}, [], {}
+    profile_path = scratch / "py-spy-ours-20x2k.txt"
+    try:
+        for kind in kinds:
+            try:
+                servers[kind] = start(kind, scratch, args)
+                print(f"{kind}: listening on 127.0.0.1:{servers[kind].port} "
+                      f"(pid {servers[kind].pid})", flush=True)
+            except ServerUnavailable as e:
+                unavailable[kind] = str(e)
+                print(f"{kind}: UNAVAILABLE: {e}", flush=True)
+        # Idle connections first, on freshly started servers (after one warm-up message):
+        # RSS growth then reflects the connections, not heap left over from the load runs.
+        for kind, srv in servers.items():
+            idle[kind] = idle_rss(srv, args.idle)
+            print(f"{kind}: idle {idle[kind]}", flush=True)
+            settle(srv)
+        caches = {k: HeaderCache("message-id") for k in servers}
+        for sessions, size, base_count in MATRIX:
+            count = max(1, int(base_count * args.scale))
+            for kind, srv in servers.items():
+                prof = (profile_path if args.profile and kind == "ours" and sessions == 20
+                        and size == 2048 else None)
+                r = one_run(srv, sessions, size, count, caches[kind], prof)
+                results.append(r)
+                print(f"{kind}: {sessions} sessions x {size} B: {fmt(r['rate'], 1)} msg/s, "
+                      f"found {r['found']}/{count}, rc={r['rc']} {r['stderr'][:200]}",
+                      flush=True)
+                if r["rc"] != 0 and hasattr(srv, "log_tail"):
+                    print(srv.log_tail(), flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+    text = report(results, idle, unavailable, args, profile_path if args.profile else None)
+    print(text)
+    out = write_results("smtp", text, {"machine": machine_info(), "results": results,
+                                       "idle": idle, "unavailable": unavailable,
+                                       "args": vars(args)})
+    print(f"\nwritten: {out}")
+    if args.profile and profile_path.exists():
+        dest = out.with_name(out.stem + "-py-spy.txt")
+        shutil.copy(profile_path, dest)
+        print(f"profile (folded stacks): {dest}")
+    if args.keep:
+        print(f"scratch kept: {scratch}")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0 if not unavailable else 1
+
+
+def report(results, idle, unavailable, args, profile_path) -> str:
+    by = {(r["server"], r["sessions"], r["size"]): r for r in results}
+    rows = []
+    for sessions, size, _ in MATRIX:
+        o = by.get(("mailappliance", sessions, size))
+        a = by.get(("aiosmtpd", sessions, size))
+
+        def cell(r, key, digits=0):
+            return fmt(r[key], digits) if r else "-"
+
+        def disk(r):
+            if not r:
+                return "-"
+            s = f"{r['found']}/{r['sent']}"
+            if r["duplicates"]:
+                s += f" ({r['duplicates']} dup)"
+            if r["rc"] != 0:
+                s += " ERR"
+            return s
+        rows.append([f"{sessions} x {size // 1024} KiB", cell(o, "rate", 1), cell(a, "rate", 1),
+                     ratio(o and o["rate"], a and a["rate"]), disk(o), disk(a),
+                     cell(o, "server_cpu_pct"), cell(a, "server_cpu_pct")])
+    lines = ["SMTP acceptance (smtp-source, new connection per message, 127.0.0.1)",
+             f"command: {' '.join(sys.argv)}", "",
+             table(["sessions x size", "ours msg/s", "aiosmtpd msg/s", "ratio", "ours on disk",
+                    "aiosmtpd on disk", "ours CPU%", "aiosmtpd CPU%"], rows)]
+    if idle:
+        lines += ["", table(["server", "idle conns", "greeted", "RSS before KiB",
+                             "RSS idle KiB", "KiB/conn"],
+                            [[k, v["connections"], v["greeted"], v["rss_before_kib"],
+                              v["rss_idle_kib"], fmt(v["kib_per_conn"], 1)]
+                             for k, v in idle.items()])]
+    o = by.get(("mailappliance", 20, 2048))
+    a = by.get(("aiosmtpd", 20, 2048))
+    verdicts = []
+    if o and a and o["rate"] and a["rate"]:
+        ok = o["rate"] >= TARGET_RATIO * a["rate"] and o["found"] == o["sent"]
+        verdicts.append(f"target 20 x 2 KiB >= {TARGET_RATIO}x aiosmtpd: "
+                        f"{'MET' if ok else 'NOT MET'} ({o['rate'] / a['rate']:.2f}x)")
+    if "ours" in idle and idle["ours"]["kib_per_conn"] is not None:
+        k = idle["ours"]["kib_per_conn"]
+        verdicts.append(f"target < {TARGET_IDLE_KIB:.0f} KiB/idle connection: "
+                        f"{'MET' if k < TARGET_IDLE_KIB else 'NOT MET'} ({k:.1f} KiB)")
+    for kind, why in unavailable.items():
+        verdicts.append(f"{kind}: not measured: {why}")
+    if verdicts:
+        lines += [""] + verdicts
+    if profile_path is not None:
+        s = summarize_folded(profile_path)
+        lines += ["", f"py-spy, ours, 20 x 2 KiB: {s.get('samples')} samples, "
+                      f"{s.get('idle_pct')}% idle/waiting; top self time among busy samples:"]
+        lines += [f"  {pct:5.1f}%  {f}" for f, pct in s.get("top_self", [])[:15]]
+        lines += ["top inclusive (all samples):"]
+        lines += [f"  {pct:5.1f}%  {f}" for f, pct in s.get("top_inclusive", [])[:15]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
