@@ -321,7 +321,11 @@ def _prepare_unix_socket(description: str) -> None:
 # Component builders: (module, function) with function(app, parent_service) -> None, run in
 # this order by make_service before any listener is created.
 COMPONENTS: list[tuple[str, str]] = [
+    ("mailappliance.logging", "setup"),              # log files first: they see every event
     ("mailappliance.dns", "attach"),                 # app.resolver (before queue and DNSBL)
     ("mailappliance.access.dnsbl", "attach"),        # app.dnsbl
     ("mailappliance.queue.service", "attach"),       # app.injector, app.queue_manager
+    ("mailappliance.reload", "setup"),               # app.reloader, SIGHUP
+    ("mailappliance.drain", "setup"),                # app.drain (graceful SIGTERM)
+    ("mailappliance.notify", "setup"),               # sd_notify READY/WATCHDOG/STOPPING
 ]
