@@ -136,7 +136,8 @@ class Listener(service.Service):
         host = self.port.getHost()
         if hasattr(host, "port"):
             return f"{host.host}:{host.port}"
-        return str(getattr(host, "name", self.description))
+        name = getattr(host, "name", None) or self.description
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
     def bound_port(self) -> int | str | None:
         if self.port is None:
