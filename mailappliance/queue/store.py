@@ -587,12 +587,12 @@ class QueueStore:
         fd = os.open(self.message_path(env.qid), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             for index, state in marks:
-                rcpt = env.recipients[index]
-                os.pwrite(fd, state, rcpt.offset)
-                rcpt.state = state
+                os.pwrite(fd, state, env.recipients[index].offset)
             os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
         finally:
             os.close(fd)
+        for index, state in marks:
+            env.recipients[index].state = state
 
     def add_failure(self, env: Envelope, index: int, text: str) -> None:
         """Record why recipient `index` failed, durably, then mark it FAILED."""

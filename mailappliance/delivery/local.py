@@ -1,0 +1,169 @@
+"""Local delivery (qmail-local + vdelivermail): one recipient of a virtual domain.
+
+For a recipient address:
+
+* a user of the store: Maildir delivery (delivery/maildir.py) with ``Return-Path`` and
+  ``Delivered-To``; success report ``did 1+0+0/`` (qmail-local's);
+* an alias (including the per-domain postmaster/abuse/mailer-daemon aliases the user store
+  keeps): the message is forwarded -- re-injected through the injector passed in (the one
+  door; this module never imports the queue's adapter), with ``Delivered-To: <alias>`` added
+  on top and the original envelope sender, to all the alias's targets at once.  qmail-local's
+  report: ``did 0+0+N/qp Q/``.  Targets may be local or remote, or aliases again: each hop is
+  one more injection with one more Delivered-To line;
+* anything else in our domains: permanent failure ``Sorry, no mailbox here by that name.
+  (#5.1.1)``.
+
+Loops (qmail-local): a message that already carries our ``Delivered-To: <recipient>`` line is a
+permanent failure "This message is looping: it already has my Delivered-To line. (#5.4.6)".
+Depth: a message with `MAX_DELIVERED_TO` or more Delivered-To lines is not forwarded again
+(alias chains longer than that are a mistake or a loop through other hosts).
+
+The host name itself (``postmaster@<hostname>``, qmail's `me` in control/locals) is local
+too: its role names go to the default domain's aliases.
+
+Blocking work (SQLite lookups, header scan, Maildir write) runs in a thread pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mailappliance.delivery import Result, deferral, failure, success
+from mailappliance.delivery import maildir as maildir_mod
+from mailappliance.queue.store import Envelope, QueueStore
+
+# Delivered-To lines a message may carry before we stop forwarding it.  qmail counts
+# Received + Delivered-To against MAXHOPS = 100 in qmail-smtpd; alias chains need far fewer.
+MAX_DELIVERED_TO = 20
+# Header bytes scanned for Delivered-To lines (qmail-local reads the whole header; we stop
+# at this bound so a hostile endless header costs bounded work).
+MAX_HEADER_SCAN = 1024 * 1024
+# The RFC 2142 role names that exist for the host name itself.
+ROLE_NAMES = ("postmaster", "abuse", "mailer-daemon")
+
+TEXT_NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)"
+TEXT_LOOP = "This message is looping: it already has my Delivered-To line. (#5.4.6)"
+TEXT_TOO_MANY_HOPS = "This message is looping: too many Delivered-To lines. (#5.4.6)"
+TEXT_FORWARD_FAILED = "Unable to forward message: {why} (#4.3.0)"
+TEXT_STORE_FAILED = "Unable to look up the recipient: {why} (#4.3.0)"
+
+
+def header_delivered_to(chunks) -> list[str]:
+    """Delivered-To values (lower-case, stripped) in the header section of a message."""
+    found: list[str] = []
+    buf = b""
+    scanned = 0
+    for chunk in chunks:
+        buf += chunk
+        scanned += len(chunk)
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl], buf[nl + 1:]
+            if line in (b"", b"\r"):
+                return found
+            if line[:13].lower() == b"delivered-to:":
+                found.append(line[13:].strip().decode("utf-8", "replace").lower())
+        if scanned >= MAX_HEADER_SCAN:
+            break
+    return found
+
+
+@dataclass
+class _Forward:
+    alias: str
+    targets: list[str]
+
+
+class LocalDeliverer:
+    log = Logger()
+
+    def __init__(self, users, queue: QueueStore, injector, reactor, threadpool, *,
+                 hostname: str, default_domain: str | None = None,
+                 clock: Callable[[], float] | None = None, maildir_ops=None) -> None:
+        self.users = users
+        self.queue = queue
+        self.injector = injector
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.hostname = hostname
+        self.default_domain = default_domain
+        self.clock = clock or reactor.seconds
+        self.maildir_ops = maildir_ops
+
+    def _defer(self, f, *args, **kw):
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args, **kw)
+
+    def canonical(self, address: str) -> str:
+        local, _, domain = address.rpartition("@")
+        domain = domain.lower().rstrip(".")
+        local = local.lower()
+        if (domain == self.hostname.lower().rstrip(".") and local in ROLE_NAMES
+                and self.default_domain and not self.users.has_domain(domain)):
+            domain = self.default_domain.lower()
+        return f"{local}@{domain}"
+
+    @defer.inlineCallbacks
+    def deliver(self, env: Envelope, index: int):
+        """-> Deferred[Result] for recipient `index` of the message."""
+        try:
+            outcome = yield self._defer(self._deliver_blocking, env, index)
+        except Exception as e:  # noqa: BLE001 - any surprise is temporary, never a loss
+            self.log.failure("local delivery of msg {qid} failed unexpectedly", qid=env.qid)
+            return deferral(TEXT_STORE_FAILED.format(why=str(e) or type(e).__name__))
+        if isinstance(outcome, Result):
+            return outcome
+        result = yield self._forward(env, outcome)
+        return result
+
+    def _deliver_blocking(self, env: Envelope, index: int):
+        address = self.canonical(env.recipients[index].address)
+        with self.queue.open_message(env) as reader:
+            seen = header_delivered_to(reader)
+        if address in seen:
+            return failure(TEXT_LOOP)
+        user = self.users.get_user(address)
+        if user is not None:
+            try:
+                with self.queue.open_message(env) as reader:
+                    maildir_mod.deliver(user.maildir, reader, return_path=env.sender,
+                                        delivered_to=address, hostname=self.hostname,
+                                        now=self.clock(), quota=user.quota,
+                                        size_hint=env.size, ops=self.maildir_ops)
+            except maildir_mod.MaildirError as e:
+                return deferral(e.text) if e.temporary else failure(e.text)
+            return success(maildir_mod.TEXT_SUCCESS)
+        targets = self.users.get_alias(address)
+        if targets:
+            if len(seen) >= MAX_DELIVERED_TO:
+                return failure(TEXT_TOO_MANY_HOPS)
+            return _Forward(address, list(dict.fromkeys(targets)))
+        return failure(TEXT_NO_MAILBOX)
+
+    @defer.inlineCallbacks
+    def _forward(self, env: Envelope, fwd: _Forward):
+        writer = self.injector.begin()
+        writer.write(b"Delivered-To: " + fwd.alias.encode("utf-8", "surrogateescape") + b"\n")
+        reader = yield self._defer(self.queue.open_message, env)
+        try:
+            while True:
+                chunk = yield self._defer(reader.read)
+                if not chunk:
+                    break
+                writer.write(chunk)
+        except Exception as e:  # noqa: BLE001
+            writer.abort()
+            return deferral(TEXT_FORWARD_FAILED.format(why=str(e)))
+        finally:
+            yield self._defer(reader.close)
+        try:
+            qid = yield writer.commit(env.sender, fwd.targets, None)
+        except Exception as e:  # noqa: BLE001 - QueueWriteError or a refused address
+            return deferral(TEXT_FORWARD_FAILED.format(why=str(e)))
+        return success("did 0+0+%d/qp %d/" % (len(fwd.targets), qid))

@@ -1,0 +1,428 @@
+"""queue/manager.py (qmail-send) with a real queue directory, Clock time and fake deliverers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet import defer
+from twisted.logger import capturedLogs, formatEvent
+
+from mailappliance.delivery import deferral, failure, success
+from mailappliance.queue import manager as qm
+from mailappliance.queue import schedule
+from mailappliance.queue.bounce import DOUBLE_BOUNCE_SENDER
+from mailappliance.queue.inject import Injector
+from mailappliance.queue.schedule import LOCAL, REMOTE
+from mailappliance.queue.store import DELIVERED, FAILED, TODO, QueueStore
+from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
+
+EPOCH = 1_700_000_000.0
+LOCAL_DOMAINS = {"test.com", "mail.test.com"}
+
+
+def classify(address: str) -> str:
+    return LOCAL if address.rpartition("@")[2].lower() in LOCAL_DOMAINS else REMOTE
+
+
+class FakeLocal:
+    """Answers from `script` (address -> Result or callable), default success; `hold` keeps
+    the Deferreds for the test to fire."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self.script: dict = {}
+        self.hold = False
+        self.held: list[defer.Deferred] = []
+
+    def deliver(self, env, index):
+        addr = env.recipients[index].address
+        self.calls.append((env.qid, addr))
+        if self.hold:
+            d = defer.Deferred()
+            self.held.append(d)
+            return d
+        r = self.script.get(addr, success("did 1+0+0/"))
+        if callable(r):
+            r = r()
+        return defer.succeed(r)
+
+
+class FakeRemote:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[str]]] = []
+        self.script: dict = {}
+        self.hold = False
+        self.held: list[defer.Deferred] = []
+
+    def deliver(self, env, indices):
+        addrs = [env.recipients[i].address for i in indices]
+        self.calls.append((env.qid, addrs))
+        if self.hold:
+            d = defer.Deferred()
+            self.held.append(d)
+            return d
+        return defer.succeed([self.script.get(a, success("127.0.0.1 accepted message./"
+                                                          "Remote host said: 250 ok/"))
+                              for a in addrs])
+
+
+class World:
+    def __init__(self, tmp_path, start=True, **kw):
+        self.reactor = ThreadlessReactor()
+        self.reactor.advance(EPOCH)
+        self.pool = ImmediateThreadPool()
+        self.store = QueueStore(tmp_path / "queue", clock=self.reactor.seconds)
+        self.local = kw.pop("local", None) or FakeLocal()
+        self.remote = kw.pop("remote", None) or FakeRemote()
+        self.manager = None
+        self.injector = Injector(self.store, self.reactor, self.pool,
+                                 on_commit=lambda qid: self.manager.notify(qid))
+        args = dict(local=self.local, remote=self.remote, injector=self.injector,
+                    reactor=self.reactor, threadpool=self.pool, classify=classify,
+                    postmaster="postmaster@test.com", hostname="mail.test.com",
+                    use_trigger=False)
+        args.update(kw)
+        self.manager = qm.QueueManager(self.store, **args)
+        if start:
+            self.manager.startService()
+
+    def inject(self, sender, rcpts, body=b"Subject: t\n\nhello\n"):
+        out = []
+        self.injector.inject(body, sender, rcpts).addBoth(out.append)
+        assert out and isinstance(out[0], int), out
+        return out[0]
+
+    def restart(self, **kw):
+        """A new manager on the same queue directory (the old one is simply dropped, as by
+        kill -9: nothing it held in memory survives)."""
+        self.manager.running = False
+        args = dict(local=self.local, remote=self.remote, injector=self.injector,
+                    reactor=self.reactor, threadpool=self.pool, classify=classify,
+                    postmaster="postmaster@test.com", hostname="mail.test.com",
+                    use_trigger=False)
+        args.update(kw)
+        self.manager = qm.QueueManager(self.store, **args)
+        self.manager.startService()
+
+    def advance(self, seconds):
+        self.reactor.advance(seconds)
+
+
+def text_of(events):
+    return [formatEvent(e) for e in events]
+
+
+def test_local_message_is_delivered_at_once_with_qmail_log_lines(tmp_path):
+    with capturedLogs() as events:
+        w = World(tmp_path)
+        qid = w.inject("alice@example.org", ["test@test.com"])
+    assert w.local.calls == [(qid, "test@test.com")]
+    assert w.store.list_ids() == []
+    lines = text_of(events)
+    expected = [
+        f"new msg {qid}",
+        f"info msg {qid}: bytes 18 from <alice@example.org> qp {qid} uid {os.getuid()}",
+        f"starting delivery 1: msg {qid} to local test@test.com",
+        "status: local 1/10 remote 0/20",
+        "delivery 1: success: did_1+0+0/",
+        "status: local 0/10 remote 0/20",
+        f"end msg {qid}",
+    ]
+    assert [l for l in lines if l in expected] == expected
+
+
+def test_crash_after_three_of_five_redelivers_only_the_other_two(tmp_path):
+    w = World(tmp_path)
+    w.local.hold = True
+    rcpts = [f"r{i}@test.com" for i in range(5)]
+    qid = w.inject("a@example.org", rcpts)
+    assert len(w.local.held) == 5
+    for d in w.local.held[:3]:
+        d.callback(success("did 1+0+0/"))
+    env = w.store.read_envelope(qid)
+    assert [r.state for r in env.recipients] == [DELIVERED] * 3 + [TODO] * 2
+    # kill -9 now: the other two were in flight
+    w.local.hold = False
+    w.local.calls.clear()
+    w.restart()
+    assert sorted(a for _q, a in w.local.calls) == ["r3@test.com", "r4@test.com"]
+    assert w.store.list_ids() == []
+
+
+def test_deferral_retries_on_qmail_schedule(tmp_path):
+    w = World(tmp_path)
+    w.local.script["test@test.com"] = deferral("Recipient's mailbox is full. (#4.2.2)")
+    qid = w.inject("a@example.org", ["test@test.com"])
+    birth = w.store.read_envelope(qid).birth
+    assert len(w.local.calls) == 1
+    # next try at birth + (isqrt(0) + 10)^2 = birth + 100
+    assert w.store.next_try(qid) == birth + 100
+    w.advance(99)
+    assert len(w.local.calls) == 1
+    w.advance(1)
+    assert len(w.local.calls) == 2
+    # then birth + (isqrt(100) + 10)^2 = birth + 400
+    w.advance(299)
+    assert len(w.local.calls) == 2
+    del w.local.script["test@test.com"]
+    w.advance(1)
+    assert len(w.local.calls) == 3
+    assert w.store.list_ids() == []
+
+
+def test_remote_retries_use_remote_chanskip(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["bob@example.org"] = deferral("Connection refused. (#4.4.1)")
+    qid = w.inject("a@test.com", ["bob@example.org"])
+    birth = w.store.read_envelope(qid).birth
+    assert w.store.next_try(qid) == birth + 400
+
+
+def test_lifetime_ends_with_one_last_attempt_and_a_bounce(tmp_path):
+    w = World(tmp_path, lifetime=3600)
+    w.remote.script["bob@example.org"] = deferral("Connection refused. (#4.4.1)")
+    qid = w.inject("alice@test.com", ["bob@example.org"])
+    with capturedLogs() as events:
+        for _ in range(200):
+            w.advance(60)
+            if qid not in w.store.list_ids():
+                break
+    attempts = [c for c in w.remote.calls if c[1] == ["bob@example.org"]]
+    assert 2 <= len(attempts) <= 4        # 0 s, 400 s, 1600 s, then the last one at 3600 s
+    lines = text_of(events)
+    assert any(l.startswith("delivery ") and ": failure: Connection_refused._(#4.4.1)/I'm_not_"
+               "going_to_try_again;_this_message_has_been_in_the_queue_too_long." in l
+               for l in lines), lines
+    assert any(l.startswith(f"bounce msg {qid} qp ") for l in lines)
+    # the bounce went to the sender (local here), with qmail's text
+    bounce_calls = [a for q, a in w.local.calls if a == "alice@test.com"]
+    assert bounce_calls == ["alice@test.com"]
+    assert w.store.list_ids() == []
+
+
+def test_failure_bounces_double_bounces_and_triple_bounce_is_dropped(tmp_path):
+    w = World(tmp_path)
+    captured = {}
+    real_deliver = w.local.deliver
+
+    def deliver(env, index):
+        captured.setdefault(env.recipients[index].address, []).append(
+            (env.sender, w.store.read_message(env)))
+        return real_deliver(env, index)
+
+    w.local.deliver = deliver
+    no = failure("Sorry, no mailbox here by that name. (#5.1.1)")
+    w.local.script.update({"nobody@test.com": no, "alice@test.com": no,
+                           "postmaster@test.com": no})
+    with capturedLogs() as events:
+        qid = w.inject("alice@test.com", ["nobody@test.com"])
+    # bounce to alice (sender <>), which fails -> double bounce to postmaster (sender #@[]),
+    # which fails -> triple bounce: logged and dropped
+    (b_sender, b_body), = captured["alice@test.com"]
+    assert b_sender == ""
+    assert b"Hi. This is the qmail-send program at mail.test.com." in b_body
+    assert (b"<nobody@test.com>:\nSorry, no mailbox here by that name. (#5.1.1)\n\n"
+            b"--- Below this line is a copy of the message.\n\n"
+            b"Return-Path: <alice@test.com>\nSubject: t\n\nhello\n") in b_body
+    (d_sender, d_body), = captured["postmaster@test.com"]
+    assert d_sender == DOUBLE_BOUNCE_SENDER
+    assert b"the bounce bounced!" in d_body and b"To: postmaster@test.com" in d_body
+    lines = text_of(events)
+    assert sum(1 for l in lines if l.startswith("bounce msg ")) == 2
+    assert sum(1 for l in lines if l.startswith("triple bounce: discarding bounce/")) == 1
+    assert w.store.list_ids() == []
+    assert w.manager.stats["bounces"] == 1 and w.manager.stats["double_bounces"] == 1
+    assert w.manager.stats["triple_bounces"] == 1
+
+
+def test_partial_failure_bounces_only_the_failed_recipient(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["bad@example.org"] = failure("example.org does not like recipient./"
+                                                 "Remote host said: 550 no such user")
+    qid = w.inject("alice@test.com", ["good@example.org", "bad@example.org"])
+    assert w.remote.calls[0] == (qid, ["good@example.org", "bad@example.org"])  # one transaction
+    bounce = [c for c in w.local.calls if c[1] == "alice@test.com"]
+    assert len(bounce) == 1
+    assert w.store.list_ids() == []
+
+
+def test_concurrency_limits_and_slow_remote_does_not_starve_local(tmp_path):
+    w = World(tmp_path, concurrency_local=2, concurrency_remote=1)
+    w.local.hold = w.remote.hold = True
+    for i in range(3):
+        w.inject("a@test.com", [f"x{i}@remote{i}.example"])
+    for i in range(5):
+        w.inject("a@example.org", [f"u{i}@test.com"])
+    assert len(w.remote.held) == 1       # remote limit 1, the others wait
+    assert len(w.local.held) == 2        # local limit 2, independent of the stuck remote
+    assert w.manager.status()["local_busy"] == 2 and w.manager.status()["remote_busy"] == 1
+    w.local.held[0].callback(success("did 1+0+0/"))
+    assert len(w.local.held) == 3
+    for _ in range(10):
+        for d in list(w.local.held):
+            if not d.called:
+                d.callback(success("did 1+0+0/"))
+    assert len(w.local.calls) == 5
+    assert len(w.remote.held) == 1       # remote still stuck at one
+    w.remote.held[0].callback([success("ok")])
+    assert len(w.remote.held) == 2
+
+
+def test_remote_recipients_grouped_by_domain(tmp_path):
+    w = World(tmp_path)
+    qid = w.inject("a@test.com", ["a@x.example", "b@y.example", "c@X.example", "d@test.com"])
+    groups = sorted(sorted(a) for q, a in w.remote.calls)
+    assert groups == [["a@x.example", "c@X.example"], ["b@y.example"]]
+    assert w.local.calls == [(qid, "d@test.com")]
+
+
+def test_corrupt_entry_is_moved_aside_and_others_still_flow(tmp_path):
+    w = World(tmp_path, start=False)
+    with open(os.path.join(w.store.mess_dir, "12345"), "wb") as f:
+        f.write(b"this is not a queue file")
+    with capturedLogs() as events:
+        w.manager.startService()
+        qid = w.inject("a@example.org", ["test@test.com"])
+    assert os.listdir(w.store.mess_dir) == []
+    [moved] = os.listdir(w.store.corrupt_dir)
+    assert moved.startswith("12345.")
+    assert any("msg 12345 is corrupt" in l for l in text_of(events))
+    assert w.local.calls == [(qid, "test@test.com")]
+
+
+def test_stale_tmp_files_removed_at_start(tmp_path):
+    w = World(tmp_path, start=False)
+    t = w.store.begin()
+    t.write(b"half a message")
+    old = EPOCH - 37 * 3600
+    os.utime(t.path, (old, old))
+    w.manager.startService()
+    assert w.store.tmp_files() == []
+    assert w.manager.stats["tmp_removed"] == 1
+
+
+def test_flush_retries_deferred_now(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@example.org"] = deferral("timeout")
+    w.inject("a@test.com", ["b@example.org"])
+    assert len(w.remote.calls) == 1
+    del w.remote.script["b@example.org"]
+    assert w.manager.flush() == 1
+    assert len(w.remote.calls) == 2
+    assert w.store.list_ids() == []
+
+
+def test_restart_keeps_the_retry_schedule(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@example.org"] = deferral("timeout")
+    qid = w.inject("a@test.com", ["b@example.org"])
+    birth = w.store.read_envelope(qid).birth
+    w.advance(10)
+    w.restart()
+    assert len(w.remote.calls) == 1       # not retried at once: next try is birth + 400
+    w.advance(birth + 400 - w.reactor.seconds())
+    assert len(w.remote.calls) == 2
+
+
+def test_restart_after_everything_was_marked_finishes_the_message(tmp_path):
+    """Crash after the last mark but before removal: no redelivery, the bounce still goes."""
+    w = World(tmp_path, start=False)
+    qid = w.inject("alice@example.org", ["a@test.com", "b@test.com"])
+    env = w.store.read_envelope(qid)
+    w.store.mark(env, [(0, DELIVERED)])
+    w.store.add_failure(env, 1, "Sorry, no mailbox here by that name. (#5.1.1)")
+    w.manager.startService()
+    assert [a for _q, a in w.local.calls] == []
+    assert [a for _q, a in w.remote.calls] == [["alice@example.org"]]   # the bounce
+    assert w.store.list_ids() == []
+
+
+def test_deliverer_exception_is_a_deferral_not_a_crash(tmp_path):
+    w = World(tmp_path)
+
+    def broken():
+        raise RuntimeError("bug in a deliverer")
+
+    w.local.script["test@test.com"] = broken
+    qid = w.inject("a@example.org", ["test@test.com"])
+    assert w.store.read_envelope(qid).recipients[0].state == TODO
+    assert w.manager.stats["deferral"] == 1
+
+
+def test_admin_remove_with_bounce(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@example.org"] = deferral("timeout")
+    qid = w.inject("alice@test.com", ["b@example.org"])
+    out = []
+    w.manager.remove(qid, bounce=True).addBoth(out.append)
+    assert out == [True]
+    assert [a for _q, a in w.local.calls] == ["alice@test.com"]
+    assert w.store.list_ids() == []
+
+
+def test_admin_remove_without_bounce_and_unknown_id(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@example.org"] = deferral("timeout")
+    qid = w.inject("alice@test.com", ["b@example.org"])
+    out = []
+    w.manager.remove(qid).addBoth(out.append)
+    w.manager.remove(999999999).addBoth(out.append)
+    assert out == [True, False]
+    assert w.local.calls == [] and w.store.list_ids() == []
+
+
+def test_list_and_status_for_admin(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@example.org"] = deferral("timeout")
+    qid = w.inject("alice@test.com", ["b@example.org", "c@test.com"])
+    out = []
+    w.manager.list().addBoth(out.append)
+    [entries] = out
+    assert [(e.qid, e.recipients) for e in entries] == [
+        (qid, [("b@example.org", "todo"), ("c@test.com", "done")])]
+    assert w.manager.status()["messages"] == 1
+
+
+def test_message_injected_by_another_process_is_found_by_the_scan(tmp_path):
+    w = World(tmp_path)
+    other = QueueStore(tmp_path / "queue")
+    qid = other.inject(b"x\n", "a@example.org", ["test@test.com"], trigger=False)
+    assert w.local.calls == []
+    w.advance(qm.SCAN_INTERVAL)
+    assert w.local.calls == [(qid, "test@test.com")]
+
+
+def test_trigger_datagram_starts_a_scan(tmp_path):
+    w = World(tmp_path)
+    other = QueueStore(tmp_path / "queue")
+    qid = other.inject(b"x\n", "a@example.org", ["test@test.com"], trigger=False)
+    qm._Trigger(w.manager).datagramReceived(b"!", None)
+    assert w.local.calls == [(qid, "test@test.com")]
+
+
+def test_failed_result_recording_keeps_recipient_to_do(tmp_path):
+    """If the mark cannot be written, the recipient stays to do (a duplicate, never a loss)."""
+    w = World(tmp_path)
+    w.local.hold = True
+    qid = w.inject("a@example.org", ["a@test.com", "b@test.com"])
+    path = w.store.message_path(qid)
+    os.rename(path, path + ".away")          # the mark's open() fails
+    with capturedLogs() as events:
+        w.local.held[0].callback(success("did 1+0+0/"))
+    os.rename(path + ".away", path)
+    assert w.store.read_envelope(qid).recipients[0].state == TODO
+    assert any("cannot record delivery results" in l for l in text_of(events))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("did 1+0+0/", "did_1+0+0/"),
+    ("two\nlines here", "two/lines_here"),
+    ("bell\x07 and \xe9", "bell?_and_?"),
+])
+def test_logsafe(text, expected):
+    assert qm.logsafe(text) == expected
+
+
+def test_schedule_next_attempt_matches_manager_use():
+    assert schedule.next_attempt(EPOCH, EPOCH, REMOTE, 7 * 86400) == EPOCH + 400
