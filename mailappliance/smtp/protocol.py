@@ -75,6 +75,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._waiting = False          # a decision Deferred is pending
         self._in_pump = False
         self._sync_result: Any = _UNSET
+        self._pending_ev = None
         self._timer = None
         self._greet_timer = None
         self._writer = None
@@ -84,6 +85,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._rbl: Any = None          # None: no refusal; Refusal; or _UNSET while pending
         self._rbl_waiters: list[Deferred] | None = None
         self.messages = 0
+        self.drain = None              # drain.SessionHandle while registered
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -100,7 +102,9 @@ class SMTPServerProtocol(protocol.Protocol):
                           kind=factory.kind, ip=self.ip, line=decision.line)
             self.transport.abortConnection()
             return
-        refusal = factory.admit(self)
+        drain = getattr(app, "drain", None)
+        refusal = replies.SHUTTING_DOWN if drain is not None and drain.stopping \
+            else factory.admit(self)
         if refusal is not None:
             self.log.warn("tcpserver: {kind} {ip}: {text}", kind=factory.kind, ip=self.ip,
                           text=refusal.text)
@@ -119,6 +123,8 @@ class SMTPServerProtocol(protocol.Protocol):
             hostname, databytes=smtp.databytes, max_recipients=smtp.max_recipients,
             max_errors=smtp.max_errors,
             postmaster_domain=settings.default_domain or hostname)
+        if drain is not None:
+            self.drain = drain.register(self.close_now)
         self._start_dnsbl()
         self._timer = app.reactor.callLater(smtp.timeout, self._timed_out)
         delay = _greetdelay(env)
@@ -171,6 +177,19 @@ class SMTPServerProtocol(protocol.Protocol):
         if self.counted:
             self.factory.release(self)
             self.counted = False
+        if self.drain is not None:
+            self.drain.done()
+            self.drain = None
+
+    def close_now(self) -> None:
+        """Graceful stop (mailappliance/drain.py): pending replies, then 421, then close."""
+        core = self.core
+        if self._lost or core is None or core.closed:
+            return
+        pending = b"".join(self._out)
+        self._out.clear()
+        self.transport.write(pending + core.close_with(replies.SHUTTING_DOWN))
+        self._close()
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -221,6 +240,7 @@ class SMTPServerProtocol(protocol.Protocol):
             result = self._decide(ev)
             if type(result) is not Reply:
                 self._waiting = True
+                self._pending_ev = ev
                 self._sync_result = _UNSET
                 self._in_pump = True
                 result.addBoth(self._decided)
@@ -229,8 +249,9 @@ class SMTPServerProtocol(protocol.Protocol):
                     break                              # truly asynchronous: resume later
                 result, self._sync_result = self._sync_result, _UNSET
                 self._waiting = False
+                self._pending_ev = None
                 result = self._as_reply(result)
-            out.append(core.send(result))
+            self._send(ev, result)
             if core.closed:
                 break
         if out:
@@ -251,9 +272,21 @@ class SMTPServerProtocol(protocol.Protocol):
         core = self.core
         if self._lost or core.closed:
             return None
-        self._out.append(core.send(reply))
+        ev, self._pending_ev = self._pending_ev, None
+        self._send(ev, reply)
         self._pump()
         return None
+
+    def _send(self, ev, reply: Reply) -> None:
+        self._out.append(self.core.send(reply))
+        handle = self.drain
+        if handle is not None:
+            t = type(ev)
+            if t is DataStart:
+                if reply.code == 354:
+                    handle.busy()          # a transfer: the drain lets it finish
+            elif t is MessageEnd:
+                handle.idle()              # may call close_now() when the server stops
 
     def _as_reply(self, result: Any) -> Reply:
         if isinstance(result, Reply):

@@ -438,3 +438,23 @@ def test_factory_refuses_unknown_kind(tmp_path):
     with pytest.raises(ValueError):
         SMTPFactory(w.app, "pop3")
     assert build_factory(w.app, "submission").kind == "submission"
+
+
+# --- graceful stop (mailappliance/drain.py) ----------------------------------------------------
+
+def test_drain_closes_idle_sessions_and_lets_a_transfer_finish(tmp_path):
+    from mailappliance.drain import Drain
+    w = World(tmp_path)
+    w.app.drain = drain = Drain(w.reactor)
+    idle = w.connect("127.0.0.2")
+    busy = w.connect("127.0.0.3")
+    idle.take(), busy.take()
+    busy.chat(TRANSACTION + b"first part\r\n")
+    drain.start()
+    assert idle.take() == "421 sorry, the server is shutting down (#4.3.2)\r\n" and idle.closed
+    assert not busy.closed
+    out = busy.chat(b"second part\r\n.\r\nNOOP\r\n")
+    assert codes(out) == [250, 421] and busy.closed
+    assert len(w.queued()) == 1
+    late = w.connect("127.0.0.4")
+    assert late.take() == "421 sorry, the server is shutting down (#4.3.2)\r\n" and late.closed
