@@ -155,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_for(args)
         if args.area in STORE_AREAS:
+            # Store commands always work directly on the store (the server, if running, sees
+            # each change at once). Run as root, act as the data directory's owner, so the
+            # Maildirs and SQLite files created here belong to the user the server runs as.
+            from mailappliance.privileges import drop_to_data_owner
+            drop_to_data_owner(settings.data)
             store = UserStore(settings.data, settings.bcrypt_cost)
             try:
                 _store_command(args, store, sys.stdout)
