@@ -276,6 +276,7 @@ class AdminProtocol(protocol.Protocol):
 
 class AdminFactory(protocol.ServerFactory):
     log = Logger(namespace="mailappliance.admin.service")
+    noisy = False
 
     def __init__(self, app, reactor=None, run_blocking: Callable | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -475,7 +476,8 @@ def cmd_queue_remove(proto, cmd):
 
     def done(result):
         if result is False:
-            raise CommandRefused(f"no such message in the queue: {qid}")
+            raise CommandRefused(f"message {qid}: not in the queue, or a delivery of it is "
+                                 "in progress (try again in a moment)")
         return [f"message {qid} {'bounced to its sender and ' if bounce else ''}removed"]
     d.addCallback(done)
     return d
