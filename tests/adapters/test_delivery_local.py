@@ -1,0 +1,164 @@
+"""delivery/local.py (qmail-local + vdelivermail) with a real user store, queue and Maildirs."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from mailappliance.delivery import DEFERRAL, FAILURE, SUCCESS
+from mailappliance.delivery import local as lo
+from mailappliance.queue.inject import Injector
+from mailappliance.queue.store import FileOps, QueueStore
+from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
+from mailappliance.users.store import UserStore
+
+
+class World:
+    def __init__(self, tmp_path, maildir_ops=None, injector=None):
+        self.reactor = ThreadlessReactor()
+        self.reactor.advance(1_700_000_000)
+        self.pool = ImmediateThreadPool()
+        self.users = UserStore(tmp_path / "data", bcrypt_cost=4)
+        self.users.add_domain("test.com")
+        self.test = self.users.add_user("test@test.com", "Passw0rd!long")
+        self.queue = QueueStore(tmp_path / "data" / "queue", clock=self.reactor.seconds)
+        self.injector = injector or Injector(self.queue, self.reactor, self.pool)
+        self.local = lo.LocalDeliverer(self.users, self.queue, self.injector, self.reactor,
+                                       self.pool, hostname="mail.test.com",
+                                       default_domain="test.com", maildir_ops=maildir_ops)
+
+    def run(self, rcpt, body=b"Subject: hi\n\nhello\n", sender="alice@example.org"):
+        qid = self.queue.inject(body, sender, [rcpt], trigger=False)
+        env = self.queue.read_envelope(qid)
+        out = []
+        self.local.deliver(env, 0).addBoth(out.append)
+        assert out, "deliver() did not finish"
+        self.queue.remove(qid)
+        return out[0]
+
+    def mailbox(self, user):
+        new = user.maildir / "new"
+        return [(new / n).read_bytes() for n in sorted(os.listdir(new))]
+
+
+def test_user_delivery_writes_maildir_with_return_path_and_delivered_to(tmp_path):
+    w = World(tmp_path)
+    r = w.run("Test@TEST.com")
+    assert (r.status, r.text) == (SUCCESS, "did 1+0+0/")
+    assert w.mailbox(w.test) == [b"Return-Path: <alice@example.org>\n"
+                                 b"Delivered-To: test@test.com\nSubject: hi\n\nhello\n"]
+
+
+def test_unknown_user_is_a_permanent_failure(tmp_path):
+    w = World(tmp_path)
+    r = w.run("nobody@test.com")
+    assert (r.status, r.text) == (FAILURE, "Sorry, no mailbox here by that name. (#5.1.1)")
+
+
+def test_alias_forwards_by_reinjection_to_all_targets(tmp_path):
+    w = World(tmp_path)
+    w.users.add_alias("sales@test.com", ["test@test.com", "boss@example.net"])
+    r = w.run("sales@test.com", sender="bob@example.org")
+    assert r.status == SUCCESS
+    [qid] = w.queue.list_ids()
+    assert r.text == f"did 0+0+2/qp {qid}/"
+    env = w.queue.read_envelope(qid)
+    assert env.sender == "bob@example.org"                       # original sender kept
+    assert [x.address for x in env.recipients] == ["test@test.com", "boss@example.net"]
+    assert w.queue.read_message(env) == (b"Delivered-To: sales@test.com\n"
+                                         b"Subject: hi\n\nhello\n")
+
+
+def test_role_aliases_reach_the_first_user(tmp_path):
+    w = World(tmp_path)
+    r = w.run("postmaster@test.com")
+    assert r.status == SUCCESS
+    [qid] = w.queue.list_ids()
+    assert [x.address for x in w.queue.read_envelope(qid).recipients] == ["test@test.com"]
+
+
+def test_postmaster_of_the_host_name_goes_to_the_default_domain(tmp_path):
+    w = World(tmp_path)
+    r = w.run("postmaster@mail.test.com")
+    assert r.status == SUCCESS
+    [qid] = w.queue.list_ids()
+    assert w.queue.read_message(w.queue.read_envelope(qid)).startswith(
+        b"Delivered-To: postmaster@test.com\n")
+
+
+def test_own_delivered_to_line_is_a_loop(tmp_path):
+    w = World(tmp_path)
+    r = w.run("test@test.com", body=b"Delivered-To: TEST@test.com\nSubject: x\n\nbody\n")
+    assert (r.status, r.text) == (FAILURE, lo.TEXT_LOOP)
+    assert w.mailbox(w.test) == []
+
+
+def test_delivered_to_in_the_body_is_not_a_loop(tmp_path):
+    w = World(tmp_path)
+    r = w.run("test@test.com", body=b"Subject: x\n\nDelivered-To: test@test.com\n")
+    assert r.status == SUCCESS
+
+
+def test_alias_loop_through_two_aliases_is_caught(tmp_path):
+    """a -> b -> a: the second visit of a finds its own Delivered-To line."""
+    w = World(tmp_path)
+    w.users.add_alias("a@test.com", ["b@test.com"])
+    w.users.add_alias("b@test.com", ["a@test.com"])
+    r = w.run("a@test.com")
+    assert r.status == SUCCESS
+    for expected in (SUCCESS, FAILURE):
+        [qid] = w.queue.list_ids()
+        env = w.queue.read_envelope(qid)
+        out = []
+        w.local.deliver(env, 0).addBoth(out.append)
+        w.queue.remove(qid)
+        assert out[0].status == expected
+    assert out[0].text == lo.TEXT_LOOP
+    assert w.queue.list_ids() == []
+
+
+def test_alias_depth_limit(tmp_path):
+    w = World(tmp_path)
+    w.users.add_alias("list@test.com", ["test@test.com"])
+    hops = b"".join(b"Delivered-To: hop%d@elsewhere.example\n" % i
+                    for i in range(lo.MAX_DELIVERED_TO))
+    r = w.run("list@test.com", body=hops + b"Subject: x\n\nbody\n")
+    assert (r.status, r.text) == (FAILURE, lo.TEXT_TOO_MANY_HOPS)
+
+
+def test_over_quota_is_a_temporary_failure(tmp_path):
+    w = World(tmp_path)
+    w.users.set_quota("test@test.com", 100)
+    r = w.run("test@test.com", body=b"Subject: big\n\n" + b"x" * 200 + b"\n")
+    assert (r.status, r.text) == (DEFERRAL, "Recipient's mailbox is full. (#4.2.2)")
+
+
+class NoSpace(FileOps):
+    def write(self, fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_in_maildir_is_a_deferral(tmp_path):
+    w = World(tmp_path, maildir_ops=NoSpace())
+    r = w.run("test@test.com")
+    assert r.status == DEFERRAL
+    assert os.listdir(w.test.maildir / "new") == [] and os.listdir(w.test.maildir / "tmp") == []
+
+
+def test_forward_that_cannot_be_queued_is_a_deferral(tmp_path):
+    w = World(tmp_path)
+    w.users.add_alias("sales@test.com", ["test@test.com"])
+    w.injector.store = QueueStore(tmp_path / "q2", ops=NoSpace())
+    r = w.run("sales@test.com")
+    assert r.status == DEFERRAL and "Unable to forward message" in r.text
+
+
+@pytest.mark.parametrize("header,found", [
+    (b"Delivered-To: A@b.c\nX: y\n\nDelivered-To: no@x\n", ["a@b.c"]),
+    (b"delivered-to:   x@y  \r\n\r\nbody", ["x@y"]),
+    (b"Subject: no header end", []),
+])
+def test_header_delivered_to_scan(header, found):
+    assert lo.header_delivered_to([header[:7], header[7:]]) == found
