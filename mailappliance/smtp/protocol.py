@@ -100,7 +100,7 @@ class SMTPServerProtocol(protocol.Protocol):
             # tcpserver: "deny" drops the connection before the server program starts.
             self.log.info("tcpserver: deny {kind} {ip} (rules line {line})",
                           kind=factory.kind, ip=self.ip, line=decision.line)
-            self.transport.abortConnection()
+            self.transport.loseConnection()
             return
         drain = getattr(app, "drain", None)
         refusal = replies.SHUTTING_DOWN if drain is not None and drain.stopping \
@@ -164,6 +164,9 @@ class SMTPServerProtocol(protocol.Protocol):
             self.core.receive_data(b"")
             if not self._waiting:
                 self._pump()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: we never half-close our side, so nothing to do."""
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
