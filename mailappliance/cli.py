@@ -143,15 +143,34 @@ def _store_command(args: argparse.Namespace, store: UserStore, out) -> None:
 STORE_AREAS = ("domain", "user", "alias")
 
 
+def _sendmail_split(argv: list[str]) -> int | None:
+    """Index of a "sendmail" subcommand that follows only global options, else None."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "sendmail":
+            return i
+        if arg in ("--data", "-d", "--config", "-c"):
+            i += 2
+        elif arg.startswith(("--data=", "--config=")):
+            i += 1
+        else:
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse.REMAINDER drops options such as "-i" or "-F NAME" after a subcommand, so the
+    # sendmail arguments are split off by hand: [global options] sendmail [sendmail options].
+    split = _sendmail_split(argv)
+    args = parser.parse_args(argv if split is None else argv[:split + 1])
     if args.area == "sendmail":
         from mailappliance import sendmail
         extra = ["--data", args.data] if args.data else []
         extra += ["--config", args.config] if args.config else []
-        return sendmail.main(extra + args.args)
+        return sendmail.main(extra + argv[split + 1:])
     try:
         settings = settings_for(args)
         if args.area in STORE_AREAS:
