@@ -38,7 +38,7 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -65,6 +65,8 @@ MAX_TCP_MESSAGE = 65535
 # Datagrams from the connected server that fail to parse or do not match the question are
 # ignored (they may be stale or forged); after this many we give up on that server.
 MAX_IGNORED_DATAGRAMS = 16
+# RFC 1034 sets no bound on CNAME chains; dnspython follows 16, BIND 16 as well.
+MAX_CNAME_CHAIN = 16
 # Cache bounds: entries (a DNSBL lookup is 1-2 entries, an MX lookup 3-5), and lifetimes from
 # Unbound's defaults: cache-max-ttl 86400, cache-max-negative-ttl 3600 (RFC 2308 section 5
 # suggests one to three hours for negative answers).
@@ -190,62 +192,118 @@ def rdtype_of(rdtype: int | str) -> int:
     return int(rdtype)
 
 
-def make_query(name: str, rdtype: int, use_edns: bool = True) -> dns.message.QueryMessage:
-    """A recursive query with an unpredictable 16-bit id (RFC 5452 section 9.2)."""
-    q = dns.message.make_query(name + "." if name != "." else name, rdtype,
-                               use_edns=0 if use_edns else False, payload=EDNS_PAYLOAD)
-    q.id = secrets.randbits(16)
-    return q
+# RFC 1035 section 4.1.1: header flags and the OPT pseudo-record type of RFC 6891.
+_FLAG_QR, _FLAG_TC, _FLAG_RD, _OPCODE_MASK = 0x8000, 0x0200, 0x0100, 0x7800
+_TYPE_OPT, _CLASS_IN = 41, 1
 
 
-def header_of(wire: bytes) -> tuple[int, int] | None:
-    """(id, flags) of a DNS message, or None if it is too short to be one."""
-    if len(wire) < 12:
+@dataclass(frozen=True)
+class Query:
+    """One question as sent: its id, and the exact question section to match replies with."""
+
+    name: str
+    rdtype: int
+    qid: int
+    edns: bool
+    wire: bytes
+    question: bytes          # QNAME QTYPE QCLASS as on the wire
+
+
+def make_query(name: str, rdtype: int, use_edns: bool = True, qid: int | None = None) -> Query:
+    """A recursive query with an unpredictable 16-bit id (RFC 5452 section 9.2).
+
+    dnspython encodes the name; the fixed 12-octet header, the question's type and class and
+    the OPT record are packed here, which costs a tenth of building a dnspython message (this
+    runs for every DNSBL lookup of every connection).
+    """
+    qid = secrets.randbits(16) if qid is None else qid
+    qname = (dns.name.from_text(name) if name != "." else dns.name.root).to_wire()
+    question = qname + struct.pack("!HH", rdtype, _CLASS_IN)
+    header = struct.pack("!HHHHHH", qid, _FLAG_RD, 1, 0, 0, 1 if use_edns else 0)
+    # OPT: root owner, type 41, class = UDP payload size, TTL 0 (version 0, no DO), no options.
+    opt = b"\x00" + struct.pack("!HHIH", _TYPE_OPT, EDNS_PAYLOAD, 0, 0) if use_edns else b""
+    return Query(name, rdtype, qid, use_edns, header + question + opt, question)
+
+
+def _answers(wire: bytes, query: Query) -> bool:
+    """Is `wire` a reply to `query`: same id, QR set, opcode QUERY, the same question?
+
+    Names compare case-insensitively (RFC 4343), so a server that echoes 0x20-mixed case passes.
+    """
+    if len(wire) < 12 + len(query.question):
+        return False
+    qid, flags, qdcount = struct.unpack("!HHH", wire[:6])
+    if qid != query.qid or not flags & _FLAG_QR or flags & _OPCODE_MASK or qdcount != 1:
+        return False
+    return wire[12:12 + len(query.question)].lower() == query.question.lower()
+
+
+def is_truncated_reply(wire: bytes, query: Query) -> bool:
+    """A reply to `query` with TC set: ask again over TCP (RFC 1035 4.2.1, RFC 7766).
+
+    Only the header and question are read: a truncated body may not parse at all.
+    """
+    return len(wire) >= 4 and bool(struct.unpack("!H", wire[2:4])[0] & _FLAG_TC) \
+        and _answers(wire, query)
+
+
+def parse_reply(wire: bytes, query: Query) -> dns.message.Message | None:
+    """The reply if `wire` parses and answers `query`; else None (ignored as stale or forged)."""
+    if not _answers(wire, query):
         return None
-    return struct.unpack("!HH", wire[:4])
-
-
-def is_truncated_reply(wire: bytes, query: dns.message.Message) -> bool:
-    """A reply to `query` with TC set: switch to TCP (RFC 1035 section 4.2.1, RFC 7766)."""
-    head = header_of(wire)
-    return (head is not None and head[0] == query.id and bool(head[1] & dns.flags.QR)
-            and bool(head[1] & dns.flags.TC))
-
-
-def parse_reply(wire: bytes, query: dns.message.Message) -> dns.message.Message | None:
-    """The reply if `wire` parses and answers `query` (id, opcode, question); else None."""
     try:
-        reply = dns.message.from_wire(wire, ignore_trailing=True)
+        return dns.message.from_wire(wire, ignore_trailing=True)
     except (dns.exception.DNSException, ValueError, struct.error, UnicodeError):
         return None
-    try:
-        if not query.is_response(reply):
-            return None
-    except dns.exception.DNSException:
-        return None
-    return reply
 
 
 def answer_from_reply(name: str, rdtype: int, reply: dns.message.Message) -> Answer:
     """Extract the answer for (name, rdtype), following CNAMEs inside the reply.
 
+    The TTL is the smallest of the records and CNAMEs used; for a negative answer it is
+    min(SOA TTL, SOA minimum) of the SOA in the authority section (RFC 2308 section 5), and 0
+    (not cached) without one, as RFC 2308 section 5 says such answers SHOULD NOT be cached.
     Raises DNSTemporaryError for an rcode other than NOERROR/NXDOMAIN or an inconsistent reply.
     """
     rcode = reply.rcode()
     if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
         raise DNSTemporaryError(name, dns.rcode.to_text(rcode))
-    try:
-        chain = reply.resolve_chaining()
-    except dns.message.ChainTooLong:
-        raise DNSTemporaryError(name, "CNAME chain too long") from None
-    except dns.message.AnswerForNXDOMAIN:
-        raise DNSTemporaryError(name, "NXDOMAIN with an answer") from None
-    except dns.exception.DNSException as e:
-        raise DNSTemporaryError(name, f"unusable reply: {e}") from None
-    records = tuple(chain.answer) if chain.answer is not None else ()
-    ttl = max(0, int(chain.minimum_ttl))
-    return Answer(name=name, rdtype=rdtype, rcode=rcode, records=records, ttl=ttl,
-                  canonical_name=chain.canonical_name.to_text(omit_final_dot=True).lower())
+    if len(reply.question) != 1:
+        raise DNSTemporaryError(name, "reply without its question")
+    qname = reply.question[0].name
+    ttl = MAX_CACHE_TTL
+    found = None
+    for _ in range(MAX_CNAME_CHAIN + 1):
+        cname = None
+        for rrset in reply.answer:
+            if rrset.rdclass != dns.rdataclass.IN or rrset.name != qname:
+                continue
+            if rrset.rdtype == rdtype:
+                found = rrset
+                break
+            if rrset.rdtype == dns.rdatatype.CNAME and rdtype != dns.rdatatype.CNAME:
+                cname = rrset
+        if found is not None:
+            ttl = min(ttl, found.ttl)
+            break
+        if cname is None:
+            break
+        ttl = min(ttl, cname.ttl)
+        qname = cname[0].target
+    else:
+        raise DNSTemporaryError(name, "CNAME chain too long")
+    if found is not None and rcode == dns.rcode.NXDOMAIN:
+        raise DNSTemporaryError(name, "NXDOMAIN with an answer")
+    if found is None:
+        negative = 0
+        for rrset in reply.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and qname.is_subdomain(rrset.name):
+                negative = min(rrset.ttl, rrset[0].minimum)
+                break
+        ttl = min(ttl, negative)
+    return Answer(name=name, rdtype=rdtype, rcode=rcode,
+                  records=tuple(found) if found is not None else (), ttl=max(0, int(ttl)),
+                  canonical_name=qname.to_text(omit_final_dot=True).lower())
 
 
 def cache_lifetime(answer: Answer) -> int:
@@ -432,7 +490,7 @@ class Resolver(ResolverBase):
 
     nameservers: (host, port) pairs; empty means /etc/resolv.conf (read once, here).
     timeout: default overall bound of one query() (each call may pass its own).
-    The reactor provides listenUDP, connectTCP, callLater and seconds.
+    The reactor provides addReader/removeReader, connectTCP, callLater and seconds.
     """
 
     log = Logger()
@@ -441,8 +499,10 @@ class Resolver(ResolverBase):
                  timeout: float = DEFAULT_TIMEOUT, *, attempt_timeout: float | None = None,
                  attempts: int | None = None, resolv_conf: str = RESOLV_CONF,
                  cache_entries: int = DEFAULT_CACHE_ENTRIES, rng: random.Random | None = None,
-                 ) -> None:
+                 udp_opener=None) -> None:
         self._reactor = reactor
+        # (server, exchange) -> a socket with send() and close(); tests inject a double.
+        self._open_udp = udp_opener or _ConnectedUDPSocket.opener(reactor)
         if nameservers:
             conf = ResolvConf(_settings_nameservers(nameservers))
         else:
@@ -556,25 +616,22 @@ class Resolver(ResolverBase):
                 continue
             return reply
 
-    def _udp(self, query: dns.message.Message, server: tuple[str, int],
-             timeout: float) -> Deferred:
-        host, _ = server
-        v6 = ":" in host
-        if ipaddress.ip_address(host).is_loopback:
-            interface = "::1" if v6 else "127.0.0.1"   # stay on loopback for a local server
-        else:
-            interface = "::" if v6 else ""
-        exchange = _UDPExchange(query, server)
+    def _udp(self, query: Query, server: tuple[str, int], timeout: float) -> Deferred:
+        exchange = _UDPExchange(query)
         try:
-            udp_port = self._reactor.listenUDP(0, exchange, interface=interface)
-        except error.CannotListenError as e:
-            return defer.fail(DNSTemporaryError(_qname(query), f"no UDP socket: {e}"))
+            sock = self._open_udp(server, exchange)
+        except OSError as e:
+            return defer.fail(DNSTemporaryError(query.name, f"no UDP socket: {e.strerror or e}"))
+        try:
+            sock.send(query.wire)
+        except OSError as e:    # network unreachable, ICMP error already pending, ...
+            exchange.unreachable(f"send failed: {e.strerror or e}")
         d = exchange.result
         d.addTimeout(max(timeout, 0.0), self._reactor)
-        d.addBoth(_then(udp_port.stopListening))
+        d.addBoth(_then(sock.close))
         return d
 
-    def _tcp(self, query: dns.message.Message, server: tuple[str, int],
+    def _tcp(self, query: Query, server: tuple[str, int],
              timeout: float) -> Deferred:
         host, port = server
         exchange = _TCPExchange(query)
@@ -591,8 +648,8 @@ def _where(server: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _qname(query: dns.message.Message) -> str:
-    return query.question[0].name.to_text(omit_final_dot=True).lower()
+def _qname(query: Query) -> str:
+    return query.name
 
 
 def _then(action):
@@ -650,64 +707,108 @@ class _Flight:
 _PENDING = object()
 
 
-class _UDPExchange(protocol.DatagramProtocol):
-    """One query over a connected UDP socket: the kernel passes only the server's datagrams,
-    and an ICMP port unreachable ends the exchange at once instead of at the timeout."""
+class _UDPExchange:
+    """What one UDP query waits for: a matching reply, TC, garbage, or an unreachable server."""
 
-    def __init__(self, query: dns.message.Message, server: tuple[str, int]) -> None:
+    def __init__(self, query: Query) -> None:
         self.query = query
-        self.server = server
         self.ignored = 0
         self.result: Deferred = Deferred()
 
-    def startProtocol(self) -> None:
-        try:
-            self.transport.connect(*self.server)
-            self.transport.write(self.query.to_wire())
-        except OSError as e:    # network unreachable and the like
-            self._finish(DNSTemporaryError(_qname(self.query), f"send failed: {e.strerror or e}"))
+    @property
+    def done(self) -> bool:
+        return self.result.called
 
-    def datagramReceived(self, data: bytes, addr) -> None:
+    def datagram(self, data: bytes) -> None:
         if self.result.called:
             return
         if is_truncated_reply(data, self.query):
-            self._finish(_TRUNCATED)
+            self.result.callback(_TRUNCATED)
             return
         reply = parse_reply(data, self.query)
         if reply is None:
             self.ignored += 1
             if self.ignored >= MAX_IGNORED_DATAGRAMS:
-                self._finish(DNSTemporaryError(_qname(self.query), "only garbage replies"))
+                self.result.errback(DNSTemporaryError(self.query.name, "only garbage replies"))
             return
-        self._finish(reply)
+        self.result.callback(reply)
 
-    def connectionRefused(self) -> None:
-        self._finish(DNSTemporaryError(_qname(self.query), "server unreachable"))
+    def unreachable(self, why: str = "server unreachable") -> None:
+        if not self.result.called:
+            self.result.errback(DNSTemporaryError(self.query.name, why))
 
-    def stopProtocol(self) -> None:
-        # Twisted's epoll reactor reports the ICMP error of a connected UDP socket (EPOLLERR
-        # without EPOLLIN) by closing the port rather than through connectionRefused.
-        self._finish(DNSTemporaryError(_qname(self.query), "server unreachable"))
 
-    def _finish(self, outcome) -> None:
-        if self.result.called:
-            return
-        if isinstance(outcome, Exception):
-            self.result.errback(outcome)
-        else:
-            self.result.callback(outcome)
+class _ConnectedUDPSocket:
+    """A connected UDP socket watched by the reactor (IReadDescriptor), one per query.
+
+    Connected, so the kernel delivers only the server's datagrams and reports its ICMP port
+    unreachable as ECONNREFUSED; a fresh kernel-chosen source port per query (RFC 5452 9.2).
+    A plain socket rather than reactor.listenUDP, whose port logs two lines per open and close:
+    that would be two log lines per DNSBL lookup.
+    """
+
+    def __init__(self, reactor, server: tuple[str, int], exchange: _UDPExchange) -> None:
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self._reactor = reactor
+        self.exchange = exchange
+        self.sock: socket.socket | None = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.connect(server)
+        except OSError:
+            self.sock.close()
+            raise
+        reactor.addReader(self)
+
+    @classmethod
+    def opener(cls, reactor):
+        return lambda server, exchange: cls(reactor, server, exchange)
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def logPrefix(self) -> str:
+        return "dns-udp"
+
+    def send(self, data: bytes) -> None:
+        if self.sock is not None:
+            self.sock.send(data)
+
+    def doRead(self) -> None:
+        for _ in range(MAX_IGNORED_DATAGRAMS):
+            if self.sock is None or self.exchange.done:
+                return
+            try:
+                data = self.sock.recv(MAX_TCP_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError as e:        # ECONNREFUSED: ICMP port unreachable from the server
+                self.exchange.unreachable("server unreachable" if isinstance(
+                    e, ConnectionRefusedError) else f"receive failed: {e.strerror or e}")
+                return
+            self.exchange.datagram(data)
+
+    def connectionLost(self, reason=None) -> None:
+        # The epoll reactor reports a socket error without readable data (EPOLLERR) this way.
+        self.exchange.unreachable()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self._reactor.removeReader(self)
+            self.sock.close()
+            self.sock = None
 
 
 class _TCPExchange(protocol.Protocol):
     """One query over TCP (RFC 1035 section 4.2.2: two-octet length prefix)."""
 
-    def __init__(self, query: dns.message.Message) -> None:
+    def __init__(self, query: Query) -> None:
         self.query = query
         self.buffer = b""
         self.result: Deferred = Deferred()
 
     def connectionMade(self) -> None:
-        wire = self.query.to_wire()
+        wire = self.query.wire
         self.transport.write(struct.pack("!H", len(wire)) + wire)
 
     def dataReceived(self, data: bytes) -> None:
@@ -735,6 +836,8 @@ class _TCPExchange(protocol.Protocol):
 
 
 class _TCPExchangeFactory(protocol.ClientFactory):
+    noisy = False            # no "Starting factory" log line per TCP query
+
     def __init__(self, exchange: _TCPExchange) -> None:
         self.exchange = exchange
 

@@ -106,6 +106,19 @@ class ResolverTests(Base):
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertIn("unreachable", e.exception.reason)
 
+    async def test_queries_leave_no_log_lines_and_no_open_sockets(self):
+        import os
+
+        from twisted.logger import capturedLogs
+        r = self.resolver()
+        await r.query("warm-up.bl.test", "A")        # the reactor may open its waker pipe once
+        fds_before = len(os.listdir("/proc/self/fd"))
+        with capturedLogs() as events:
+            for i in range(20):
+                await r.query(f"{i}.bl.test", "A")
+        self.assertEqual([e.get("log_format") for e in events], [])
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before)
+
     async def test_delayed_answers_arrive_after_the_delay(self):
         self.server.set_behaviour(delay=0.1)
         started = time.monotonic()

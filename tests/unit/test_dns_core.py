@@ -69,8 +69,13 @@ def test_rdtype_of_accepts_text_and_numbers():
 
 # --- reply checking ---------------------------------------------------------------------------
 
+def _msg(query):
+    """Our Query as dnspython reads it from the wire."""
+    return dns.message.from_wire(query.wire)
+
+
 def _reply(query, rcode=dns.rcode.NOERROR, answer=(), authority=()):
-    r = dns.message.make_response(query)
+    r = dns.message.make_response(_msg(query))
     r.set_rcode(rcode)
     for rr in answer:
         r.answer.append(dns.rrset.from_text(*rr))
@@ -81,23 +86,42 @@ def _reply(query, rcode=dns.rcode.NOERROR, answer=(), authority=()):
 
 
 def test_query_ids_are_random_and_queries_carry_edns():
-    ids = {make_query("a.test", dns.rdatatype.A).id for _ in range(50)}
+    ids = {make_query("a.test", dns.rdatatype.A).qid for _ in range(50)}
     assert len(ids) > 40
-    assert make_query("a.test", dns.rdatatype.A).edns == 0
-    assert make_query("a.test", dns.rdatatype.A, use_edns=False).edns < 0
+    q = _msg(make_query("Mixed.Case.test", dns.rdatatype.MX, qid=4321))
+    assert q.id == 4321 and q.flags & dns.flags.RD and not q.flags & dns.flags.QR
+    assert q.question[0].name.to_text() == "Mixed.Case.test." and q.question[0].rdtype == 15
+    assert q.edns == 0 and q.payload == 1232
+    assert _msg(make_query("a.test", dns.rdatatype.A, use_edns=False)).edns < 0
+    assert _msg(make_query(".", dns.rdatatype.NS)).question[0].name == dns.name.root
+
+
+def test_hand_built_query_is_byte_identical_to_dnspythons():
+    ours = make_query("2.0.0.127.bl.test", dns.rdatatype.A, qid=7)
+    theirs = dns.message.make_query("2.0.0.127.bl.test.", "A", use_edns=0, payload=1232)
+    theirs.id = 7
+    assert ours.wire == theirs.to_wire()
 
 
 def test_parse_reply_accepts_the_matching_reply_only():
     q = make_query("a.test", dns.rdatatype.A)
     good = _reply(q).to_wire()
     assert parse_reply(good, q) is not None
-    other = make_query("a.test", dns.rdatatype.A)
-    other.id = (q.id + 1) % 65536
+    other = make_query("a.test", dns.rdatatype.A, qid=(q.qid + 1) % 65536)
     assert parse_reply(_reply(other).to_wire(), q) is None          # wrong id
-    assert parse_reply(_reply(make_query("b.test", 1)).to_wire(), q) is None  # wrong question
-    assert parse_reply(q.to_wire(), q) is None                      # a query, not a reply
+    b = make_query("b.test", 1, qid=q.qid)
+    assert parse_reply(_reply(b).to_wire(), q) is None              # wrong question
+    aaaa = make_query("a.test", dns.rdatatype.AAAA, qid=q.qid)
+    assert parse_reply(_reply(aaaa).to_wire(), q) is None           # wrong type
+    assert parse_reply(q.wire, q) is None                           # a query, not a reply
     assert parse_reply(b"\x00" * 5, q) is None                      # garbage
     assert parse_reply(good[:20], q) is None                        # cut short
+
+
+def test_a_reply_with_the_name_in_other_case_still_matches():
+    q = make_query("a.test", dns.rdatatype.A)
+    r = dns.message.make_response(_msg(make_query("A.TeSt", dns.rdatatype.A, qid=q.qid)))
+    assert parse_reply(r.to_wire(), q) is not None
 
 
 def test_truncation_is_read_from_the_header_of_a_matching_reply():
@@ -106,11 +130,10 @@ def test_truncation_is_read_from_the_header_of_a_matching_reply():
     r.flags |= dns.flags.TC
     wire = r.to_wire()
     assert is_truncated_reply(wire, q)
-    # A body cut in the middle (as servers truncate) still counts, from the header alone.
-    assert is_truncated_reply(wire[:14], q)
+    # A body cut in the middle (as servers truncate) still counts: header and question suffice.
+    assert is_truncated_reply(wire[:12 + len(q.question)], q)
     assert not is_truncated_reply(_reply(q).to_wire(), q)
-    other = make_query("a.test", dns.rdatatype.TXT)
-    other.id = (q.id + 1) % 65536
+    other = make_query("a.test", dns.rdatatype.TXT, qid=(q.qid + 1) % 65536)
     assert not is_truncated_reply(wire, other)
 
 
@@ -132,6 +155,33 @@ def test_answer_nxdomain_ttl_is_min_of_soa_ttl_and_minimum():
     soa_short = ("bl.test.", 10, "IN", "SOA", "ns.bl.test. h.bl.test. 1 3600 600 86400 45")
     assert answer_from_reply("x.bl.test", 1,
                              _reply(q, dns.rcode.NXDOMAIN, authority=[soa_short])).ttl == 10
+
+
+def test_negative_answer_without_soa_is_not_cached():
+    q = make_query("x.bl.test", dns.rdatatype.A)
+    assert answer_from_reply("x.bl.test", 1, _reply(q, dns.rcode.NXDOMAIN)).ttl == 0
+
+
+def test_soa_of_an_unrelated_zone_does_not_set_the_negative_ttl():
+    q = make_query("x.bl.test", dns.rdatatype.A)
+    soa = ("other.test.", 900, "IN", "SOA", "ns.o.test. h.o.test. 1 3600 600 86400 45")
+    assert answer_from_reply("x.bl.test", 1,
+                             _reply(q, dns.rcode.NXDOMAIN, authority=[soa])).ttl == 0
+
+
+def test_cname_loops_are_bounded():
+    q = make_query("a.test", dns.rdatatype.A)
+    r = _reply(q, answer=[("a.test.", 60, "IN", "CNAME", "b.test."),
+                          ("b.test.", 60, "IN", "CNAME", "a.test.")])
+    with pytest.raises(DNSTemporaryError, match="CNAME chain"):
+        answer_from_reply("a.test", 1, r)
+
+
+def test_records_of_other_names_or_types_are_not_the_answer():
+    q = make_query("a.test", dns.rdatatype.A)
+    r = _reply(q, answer=[("evil.test.", 60, "IN", "A", "6.6.6.6"),
+                          ("a.test.", 60, "IN", "AAAA", "2001:db8::1")])
+    assert answer_from_reply("a.test", 1, r).nodata
 
 
 def test_answer_nodata_is_noerror_without_records():
