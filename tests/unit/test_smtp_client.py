@@ -50,6 +50,7 @@ def test_without_pipelining_commands_go_one_at_a_time():
     assert sent(c.receive_data(b"550 no such user\r\n")) == b"RCPT TO:<b@x.example>\r\n"
     assert sent(c.receive_data(b"250 ok\r\n")) == b"DATA\r\n"
     assert c.receive_data(b"354 go\r\n") == [SendBody()]
+    c.body_done()
     c.receive_data(b"250 queued\r\n")
     a, b = c.results
     assert a.status == FAILURE
@@ -63,6 +64,7 @@ def test_per_recipient_results_2xx_4xx_5xx():
     c.receive_data(EHLO_PIPE)
     assert c.receive_data(b"250 ok\r\n250 ok\r\n451 try later\r\n550 unknown\r\n354 go\r\n") \
         == [SendBody()]
+    c.body_done()
     c.receive_data(b"250 ok\r\n")
     assert [r.status for r in c.results] == [SUCCESS, DEFERRAL, FAILURE]
 
@@ -113,6 +115,7 @@ def test_rejected_after_the_message(code, status):
     c.receive_data(b"220 mx\r\n")
     c.receive_data(EHLO_PIPE)
     c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    c.body_done()
     c.receive_data(code + b" too big\r\n")
     assert c.results[0].status == status
     assert c.results[0].text == ("192.0.2.1 failed after I sent the message.\n"
