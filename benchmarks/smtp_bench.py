@@ -2,6 +2,7 @@
 
     /work/venv/bin/python benchmarks/smtp_bench.py [--scale 1.0] [--idle 1000] [--profile]
         [--only ours|aiosmtpd] [--aiosmtpd-executor N] [--scratch /var/tmp] [--keep]
+        [--source HEAD|COMMIT|DIR]
 
 For each of (1, 20) sessions x (2 KiB, 100 KiB) messages, postfix's smtp-source sends M
 messages (a new connection per message) to each server in turn; messages/s = M / wall time
@@ -26,10 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (AiosmtpdPeer, HeaderCache, Meter, OurServer,  # noqa: E402
-                               ServerUnavailable, DEFAULT_SCRATCH, fmt, idle_rss,
-                               machine_info, py_spy_record, ratio, run_smtp_source, settle,
-                               summarize_folded, table, write_results)
+from benchmarks.common import (DEFAULT_SCRATCH, AiosmtpdPeer, HeaderCache,  # noqa: E402
+                               Meter, OurServer, ServerUnavailable, fmt, idle_rss,
+                               machine_info, prepare_source, py_spy_record, ratio,
+                               run_smtp_source, settle, summarize_folded, table,
+                               write_results)
 
 # (sessions, message bytes, messages at --scale 1): sized so each run lasts a few seconds
 # at the rates PEERS.md reports (hundreds of msg/s), long enough to average out the disk's
@@ -98,9 +100,12 @@ def main() -> int:
                     help="aiosmtpd peer: threads for Maildir writes (0 = inline, the default)")
     ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH)
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--source", help="run our server from a commit (e.g. HEAD, via git "
+                    "archive) or a directory instead of the working tree")
     args = ap.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="smtp-bench-", dir=args.scratch))
+    args.source_used = prepare_source(args.source, scratch)
     kinds = [args.only] if args.only else ["ours", "aiosmtpd"]
     servers, unavailable, results, idle = {}, {}, [], {}
     profile_path = scratch / "py-spy-ours-20x2k.txt"
@@ -176,7 +181,8 @@ def report(results, idle, unavailable, args, profile_path) -> str:
                      ratio(o and o["rate"], a and a["rate"]), disk(o), disk(a),
                      cell(o, "server_cpu_pct"), cell(a, "server_cpu_pct")])
     lines = ["SMTP acceptance (smtp-source, new connection per message, 127.0.0.1)",
-             f"command: {' '.join(sys.argv)}", "",
+             f"command: {' '.join(sys.argv)}",
+             f"our code: {args.source_used or 'working tree'}", "",
              table(["sessions x size", "ours msg/s", "aiosmtpd msg/s", "ratio", "ours on disk",
                     "aiosmtpd on disk", "ours CPU%", "aiosmtpd CPU%"], rows)]
     if idle:

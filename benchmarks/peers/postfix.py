@@ -120,6 +120,10 @@ class PostfixInstance:
         for d in (self.etc, self.queue, self.data, self.mailboxes):
             d.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
+        # Postfix daemons run as user postfix: every ancestor must be searchable by others.
+        for parent in self.root.parents:
+            if not parent.stat().st_mode & 0o001:
+                raise PostfixError(f"{parent} is not searchable by user postfix (chmod o+x)")
         pf = pwd.getpwnam("postfix")
         os.chown(self.data, pf.pw_uid, pf.pw_gid)
         (self.etc / "main.cf").write_text(MAIN_CF.format(
