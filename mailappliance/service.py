@@ -183,6 +183,10 @@ class ReadyService(service.Service):
         reactor = self.app.reactor
         if reactor.running:
             reactor.stop()
+        else:
+            # A listener failed in privilegedStartService, before the reactor runs: stop as
+            # soon as it does instead of serving without that listener.
+            reactor.callWhenRunning(reactor.stop)
 
     def stopService(self):
         super().stopService()
