@@ -16,8 +16,9 @@ from hypothesis import given, strategies as st
 from mailappliance.dns import (
     DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_ATTEMPTS, MAX_ATTEMPTS, MAX_CACHE_TTL, MAX_NAMESERVERS,
     MAX_NEGATIVE_TTL, Answer, DNSPermanentError, DNSTemporaryError, TTLCache,
-    answer_from_reply, cache_lifetime, is_truncated_reply, make_query, merge_addresses,
-    mx_order, normalize_name, parse_reply, parse_resolv_conf, rdtype_of)
+    answer_from_reply, cache_lifetime, decode_reply, fast_answer, is_truncated_reply,
+    make_query, merge_addresses, mx_order, normalize_name, parse_reply, parse_resolv_conf,
+    rdtype_of)
 
 
 # --- resolv.conf ------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_answer_positive_follows_cname_and_takes_the_smallest_ttl():
     r = _reply(q, answer=[("www.example.test.", 600, "IN", "CNAME", "host.example.test."),
                           ("host.example.test.", 120, "IN", "A", "192.0.2.1", "192.0.2.2")])
     a = answer_from_reply("www.example.test", dns.rdatatype.A, r)
-    assert a.addresses() == ["192.0.2.1", "192.0.2.2"]
+    assert sorted(a.addresses()) == ["192.0.2.1", "192.0.2.2"]
     assert a.ttl == 120 and a.canonical_name == "host.example.test"
     assert not a.nxdomain and not a.nodata
 
@@ -210,6 +211,83 @@ def test_txt_strings_are_joined_per_record():
     q = make_query("t.test", dns.rdatatype.TXT)
     r = _reply(q, answer=[("t.test.", 60, "IN", "TXT", '"first part " "second"')])
     assert answer_from_reply("t.test", dns.rdatatype.TXT, r).texts() == ["first part second"]
+
+
+# --- the fast path agrees with dnspython -----------------------------------------------------
+
+def _outcome(f):
+    try:
+        a = f()
+    except DNSTemporaryError as e:
+        return ("temporary", e.reason)
+    if a is None:
+        return None
+    return (int(a.rcode), sorted(r.to_text() for r in a.records), a.ttl, a.nxdomain, a.nodata)
+
+
+_owner = st.sampled_from(["q.bl.test.", "Q.BL.test.", "other.test.", "sub.q.bl.test."])
+_soa_owner = st.sampled_from(["bl.test.", "test.", ".", "other.test.", "q.bl.test.",
+                              "l.test."])
+_rr = st.one_of(
+    st.tuples(_owner, st.integers(0, 10 ** 6), st.just("A"),
+              st.sampled_from(["127.0.0.2", "127.0.0.3", "10.0.0.1"])),
+    st.tuples(_owner, st.integers(0, 10 ** 6), st.just("AAAA"), st.just("2001:db8::1")),
+    st.tuples(_owner, st.integers(0, 10 ** 6), st.just("CNAME"), st.just("x.bl.test.")),
+    st.tuples(_owner, st.integers(0, 10 ** 6), st.just("TXT"), st.just('"why"')))
+_soa = st.tuples(_soa_owner, st.integers(0, 10 ** 6), st.just("SOA"),
+                 st.integers(0, 10 ** 6).map(lambda m: f"ns.bl.test. h.bl.test. 1 2 3 4 {m}"))
+
+
+@given(qtype=st.sampled_from(["A", "AAAA", "TXT"]),
+       rcode=st.sampled_from([dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL,
+                              dns.rcode.REFUSED]),
+       answer=st.lists(_rr, max_size=3), authority=st.lists(_soa, max_size=2),
+       edns=st.booleans(), compress=st.booleans())
+def test_fast_path_agrees_with_dnspython(qtype, rcode, answer, authority, edns, compress):
+    rdtype = dns.rdatatype.from_text(qtype)
+    q = make_query("q.bl.test", rdtype, use_edns=edns)
+    r = dns.message.make_response(_msg(q))
+    r.set_rcode(rcode)
+    for owner, ttl, t, value in answer:
+        r.find_rrset(r.answer, dns.name.from_text(owner), 1, dns.rdatatype.from_text(t),
+                     create=True).add(dns.rdata.from_text(1, dns.rdatatype.from_text(t), value),
+                                      ttl)
+    for owner, ttl, t, value in authority:
+        r.find_rrset(r.authority, dns.name.from_text(owner), 1, dns.rdatatype.SOA,
+                     create=True).add(dns.rdata.from_text(1, dns.rdatatype.SOA, value), ttl)
+    wire = r.to_wire() if compress else r.to_wire(max_size=65535, origin=None)
+    slow = _outcome(lambda: answer_from_reply("q.bl.test", rdtype,
+                                              dns.message.from_wire(wire)))
+    fast = _outcome(lambda: fast_answer("q.bl.test", rdtype, q, wire))
+    if fast is not None:
+        assert fast == slow
+    assert _outcome(lambda: decode_reply("q.bl.test", rdtype, q, wire)) == slow
+
+
+def test_fast_path_takes_the_dnsbl_shapes():
+    q = make_query("2.0.0.127.bl.test", dns.rdatatype.A)
+    soa = ("bl.test.", 900, "IN", "SOA", "ns.bl.test. h.bl.test. 1 3600 600 86400 45")
+    nx = _reply(q, dns.rcode.NXDOMAIN, authority=[soa]).to_wire()
+    listed = _reply(q, answer=[("2.0.0.127.bl.test.", 60, "IN", "A", "127.0.0.2")]).to_wire()
+    assert fast_answer("2.0.0.127.bl.test", 1, q, nx).ttl == 45
+    assert fast_answer("2.0.0.127.bl.test", 1, q, listed).addresses() == ["127.0.0.2"]
+    with pytest.raises(DNSTemporaryError, match="SERVFAIL"):
+        fast_answer("2.0.0.127.bl.test", 1, q, _reply(q, dns.rcode.SERVFAIL).to_wire())
+    # Shapes it leaves to dnspython: other types, CNAMEs, compression loops.
+    t = make_query("2.0.0.127.bl.test", dns.rdatatype.TXT)
+    assert fast_answer("2.0.0.127.bl.test", 16, t, _reply(t).to_wire()) is None
+    loop = bytearray(nx)
+    loop[12 + len(q.question):12 + len(q.question) + 2] = b"\xc0" + bytes(
+        [12 + len(q.question)])
+    assert fast_answer("2.0.0.127.bl.test", 1, q, bytes(loop)) is None
+
+
+def test_garbage_that_matches_the_question_is_a_temporary_error():
+    q = make_query("a.test", dns.rdatatype.A)
+    wire = _reply(q).to_wire()[:12 + len(q.question)] + b"\xff" * 7
+    wire = wire[:6] + b"\x00\x05" + wire[8:]           # claims five answers
+    with pytest.raises(DNSTemporaryError, match="unparsable"):
+        decode_reply("a.test", 1, q, wire)
 
 
 # --- cache ------------------------------------------------------------------------------------
