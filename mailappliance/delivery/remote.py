@@ -1,0 +1,365 @@
+"""Remote delivery (qmail-remote): the recipients of one message at one domain, over SMTP.
+
+* Where to: ``[routes]`` (qmail's smtproutes) first, ``host[:port]``; otherwise the domain's MX
+  hosts from app.resolver (preference order, random among equals, implicit MX = the domain's
+  own A/AAAA).  Null MX (RFC 7505) and NXDOMAIN are permanent, SERVFAIL and timeouts
+  temporary.
+* The MX-points-to-us loop, as qmail-remote: if one of the MX hosts is this machine, only the
+  hosts with a strictly better preference are tried; if there are none, the recipients fail
+  with qmail's "Although I'm listed as a best-preference MX ..." text.  (A routed domain is
+  never checked: the operator said where to send it.)
+* One SMTP connection per attempt, through the sans-IO client (smtp/client.py), with a
+  connect timeout and a reply timeout (settings.queue.connect_timeout / reply_timeout, qmail's
+  timeoutconnect / timeoutremote).  A host that cannot be reached, greets badly or dies
+  before MAIL makes us try the next address and host; once a transaction has started, its
+  per-recipient results stand.
+* The message is read from the queue in a thread and streamed with flow control; it is
+  CRLF-normalised and dot-stuffed on the way out (client.DataEncoder).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from mailappliance.delivery import Result, deferral, failure
+from mailappliance.queue.store import Envelope, QueueStore
+from mailappliance.smtp import client as smtp_client
+from mailappliance.smtp.client import ClientCore, Close, DataEncoder, Send, SendBody, StartTLS
+
+SMTP_PORT = 25
+# Messages up to this size are read into memory in one thread call before connecting;
+# larger ones are streamed in store.READ_CHUNK pieces with flow control.
+PRELOAD_MAX = 256 * 1024
+# Addresses tried per attempt (qmail-remote tries every address of every MX; a domain with
+# dozens of MX addresses would tie up a remote slot for connect_timeout times that many).
+MAX_ADDRESSES = 16
+
+T_NO_HOST = "Sorry, I couldn't find any host named {domain}. (#5.1.2)"
+T_DNS_TEMP = "Sorry, I couldn't find any host by that name: {why} (#4.1.2)"
+T_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)"
+T_LOOP = ("Sorry. Although I'm listed as a best-preference MX or A for that host,\n"
+          "it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)")
+T_TIMEOUT = "Connected to {host} but the connection timed out. (#4.4.2)"
+
+
+def local_addresses() -> set[str]:
+    """This machine's addresses, as qmail's ipme: IPv4 from /proc/net/fib_trie (LOCAL
+    entries), IPv6 from /proc/net/if_inet6.  Loopback and unspecified are always "me"."""
+    found: set[str] = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            last = None
+            for line in f:
+                line = line.strip()
+                if line.startswith("|--"):
+                    last = line[3:].strip()
+                elif "/32 host LOCAL" in line and last:
+                    found.add(last)
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                found.add(str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+def make_is_me(extra: set[str] | None = None) -> Callable[[str], bool]:
+    mine = local_addresses() | (extra or set())
+
+    def is_me(ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return addr.is_loopback or addr.is_unspecified or str(addr) in mine
+    return is_me
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+@implementer(IPushProducer)
+class _SMTPClientProtocol(Protocol):
+    """Runs one ClientCore over a connection; `finished` fires with the core at the end."""
+
+    def __init__(self, deliverer: "RemoteDeliverer", core: ClientCore, env: Envelope,
+                 preloaded: bytes | None) -> None:
+        self.d = deliverer
+        self.core = core
+        self.env = env
+        self.preloaded = preloaded
+        self.finished: defer.Deferred = defer.Deferred()
+        self._timer = None
+        self._paused = False
+        self._resume: defer.Deferred | None = None
+        self._sending = False
+        self.timed_out = False
+
+    # -- timeouts -------------------------------------------------------------------------------
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.d.reply_timeout)
+        else:
+            self._timer = self.d.reactor.callLater(self.d.reply_timeout, self._timeout)
+
+    def _timeout(self) -> None:
+        self._timer = None
+        self.timed_out = True
+        self.transport.abortConnection()
+
+    # -- protocol -------------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        self._do(self.core.receive_data(data))
+
+    def _do(self, actions) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self.transport.write(a.data)
+            elif isinstance(a, StartTLS):
+                try:
+                    self.transport.startTLS(self.d.tls_options())
+                except Exception as e:  # noqa: BLE001 - no TLS after all: give up on it
+                    self.d.log.warn("remote: STARTTLS with {host} failed: {why}",
+                                    host=self.core.host, why=str(e))
+                    self.transport.abortConnection()
+                    return
+                self._do(self.core.tls_started())
+            elif isinstance(a, SendBody):
+                self._sending = True
+                self._send_body().addErrback(self._body_failed)
+            elif isinstance(a, Close):
+                self._sending = False
+                self.transport.loseConnection()
+
+    @defer.inlineCallbacks
+    def _send_body(self):
+        enc = DataEncoder()
+        if self.preloaded is not None:
+            self.transport.write(enc.encode(self.preloaded) + enc.finish())
+        else:
+            self.transport.registerProducer(self, True)
+            reader = yield self.d._defer(self.d.queue.open_message, self.env)
+            try:
+                while self._sending:
+                    if self._paused:
+                        self._resume = defer.Deferred()
+                        yield self._resume
+                        continue
+                    chunk = yield self.d._defer(reader.read)
+                    if not self._sending:
+                        return
+                    if not chunk:
+                        break
+                    self.transport.write(enc.encode(chunk))
+                    self._arm()
+                if not self._sending:
+                    return
+                self.transport.write(enc.finish())
+            finally:
+                yield self.d._defer(reader.close)
+                self.transport.unregisterProducer()
+        self._sending = False
+        self.core.body_done()
+        self._arm()
+
+    def _body_failed(self, f) -> None:
+        self.d.log.error("remote: cannot read msg {qid} while sending: {why}",
+                         qid=self.env.qid, why=f.getErrorMessage())
+        self._sending = False
+        self.transport.abortConnection()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        d, self._resume = self._resume, None
+        if d is not None:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self._sending = False
+        self.resumeProducing()
+
+    def connectionLost(self, reason=None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._sending = False
+        self.resumeProducing()
+        if self.timed_out and not self.core.done:
+            self.core._fill(deferral(T_TIMEOUT.format(host=self.core.host)))
+            self.core.try_next_host = self.core.state < smtp_client.TRANSACTION
+        self.core.connection_lost()
+        if not self.finished.called:
+            self.finished.callback(self.core)
+
+
+class _Factory(ClientFactory):
+    def __init__(self, proto: _SMTPClientProtocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.proto.finished.called:
+            self.proto.finished.errback(reason)
+
+
+class RemoteDeliverer:
+    log = Logger()
+
+    def __init__(self, reactor, resolver, queue: QueueStore, threadpool, *, hostname: str,
+                 route_for: Callable[[str], object] = lambda domain: None,
+                 connect_timeout: float = 60, reply_timeout: float = 1200,
+                 tls_options: Callable[[], object] | None = None,
+                 is_me: Callable[[str], bool] | None = None, mx_port: int = SMTP_PORT) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.queue = queue
+        self.threadpool = threadpool
+        self.hostname = hostname
+        self.route_for = route_for
+        self.connect_timeout = connect_timeout
+        self.reply_timeout = reply_timeout
+        self.tls_options = tls_options
+        self.is_me = is_me or make_is_me()
+        self.mx_port = mx_port
+
+    def _defer(self, f, *args):
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
+
+    @defer.inlineCallbacks
+    def deliver(self, env: Envelope, indices: list[int]):
+        """-> Deferred[list[Result]] aligned with `indices` (all at one domain)."""
+        rcpts = [env.recipients[i].address for i in indices]
+        domain = rcpts[0].rpartition("@")[2].lower().rstrip(".")
+        targets = yield self._targets(domain)
+        if isinstance(targets, Result):
+            return [targets] * len(rcpts)
+        preloaded = None
+        if env.size <= PRELOAD_MAX:
+            try:
+                preloaded = yield self._defer(self.queue.read_message, env)
+            except Exception as e:  # noqa: BLE001
+                return [deferral(f"Unable to read the queued message: {e} (#4.3.0)")] \
+                    * len(rcpts)
+        last: list[Result] | None = None
+        for ip, port in targets[:MAX_ADDRESSES]:
+            core = ClientCore(helo=self.hostname, sender=env.sender, recipients=rcpts,
+                              size=env.size, host=ip,
+                              tls_available=self.tls_options is not None)
+            try:
+                core = yield self._attempt(ip, port, core, env, preloaded)
+            except Exception as e:  # noqa: BLE001 - connection refused, timeout, unreachable
+                self.log.info("remote: cannot connect to {ip}:{port}: {why}", ip=ip,
+                              port=port, why=_why(e))
+                continue
+            results = [r or deferral(T_NO_CONNECTION) for r in core.results]
+            if not core.try_next_host:
+                return results
+            last = results
+        return last or [deferral(T_NO_CONNECTION)] * len(rcpts)
+
+    def _attempt(self, ip: str, port: int, core: ClientCore, env: Envelope,
+                 preloaded: bytes | None) -> defer.Deferred:
+        proto = _SMTPClientProtocol(self, core, env, preloaded)
+        self.reactor.connectTCP(ip, port, _Factory(proto), timeout=self.connect_timeout)
+        return proto.finished
+
+    @defer.inlineCallbacks
+    def _targets(self, domain: str):
+        """-> list of (ip, port) to try in order, or a Result for every recipient."""
+        from mailappliance.dns import DNSPermanentError, DNSTemporaryError
+        route = self.route_for(domain)
+        if route is not None:
+            host = route.host.strip("[]")
+            if _is_ip(host):
+                return [(host, route.port)]
+            try:
+                ips = yield self.resolver.addresses(host)
+            except DNSPermanentError:
+                return failure(T_NO_HOST.format(domain=host))
+            except DNSTemporaryError as e:
+                return deferral(T_DNS_TEMP.format(why=e))
+            if not ips:
+                return failure(T_NO_HOST.format(domain=host))
+            return [(ip, route.port) for ip in ips]
+        if _is_ip(domain):
+            return failure(T_NO_HOST.format(domain=domain))   # never relay to literals
+        try:
+            mxs = yield self.resolver.mx_hosts(domain)
+        except DNSPermanentError:
+            return failure(T_NO_HOST.format(domain=domain))
+        except DNSTemporaryError as e:
+            return deferral(T_DNS_TEMP.format(why=e))
+        lookups = [self._addresses(host) for _pref, host in mxs]
+        answers = yield defer.gatherResults(lookups)
+        temp = False
+        entries = []
+        for (pref, host), (ips, was_temp) in zip(mxs, answers):
+            temp = temp or was_temp
+            entries.append((pref, host, ips))
+        mine = [pref for pref, _h, ips in entries if any(self.is_me(ip) for ip in ips)]
+        prefme = min(mine) if mine else None
+        out = [(ip, self.mx_port) for pref, _h, ips in entries
+               if prefme is None or pref < prefme for ip in ips]
+        if not out:
+            if prefme is not None:
+                return failure(T_LOOP)
+            if temp:
+                return deferral(T_DNS_TEMP.format(why=f"no address for the MX hosts of {domain}"))
+            return failure(T_NO_HOST.format(domain=domain))
+        return out
+
+    @defer.inlineCallbacks
+    def _addresses(self, host: str):
+        from mailappliance.dns import DNSError, DNSTemporaryError
+        try:
+            ips = yield self.resolver.addresses(host)
+        except DNSTemporaryError:
+            return [], True
+        except DNSError:
+            return [], False
+        return list(ips), False
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, error.ConnectError) or hasattr(e, "value"):
+        return str(getattr(e, "value", e))
+    return str(e) or type(e).__name__
+
+
+def client_tls_options():
+    """Opportunistic STARTTLS: encrypt, don't verify (MX certificates are rarely verifiable;
+    this is what Postfix's smtp_tls_security_level = may does).  None without pyOpenSSL."""
+    try:
+        from twisted.internet import ssl
+    except ImportError:  # pragma: no cover
+        return None
+
+    def make():
+        return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    return make
