@@ -326,6 +326,7 @@ def _prepare_unix_socket(description: str) -> None:
 # Component builders: (module, function) with function(app, parent_service) -> None, run in
 # this order by make_service before any listener is created.
 COMPONENTS: list[tuple[str, str]] = [
+    ("mailappliance.instance", "setup"),             # one server per data directory (lock)
     ("mailappliance.logging", "setup"),              # log files first: they see every event
     ("mailappliance.dns", "attach"),                 # app.resolver (before queue and DNSBL)
     ("mailappliance.access.dnsbl", "attach"),        # app.dnsbl
