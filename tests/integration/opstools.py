@@ -1,0 +1,62 @@
+"""Helpers for the operations integration tests: talk to a running server's admin socket."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from mailappliance.admin.protocol import ReplyReader
+
+# Every wait on the server is bounded; a healthy server answers admin commands in milliseconds.
+REPLY_TIMEOUT = 20.0
+
+
+def admin_path(server) -> Path:
+    return server.data / "admin.sock"
+
+
+def admin_connect(server, timeout: float = REPLY_TIMEOUT) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(admin_path(server)))
+    return s
+
+
+def read_replies(s: socket.socket, count: int, timeout: float = REPLY_TIMEOUT):
+    reader = ReplyReader()
+    deadline = time.monotonic() + timeout
+    while len(reader.replies) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {len(reader.replies)} of {count} replies in {timeout}s")
+        data = s.recv(65536)
+        if not data:
+            break
+        reader.receive_data(data)
+    return reader.replies
+
+
+def admin(server, text: str, count: int | None = None):
+    """Send `text` (lines) on a fresh connection; return `count` reply blocks (ok, lines)."""
+    if count is None:
+        count = sum(1 for line in text.splitlines() if line.strip())
+    with admin_connect(server) as s:
+        s.sendall(text.encode())
+        return read_replies(s, count)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def wait_for(predicate, timeout: float = REPLY_TIMEOUT, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout}s")

@@ -1,0 +1,176 @@
+"""The admin protocol against the real server over its real unix socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import time
+
+from mailappliance.admin import protocol as ap
+from tests.conftest import require_tool
+from tests.integration.opstools import (admin, admin_connect, admin_path, read_replies,
+                                        rss_kib, wait_for)
+
+PASSWORD = "Sock3t-Pass!"
+# Memory a misbehaving admin client may cost the server, at most. The reply and line limits
+# bound it to a few hundred KiB; the margin absorbs allocator noise.
+RSS_GROWTH_LIMIT_KIB = 24 * 1024
+
+
+def test_the_socket_is_private_to_the_owner(server):
+    st = os.stat(admin_path(server))
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.getuid()
+
+
+def test_every_command_over_the_socket(server):
+    replies = admin(server, "help\n"
+                            "stat\n"
+                            "domain add example.net\n"
+                            f"user add joe@example.net --quota 100000\n{PASSWORD}\n"
+                            f"user passwd joe@example.net\n{PASSWORD}x\n"
+                            "user list example.net\n"
+                            "alias add sales@example.net joe@example.net\n"
+                            "alias list\n"
+                            "domain list\n"
+                            "relay list\n"
+                            "queue list\n"
+                            "queue flush\n"
+                            "queue remove 999999\n"
+                            "reload\n"
+                            "alias del sales@example.net\n"
+                            "user del joe@example.net\n"
+                            "domain del example.net\n"
+                            "quit\n", count=18)
+    by = [r for r in replies]
+    assert by[0] == (True, ap.help_lines())
+    ok, stat_lines = by[1]
+    assert ok and stat_lines[0].startswith("mailappliance: up (pid ")
+    assert any(l.startswith("admin: up ") and str(admin_path(server)) in l for l in stat_lines)
+    assert any(l.startswith("smtp: up ") and "127.0.0.1:" in l for l in stat_lines)
+    assert by[2] == (True, ["domain example.net added"])
+    assert by[3] == (True, ["user joe@example.net added"])
+    assert by[4] == (True, ["password of joe@example.net changed"])
+    assert by[5] == (True, ["joe@example.net quota=100000"])
+    assert by[6] == (True, ["alias sales@example.net added"])
+    assert "sales@example.net -> joe@example.net" in by[7][1]
+    assert by[8] == (True, ["example.net", "test.com"])
+    assert by[9] == (True, ["0 grants"])
+    assert by[10] == (True, ["0 messages"])
+    assert by[11][0] is True and by[11][1][0].endswith("scheduled for delivery now")
+    assert by[12] == (False, ["error: message 999999: not in the queue, or a delivery of it "
+                              "is in progress (try again in a moment)"])
+    assert by[13][0] is True and by[13][1][0].startswith("configuration reloaded from ")
+    assert by[14] == (True, ["alias sales@example.net deleted"])
+    assert by[15] == (True, ["user joe@example.net deleted"])
+    assert by[16] == (True, ["domain example.net deleted"])
+    assert by[17] == (True, ["bye"])
+    # the password went nowhere: not in any log, not on the server's output
+    logs = "".join(p.read_text(errors="replace") for p in (server.data / "log").iterdir())
+    assert PASSWORD not in logs and PASSWORD not in server.output()
+    assert "admin: unix: user add joe@example.net --quota 100000" in logs
+
+
+def test_a_change_made_over_the_socket_is_seen_by_the_cli_and_back(server):
+    admin(server, "domain add shared.test\n")
+    res = server.cli("domain", "list")
+    assert "shared.test" in res.stdout.split()
+    server.cli("user", "add", "amy@shared.test", "--password-stdin", input=PASSWORD + "\n")
+    assert admin(server, "user list shared.test\n") == [(True, ["amy@shared.test"])]
+
+
+def test_malformed_input_gets_clear_errors_and_the_session_survives(server):
+    replies = admin(server, "frobnicate\n"
+                            "user\n"
+                            "queue remove abc\n"
+                            "stat \xff\n"
+                            "\x00\x01\n"
+                            "help\n", count=6)
+    assert replies[0] == (False, ["error: unknown command 'frobnicate'; try help"])
+    assert replies[1] == (False, ["error: user: expected one of add, del, list, passwd"])
+    assert replies[2] == (False, ["error: queue remove: ID: a queue id is a number"])
+    assert replies[3] == (False, ["error: unknown command 'stat'; try help"]) or \
+        replies[3][0] is False
+    assert replies[4] == (False, ["error: control characters in command line"])
+    assert replies[5][0] is True
+
+
+def test_a_huge_line_costs_bounded_memory_and_gets_one_error(server):
+    pid = server.proc.pid
+    admin(server, "stat\n")
+    before = rss_kib(pid)
+    with admin_connect(server) as s:
+        chunk = b"A" * 65536
+        for _ in range(800):                    # 50 MiB without a newline
+            s.sendall(chunk)
+        s.sendall(b"\nhelp\n")
+        replies = read_replies(s, 2)
+    assert replies[0] == (False, [f"error: line too long (limit {ap.MAX_LINE} octets)"])
+    assert replies[1] == (True, ap.help_lines())
+    assert rss_kib(pid) - before < RSS_GROWTH_LIMIT_KIB
+
+
+def test_a_client_that_never_reads_costs_bounded_memory_and_others_are_served(server):
+    pid = server.proc.pid
+    admin(server, "stat\n")
+    before = rss_kib(pid)
+    hog = admin_connect(server)
+    hog.setblocking(False)
+    request = b"help\n" * 1000
+    sent = 0
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and sent < 40 * 1024 * 1024:
+        try:
+            sent += hog.send(request)
+        except BlockingIOError:
+            time.sleep(0.01)            # both socket buffers full: the server stopped reading
+    # The server stopped reading long before 40 MiB of commands (each would answer ~1.5 KiB).
+    assert sent < 40 * 1024 * 1024
+    # Another client is served at once.
+    t0 = time.monotonic()
+    [(ok, lines)] = admin(server, "stat\n")
+    assert ok and time.monotonic() - t0 < 5.0
+    assert rss_kib(pid) - before < RSS_GROWTH_LIMIT_KIB
+    hog.close()
+    # The hog's connection goes away and the count of open admin connections comes back down.
+    def settled():
+        [(ok, lines)] = admin(server, "stat\n")
+        line = next(l for l in lines if l.startswith("admin: "))
+        return "connections 1 now" in line
+    wait_for(settled, what="hog connection closed")
+
+
+def test_socat_drives_it_like_a_person(server):
+    socat = require_tool("socat")
+    res = subprocess.run([socat, "-t", "5", "-", f"UNIX-CONNECT:{admin_path(server)}"],
+                         input="stat\nquit\n", capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("mailappliance: up (pid ")
+    assert lines[-2:] == ["bye", "."]
+
+
+def test_a_stale_socket_after_kill_9_does_not_stop_the_restart(server):
+    path = admin_path(server)
+    server.kill()
+    assert path.exists()                        # kill -9 leaves the socket file behind
+    server.start()
+    assert admin(server, "domain list\n") == [(True, ["test.com"])]
+
+
+def test_a_second_server_cannot_steal_a_live_socket(server, make_server):
+    twin = make_server(server.config_text, name="twin")
+    twin.config_path = server.config_path      # same instance, same admin socket
+    t0 = time.monotonic()
+    try:
+        twin.start()
+    except RuntimeError as e:
+        assert f"another server (pid {server.proc.pid}) is running on {server.data}" in str(e)
+    else:
+        raise AssertionError("a second server started on a live admin socket")
+    assert time.monotonic() - t0 < 15
+    assert admin(server, "domain list\n") == [(True, ["test.com"])]
+    assert (server.data / "run" / "ready.json").exists()     # the twin touched nothing
