@@ -1,0 +1,98 @@
+"""`mailappliance stat|queue|reload|relay` through the admin socket of the real server."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from tests.integration.opstools import admin, wait_for
+
+
+def test_stat_on_a_stopped_server_says_so_and_exits_1(make_server):
+    srv = make_server()
+    srv.root.mkdir(parents=True, exist_ok=True)
+    srv._write_config()
+    res = srv.cli("stat", check=False)
+    assert res.returncode == 1
+    assert res.stdout == ""
+    assert res.stderr == (f"mailappliance: the server is not running (no admin socket at "
+                          f"{srv.data / 'admin.sock'}: No such file or directory)\n")
+    for args in (("queue", "list"), ("reload",), ("relay", "list")):
+        res = srv.cli(*args, check=False)
+        assert res.returncode == 1 and "the server is not running" in res.stderr
+
+
+def test_stat_after_kill_9_says_not_running(server):
+    server.kill()
+    res = server.cli("stat", check=False)
+    assert res.returncode == 1
+    assert "the server is not running" in res.stderr and "Connection refused" in res.stderr
+
+
+def test_stat_on_a_running_server(server):
+    res = server.cli("stat")
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"mailappliance: up (pid {server.proc.pid}) ")
+    assert lines[0].endswith("seconds, hostname mx.test.example")
+    assert lines[1].startswith(f"config: {server.config_path}, loaded ")
+    kinds = [l.split(":")[0] for l in lines if ": up " in l and "listening on" in l]
+    assert kinds == ["smtp", "submission", "pop3", "admin"]
+    smtp = next(l for l in lines if l.startswith("smtp: "))
+    assert f"127.0.0.1:{server.port('smtp')}" in smtp
+    assert "messages in queue: 0" in lines
+    assert any(l.startswith("status: local 0/10 remote 0/20") for l in lines)
+    assert res.stderr == ""
+
+
+def test_stat_counts_connections(server):
+    import socket
+    conns = [socket.create_connection(("127.0.0.1", server.port("smtp")), timeout=10)
+             for _ in range(3)]
+    try:
+        for c in conns:
+            c.recv(512)                           # the greeting: the session is up
+
+        def counted():
+            out = server.cli("stat").stdout
+            return next(l for l in out.splitlines() if l.startswith("smtp: "))
+        line = wait_for(lambda: "connections 3 now" in counted() and counted(),
+                        what="3 smtp connections counted")
+        assert "3 total" in line
+    finally:
+        for c in conns:
+            c.close()
+    wait_for(lambda: "connections 0 now, 3 total" in server.cli("stat").stdout,
+             what="closed connections uncounted")
+
+
+def test_queue_relay_reload_commands(server):
+    assert server.cli("queue", "list").stdout == "0 messages\n"
+    assert server.cli("relay", "list").stdout == "0 grants\n"
+    res = server.cli("queue", "remove", "424242", check=False)
+    assert res.returncode == 1
+    assert res.stderr.startswith("mailappliance: message 424242: not in the queue")
+    res = server.cli("reload")
+    assert res.stdout.splitlines()[0] == f"configuration reloaded from {server.config_path}"
+
+
+def test_usage_errors_exit_2(server):
+    res = server.cli("queue", "remove", check=False)
+    assert res.returncode == 2
+
+
+def test_store_commands_work_while_running_and_the_server_sees_them_at_once(server):
+    server.cli("domain", "add", "live.test")
+    server.cli("user", "add", "bob@live.test", "--password-stdin", input="B0b-secret!\n")
+    assert admin(server, "user list live.test\n") == [(True, ["bob@live.test"])]
+    server.cli("alias", "add", "team@live.test", "bob@live.test")
+    [(ok, lines)] = admin(server, "alias list\n")
+    assert "team@live.test -> bob@live.test" in lines
+
+
+def test_sighup_and_reload_keep_the_server_running(server):
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload (SIGHUP): configuration reloaded" in
+             (server.data / "log" / "current").read_text(), what="SIGHUP reload logged")
+    time.sleep(0.2)
+    assert server.proc.poll() is None
+    assert server.cli("stat").returncode == 0
