@@ -206,6 +206,13 @@ class QueueManager(service.Service):
     def now(self) -> float:
         return self.reactor.seconds()
 
+    def set_limits(self, concurrency_local: int, concurrency_remote: int,
+                   lifetime: float) -> None:
+        """After a reload: new limits apply to the next deliveries started."""
+        self.limit = {LOCAL: concurrency_local, REMOTE: concurrency_remote}
+        self.lifetime = lifetime
+        self._pump()
+
     # -- status for admin -------------------------------------------------------------------------
     def status(self) -> dict:
         return {"messages": len(self.jobs) + len(self.picking),
