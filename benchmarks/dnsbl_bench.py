@@ -65,7 +65,17 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-async def one_connection(port: int, source: str) -> bytes:
+def message_body(size: int) -> bytes:
+    """A message of about `size` octets, ending in the final dot (no line starts with one)."""
+    head = b"From: bench@example.org\r\nTo: test@test.com\r\nSubject: dnsbl bench\r\n\r\n"
+    line = b"x" * 76 + b"\r\n"
+    body = head + line * max(0, (size - len(head)) // len(line))
+    return body + b".\r\n"
+
+
+async def one_connection(port: int, source: str, body: bytes | None,
+                         marks: list | None = None) -> bytes:
+    """One SMTP session; with `body`, one message like smtp-source sends (a connection each)."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), REPLY_TIMEOUT)
     try:
@@ -75,10 +85,21 @@ async def one_connection(port: int, source: str) -> bytes:
         writer.write(b"EHLO bench.example\r\n")
         await _reply(reader)
         writer.write(b"MAIL FROM:<bench@example.org>\r\n")
-        mail = await _reply(reader)
+        result = await _reply(reader)
+        if marks is not None:
+            marks.append(time.monotonic())
+        if body is not None and result.startswith(b"250"):
+            writer.write(b"RCPT TO:<test@test.com>\r\n")
+            result = await _reply(reader)
+            if result.startswith(b"250"):
+                writer.write(b"DATA\r\n")
+                result = await _reply(reader)
+                if result.startswith(b"354"):
+                    writer.write(body)
+                    result = await _reply(reader)
         writer.write(b"QUIT\r\n")
         await _reply(reader)
-        return mail[:3]
+        return result[:3]
     finally:
         writer.close()
         try:
@@ -87,20 +108,23 @@ async def one_connection(port: int, source: str) -> bytes:
             pass
 
 
-async def load(port: int, concurrency: int, seconds: float, first_address: int) -> dict:
+async def load(port: int, concurrency: int, seconds: float, first_address: int,
+               body: bytes | None) -> dict:
     counter = iter(range(first_address, first_address + 10 ** 7))
     start = time.monotonic()
     measure_from = start + WARMUP_SECONDS
     stop_at = measure_from + seconds
     latencies: list[float] = []
+    to_mail: list[float] = []        # connect to the MAIL reply: where the DNSBL wait shows
     codes: dict[str, int] = {}
     errors: list[str] = []
 
     async def worker() -> None:
         while time.monotonic() < stop_at:
             t0 = time.monotonic()
+            marks: list[float] = []
             try:
-                code = await one_connection(port, source_address(next(counter)))
+                code = await one_connection(port, source_address(next(counter)), body, marks)
             except (OSError, ConnectionError, asyncio.TimeoutError) as e:
                 errors.append(repr(e))
                 if len(errors) > 100:
@@ -109,6 +133,7 @@ async def load(port: int, concurrency: int, seconds: float, first_address: int) 
             t1 = time.monotonic()
             if t0 >= measure_from and t1 <= stop_at:
                 latencies.append(t1 - t0)
+                to_mail.append(marks[0] - t0)
                 codes[code.decode()] = codes.get(code.decode(), 0) + 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -120,7 +145,8 @@ async def load(port: int, concurrency: int, seconds: float, first_address: int) 
         "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
         "mean_ms": 1000 * statistics.fmean(lat) if lat else None,
-        "mail_replies": codes,
+        "mail_p50_ms": 1000 * sorted(to_mail)[len(to_mail) // 2] if to_mail else None,
+        "replies": codes,
         "errors": len(errors),
         "first_errors": errors[:3],
         "addresses_used": used,
@@ -138,13 +164,42 @@ def server_config(dns: DNSServerProcess | None, concurrency: int) -> str:
     return text
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: int) -> dict:
     srv = ServerProcess(root / label, server_config(dns, args.concurrency))
+    srv.root.mkdir(parents=True, exist_ok=True)
+    srv._write_config()
+    srv.cli("domain", "add", "test.com")
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
     srv.start()
+    body = message_body(args.size) if args.mode == "message" else None
     try:
         if dns is not None:
             dns.reset()
-        result = asyncio.run(load(srv.port("smtp"), args.concurrency, args.seconds, first))
+        pids = {"server": srv.proc.pid, "client": os.getpid()}
+        if dns is not None:
+            pids["dns_server"] = dns.proc.pid
+        cpu_before = {k: cpu_seconds(v) for k, v in pids.items()}
+        wall = time.monotonic()
+        result = asyncio.run(load(srv.port("smtp"), args.concurrency, args.seconds, first,
+                                  body))
+        wall = time.monotonic() - wall
+        # Share of one core each process used over the whole run (warm-up included).
+        result["cpu"] = {k: round((cpu_seconds(v) - cpu_before[k]) / wall, 2)
+                         for k, v in pids.items()}
+        total = result["addresses_used"]
+        result["server_cpu_ms_per_connection"] = round(
+            1000 * (cpu_seconds(pids["server"]) - cpu_before["server"]) / total, 3) \
+            if total else None
         if dns is not None:
             total = result["addresses_used"]
             result["dns_queries"] = dns.count()
@@ -161,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--delay", type=float, default=0.05, help="DNS answer delay, seconds")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--mode", choices=("message", "handshake"), default="message",
+                   help="message: one 2 KiB message per connection, as smtp-source sends; "
+                        "handshake: greeting, EHLO, MAIL, QUIT only")
+    p.add_argument("--size", type=int, default=2048, help="message size in message mode")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args(argv)
 
@@ -175,15 +234,17 @@ def main(argv: list[str] | None = None) -> int:
                 first += r["addresses_used"]
                 results.append(r)
                 print(f"{r['label']:>8}: {r['rate']:8.1f} conn/s  p50 {r['p50_ms']:.1f} ms  "
-                      f"p99 {r['p99_ms']:.1f} ms  MAIL {r['mail_replies']}  "
-                      f"errors {r['errors']}"
+                      f"p99 {r['p99_ms']:.1f} ms  (to MAIL reply p50 {r['mail_p50_ms']:.1f} ms)  "
+                      f"replies {r['replies']}  "
+                      f"errors {r['errors']}  cpu {r['cpu']}  server ms/conn "
+                      f"{r['server_cpu_ms_per_connection']}"
                       + (f"  dns/conn {r['dns_queries_per_connection']:.2f}"
                          if "dns_queries" in r else ""), flush=True)
 
     off = [r["rate"] for r in results if r["label"].startswith("off")]
     on = [r["rate"] for r in results if r["label"].startswith("dnsbl")]
     ratio = statistics.fmean(on) / statistics.fmean(off)
-    summary = {"concurrency": args.concurrency, "seconds": args.seconds, "delay": args.delay,
+    summary = {"mode": args.mode, "size": args.size, "concurrency": args.concurrency, "seconds": args.seconds, "delay": args.delay,
                "rate_off": statistics.fmean(off), "rate_dnsbl": statistics.fmean(on),
                "ratio": ratio, "within_20_percent": ratio >= 0.8, "runs": results,
                "cpus": os.cpu_count()}
