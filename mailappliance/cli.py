@@ -172,7 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra += ["--config", args.config] if args.config else []
         return sendmail.main(extra + argv[split + 1:])
     try:
-        settings = settings_for(args)
+        try:
+            settings = settings_for(args)
+        except ConfigError as e:
+            if args.area == "reload":
+                # The server parses the same file the same way; it would refuse it too.
+                raise Refused(f"reload refused: {e}; the old configuration stays in force")
+            raise
         if args.area in STORE_AREAS:
             # Store commands always work directly on the store (the server, if running, sees
             # each change at once). Run as root, act as the data directory's owner, so the
