@@ -21,12 +21,15 @@ class ServerProcess:
     """One server instance in its own directory; ports come from data/run/ready.json."""
 
     def __init__(self, root: Path, config: str = "", hostname: str = "mx.test.example",
-                 extra_args: list[str] | None = None, env: dict | None = None) -> None:
+                 extra_args: list[str] | None = None, env: dict | None = None,
+                 twistd_args: list[str] | None = None) -> None:
         self.root = Path(root)
         self.data = self.root / "var"
         self.config_text = config
         self.hostname = hostname
         self.extra_args = extra_args or []
+        # twistd's own options (before the plugin name): --uid/--gid, --logger, ...
+        self.twistd_args = twistd_args or []
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, list] = {}
@@ -66,7 +69,7 @@ class ServerProcess:
         env = dict(os.environ)
         env.update(self.env or {})
         self.proc = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "mailappliance", "-c", str(self.config_path),
+            [*TWISTD, "-n", "--pidfile=", *self.twistd_args, "mailappliance", "-c", str(self.config_path),
              *self.extra_args],
             cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT
