@@ -160,6 +160,7 @@ class AdminProtocol(protocol.Protocol):
         self.write_paused = False
         self.reading_paused = False
         self.lost = False
+        self._in_run = False
         self._timer = None
 
     # -- connection -------------------------------------------------------------------------
@@ -223,6 +224,15 @@ class AdminProtocol(protocol.Protocol):
         self._run()
 
     def _run(self) -> None:
+        if self._in_run:
+            return          # a command finished synchronously inside the loop below
+        self._in_run = True
+        try:
+            self._loop()
+        finally:
+            self._in_run = False
+
+    def _loop(self) -> None:
         while not (self.busy or self.write_paused or self.lost):
             event = self.core.next_event()
             if event is NEED_DATA:

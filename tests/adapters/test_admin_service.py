@@ -307,3 +307,10 @@ def test_reload_good_and_bad_config(tmp_path):
                      "got string; the old configuration stays in force"]
     assert app.settings.smtp.max_recipients == 50 and len(seen) == 1
     app.store.close()
+
+
+def test_thousands_of_pipelined_commands_in_one_read_all_get_replies(app):
+    """Synchronous commands finishing inside the command loop must not recurse."""
+    proto, tr = connect(adm.build_factory(app, "admin"))
+    out = talk(proto, tr, "relay list\n" * 5000)
+    assert len(out) == 5000 and all(ok for ok, _ in out)
