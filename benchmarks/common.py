@@ -20,7 +20,6 @@ import collections
 import ctypes
 import ctypes.util
 import datetime
-import errno
 import json
 import os
 import re
@@ -125,6 +124,32 @@ def rss_kib(pids: Iterable[int]) -> int:
     return total
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds spent not idle by the whole machine since boot (all cores), /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+# The machine is shared (other people run tests and benchmarks on its 2 cores): before
+# measuring, wait until the machine's other load is below QUIET_BUSY_PCT of one core over
+# QUIET_WINDOW seconds, for at most the given time; then go on and report the load seen.
+QUIET_BUSY_PCT = 25.0
+QUIET_WINDOW = 3.0
+
+
+def wait_quiet(max_wait: float) -> float:
+    """Returns the machine's busy CPU% (of one core) in the last window."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0 = system_busy_seconds()
+        time.sleep(QUIET_WINDOW)
+        busy = 100.0 * (system_busy_seconds() - b0) / QUIET_WINDOW
+        if busy < QUIET_BUSY_PCT or time.monotonic() >= deadline:
+            return busy
+
+
 class Meter:
     """CPU seconds and peak RSS of a process tree over a block of code.
 
@@ -147,6 +172,7 @@ class Meter:
 
     def __enter__(self) -> "Meter":
         self._cpu0 = cpu_seconds(self.pids())
+        self._sys0 = system_busy_seconds()
         self._t0 = time.monotonic()
         self.peak_rss_kib = rss_kib(self.pids())
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -156,6 +182,8 @@ class Meter:
     def __exit__(self, *exc) -> None:
         self.wall = time.monotonic() - self._t0
         self.cpu = cpu_seconds(self.pids()) - self._cpu0
+        # Whole machine, all processes (ours, the client, everybody else), % of one core.
+        self.system_busy_pct = 100.0 * (system_busy_seconds() - self._sys0) / self.wall
         self._stop.set()
         self._thread.join(5)
         self.peak_rss_kib = max(self.peak_rss_kib, rss_kib(self.pids()))
@@ -648,26 +676,48 @@ class MaildirWatcher:
 PY_SPY = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
 
 
+PROFILE_RATE = 200   # py-spy samples per second
+
+
+def _idle_leaves() -> tuple[str, ...]:
+    """Leaf frames that mean "waiting, not working".  py-spy without --idle still reports
+    threads blocked in some waits, so these are filtered here: idle pool threads (a condition
+    wait in the work queue) and the reactor's epoll wait (found by its source line, which
+    changes between Twisted versions)."""
+    leaves = ["Condition.wait (threading.py", "Queue.get (queue.py"]
+    try:
+        import inspect
+
+        from twisted.internet import epollreactor
+        src, first = inspect.getsourcelines(epollreactor.EPollReactor.doPoll)
+        for i, text in enumerate(src):
+            if "_poller.poll(" in text:
+                leaves.append(f"EPollReactor.doPoll (twisted/internet/epollreactor.py:{first + i})")
+    except Exception:  # noqa: BLE001 - without Twisted here, only the pool waits are known
+        pass
+    return tuple(leaves)
+
+
 def py_spy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen | None:
-    """Start `py-spy record` (raw folded stacks, all threads, 200 Hz) on pid; None if missing."""
+    """Start `py-spy record` on pid: folded stacks of every thread py-spy sees as active (no
+    --idle; summarize_folded also drops the known waits: epoll, idle pool threads), so samples
+    per thread / (seconds x rate) is that thread's active share, system calls such as fsync
+    included.  None if py-spy is missing (`/work/venv/bin/pip install py-spy`)."""
     if not os.access(PY_SPY, os.X_OK):
         return None
     return subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds),
-                             "--rate", "200", "--format", "raw", "--threads", "--idle",
+                             "--rate", str(PROFILE_RATE), "--format", "raw", "--threads",
                              "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def summarize_folded(path: Path, top: int = 20) -> dict:
-    """Self and inclusive sample shares per function from py-spy's folded output.
-    Idle frames (epoll/select waits, thread-pool waits) are reported separately."""
-    self_c: collections.Counter = collections.Counter()
-    incl_c: collections.Counter = collections.Counter()
-    thread_c: collections.Counter = collections.Counter()
-    total = 0
-    idle_markers = ("poll (", "select (", "_doReadOrWrite", "wait (threading.py",
-                    "get (queue.py", "_worker (twisted/_threads", "doPoll (",
-                    "_handleSignals")
+def summarize_folded(path: Path, seconds: float, top: int = 15) -> dict:
+    """Hot spots from py-spy's raw (folded) output, per thread role: the reactor thread
+    ("main") and the thread pool ("pool").  For each role: CPU share (samples / (seconds x
+    rate); the pool has several threads, so it can pass 100 %), and the top functions by self
+    and by inclusive time (percent of that role's samples)."""
+    roles: dict[str, dict] = {}
+    idle = _idle_leaves()
     try:
         lines = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
@@ -678,30 +728,56 @@ def summarize_folded(path: Path, top: int = 20) -> dict:
             continue
         n = int(count)
         frames = stack.split(";")
-        thread = frames[0] if frames and frames[0].startswith(("thread", "process")) else "?"
-        # py-spy raw: "process ...;thread (0x..);frame;frame..." with --threads
+        head = frames[0] if frames and frames[0].startswith(("thread ", "process ")) else ""
         frames = [f for f in frames if not f.startswith(("process ", "thread "))]
-        if not frames:
+        name = head.split(": ", 1)[1] if ": " in head else head
+        role = "main" if name.startswith("MainThread") else (
+            "pool" if "PoolThread" in name else "other")
+        r = roles.setdefault(role, {"samples": 0, "self": collections.Counter(),
+                                    "incl": collections.Counter()})
+        if not frames or any(frames[-1].startswith(m) for m in idle):
             continue
-        total += n
-        thread_c[thread] += n
-        leaf = frames[-1]
-        self_c[leaf] += n
-        for f in set(frames):
-            incl_c[f] += n
-    idle = sum(n for f, n in self_c.items() if any(m in f for m in idle_markers))
-    busy = total - idle
+        r["samples"] += n
+        if frames:
+            r["self"][frames[-1]] += n
+            for f in set(frames):
+                r["incl"][f] += n
+    out: dict = {}
+    for role, r in roles.items():
+        n = r["samples"]
+        out[role] = {
+            "samples": n, "cpu_pct": round(100.0 * n / (seconds * PROFILE_RATE), 1),
+            "top_self": [(f, round(100.0 * c / n, 1)) for f, c in r["self"].most_common(top)],
+            "top_inclusive": [(f, round(100.0 * c / n, 1))
+                              for f, c in r["incl"].most_common(top + 15)],
+        }
+    return out
 
-    def share(c, k):
-        return [(f, round(100.0 * n / total, 1)) for f, n in c.most_common(k)] if total else []
 
-    busy_self = collections.Counter({f: n for f, n in self_c.items()
-                                     if not any(m in f for m in idle_markers)})
-    return {"samples": total, "idle_pct": round(100.0 * idle / total, 1) if total else None,
-            "busy_samples": busy,
-            "top_self": [(f, round(100.0 * n / busy, 1)) for f, n in busy_self.most_common(top)]
-            if busy else [],
-            "top_inclusive": share(incl_c, top), "threads": share(thread_c, 12)}
+# Frames of the reactor loop itself, left out of the inclusive list (they include everything).
+_LOOP_FRAMES = ("<module>", "run (", "runApp", "postApplication", "startReactor", "mainLoop",
+                "ReactorBase.run", "doIteration", "doPoll", "_doReadOrWrite", "callWithLogger",
+                "callWithContext", "context.py", "log.py", "runReactorWithLogging",
+                "_bootstrap", "Thread.run", "_threadworker.py", "_team.py", "threadpool.py")
+
+
+def profile_lines(path: Path, seconds: float, title: str, top: int = 12) -> list[str]:
+    """Report lines for summarize_folded."""
+    s = summarize_folded(path, seconds)
+    if "error" in s:
+        return ["", f"{title}: {s['error']}"]
+    lines = ["", f"{title} (py-spy {PROFILE_RATE} Hz, {seconds:.0f} s, waiting threads left out)"]
+    for role in ("main", "pool", "other"):
+        r = s.get(role)
+        if not r:
+            continue
+        lines.append(f"{role} thread(s): active {r['cpu_pct']}% of one core (running, or in "
+                     "a system call such as fsync); top self time (% of this role's samples):")
+        lines += [f"  {pct:5.1f}%  {f}" for f, pct in r["top_self"][:top]]
+        incl = [(f, p) for f, p in r["top_inclusive"] if not any(k in f for k in _LOOP_FRAMES)]
+        lines.append("  inclusive:")
+        lines += [f"  {pct:5.1f}%  {f}" for f, pct in incl[:top]]
+    return lines
 
 
 # --- tables and results -------------------------------------------------------------------------
@@ -734,7 +810,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def machine_info() -> dict:
     info = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "kernel": os.uname().release}
+            "kernel": os.uname().release, "loadavg": open("/proc/loadavg").read().strip()}
     try:
         info["postfix"] = subprocess.run(["/usr/sbin/postconf", "-dh", "mail_version"],
                                          capture_output=True, text=True,
