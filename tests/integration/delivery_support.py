@@ -1,0 +1,139 @@
+"""Helpers for the queue/delivery integration tests: smtp-sink as a receiving MTA, waiting,
+reading Maildirs and the sink's transaction dumps."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import require_tool
+
+# Bound on waiting for a delivery to show up (a local delivery takes milliseconds; the bound
+# covers a slow CI disk).
+DELIVERY_WAIT = 20.0
+# Bound on smtp-sink start-up.
+SINK_START = 10.0
+POLL = 0.05
+
+
+def wait_until(predicate, timeout: float = DELIVERY_WAIT, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(POLL)
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def maildir_files(server, address: str = "test@test.com") -> list[Path]:
+    local, domain = address.split("@")
+    new = server.data / "domains" / domain / local / "Maildir" / "new"
+    cur = new.parent / "cur"
+    out = []
+    for d in (new, cur):
+        if d.exists():
+            out.extend(sorted(d.iterdir()))
+    return out
+
+
+def queue_ids(server) -> list[str]:
+    mess = server.data / "queue" / "mess"
+    return sorted(os.listdir(mess)) if mess.exists() else []
+
+
+@dataclass
+class Transaction:
+    mail_from: str
+    rcpts: list[str]
+    body: bytes        # the message as the sink stored it (LF line ends, un-dot-stuffed)
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on 127.0.0.1, dumping each transaction to its own file."""
+
+    def __init__(self, root: Path, *options: str) -> None:
+        self.exe = require_tool("smtp-sink")
+        self.root = Path(root)
+        # As root, smtp-sink writes as nobody, who cannot enter pytest's private tmp_path:
+        # its dumps go to a world-writable directory of their own.
+        self.dump = Path(tempfile.mkdtemp(prefix="smtp-sink-dump-"))
+        self.options = list(options)
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self) -> "SmtpSink":
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dump, 0o777)         # smtp-sink drops to nobody when run as root
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        for _attempt in range(5):
+            port = free_port()
+            self.proc = subprocess.Popen(
+                [self.exe, *user, "-d", str(self.dump) + "/%Y%m%d%H%M%S.", *self.options,
+                 f"127.0.0.1:{port}", "64"],
+                stdout=subprocess.DEVNULL, stderr=open(self.root / "sink.err", "ab"))
+            deadline = time.monotonic() + SINK_START
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    self.port = port
+                    return self
+                except OSError:
+                    time.sleep(POLL)
+            self.stop()
+        raise RuntimeError("smtp-sink did not start: " + (self.root / "sink.err").read_text())
+
+    def transactions(self) -> list[Transaction]:
+        out = []
+        for p in sorted(self.dump.iterdir()):
+            raw = p.read_bytes()
+            head, _, rest = raw.partition(b"\nReceived: ")
+            mail = re.search(rb"^X-Mail-Args: <([^>]*)>", head, re.M)
+            rcpts = re.findall(rb"^X-Rcpt-Args: <([^>]*)>", head, re.M)
+            # the sink adds its own Received: (with continuation lines) before the message
+            # and one blank line after it
+            lines = rest.split(b"\n")
+            i = 1
+            while i < len(lines) and lines[i][:1] in (b"\t", b" "):
+                i += 1
+            body = b"\n".join(lines[i:])
+            if body.endswith(b"\n\n"):
+                body = body[:-1]
+            out.append(Transaction(mail.group(1).decode() if mail else "",
+                                   [r.decode() for r in rcpts], body))
+        return out
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dump, ignore_errors=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dump, ignore_errors=True)
+        self.dump.mkdir()
+        os.chmod(self.dump, 0o777)

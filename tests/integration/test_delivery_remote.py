@@ -1,0 +1,110 @@
+"""Remote delivery from the real server to a real receiving MTA (Postfix's smtp-sink) on
+loopback, routed with [routes]; 5xx, 4xx and disconnects from the sink's -f/-r/-q options."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mailappliance.queue.store import QueueStore
+from tests.integration.delivery_support import (SmtpSink, maildir_files, queue_ids,
+                                                wait_until)
+
+
+@pytest.fixture
+def sink_factory(tmp_path):
+    sinks = []
+
+    def make(*options):
+        s = SmtpSink(tmp_path / f"sink{len(sinks)}", *options).start()
+        sinks.append(s)
+        return s
+
+    yield make
+    for s in sinks:
+        s.close()
+
+
+def routed_server(make_server, sink, extra=""):
+    srv = make_server(f'default_domain = "test.com"\n{extra}\n[routes]\n'
+                      f'"example.org" = "127.0.0.1:{sink.port}"\n')
+    srv.root.mkdir(parents=True, exist_ok=True)
+    srv._write_config()
+    srv.cli("domain", "add", "test.com")
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
+    return srv.start()
+
+
+# Every way a stored byte sequence could try to end DATA early or start a second
+# transaction if it were passed through unnormalised or unstuffed.
+SMUGGLING = (b"Subject: smuggling test\n\nline one\n"
+             b".\nMAIL FROM:<evil@example.org>\nRCPT TO:<victim@example.org>\nDATA\n"
+             b"smuggled 1\n.\n"
+             b"x\r.\rMAIL FROM:<evil@example.org>\r"
+             b"y\r\n.\r\nRCPT TO:<victim@example.org>\r\n"
+             b"z\n.\r\nDATA\n"
+             b"w\r.\nQUIT\n"
+             b"..double dot\n.\n"
+             b"last line without a line end.")
+
+
+def test_stored_smuggling_sequences_arrive_as_exactly_one_transaction(make_server,
+                                                                      sink_factory):
+    sink = sink_factory()
+    srv = routed_server(make_server, sink)
+    QueueStore(srv.data / "queue").inject(SMUGGLING, "test@test.com", ["bob@example.org"])
+    [t] = wait_until(lambda: sink.transactions(), what="the transaction at the sink")
+    wait_until(lambda: queue_ids(srv) == [], what="the queue to empty")
+    assert len(sink.transactions()) == 1
+    assert t.mail_from == "test@test.com" and t.rcpts == ["bob@example.org"]
+    expected = re.sub(rb"\r\n|\r|\n", b"\n", SMUGGLING) + b"\n"
+    assert t.body == expected
+    assert "delivery 1: success: 127.0.0.1_accepted_message./Remote_host_said:_250" \
+        in srv.output()
+
+
+def test_several_recipients_go_in_one_transaction(make_server, sink_factory):
+    sink = sink_factory()
+    srv = routed_server(make_server, sink)
+    QueueStore(srv.data / "queue").inject(b"Subject: two\n\nhi\n", "test@test.com",
+                                          ["a@example.org", "b@example.org"])
+    [t] = wait_until(lambda: sink.transactions(), what="the transaction")
+    assert t.rcpts == ["a@example.org", "b@example.org"]
+
+
+def test_5xx_from_the_sink_bounces_to_the_sender(make_server, sink_factory):
+    sink = sink_factory("-f", "RCPT")
+    srv = routed_server(make_server, sink)
+    QueueStore(srv.data / "queue").inject(b"Subject: hard\n\nno\n", "test@test.com",
+                                          ["bob@example.org"])
+    [bounce] = wait_until(lambda: maildir_files(srv), what="the bounce")
+    data = bounce.read_bytes()
+    assert b"<bob@example.org>:\n127.0.0.1 does not like recipient.\nRemote host said: 5" in data
+    assert b"Subject: failure notice" in data
+    wait_until(lambda: queue_ids(srv) == [], what="the queue to empty")
+
+
+def test_4xx_from_the_sink_defers_and_keeps_the_message(make_server, sink_factory):
+    sink = sink_factory("-r", "RCPT")
+    srv = routed_server(make_server, sink)
+    QueueStore(srv.data / "queue").inject(b"Subject: soft\n\nlater\n", "test@test.com",
+                                          ["bob@example.org"])
+    wait_until(lambda: "deferral: 127.0.0.1_does_not_like_recipient." in srv.output(),
+               what="the deferral")
+    assert len(queue_ids(srv)) == 1
+    assert maildir_files(srv) == []
+    listing = srv.cli("queue", "list").stdout
+    assert "todo  bob@example.org" in listing and "next try in" in listing
+
+
+@pytest.mark.parametrize("command", ["DATA", "."])
+def test_disconnect_from_the_sink_defers(make_server, sink_factory, command):
+    sink = sink_factory("-q", command)
+    srv = routed_server(make_server, sink)
+    QueueStore(srv.data / "queue").inject(b"Subject: cut\n\noff\n", "test@test.com",
+                                          ["bob@example.org"])
+    wait_until(lambda: "deferral: Connected_to_127.0.0.1_but_connection_died." in srv.output(),
+               what="the deferral")
+    assert len(queue_ids(srv)) == 1
+    assert sink.transactions() == [] or command == "."
