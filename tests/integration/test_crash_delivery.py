@@ -1,0 +1,89 @@
+"""kill -9 of the real server in the middle of local and of remote delivery loses nothing:
+after a restart every message is delivered, and only deliveries in flight at the crash may
+arrive twice."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import pytest
+
+from mailappliance.queue.store import QueueStore
+from tests.integration.delivery_support import (SmtpSink, maildir_files, queue_ids,
+                                                wait_until)
+
+# Messages queued before the server starts: enough that delivery takes a while, so the kill
+# lands in the middle of it.
+MESSAGES = 600
+# The kill happens once at least this many have been delivered.
+KILL_AFTER = 40
+MARKER = re.compile(rb"crash-marker-(\d+)-end")
+
+
+def make(make_server, extra=""):
+    srv = make_server(f'default_domain = "test.com"\n{extra}')
+    srv.root.mkdir(parents=True, exist_ok=True)
+    srv._write_config()
+    srv.cli("domain", "add", "test.com")
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
+    return srv
+
+
+def fill_queue(srv, rcpt):
+    store = QueueStore(srv.data / "queue")
+    for i in range(MESSAGES):
+        store.inject(b"Subject: crash test %d\n\ncrash-marker-%d-end\n" % (i, i),
+                     "test@test.com", [rcpt], trigger=False)
+
+
+def check(counts: collections.Counter, limit_in_flight: int):
+    missing = [i for i in range(MESSAGES) if counts[i] == 0]
+    assert missing == [], f"{len(missing)} messages lost, e.g. {missing[:5]}"
+    dups = [i for i, n in counts.items() if n > 1]
+    # a duplicate is acceptable only for a delivery in flight at the crash
+    assert len(dups) <= limit_in_flight, dups
+    assert set(counts) == set(range(MESSAGES))
+
+
+def test_kill_9_during_local_delivery_loses_nothing(make_server):
+    srv = make(make_server)
+    fill_queue(srv, "test@test.com")
+    srv.start()
+    wait_until(lambda: len(maildir_files(srv)) >= KILL_AFTER, what="deliveries to start")
+    srv.kill()
+    left = len(queue_ids(srv))
+    assert left > 0, "the crash came too late to test anything (all delivered already)"
+    srv.start()
+    wait_until(lambda: queue_ids(srv) == [], timeout=120, what="the queue to empty")
+    counts = collections.Counter()
+    for path in maildir_files(srv):
+        data = path.read_bytes()
+        m = MARKER.search(data)
+        assert m and data.endswith(m.group(0) + b"\n"), f"partial file in new/: {path}"
+        counts[int(m.group(1))] += 1
+    check(counts, limit_in_flight=10)
+
+
+def test_kill_9_during_remote_delivery_loses_nothing(make_server, tmp_path):
+    sink = SmtpSink(tmp_path / "sink").start()
+    try:
+        srv = make(make_server, f'\n[routes]\n"example.org" = "127.0.0.1:{sink.port}"\n')
+        fill_queue(srv, "bob@example.org")
+        srv.start()
+        wait_until(lambda: len(list(sink.dump.iterdir())) >= KILL_AFTER,
+                   what="remote deliveries to start")
+        srv.kill()
+        left = len(queue_ids(srv))
+        assert left > 0, "the crash came too late to test anything (all delivered already)"
+        srv.start()
+        wait_until(lambda: queue_ids(srv) == [], timeout=120, what="the queue to empty")
+        counts = collections.Counter()
+        for t in sink.transactions():
+            m = MARKER.search(t.body)
+            if m:   # a transaction cut by the kill has no end marker and did not count
+                counts[int(m.group(1))] += 1
+        check(counts, limit_in_flight=20)
+        assert "bounce msg" not in srv.output()
+    finally:
+        sink.close()
