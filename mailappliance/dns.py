@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import secrets
 import socket
 import struct
@@ -179,8 +180,20 @@ def _ip_literal(text: str) -> bool:
     return True
 
 
+# Host names in the LDH form of RFC 1123 section 2.1 (what DNSBL queries and nearly all MX
+# lookups are) skip dnspython's general name parser, which costs about 7 us per call.
+_LDH_NAME = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+                       r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+MAX_NAME_TEXT = 253     # RFC 1035 section 3.1: 255 octets on the wire
+
+
 def normalize_name(name: str) -> str:
     """Lower case, no trailing dot; raises ValueError for a name DNS cannot carry."""
+    plain = name.lower()
+    if plain.endswith("."):
+        plain = plain[:-1]
+    if len(plain) <= MAX_NAME_TEXT and _LDH_NAME.fullmatch(plain):
+        return plain
     try:
         n = dns.name.from_text(name.rstrip(".") + ".") if name not in ("", ".") else dns.name.root
     except (dns.exception.DNSException, UnicodeError) as e:
@@ -219,7 +232,11 @@ def make_query(name: str, rdtype: int, use_edns: bool = True, qid: int | None = 
     runs for every DNSBL lookup of every connection).
     """
     qid = secrets.randbits(16) if qid is None else qid
-    qname = (dns.name.from_text(name) if name != "." else dns.name.root).to_wire()
+    if len(name) <= MAX_NAME_TEXT and _LDH_NAME.fullmatch(name):
+        qname = b"".join(bytes((len(label),)) + label.encode("ascii")
+                         for label in name.split(".")) + b"\x00"
+    else:
+        qname = (dns.name.from_text(name) if name != "." else dns.name.root).to_wire()
     question = qname + struct.pack("!HH", rdtype, _CLASS_IN)
     header = struct.pack("!HHHHHH", qid, _FLAG_RD, 1, 0, 0, 1 if use_edns else 0)
     # OPT: root owner, type 41, class = UDP payload size, TTL 0 (version 0, no DO), no options.
@@ -698,8 +715,7 @@ class Resolver(ResolverBase):
         if flight is not None:
             self.stats["shared"] += 1
             return flight.waiter()
-        op = Deferred.fromCoroutine(
-            self._resolve(qname, qtype, self.timeout if timeout is None else timeout))
+        op = _Lookup(self, qname, qtype, self.timeout if timeout is None else timeout).start()
         op.addCallback(self._store, key)
         flight = _Flight(op)
         waiter = flight.waiter()
@@ -727,69 +743,28 @@ class Resolver(ResolverBase):
             servers = servers[k:] + servers[:k]
         return servers
 
-    async def _resolve(self, name: str, rdtype: int, timeout: float) -> Answer:
-        deadline = self._reactor.seconds() + timeout
-        problems: list[str] = []
-        for _ in range(self.attempts):
-            for server in self._server_order():
-                remaining = deadline - self._reactor.seconds()
-                if remaining <= 0:
-                    break
-                try:
-                    query, wire = await self._exchange(name, rdtype, server,
-                                                       min(self.attempt_timeout, remaining))
-                    return decode_reply(name, rdtype, query, wire)
-                except DNSTemporaryError as e:
-                    problems.append(f"{e.reason} from {_where(server)}")
-        self.stats["failures"] += 1
-        # The last few reasons are enough for a log line and a bounce.
-        raise DNSTemporaryError(name, "; ".join(problems[-3:]) or "timeout")
-
-    async def _exchange(self, name: str, rdtype: int, server: tuple[str, int],
-                        timeout: float) -> tuple[Query, bytes]:
-        """One question to one server: UDP, then TCP if truncated; FORMERR -> retry w/o EDNS."""
-        deadline = self._reactor.seconds() + timeout
-        use_edns = True
-        while True:
-            query = make_query(name, rdtype, use_edns)
-            try:
-                self.stats["sent_udp"] += 1
-                reply = await self._udp(query, server, deadline - self._reactor.seconds())
-                if reply is _TRUNCATED:
-                    self.stats["sent_tcp"] += 1
-                    reply = await self._tcp(query, server, deadline - self._reactor.seconds())
-            except defer.TimeoutError:
-                self.stats["timeouts"] += 1
-                raise DNSTemporaryError(name, "timeout") from None
-            if use_edns and reply_rcode(reply) == dns.rcode.FORMERR:
-                use_edns = False        # an old server without EDNS0 (RFC 6891 section 7)
-                continue
-            return query, reply
-
     def _udp(self, query: Query, server: tuple[str, int], timeout: float) -> Deferred:
-        exchange = _UDPExchange(query)
+        """Send `query` over a fresh connected UDP socket: Deferred[reply wire | _TRUNCATED]."""
+        exchange = _UDPExchange(query, self._reactor)
         try:
             sock = self._open_udp(server, exchange)
         except OSError as e:
             return defer.fail(DNSTemporaryError(query.name, f"no UDP socket: {e.strerror or e}"))
-        try:
-            sock.send(query.wire)
-        except OSError as e:    # network unreachable, ICMP error already pending, ...
-            exchange.unreachable(f"send failed: {e.strerror or e}")
-        d = exchange.result
-        d.addTimeout(max(timeout, 0.0), self._reactor)
-        d.addBoth(_then(sock.close))
-        return d
+        self.stats["sent_udp"] += 1
+        exchange.start(sock, timeout)
+        return exchange.result
 
     def _tcp(self, query: Query, server: tuple[str, int],
              timeout: float) -> Deferred:
         host, port = server
         exchange = _TCPExchange(query)
         factory = _TCPExchangeFactory(exchange)
+        self.stats["sent_tcp"] += 1
         connector = self._reactor.connectTCP(host, port, factory, timeout=max(timeout, 0.001))
         d = exchange.result
         d.addTimeout(max(timeout, 0.0), self._reactor)
         d.addBoth(_then(connector.disconnect))
+        d.addErrback(_timeout_as_dns_error, query.name)
         return d
 
 
@@ -857,17 +832,115 @@ class _Flight:
 _PENDING = object()
 
 
-class _UDPExchange:
-    """What one UDP query waits for: a matching reply, TC, garbage, or an unreachable server."""
+class _Lookup:
+    """One query() on the wire: servers in turn, `attempts` rounds, all within `timeout`.
 
-    def __init__(self, query: Query) -> None:
+    Per try: UDP; TCP when the reply is truncated; once more without EDNS after FORMERR
+    (RFC 6891 section 7). SERVFAIL, REFUSED, an unusable reply, a timeout or an unreachable
+    server moves on to the next try. Written as explicit callbacks rather than a coroutine:
+    this runs for every DNSBL lookup and the difference is measurable.
+    """
+
+    def __init__(self, resolver: "Resolver", name: str, rdtype: int, timeout: float) -> None:
+        self.resolver = resolver
+        self.name = name
+        self.rdtype = rdtype
+        self.deadline = resolver._reactor.seconds() + timeout
+        self.tries = resolver._server_order() * resolver.attempts
+        self.index = -1
+        self.problems: list[str] = []
+        self.current: Deferred | None = None
+        self.cancelled = False
+        self.result: Deferred = Deferred(self._cancel)
+
+    def start(self) -> Deferred:
+        self._next_try()
+        return self.result
+
+    def _remaining(self) -> float:
+        return self.deadline - self.resolver._reactor.seconds()
+
+    def _next_try(self) -> None:
+        self.index += 1
+        remaining = self._remaining()
+        if self.index >= len(self.tries) or remaining <= 0:
+            self.resolver.stats["failures"] += 1
+            # The last few reasons are enough for a log line and a bounce.
+            self.result.errback(DNSTemporaryError(
+                self.name, "; ".join(self.problems[-3:]) or "timeout"))
+            return
+        self.try_deadline = self.resolver._reactor.seconds() + min(
+            self.resolver.attempt_timeout, remaining)
+        self._send(use_edns=True)
+
+    def _send(self, use_edns: bool) -> None:
+        query = make_query(self.name, self.rdtype, use_edns)
+        server = self.tries[self.index]
+        timeout = self.try_deadline - self.resolver._reactor.seconds()
+        self.current = d = self.resolver._udp(query, server, timeout)
+        d.addCallbacks(self._replied, self._failed, callbackArgs=(query, server))
+
+    def _replied(self, wire, query: Query, server: tuple[str, int]) -> None:
+        if self.cancelled:
+            return
+        if wire is _TRUNCATED:
+            timeout = self.try_deadline - self.resolver._reactor.seconds()
+            self.current = d = self.resolver._tcp(query, server, timeout)
+            d.addCallbacks(self._replied, self._failed, callbackArgs=(query, server))
+            return
+        if query.edns and reply_rcode(wire) == dns.rcode.FORMERR:
+            self._send(use_edns=False)     # an old server without EDNS0
+            return
+        try:
+            answer = decode_reply(self.name, self.rdtype, query, wire)
+        except DNSTemporaryError as e:
+            self.problems.append(f"{e.reason} from {_where(server)}")
+            self._next_try()
+            return
+        self.result.callback(answer)
+
+    def _failed(self, failure: Failure) -> None:
+        if self.cancelled:
+            return None
+        server = self.tries[self.index]
+        if failure.check(DNSTemporaryError):
+            if failure.value.reason == "timeout":
+                self.resolver.stats["timeouts"] += 1
+            self.problems.append(f"{failure.value.reason} from {_where(server)}")
+        else:   # a bug below us: counted as a failed try, never left unhandled
+            self.problems.append(f"{failure.getErrorMessage()} from {_where(server)}")
+        self._next_try()
+        return None
+
+    def _cancel(self, _d: Deferred) -> None:
+        self.cancelled = True
+        if self.current is not None and not self.current.called:
+            self.current.cancel()
+
+
+class _UDPExchange:
+    """What one UDP query waits for: a matching reply, TC, garbage, an unreachable server or
+    the timeout. Whatever comes first ends it, closes the socket and cancels the timer."""
+
+    def __init__(self, query: Query, reactor) -> None:
         self.query = query
+        self.reactor = reactor
         self.ignored = 0
-        self.result: Deferred = Deferred()
+        self.sock = None
+        self.timer = None
+        self.result: Deferred = Deferred(self._cancelled)
 
     @property
     def done(self) -> bool:
         return self.result.called
+
+    def start(self, sock, timeout: float) -> None:
+        self.sock = sock
+        self.timer = self.reactor.callLater(max(timeout, 0.0), self._timed_out)
+        try:
+            sock.send(self.query.wire)
+        except OSError as e:    # network unreachable, an ICMP error already pending, ...
+            self.unreachable(f"send failed: {e.strerror or e}")
 
     def datagram(self, data: bytes) -> None:
         if self.result.called:
@@ -875,13 +948,41 @@ class _UDPExchange:
         if not _answers(data, self.query):
             self.ignored += 1
             if self.ignored >= MAX_IGNORED_DATAGRAMS:
-                self.result.errback(DNSTemporaryError(self.query.name, "only garbage replies"))
+                self._finish(DNSTemporaryError(self.query.name, "only garbage replies"))
             return
-        self.result.callback(_TRUNCATED if is_truncated_reply(data, self.query) else data)
+        self._finish(_TRUNCATED if is_truncated_reply(data, self.query) else data)
 
     def unreachable(self, why: str = "server unreachable") -> None:
-        if not self.result.called:
-            self.result.errback(DNSTemporaryError(self.query.name, why))
+        self._finish(DNSTemporaryError(self.query.name, why))
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._finish(DNSTemporaryError(self.query.name, "timeout"))
+
+    def _cleanup(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _cancelled(self, _d: Deferred) -> None:
+        self._cleanup()           # the Deferred then fails with CancelledError
+
+    def _finish(self, outcome) -> None:
+        if self.result.called:
+            return
+        self._cleanup()
+        if isinstance(outcome, Exception):
+            self.result.errback(outcome)
+        else:
+            self.result.callback(outcome)
+
+
+def _timeout_as_dns_error(failure: Failure, name: str) -> None:
+    failure.trap(defer.TimeoutError)
+    raise DNSTemporaryError(name, "timeout")
 
 
 class _ConnectedUDPSocket:

@@ -227,67 +227,87 @@ class DNSBLChecker:
 
 
 class _Check:
-    """One client's lookups: every zone in parallel under one deadline."""
+    """One client's lookups: every zone in parallel, one deadline, one verdict.
+
+    Explicit callbacks and a countdown rather than gatherResults: this runs for every
+    connection, and the Deferred plumbing used to cost as much as the lookups.
+    """
 
     def __init__(self, checker: DNSBLChecker, ip: str, prefix: str) -> None:
         self.checker = checker
         self.ip = ip
         self.prefix = prefix
+        self.zones = [(z, False) for z in checker.allow_zones] + \
+            [(z, True) for z in checker.zones]
+        self.results: list[ZoneResult | None] = [None] * len(self.zones)
+        self.waiting = len(self.zones)
         self.pending: list[Deferred] = []
         self.timed_out = False
+        self.deadline = None
+        self.result: Deferred = Deferred()
 
     def run(self) -> Deferred:
         c = self.checker
-        allow = [self._zone(z, want_reason=False) for z in c.allow_zones]
-        block = [self._zone(z, want_reason=True) for z in c.zones]
-        deadline = c.reactor.callLater(c.timeout, self._expire)
-        d = defer.gatherResults(allow + block)
+        self.deadline = c.reactor.callLater(c.timeout, self._expire)
+        for i, (zone, want_reason) in enumerate(self.zones):
+            name = f"{self.prefix}.{zone}"
+            d = self._query(name, "A")
+            d.addCallbacks(self._a_answer, self._a_failed,
+                           callbackArgs=(i, zone, name, want_reason), errbackArgs=(i, zone, name))
+        return self.result
 
-        def decide(results: list[ZoneResult]) -> Refusal | None:
-            if deadline.active():
-                deadline.cancel()
-            v = verdict(results[:len(allow)], results[len(allow):],
-                        permanent=c.permanent, fail_closed=c.fail_closed)
-            for err in v.errors:
-                c.log.warn("rblsmtpd: {ip} {zone}: lookup error: {why}", ip=self.ip,
-                           zone=err.zone, why=err.detail)
-            if v.refusal is not None:
-                c._log_refusal(self.ip, v.zone or "", v.refusal)
-            return v.refusal
-
-        d.addCallback(decide)
-        d.addErrback(self._bug)
-        return d
-
-    def _track(self, d: Deferred) -> Deferred:
+    def _query(self, name: str, rdtype: str) -> Deferred:
+        try:
+            d = self.checker.resolver.query(name, rdtype, self.checker.timeout)
+        except Exception:       # a broken resolver must not break the SMTP session
+            d = defer.fail()
         self.pending.append(d)
         return d
 
-    def _zone(self, zone: str, want_reason: bool) -> Deferred:
-        name = f"{self.prefix}.{zone}"
-        resolver = self.checker.resolver
-        timeout = self.checker.timeout
+    def _a_answer(self, answer: Answer, i: int, zone: str, name: str, want_reason: bool) -> None:
+        result = classify(zone, answer)
+        if result.status is not Status.LISTED or not want_reason or self.timed_out:
+            self._done(i, result if result.status is not Status.LISTED else
+                       ZoneResult(zone, Status.LISTED, reason_text(self.ip, zone, None)))
+            return
+        t = self._query(name, "TXT")
+        # A TXT lookup that fails or is cut by the deadline still leaves the client listed.
+        t.addCallbacks(lambda txt: self._done(i, ZoneResult(
+                           zone, Status.LISTED, reason_text(self.ip, zone, txt))),
+                       lambda f: self._done(i, ZoneResult(
+                           zone, Status.LISTED, reason_text(self.ip, zone, None))))
 
-        d = self._track(defer.maybeDeferred(resolver.query, name, "A", timeout))
-        d.addErrback(self._as_error, name)
-        d.addCallback(lambda a: classify(zone, a))
+    def _a_failed(self, failure: Failure, i: int, zone: str, name: str) -> None:
+        self._done(i, classify(zone, self._as_error(failure, name)))
 
-        def reason(result: ZoneResult):
-            if result.status is not Status.LISTED or not want_reason:
-                return result
-            if self.timed_out:
-                return ZoneResult(zone, Status.LISTED, reason_text(self.ip, zone, None))
-            t = self._track(defer.maybeDeferred(resolver.query, name, "TXT", timeout))
-            t.addErrback(self._as_error, name)
-            t.addCallback(lambda txt: ZoneResult(zone, Status.LISTED,
-                                                 reason_text(self.ip, zone, txt)))
-            # A TXT lookup cut by the deadline still leaves the client listed.
-            t.addErrback(lambda f: ZoneResult(zone, Status.LISTED,
-                                              reason_text(self.ip, zone, None)))
-            return t
+    def _done(self, i: int, result: ZoneResult) -> None:
+        if self.result.called or self.results[i] is not None:
+            return
+        self.results[i] = result
+        self.waiting -= 1
+        if self.waiting == 0:
+            try:
+                refusal = self._decide()
+            except Exception:
+                # The checker must never fail the SMTP session; a bug here fails open, loudly.
+                self.checker.log.failure("rblsmtpd: {ip}: internal error, not checked",
+                                         ip=self.ip)
+                refusal = None
+            self.result.callback(refusal)
 
-        d.addCallback(reason)
-        return d
+    def _decide(self) -> Refusal | None:
+        c = self.checker
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        n_allow = len(c.allow_zones)
+        v = verdict(self.results[:n_allow], self.results[n_allow:],
+                    permanent=c.permanent, fail_closed=c.fail_closed)
+        for err in v.errors:
+            c.log.warn("rblsmtpd: {ip} {zone}: lookup error: {why}", ip=self.ip,
+                       zone=err.zone, why=err.detail)
+        if v.refusal is not None:
+            c._log_refusal(self.ip, v.zone or "", v.refusal)
+        return v.refusal
 
     def _as_error(self, failure: Failure, name: str) -> DNSError:
         if failure.check(defer.CancelledError):
@@ -301,12 +321,12 @@ class _Check:
         for d in list(self.pending):
             if not d.called:
                 d.cancel()
-
-    def _bug(self, failure: Failure) -> None:
-        # The checker must never fail the SMTP session; a bug here fails open, loudly.
-        self.checker.log.failure("rblsmtpd: {ip}: internal error, not checked", failure,
-                                 ip=self.ip)
-        return None
+        # Whatever still has no result (a resolver that ignores cancel) is a lookup error now:
+        # the deadline is a promise to the SMTP session.
+        why = f"no answer within {self.checker.timeout:g} s"
+        for i, (zone, _) in enumerate(self.zones):
+            if self.results[i] is None:
+                self._done(i, ZoneResult(zone, Status.ERROR, why))
 
 
 class _Timeout(DNSError):

@@ -246,3 +246,23 @@ def test_from_settings_and_reload():
     checker.reload(dataclasses.replace(settings, smtp=SMTPSettings(dnsbl=("bl2.test",))))
     assert checker.zones == ("bl2.test",) and not checker.permanent
     assert result_of(checker.check("127.0.0.9", {})).text == "listed in bl2"
+
+
+def test_the_deadline_holds_even_if_a_zone_never_reports():
+    """A resolver handing back nonsense breaks that zone's callback; the deadline still ends
+    the check, so the SMTP session is never left waiting."""
+    from twisted.internet import defer
+
+    class Nonsense(FakeResolver):
+        def query(self, name, rdtype, timeout=None):
+            if name.endswith(".bl.test"):
+                return defer.succeed(object())
+            return super().query(name, rdtype, timeout)
+    checker, _, clock = make(("bl.test", "bl2.test"), resolver=Nonsense(ZONES), timeout=3)
+    with capturedLogs():
+        d = checker.check("127.0.0.9", {})
+        assert not d.called
+        clock.advance(3)
+    assert result_of(d).text == "listed in bl2"
+    import gc
+    gc.collect()        # the broken callback's failure is logged when collected, not raised

@@ -104,6 +104,20 @@ def test_hand_built_query_is_byte_identical_to_dnspythons():
     assert ours.wire == theirs.to_wire()
 
 
+_label = st.from_regex(r"[a-zA-Z0-9_](?:[a-zA-Z0-9_-]{0,61}[a-zA-Z0-9_])?", fullmatch=True)
+
+
+@given(st.lists(_label, min_size=1, max_size=3), st.booleans())
+def test_the_ldh_shortcut_encodes_names_as_dnspython_does(labels, dot):
+    text = ".".join(labels) + ("." if dot else "")
+    expected = dns.name.from_text(text).to_text(omit_final_dot=True).lower()
+    assert normalize_name(text) == expected
+    ours = make_query(expected, dns.rdatatype.A, qid=1)
+    theirs = dns.message.make_query(expected + ".", "A", use_edns=0, payload=1232)
+    theirs.id = 1
+    assert ours.wire == theirs.to_wire()
+
+
 def test_parse_reply_accepts_the_matching_reply_only():
     q = make_query("a.test", dns.rdatatype.A)
     good = _reply(q).to_wire()
