@@ -377,8 +377,11 @@ class JournalObserver:
 
 
 def journal() -> JournalObserver:
-    """Log observer factory for ``twistd --logger=mailappliance.logging.journal``."""
-    return JournalObserver()
+    """Log observer factory for ``twistd --logger=mailappliance.logging.journal``.
+
+    twistd replaces sys.stdout with a file that turns writes into log events once logging
+    begins; the observer keeps the process's real standard output."""
+    return JournalObserver(sys.__stdout__)
 
 
 # --- the service ------------------------------------------------------------------------------
