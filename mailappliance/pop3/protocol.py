@@ -196,7 +196,7 @@ class POP3ServerProtocol(Protocol):
         if idle < f.timeout:
             self._timer = f.reactor.callLater(f.timeout - idle, self._check_idle)
             return
-        self.log.info("pop3 timeout: rip={ip} user=<{user}>", ip=self.ip,
+        self.log.info("timeout: rip={ip} user=<{user}>", ip=self.ip,
                       user=escape_login(self.session.login or ""))
         if self._sender is not None:
             # Stuck mid-message with a full socket buffer: no -ERR can get through.
@@ -287,7 +287,7 @@ class POP3ServerProtocol(Protocol):
     def _password_error(self, failure, login: str) -> None:
         # The user store failed (disk, database): not the client's fault, so no penalty, but
         # no access either.
-        self.log.failure("pop3 password check failed: rip={ip} user=<{user}>", failure,
+        self.log.failure("password check failed: rip={ip} user=<{user}>", failure,
                          ip=self.ip, user=escape_login(login))
         if not self._closed:
             self.session.login_failed()
@@ -298,8 +298,8 @@ class POP3ServerProtocol(Protocol):
         if user is None:
             delay = f.penalty.failed(self.ip, f.reactor.seconds())
             # One line per failure with the address and the escaped login, for fail2ban:
-            #   failregex = pop3 login failed: rip=<HOST> user=
-            self.log.warn("pop3 login failed: rip={ip} user=<{user}> tls={tls} delay={delay:g}s",
+            #   failregex = pop3: login failed: rip=<HOST> user=
+            self.log.warn("login failed: rip={ip} user=<{user}> tls={tls} delay={delay:g}s",
                           ip=self.ip, user=escape_login(login),
                           tls="yes" if self.session.tls_active else "no", delay=delay)
             if self._closed:
@@ -328,7 +328,7 @@ class POP3ServerProtocol(Protocol):
             return
         self.mailbox = box
         self.session.login_succeeded(messages)
-        self.log.info("pop3 login: user=<{user}> rip={ip} tls={tls} messages={count}",
+        self.log.info("login: user=<{user}> rip={ip} tls={tls} messages={count}",
                       user=escape_login(self.user.address), ip=self.ip,
                       tls="yes" if self.session.tls_active else "no", count=len(messages))
         self._resume()
@@ -336,10 +336,10 @@ class POP3ServerProtocol(Protocol):
     def _mailbox_failed(self, failure) -> None:
         busy = failure.check(MailboxBusy) is not None
         if busy:
-            self.log.info("pop3 mailbox in use: user=<{user}> rip={ip}",
+            self.log.info("mailbox in use: user=<{user}> rip={ip}",
                           user=escape_login(self.user.address), ip=self.ip)
         else:
-            self.log.failure("pop3 cannot open mailbox: user=<{user}> rip={ip}", failure,
+            self.log.failure("cannot open mailbox: user=<{user}> rip={ip}", failure,
                              user=escape_login(self.user.address), ip=self.ip)
         self.user = None
         if not self._closed:
@@ -365,7 +365,7 @@ class POP3ServerProtocol(Protocol):
             self.session.retrieve_failed()
             return True
         except MailboxError as e:
-            self.log.error("pop3 cannot open message: user=<{user}> {why}",
+            self.log.error("cannot open message: user=<{user}> {why}",
                            user=escape_login(self.user.address), why=str(e))
             self.session.retrieve_failed()
             return True
@@ -374,7 +374,7 @@ class POP3ServerProtocol(Protocol):
             chunk = f.read(READ_CHUNK)
         except OSError as e:
             f.close()
-            self.log.error("pop3 cannot read message: {why}", why=str(e))
+            self.log.error("cannot read message: {why}", why=str(e))
             self.session.retrieve_failed()
             return True
         out.append(self.session.retrieve_opened())
@@ -400,7 +400,7 @@ class POP3ServerProtocol(Protocol):
     def _stream_failed(self, error: OSError) -> None:
         # The +OK is out; the only honest signal left is to drop the connection (the client
         # sees no final ".", and nothing is deleted without QUIT).
-        self.log.error("pop3 read error during RETR: user=<{user}> {why}",
+        self.log.error("read error during RETR: user=<{user}> {why}",
                        user=escape_login(self.user.address), why=str(error))
         if self._sender is not None:
             self._sender.close()
@@ -416,13 +416,13 @@ class POP3ServerProtocol(Protocol):
         d.addCallback(self._updated, action)
 
     def _update_error(self, failure, count: int) -> int:
-        self.log.failure("pop3 QUIT update failed: user=<{user}>", failure,
+        self.log.failure("QUIT update failed: user=<{user}>", failure,
                          user=escape_login(self.user.address))
         return max(count, 1)
 
     def _updated(self, failures: int, action: Update) -> None:
         self._updating = False
-        self.log.info("pop3 quit: user=<{user}> rip={ip} deleted={deleted} kept={kept}"
+        self.log.info("quit: user=<{user}> rip={ip} deleted={deleted} kept={kept}"
                       " failures={failures}", user=escape_login(self.user.address), ip=self.ip,
                       deleted=len(action.deleted), kept=len(action.kept), failures=failures)
         self._release_mailbox()

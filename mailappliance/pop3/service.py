@@ -43,7 +43,7 @@ class _Shared:
     @staticmethod
     def _sweep(app) -> None:
         for ip in app.grants.expire():
-            log.info("pop3 roaming relay expired: rip={ip}", ip=ip)
+            log.info("roaming relay expired: rip={ip}", ip=ip)
 
 
 _shared: dict[int, _Shared] = {}
@@ -103,7 +103,7 @@ def build_factory(app, kind: str):
         if minutes <= 0:
             return
         app.grants.grant(ip, minutes * 60)
-        log.info("pop3 roaming relay granted: rip={ip} user=<{user}> minutes={minutes}",
+        log.info("roaming relay granted: rip={ip} user=<{user}> minutes={minutes}",
                  ip=ip, user=user.address, minutes=minutes)
 
     def next_token() -> str:

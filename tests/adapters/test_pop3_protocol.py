@@ -1,0 +1,418 @@
+"""The POP3 adapter with Twisted doubles: StringTransport, a Clock reactor, a thread pool that
+runs inline (or on demand), and the real pieces behind them: build_factory, the UserStore with
+bcrypt, Authenticator, RelayGrants, Maildirs on disk."""
+
+from __future__ import annotations
+
+import os
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailappliance.access.relay import RelayGrants
+from mailappliance.config import ConfigError, POP3Settings, Settings, TLSSettings
+from mailappliance.pop3 import core
+from mailappliance.pop3.mailbox import READ_CHUNK
+from mailappliance.pop3.protocol import POP3ServerProtocol
+from mailappliance.pop3.service import build_factory
+from mailappliance.service import App
+from mailappliance.testing.threads import DeferredThreadPool, ImmediateThreadPool, ThreadlessReactor
+from mailappliance.tls import TLSContext
+from mailappliance.users.auth import Authenticator
+from mailappliance.users.store import UserStore
+from tests.pop3_support import deliver, make_cert, message
+
+PASSWORD = "Passw0rd!"
+
+
+def make_app(tmp_path, *, pool=None, minutes=30, require_tls=False, tls=False, timeout=600):
+    reactor = ThreadlessReactor()
+    reactor.advance(1_000_000)
+    pool = pool or ImmediateThreadPool()
+    store = UserStore(tmp_path / "data", bcrypt_cost=4)
+    store.add_domain("test.com")
+    user = store.add_user("test@test.com", PASSWORD)
+    store.add_user("other@test.com", PASSWORD)
+    tls_settings = TLSSettings()
+    if tls:
+        tls_settings = TLSSettings(*make_cert(tmp_path / "tls"))
+    settings = Settings(hostname="mx.test.example", data=tmp_path / "data",
+                        default_domain="test.com", tls=tls_settings,
+                        pop3=POP3Settings(roaming_relay_minutes=minutes, timeout=timeout,
+                                          require_tls=require_tls))
+    app = App(settings=settings, reactor=reactor, store=store, threadpool=pool,
+              authenticator=Authenticator(store, reactor, pool),
+              grants=RelayGrants(tmp_path / "data" / "relay-grants.json", clock=reactor.seconds),
+              tls=TLSContext(tls_settings) if tls else None)
+    app.maildir = user.maildir     # for the tests only
+    return app
+
+
+class TLSCapableTransport(StringTransport):
+    """StringTransport that records startTLS (the real handshake is in the integration tests)."""
+
+    tls_options = None
+    before_tls = b""
+
+    def startTLS(self, options):
+        self.tls_options = options
+        self.before_tls = self.value()
+
+
+def connect(factory, ip="127.0.0.5", transport_class=StringTransport):
+    proto = factory.buildProtocol(IPv4Address("TCP", ip, 40000))
+    t = transport_class(peerAddress=IPv4Address("TCP", ip, 40000))
+    proto.makeConnection(t)
+    return proto, t
+
+
+def take(t) -> bytes:
+    v = t.value()
+    t.clear()
+    return v
+
+
+def say(proto, t, data: bytes) -> bytes:
+    proto.dataReceived(data)
+    return take(t)
+
+
+def login(proto, t, user=b"test", password=PASSWORD.encode()) -> bytes:
+    return say(proto, t, b"USER " + user + b"\r\nPASS " + password + b"\r\n")
+
+
+@pytest.fixture
+def app(tmp_path):
+    return make_app(tmp_path)
+
+
+@pytest.fixture
+def factory(app):
+    f = build_factory(app, "pop3")
+    f.doStart()
+    yield f
+    f.doStop()
+
+
+def test_full_session_retr_dele_quit(app, factory):
+    names = [deliver(app.maildir, message(i), mtime=1_700_000_000 + i) for i in range(3)]
+    proto, t = connect(factory)
+    greeting = take(t)
+    assert greeting.startswith(b"+OK <") and greeting.endswith(b"@mx.test.example>\r\n")
+    assert login(proto, t) == b"+OK\r\n+OK maildrop has 3 messages (%d octets)\r\n" % sum(
+        len(message(i)) for i in range(3))
+    out = say(proto, t, b"RETR 2\r\n")
+    body = message(1).replace(b"\n", b"\r\n")
+    assert out == b"+OK %d octets\r\n" % len(message(1)) + body + b".\r\n"
+    assert say(proto, t, b"DELE 1\r\nDELE 3\r\n") == (b"+OK message 1 deleted\r\n"
+                                                      b"+OK message 3 deleted\r\n")
+    # Nothing changes on disk before QUIT.
+    assert sorted(os.listdir(app.maildir / "new")) == sorted(names)
+    assert say(proto, t, b"QUIT\r\n") == b"+OK signing off\r\n"
+    assert t.disconnecting
+    assert os.listdir(app.maildir / "new") == []
+    assert os.listdir(app.maildir / "cur") == [names[1] + ":2,"]
+    proto.connectionLost(None)
+
+
+def test_dropped_connection_deletes_nothing_and_frees_the_lock(app, factory):
+    names = [deliver(app.maildir, message(i), mtime=1_700_000_000 + i) for i in range(2)]
+    proto, t = connect(factory)
+    login(proto, t)
+    say(proto, t, b"DELE 1\r\nDELE 2\r\n")
+    proto.connectionLost(None)
+    assert sorted(os.listdir(app.maildir / "new")) == sorted(names)
+    proto2, t2 = connect(factory)
+    take(t2)
+    assert login(proto2, t2).endswith(b"+OK maildrop has 2 messages (%d octets)\r\n"
+                                      % sum(len(message(i)) for i in range(2)))
+
+
+def test_pipelined_session_answers_in_order(app, factory):
+    deliver(app.maildir, b"Subject: a\n\n.dot line\n", mtime=1_700_000_000)
+    deliver(app.maildir, b"Subject: b\n\nb1\nb2\n", mtime=1_700_000_001)
+    proto, t = connect(factory)
+    take(t)
+    out = say(proto, t, b"USER test\r\nPASS " + PASSWORD.encode() +
+              b"\r\nSTAT\r\nRETR 1\r\nTOP 2 1\r\nDELE 1\r\nQUIT\r\n")
+    assert out == (b"+OK\r\n+OK maildrop has 2 messages (40 octets)\r\n+OK 2 40\r\n"
+                   b"+OK 22 octets\r\nSubject: a\r\n\r\n..dot line\r\n.\r\n"
+                   b"+OK top of message follows\r\nSubject: b\r\n\r\nb1\r\n.\r\n"
+                   b"+OK message 1 deleted\r\n+OK signing off\r\n")
+    assert len(os.listdir(app.maildir / "cur")) == 1
+
+
+def test_big_retr_streams_in_bounded_chunks(app, factory):
+    size = 3 * 1024 * 1024 + 17
+    deliver(app.maildir, message(1, size), mtime=1_700_000_000)
+    proto, t = connect(factory)
+    take(t)
+    login(proto, t)
+    take(t)
+    proto.dataReceived(b"RETR 1\r\nNOOP\r\n")
+    assert t.producer is not None and not t.streaming
+    total = [take(t)]
+    assert len(total[0]) <= READ_CHUNK * 2 + 100       # the +OK and the first chunk only
+    for _ in range(10_000):
+        if t.producer is None:
+            break
+        t.producer.resumeProducing()
+        piece = take(t)
+        assert len(piece) <= READ_CHUNK * 2 + 10     # LF -> CRLF at most doubles a chunk
+        total.append(piece)
+    wire = b"".join(total)
+    expected = message(1, size).replace(b"\n", b"\r\n")
+    assert wire == b"+OK %d octets\r\n" % size + expected + b".\r\n" + b"+OK\r\n"
+
+
+def test_retr_of_a_file_removed_behind_our_back(app, factory):
+    name = deliver(app.maildir, message(1))
+    proto, t = connect(factory)
+    take(t)
+    login(proto, t)
+    os.unlink(app.maildir / "new" / name)
+    assert say(proto, t, b"RETR 1\r\n").startswith(b"-ERR [SYS/TEMP] message 1 has vanished")
+
+
+@pytest.mark.parametrize("login_name", [b"test", b"test@test.com", b"test%test.com",
+                                        b"TEST@Test.Com"])
+def test_login_forms(app, factory, login_name):
+    proto, t = connect(factory)
+    take(t)
+    assert login(proto, t, user=login_name).endswith(b"+OK maildrop has 0 messages (0 octets)\r\n")
+
+
+def test_password_check_runs_in_the_thread_pool(tmp_path):
+    pool = DeferredThreadPool()
+    app = make_app(tmp_path, pool=pool)
+    f = build_factory(app, "pop3")
+    proto, t = connect(f)
+    take(t)
+    assert login(proto, t) == b"+OK\r\n"
+    assert len(pool.pending) == 1          # bcrypt queued for a pool thread, not run inline
+    assert say(proto, t, b"NOOP\r\n") == b""   # pipelined behind PASS: waits
+    pool.run_one()                          # the password check
+    assert take(t) == b""
+    pool.run_one()                          # the mailbox lock + listing
+    assert take(t) == b"+OK maildrop has 0 messages (0 octets)\r\n+OK\r\n"
+
+
+def test_failed_logins_same_reply_same_delay_doubling_per_ip(app, factory):
+    reactor = app.reactor
+    results = {}
+    for ip, user, pw in (("127.0.0.7", b"nosuchuser", b"whatever1!"),
+                         ("127.0.0.8", b"test", b"wrong-password1")):
+        proto, t = connect(factory, ip)
+        take(t)
+        assert login(proto, t, user, pw) == b"+OK\r\n"
+        results[ip] = (proto, t)
+    reactor.advance(1.99)
+    assert all(t.value() == b"" for _, t in results.values())
+    reactor.advance(0.01)
+    assert [t.value() for _, t in results.values()] == [b"-ERR authorization failed\r\n"] * 2
+    # The second failure from the same address waits 4 s, the third 8 s (then the connection
+    # is closed after MAX_AUTH_FAILURES); a fresh connection from there gets 15 s.
+    proto, t = results["127.0.0.8"]
+    take(t)
+    for expected in (4.0, 8.0):
+        login(proto, t, b"test", b"wrong-password1")
+        reactor.advance(expected - 0.01)
+        assert t.value() == b""
+        reactor.advance(0.01)
+        assert take(t).startswith(b"-ERR authorization failed")
+    assert t.disconnecting
+    proto3, t3 = connect(factory, "127.0.0.8")
+    take(t3)
+    login(proto3, t3, b"test", b"wrong-password1")
+    reactor.advance(14.99)
+    assert t3.value() == b""
+    reactor.advance(0.01)
+    assert t3.value() == b"-ERR authorization failed\r\n"
+
+
+def test_a_penalised_client_does_not_block_others(app, factory):
+    bad, tb = connect(factory, "127.0.0.9")
+    take(tb)
+    login(bad, tb, b"test", b"wrong-password1")
+    good, tg = connect(factory, "127.0.0.10")
+    take(tg)
+    assert login(good, tg).endswith(b"+OK maildrop has 0 messages (0 octets)\r\n")
+    assert tb.value() == b""
+    app.reactor.advance(2)
+    assert tb.value() == b"-ERR authorization failed\r\n"
+
+
+def test_a_penalised_address_waits_before_its_next_check(app, factory):
+    """Parallel connections from one address: the next check starts after the penalty."""
+    a, ta = connect(factory, "127.0.0.11")
+    take(ta)
+    login(a, ta, b"test", b"wrong-password1")      # failure 1: answer due at +2 s
+    b, tb = connect(factory, "127.0.0.11")
+    take(tb)
+    login(b, tb)                                     # the right password, same address
+    assert tb.value() == b""
+    app.reactor.advance(2)
+    assert ta.value() == b"-ERR authorization failed\r\n"
+    assert tb.value().endswith(b"+OK maildrop has 0 messages (0 octets)\r\n")
+
+
+def test_failed_login_logged_once_with_ip_and_escaped_login(app, factory):
+    proto, t = connect(factory, "127.0.0.12")
+    take(t)
+    with capturedLogs() as events:
+        login(proto, t, b'evil"\x1b[0m', b"nope-nope-1")
+        app.reactor.advance(2)
+    lines = [formatEvent(e) for e in events if "login failed" in e.get("log_format", "")]
+    assert lines == ['login failed: rip=127.0.0.12 user=<evil\\x22\\x1b[0m> tls=no delay=2s']
+    assert not any("nope-nope-1" in formatEvent(e) for e in events)
+
+
+def test_roaming_relay_granted_on_success_only(app, factory):
+    bad, tb = connect(factory, "127.0.0.21")
+    take(tb)
+    login(bad, tb, b"test", b"wrong-password1")
+    app.reactor.advance(2)
+    assert not app.grants.is_granted("127.0.0.21")
+    with capturedLogs() as events:
+        good, tg = connect(factory, "127.0.0.22")
+        take(tg)
+        login(good, tg)
+    assert app.grants.is_granted("127.0.0.22")
+    assert not app.grants.is_granted("127.0.0.23")
+    assert any(formatEvent(e) == "roaming relay granted: rip=127.0.0.22 user=<test@test.com>"
+               " minutes=30" for e in events)
+    # Persisted: a restarted server (new RelayGrants on the same file) still knows it.
+    again = RelayGrants(app.grants.path, clock=app.reactor.seconds)
+    assert again.is_granted("127.0.0.22")
+    app.reactor.advance(30 * 60 - 1)
+    assert app.grants.is_granted("127.0.0.22")
+    app.reactor.advance(2)
+    assert not app.grants.is_granted("127.0.0.22")
+
+
+def test_expired_grants_are_swept_and_logged(app, factory):
+    good, tg = connect(factory, "127.0.0.24")
+    take(tg)
+    login(good, tg)
+    with capturedLogs() as events:
+        app.reactor.advance(30 * 60 + 61)
+    assert "roaming relay expired: rip=127.0.0.24" in [formatEvent(e) for e in events]
+
+
+def test_roaming_relay_off_with_zero_minutes(tmp_path):
+    app = make_app(tmp_path, minutes=0)
+    f = build_factory(app, "pop3")
+    proto, t = connect(f, "127.0.0.25")
+    take(t)
+    assert login(proto, t).endswith(b"(0 octets)\r\n")
+    assert not app.grants.is_granted("127.0.0.25")
+
+
+def test_second_session_on_a_mailbox_gets_in_use(app, factory):
+    deliver(app.maildir, message(1))
+    first, t1 = connect(factory, "127.0.0.31")
+    take(t1)
+    login(first, t1)
+    second, t2 = connect(factory, "127.0.0.32")
+    take(t2)
+    assert login(second, t2) == b"+OK\r\n-ERR [IN-USE] mailbox in use by another POP3 session\r\n"
+    assert app.grants.is_granted("127.0.0.32")      # the password was right
+    say(first, t1, b"DELE 1\r\nQUIT\r\n")
+    first.connectionLost(None)
+    assert login(second, t2).endswith(b"+OK maildrop has 0 messages (0 octets)\r\n")
+
+
+def test_other_users_mailbox_not_locked(app, factory):
+    first, t1 = connect(factory)
+    take(t1)
+    login(first, t1)
+    second, t2 = connect(factory)
+    take(t2)
+    assert login(second, t2, b"other").endswith(b"(0 octets)\r\n")
+
+
+def test_idle_timeout(tmp_path):
+    app = make_app(tmp_path, timeout=600)
+    f = build_factory(app, "pop3")
+    proto, t = connect(f)
+    take(t)
+    app.reactor.advance(599)
+    say(proto, t, b"NOOP\r\n")                 # activity pushes the deadline
+    app.reactor.advance(599)
+    assert not t.disconnecting
+    app.reactor.advance(1)
+    assert take(t) == b"-ERR autologout: idle for too long\r\n"
+    assert t.disconnecting
+
+
+def test_timeout_mid_login_deletes_nothing_and_unlocks(tmp_path):
+    pool = DeferredThreadPool()
+    app = make_app(tmp_path, pool=pool)
+    deliver(app.maildir, message(1))
+    f = build_factory(app, "pop3")
+    proto, t = connect(f)
+    take(t)
+    login(proto, t)
+    app.reactor.advance(600)
+    assert t.disconnecting
+    pool.run_all()                               # the check and the mailbox open finish late
+    proto.connectionLost(None)
+    from mailappliance.pop3.mailbox import open_session
+    box, msgs = open_session(app.maildir)        # not left locked
+    assert len(msgs) == 1
+    box.unlock()
+
+
+def test_pipelined_flood_pauses_reading_until_handled(tmp_path):
+    pool = DeferredThreadPool()
+    app = make_app(tmp_path, pool=pool)
+    f = build_factory(app, "pop3")
+    proto, t = connect(f)
+    take(t)
+    login(proto, t)
+    flood = b"NOOP\r\n" * (core.MAX_PENDING_INPUT // 6 + 10)
+    proto.dataReceived(flood)
+    assert t.producerState == "paused"
+    pool.run_all()
+    assert t.producerState == "producing"
+    assert take(t).count(b"+OK\r\n") == flood.count(b"NOOP")
+
+
+def test_stls_writes_ok_before_starting_tls_and_drops_injected_commands(tmp_path):
+    app = make_app(tmp_path, tls=True)
+    f = build_factory(app, "pop3")
+    proto, t = connect(f, transport_class=TLSCapableTransport)
+    take(t)
+    caps = say(proto, t, b"CAPA\r\n")
+    assert b"\r\nSTLS\r\n" in caps
+    proto.dataReceived(b"STLS\r\nUSER test\r\nPASS " + PASSWORD.encode() + b"\r\n")
+    assert t.before_tls == b"+OK begin TLS negotiation\r\n"
+    assert t.tls_options is app.tls
+    assert take(t) == b"+OK begin TLS negotiation\r\n"     # nothing answered the injection
+    assert say(proto, t, b"CAPA\r\n").count(b"STLS") == 0
+    assert login(proto, t).endswith(b"(0 octets)\r\n")
+
+
+def test_require_tls_refuses_plaintext_login(tmp_path):
+    app = make_app(tmp_path, tls=True, require_tls=True)
+    f = build_factory(app, "pop3")
+    proto, t = connect(f, transport_class=TLSCapableTransport)
+    take(t)
+    assert say(proto, t, b"USER test\r\n").startswith(b"-ERR [AUTH] plaintext login disallowed")
+
+
+def test_build_factory_checks_tls_configuration(tmp_path):
+    app = make_app(tmp_path)
+    with pytest.raises(ConfigError, match="listen.pop3s"):
+        build_factory(app, "pop3s")
+    app2 = make_app(tmp_path / "b", require_tls=True)
+    with pytest.raises(ConfigError, match="pop3.require_tls"):
+        build_factory(app2, "pop3")
+    app3 = make_app(tmp_path / "c", tls=True)
+    wrapped = build_factory(app3, "pop3s")
+    assert isinstance(wrapped, TLSMemoryBIOFactory)
+    assert wrapped.wrappedFactory.implicit_tls
+    proto = wrapped.wrappedFactory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    assert isinstance(proto, POP3ServerProtocol)
