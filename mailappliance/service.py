@@ -203,8 +203,17 @@ def build_app(settings: Settings, reactor) -> App:
     pool = ThreadPool(THREADPOOL_MIN, THREADPOOL_MAX, name="mailappliance")
     app = App(settings=settings, reactor=reactor, store=store, threadpool=pool,
               authenticator=Authenticator(store, reactor, pool),
-              grants=RelayGrants(data / "relay-grants.json"))
+              grants=RelayGrants(data / "relay-grants.json", on_change=_log_grant_change))
     return app
+
+
+_grant_log = Logger(namespace="mailappliance.pop3")
+
+
+def _log_grant_change(event: str, ip: str) -> None:
+    # Grants are logged by POP3 with the user; expiries happen wherever they are noticed.
+    if event == "expire":
+        _grant_log.info("roaming relay expired: rip={ip}", ip=ip)
 
 
 log = Logger()
@@ -328,10 +337,12 @@ def _prepare_unix_socket(description: str) -> None:
 COMPONENTS: list[tuple[str, str]] = [
     ("mailappliance.instance", "setup"),             # one server per data directory (lock)
     ("mailappliance.logging", "setup"),              # log files first: they see every event
+    ("mailappliance.tls", "setup"),                  # app.tls (None without [tls]); reloads
     ("mailappliance.dns", "attach"),                 # app.resolver (before queue and DNSBL)
     ("mailappliance.access.dnsbl", "attach"),        # app.dnsbl
     ("mailappliance.queue.service", "attach"),       # app.injector, app.queue_manager
     ("mailappliance.reload", "setup"),               # app.reloader, SIGHUP
     ("mailappliance.drain", "setup"),                # app.drain (graceful SIGTERM)
     ("mailappliance.notify", "setup"),               # sd_notify READY/WATCHDOG/STOPPING
+    ("mailappliance.privileges", "setup"),           # last: root-created files to the data owner
 ]
