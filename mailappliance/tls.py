@@ -106,6 +106,8 @@ def setup(app, parent) -> None:
     app.tls = TLSContext(tls_settings) if tls_settings.cert is not None else None
 
     def on_reload(settings) -> None:
+        """Raises ConfigError (the reloader then refuses the reload and restores the old
+        settings); the certificate in use stays until a new pair loads completely."""
         if settings.tls.cert is None:
             return          # TLS cannot be switched off without a restart; keep it
         try:
@@ -116,5 +118,6 @@ def setup(app, parent) -> None:
         except ConfigError as e:
             TLSContext.log.error("tls: reload failed, keeping the old certificate: {why}",
                                  why=str(e))
+            raise
 
     app.reload_hooks.append(on_reload)

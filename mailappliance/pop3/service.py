@@ -42,8 +42,8 @@ class _Shared:
 
     @staticmethod
     def _sweep(app) -> None:
-        for ip in app.grants.expire():
-            log.info("roaming relay expired: rip={ip}", ip=ip)
+        # RelayGrants' on_change hook (service.py) logs each expiry it drops.
+        app.grants.expire()
 
 
 _shared: dict[int, _Shared] = {}

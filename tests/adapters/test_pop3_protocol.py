@@ -17,7 +17,7 @@ from mailappliance.pop3 import core
 from mailappliance.pop3.mailbox import READ_CHUNK
 from mailappliance.pop3.protocol import POP3ServerProtocol
 from mailappliance.pop3.service import build_factory
-from mailappliance.service import App
+from mailappliance.service import App, _log_grant_change
 from mailappliance.testing.threads import DeferredThreadPool, ImmediateThreadPool, ThreadlessReactor
 from mailappliance.tls import TLSContext
 from mailappliance.users.auth import Authenticator
@@ -44,7 +44,8 @@ def make_app(tmp_path, *, pool=None, minutes=30, require_tls=False, tls=False, t
                                           require_tls=require_tls))
     app = App(settings=settings, reactor=reactor, store=store, threadpool=pool,
               authenticator=Authenticator(store, reactor, pool),
-              grants=RelayGrants(tmp_path / "data" / "relay-grants.json", clock=reactor.seconds),
+              grants=RelayGrants(tmp_path / "data" / "relay-grants.json", clock=reactor.seconds,
+                                 on_change=_log_grant_change),
               tls=TLSContext(tls_settings) if tls else None)
     app.maildir = user.maildir     # for the tests only
     return app

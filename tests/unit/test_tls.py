@@ -144,9 +144,11 @@ def test_setup_fills_app_tls_and_follows_reload(tmp_path, pair):
     app.reload_hooks[0](SimpleNamespace(tls=settings(cert2, key2)))
     _, server = handshake(app.tls)
     assert cn(server) == "two.test.example"
-    # A broken file on reload is logged and the old certificate stays.
+    # A broken file on reload is refused (the reloader then rolls back) and the old
+    # certificate stays in use.
     (tmp_path / "b" / "server.key").write_text("garbage")
-    app.reload_hooks[0](SimpleNamespace(tls=settings(cert2, tmp_path / "b" / "server.key")))
+    with pytest.raises(ConfigError):
+        app.reload_hooks[0](SimpleNamespace(tls=settings(cert2, tmp_path / "b" / "server.key")))
     _, server = handshake(app.tls)
     assert cn(server) == "two.test.example"
     none = SimpleNamespace(settings=SimpleNamespace(tls=settings(None, None)), tls="x",
