@@ -18,6 +18,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from twisted.application import service
+from twisted.logger import Logger
+
 
 def data_owner(data: Path) -> tuple[int, int] | None:
     """(uid, gid) to hand files to, or None when nothing should change hands."""
@@ -48,23 +51,65 @@ def adopt_for_data(data: Path, *paths: Path) -> None:
     adopt(data_owner(data), *paths)
 
 
-def adopt_created(data: Path, names: tuple[str, ...]) -> list[Path]:
-    """Hand root-owned entries directly under `data` (by name) and the directories below the
-    queue to the data owner; returns what changed. Called before the privilege drop."""
+# Directories under the data directory whose whole tree the server may have created as root
+# before the drop (the queue's directories at start-up). Mailboxes are not walked: they can be
+# millions of files, and the CLI creates them as the data owner in the first place.
+RECURSIVE = ("queue", "run", "log")
+# Upper bound on entries handed over at one start, so a huge tree cannot stall start-up.
+MAX_ADOPT_ENTRIES = 1_000_000
+
+
+def adopt_tree(data: Path) -> list[Path]:
+    """Hand root-owned entries the server created before the drop to the data owner: the
+    entries directly in `data` and the RECURSIVE subtrees. Returns what changed."""
     owner = data_owner(data)
     if owner is None:
         return []
-    changed = []
-    for name in names:
-        path = data / name
+    changed: list[Path] = []
+    seen = 0
+
+    def take(path: Path) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            continue
+            return
         if st.st_uid == 0:
             adopt(owner, path)
             changed.append(path)
+
+    for entry in os.scandir(data):
+        take(Path(entry.path))
+        if entry.name in RECURSIVE and entry.is_dir(follow_symlinks=False):
+            for dirpath, dirnames, filenames in os.walk(entry.path):
+                for name in dirnames + filenames:
+                    seen += 1
+                    if seen > MAX_ADOPT_ENTRIES:
+                        return changed
+                    take(Path(dirpath) / name)
     return changed
+
+
+class AdoptService(service.Service):
+    """Runs last in privilegedStartService: after every component built its files as root,
+    before twistd drops privileges."""
+
+    log = Logger(namespace="mailappliance.privileges")
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        changed = adopt_tree(self.data)
+        if changed:
+            owner = data_owner(self.data)
+            self.log.info("handed {n} files created as root to uid {uid} (owner of {data})",
+                          n=len(changed), uid=owner[0] if owner else "?", data=str(self.data))
+
+
+def setup(app, parent) -> None:
+    """COMPONENTS entry, last of all."""
+    AdoptService(app.settings.data).setServiceParent(parent)
 
 
 def drop_to_data_owner(data: Path) -> tuple[int, int] | None:

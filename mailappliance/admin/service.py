@@ -116,6 +116,13 @@ class _UnixAdminEndpoint:
                 gid = self.owner[1]
         if uid != -1 or gid != -1:
             os.chown(self.path, uid, gid)
+            if self.owner is not None:
+                # Twisted's lock for the socket (a symlink naming our pid): the dropped
+                # process removes it at stop.
+                try:
+                    os.lchown(self.path + ".lock", uid, -1)
+                except FileNotFoundError:
+                    pass
         os.chmod(self.path, self.mode)
         return port
 

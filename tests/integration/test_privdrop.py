@@ -1,0 +1,152 @@
+"""Started as root with twistd --uid/--gid: ports bound as root, then every process id is the
+unprivileged user's, and every file the server writes belongs to that user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import smtplib
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IN_CI
+from tests.integration import server as server_mod
+from tests.integration.opstools import admin, wait_for
+
+PASSWORD = "Dr0pped-Privs!"
+
+
+def _other_can_traverse(path: Path) -> bool:
+    """Whether a user with no special rights can reach `path` (every parent o+x, itself o+r)."""
+    path = path.resolve()
+    for parent in list(path.parents)[::-1]:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+    return bool(os.stat(path).st_mode & stat.S_IROTH)
+
+
+def _interpreter_for_unprivileged() -> tuple[str, dict]:
+    """A Python the unprivileged user can run, with this environment's packages importable.
+
+    The dev venv's interpreter may live under /root (mode 0700); the system python3 of the
+    same minor version can load the venv's site-packages (same ABI)."""
+    import site
+    import twisted
+    if _other_can_traverse(Path(sys.executable)) and _other_can_traverse(
+            Path(twisted.__file__)):
+        return sys.executable, {}
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system:
+        version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
+                                 capture_output=True, text=True).stdout.strip()
+        if version == str(tuple(sys.version_info[:2])):
+            paths = [str(Path(__file__).resolve().parents[2])] + site.getsitepackages()
+            if all(_other_can_traverse(Path(p)) for p in paths):
+                return system, {"PYTHONPATH": os.pathsep.join(paths)}
+    return "", {}
+
+
+@pytest.fixture
+def unprivileged():
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the privilege drop test must run as root in CI (.ci/run runs as root)")
+        pytest.skip("needs root to start the server with --uid/--gid")
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.fail("no 'nobody' user on this machine")
+    python, env = _interpreter_for_unprivileged()
+    if not python:
+        if IN_CI:
+            pytest.fail("no Python interpreter the unprivileged user can run")
+        pytest.skip("no Python interpreter the unprivileged user can run")
+    root = Path(tempfile.mkdtemp(prefix="ma-privdrop-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    yield user, python, env, root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _ids(pid: int) -> dict[str, list[int]]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            out[key] = [int(x) for x in value.split()]
+    return out
+
+
+def test_root_start_with_uid_gid_binds_then_runs_and_writes_as_the_user(unprivileged,
+                                                                         monkeypatch):
+    user, python, env, root = unprivileged
+    uid, gid = user.pw_uid, user.pw_gid
+    monkeypatch.setattr(server_mod, "TWISTD", [python, *server_mod.TWISTD[1:]])
+    srv = server_mod.ServerProcess(
+        root / "srv", 'default_domain = "test.com"\n[log]\nrotate_bytes = 4096\nkeep = 3\n',
+        env=env, twistd_args=[f"--uid={uid}", f"--gid={gid}"])
+    srv.root.mkdir()
+    os.chmod(srv.root, 0o755)
+    srv.data.mkdir()
+    os.chown(srv.data, uid, gid)                  # the operator's install step (README)
+    srv._write_config()
+    os.chmod(srv.config_path, 0o644)
+
+    def cli(*args, input=None):
+        res = subprocess.run([python, "-m", "mailappliance.cli", "--config",
+                              str(srv.config_path), *args], input=input, text=True,
+                             capture_output=True, timeout=60, env={**os.environ, **env})
+        assert res.returncode == 0, res.stderr
+        return res
+
+    # Run as root, the command acts as the data directory's owner.
+    cli("domain", "add", "test.com")
+    cli("user", "add", "test@test.com", "--password-stdin", input=PASSWORD + "\n")
+    try:
+        srv.start()
+        ids = _ids(srv.proc.pid)
+        assert ids["Uid"] == [uid] * 4 and ids["Gid"] == [gid] * 4   # real, effective, saved, fs
+        assert ids["Groups"] in ([], [gid])
+
+        # mail in: SMTP to a local user, delivered into the Maildir by the dropped process
+        with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=30) as s:
+            s.sendmail("someone@example.org", ["test@test.com"],
+                       b"Subject: privdrop\r\n\r\nhello\r\n")
+        new = srv.data / "domains" / "test.com" / "test" / "Maildir" / "new"
+        delivered = wait_for(lambda: list(new.iterdir()), what="delivery to the Maildir")
+        assert all(os.stat(p).st_uid == uid for p in delivered)
+        admin(srv, f"user add second@test.com\n{PASSWORD}\n", count=1)
+        [(ok, _)] = admin(srv, "stat\n")
+        assert ok
+        # a POP3 login reads the store from the thread pool, as the user
+        import poplib
+        pop = poplib.POP3("127.0.0.1", srv.port("pop3"), timeout=30)
+        pop.user("test")
+        pop.pass_(PASSWORD)
+        assert pop.stat()[0] == 1
+        pop.quit()
+
+        # Every file and directory under the data directory belongs to the user.
+        wrong = []
+        for dirpath, dirnames, filenames in os.walk(srv.data):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = os.lstat(p)
+                if st.st_uid != uid:
+                    wrong.append((str(p), st.st_uid, st.st_gid))
+        assert wrong == []
+        for p in (srv.data / "log" / "current", srv.data / "run" / "ready.json",
+                  srv.data / "admin.sock", srv.data / "users.sqlite"):
+            assert os.stat(p).st_uid == uid, p
+        # ready.json is written in startService: after the drop, before any input is read
+        sock = os.stat(srv.data / "admin.sock")
+        assert stat.S_IMODE(sock.st_mode) == 0o600
+    finally:
+        code = srv.stop()
+    assert code in (0, -15), srv.output()
+    assert "Traceback" not in srv.output(), srv.output()
