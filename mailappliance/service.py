@@ -345,5 +345,4 @@ COMPONENTS: list[tuple[str, str]] = [
     ("mailappliance.drain", "setup"),                # app.drain (graceful SIGTERM)
     ("mailappliance.notify", "setup"),               # sd_notify READY/WATCHDOG/STOPPING
     ("mailappliance.privileges", "setup"),           # last: root-created files to the data owner
-    ("mailappliance.privileges", "setup"),           # last: root-created files to the data owner
 ]
