@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ def make_cert(directory: Path, name: str = "mx.test.example", stem: str = "serve
                .not_valid_before(now - datetime.timedelta(minutes=5))
                .not_valid_after(now + datetime.timedelta(days=2))
                .add_extension(x509.SubjectAlternativeName(
-                   [x509.DNSName(name), x509.DNSName("localhost")]), critical=False))
+                   [x509.DNSName(name), x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False))
     cert = builder.sign(issuer_key, hashes.SHA256())
     cert_path = directory / f"{stem}.pem"
     key_path = directory / f"{stem}.key"

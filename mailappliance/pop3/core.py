@@ -97,6 +97,7 @@ REPLIES: dict[str, str] = {
     "quit": "+OK signing off",
     "update_failed": "-ERR [SYS/TEMP] some deleted messages were not removed",
     "timeout": "-ERR autologout: idle for too long",
+    "shutting_down": "-ERR [SYS/TEMP] server shutting down",
 }
 
 CAPA_IMPLEMENTATION = "IMPLEMENTATION mailappliance (no APOP: passwords are stored as bcrypt hashes)"

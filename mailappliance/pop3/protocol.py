@@ -38,6 +38,8 @@ DEFAULT_TIMEOUT = 600
 class POP3Factory(ServerFactory):
     """Carries the injected dependencies; one per listener (pop3 / pop3s share the penalty)."""
 
+    noisy = False         # no "Starting factory" lines in the mail log
+
     def __init__(self, *, reactor, hostname: str,
                  authenticate: Callable[[str, str], defer.Deferred],
                  open_mailbox: Callable[[Any], defer.Deferred],
@@ -47,7 +49,8 @@ class POP3Factory(ServerFactory):
                  tls: Callable[[], Any] = lambda: None,
                  implicit_tls: bool = False, require_tls: bool = False,
                  timeout: float = DEFAULT_TIMEOUT,
-                 next_token: Callable[[], str] | None = None) -> None:
+                 next_token: Callable[[], str] | None = None,
+                 drain: Callable[[], Any] = lambda: None) -> None:
         self.reactor = reactor
         self.hostname = hostname
         self.authenticate = authenticate
@@ -59,6 +62,7 @@ class POP3Factory(ServerFactory):
         self.implicit_tls = implicit_tls
         self.require_tls = require_tls
         self.timeout = timeout
+        self.drain = drain                  # callable: app.drain (graceful stop) or None
         self._counter = 0
         self._next_token = next_token
         self.sessions = 0                   # open connections (for stat)
@@ -136,6 +140,7 @@ class POP3ServerProtocol(Protocol):
         self._reading_paused = False
         self._updating = False
         self._in_pump = False
+        self._drain = None                  # drain.SessionHandle while registered
 
     # --- connection life ------------------------------------------------------------------
 
@@ -152,8 +157,31 @@ class POP3ServerProtocol(Protocol):
             require_tls=f.require_tls)
         self._last_activity = f.reactor.seconds()
         self._timer = f.reactor.callLater(f.timeout, self._check_idle)
+        drain = f.drain()
+        if drain is not None:
+            if drain.stopping:
+                self._closed = True
+                self.transport.write(core.reply("shutting_down"))
+                self.transport.loseConnection()
+                return
+            self._drain = drain.register(self.close_now)
         self.session.start()
         self._pump()
+
+    def close_now(self) -> None:
+        """Graceful stop (mailappliance/drain.py): an idle session is closed at once; nothing
+        is deleted without QUIT, so this loses nothing. A QUIT update in progress is marked
+        busy and finishes first."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+            self.transport.abortConnection()
+            return
+        self.transport.write(core.reply("shutting_down"))
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -176,6 +204,9 @@ class POP3ServerProtocol(Protocol):
             self._sender = None
         if not self._updating:
             self._release_mailbox()
+        if self._drain is not None:
+            self._drain.done()
+            self._drain = None
 
     def _release_mailbox(self) -> None:
         box, self.mailbox = self.mailbox, None
@@ -411,6 +442,8 @@ class POP3ServerProtocol(Protocol):
 
     def _update(self, action: Update) -> None:
         self._updating = True
+        if self._drain is not None:
+            self._drain.busy()
         d = self.factory.run_blocking(self.mailbox.update, action.deleted, action.kept)
         d.addErrback(self._update_error, len(action.deleted))
         d.addCallback(self._updated, action)
@@ -427,5 +460,7 @@ class POP3ServerProtocol(Protocol):
                       deleted=len(action.deleted), kept=len(action.kept), failures=failures)
         self._release_mailbox()
         if not self._closed:
-            self.session.update_done(failures)
+            self.session.update_done(failures)     # the +OK, then the session closes
             self._resume()
+        if self._drain is not None:
+            self._drain.idle()      # after the +OK: a stopping server has nothing left to wait for

@@ -417,3 +417,32 @@ def test_build_factory_checks_tls_configuration(tmp_path):
     assert wrapped.wrappedFactory.implicit_tls
     proto = wrapped.wrappedFactory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     assert isinstance(proto, POP3ServerProtocol)
+
+
+def test_graceful_stop_closes_idle_sessions_and_lets_quit_finish(tmp_path):
+    from mailappliance.drain import Drain
+    pool = DeferredThreadPool()
+    app = make_app(tmp_path, pool=pool)
+    app.drain = Drain(app.reactor)
+    names = [deliver(app.maildir, message(i), mtime=1_700_000_000 + i) for i in range(2)]
+    f = build_factory(app, "pop3")
+    idle, ti = connect(f, "127.0.0.41")
+    take(ti)
+    quitting, tq = connect(f, "127.0.0.42")
+    take(tq)
+    login(quitting, tq)
+    pool.run_all()
+    take(tq)
+    quitting.dataReceived(b"DELE 1\r\nQUIT\r\n")     # the update is queued in the pool
+    take(tq)
+    d = app.drain.start()
+    assert take(ti) == b"-ERR [SYS/TEMP] server shutting down\r\n" and ti.disconnecting
+    idle.connectionLost(None)
+    assert not tq.disconnecting                      # busy in the QUIT update
+    pool.run_all()
+    assert take(tq) == b"+OK signing off\r\n" and tq.disconnecting
+    assert os.listdir(app.maildir / "cur") == [names[1] + ":2,"]
+    quitting.connectionLost(None)
+    assert d.called
+    late, tl = connect(f, "127.0.0.43")
+    assert take(tl) == b"-ERR [SYS/TEMP] server shutting down\r\n" and tl.disconnecting
