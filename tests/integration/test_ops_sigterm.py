@@ -11,6 +11,7 @@ import time
 from mailappliance.drain import CLOSE_GRACE, DRAIN_TIMEOUT
 from tests.integration.opstools import wait_for
 
+
 def read_reply(s: socket.socket, timeout: float = 20.0) -> bytes:
     """One SMTP reply (possibly multi-line)."""
     s.settimeout(timeout)
@@ -24,12 +25,14 @@ def read_reply(s: socket.socket, timeout: float = 20.0) -> bytes:
         if len(lines) > 1 and len(lines[-2]) >= 4 and lines[-2][3:4] == b" ":
             return buf
 
+
 def smtp_session(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=20)
     assert read_reply(s).startswith(b"220 ")
     s.sendall(b"EHLO client.test\r\n")
     assert read_reply(s).startswith(b"250")
     return s
+
 
 def test_sigterm_lets_data_finish_and_421s_the_idle(server):
     port = server.port("smtp")
@@ -76,6 +79,7 @@ def test_sigterm_lets_data_finish_and_421s_the_idle(server):
     [msg] = list(new.iterdir())
     text = msg.read_text()
     assert "first half\nsecond half\n" in text and "in flight at SIGTERM" in text
+
 
 def test_sigterm_with_no_sessions_exits_promptly(server):
     t0 = time.monotonic()
