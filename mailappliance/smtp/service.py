@@ -8,7 +8,7 @@ every connection, so a reload applies them to the next client.
 
 from __future__ import annotations
 
-from twisted.internet import protocol
+from twisted.internet import endpoints, protocol
 from twisted.logger import Logger
 
 from mailappliance import stats
@@ -17,6 +17,12 @@ from mailappliance.smtp.protocol import SMTPServerProtocol
 from mailappliance.smtp.replies import Reply
 
 KINDS = ("smtp", "submission", "submissions")
+# listen(2) backlog for SMTP listeners without an explicit backlog= option. Twisted's default is
+# 50; under a connection burst the kernel's accept queue overflows and, with SYN cookies on,
+# the client believes it is connected while the server never sees the connection (an idle
+# client then waits forever for the greeting). Linux caps the value at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+_BACKLOG_TYPES = ("tcp:", "tcp6:", "ssl:")
 
 
 class SMTPFactory(protocol.ServerFactory):
@@ -62,6 +68,18 @@ class SMTPFactory(protocol.ServerFactory):
     def count_message(self) -> None:
         key = f"messages.{self.kind}.accepted"
         self.app.stats[key] = self.app.stats.get(key, 0) + 1
+
+
+def listen_description(description: str) -> str:
+    """The endpoint string with our listen backlog unless the operator chose one."""
+    if description.startswith(_BACKLOG_TYPES) and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
+def build_endpoint(app, kind: str, description: str, reactor):
+    """service.make_service's hook: SMTP listeners get a deeper accept queue."""
+    return endpoints.serverFromString(reactor, listen_description(description))
 
 
 def build_factory(app, kind: str) -> SMTPFactory:

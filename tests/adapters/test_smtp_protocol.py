@@ -458,3 +458,16 @@ def test_drain_closes_idle_sessions_and_lets_a_transfer_finish(tmp_path):
     assert len(w.queued()) == 1
     late = w.connect("127.0.0.4")
     assert late.take() == "421 sorry, the server is shutting down (#4.3.2)\r\n" and late.closed
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("tcp:2525:interface=127.0.0.1", "tcp:2525:interface=127.0.0.1:backlog=1024"),
+    ("tcp6:25", "tcp6:25:backlog=1024"),
+    ("tcp:25:backlog=20", "tcp:25:backlog=20"),          # the operator's choice stays
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+])
+def test_listen_backlog_is_raised_for_tcp_listeners(description, expected):
+    from mailappliance.smtp.service import build_endpoint, listen_description
+    assert listen_description(description) == expected
+    ep = build_endpoint(None, "smtp", "tcp:0:interface=127.0.0.1", ThreadlessReactor())
+    assert ep._backlog == 1024
