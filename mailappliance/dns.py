@@ -866,6 +866,8 @@ class _Lookup:
         if self.index >= len(self.tries) or remaining <= 0:
             self.resolver.stats["failures"] += 1
             # The last few reasons are enough for a log line and a bounce.
+            if not self.tries:
+                self.problems.append("no nameserver configured")
             self.result.errback(DNSTemporaryError(
                 self.name, "; ".join(self.problems[-3:]) or "timeout"))
             return
@@ -895,6 +897,10 @@ class _Lookup:
             answer = decode_reply(self.name, self.rdtype, query, wire)
         except DNSTemporaryError as e:
             self.problems.append(f"{e.reason} from {_where(server)}")
+            self._next_try()
+            return
+        except Exception as e:      # a reply our decoders choke on: that server's try failed
+            self.problems.append(f"unusable reply ({type(e).__name__}) from {_where(server)}")
             self._next_try()
             return
         self.result.callback(answer)

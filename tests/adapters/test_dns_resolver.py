@@ -409,3 +409,22 @@ def test_a_send_error_counts_as_unreachable(reactor):
     err = result_of(r.query("a.test", "A"))
     assert err.check(DNSTemporaryError) and "Network is unreachable" in err.value.reason
     assert all(s.closed for s in reactor.udp) and not reactor.getDelayedCalls()
+
+
+def test_no_nameserver_fails_temporarily_and_says_why(reactor):
+    r = Resolver(reactor, (), resolv_conf="/nonexistent", udp_opener=reactor.open_udp)
+    r.nameservers = ()
+    err = result_of(r.query("a.test", "A"))
+    assert err.check(DNSTemporaryError) and "no nameserver" in err.value.reason
+
+
+def test_an_undecodable_reply_moves_on_to_the_next_server(reactor):
+    r = make(reactor, SERVERS)
+    d = r.query("a.test", "TXT")
+    q = dns.message.from_wire(reactor.udp[0].written[-1])
+    good = dns.message.make_response(q).to_wire()
+    # Header and question match, but the answer count promises a record that is not there.
+    reactor.udp[0].reply(wire=good[:6] + b"\x00\x01" + good[8:])
+    assert len(reactor.udp) == 2
+    reactor.udp[1].reply(answer=[("a.test.", 60, "IN", "TXT", '"ok"')])
+    assert result_of(d).texts() == ["ok"]
