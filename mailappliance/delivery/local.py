@@ -43,6 +43,9 @@ MAX_DELIVERED_TO = 20
 # Header bytes scanned for Delivered-To lines (qmail-local reads the whole header; we stop
 # at this bound so a hostile endless header costs bounded work).
 MAX_HEADER_SCAN = 1024 * 1024
+# Messages up to this size are read into memory once per delivery (header scan and Maildir
+# write); larger ones are streamed in store.READ_CHUNK pieces.
+READ_WHOLE_MAX = 256 * 1024
 # The RFC 2142 role names that exist for the host name itself.
 ROLE_NAMES = ("postmaster", "abuse", "mailer-daemon")
 
@@ -124,18 +127,29 @@ class LocalDeliverer:
 
     def _deliver_blocking(self, env: Envelope, index: int):
         address = self.canonical(env.recipients[index].address)
-        with self.queue.open_message(env) as reader:
-            seen = header_delivered_to(reader)
+        # A small message is read once; a large one is scanned and then streamed.
+        data = self.queue.read_message(env) if env.size <= READ_WHOLE_MAX else None
+        if data is not None:
+            seen = header_delivered_to([data])
+        else:
+            with self.queue.open_message(env) as reader:
+                seen = header_delivered_to(reader)
         if address in seen:
             return failure(TEXT_LOOP)
         user = self.users.get_user(address)
         if user is not None:
             try:
-                with self.queue.open_message(env) as reader:
-                    maildir_mod.deliver(user.maildir, reader, return_path=env.sender,
+                if data is not None:
+                    maildir_mod.deliver(user.maildir, [data], return_path=env.sender,
                                         delivered_to=address, hostname=self.hostname,
                                         now=self.clock(), quota=user.quota,
                                         size_hint=env.size, ops=self.maildir_ops)
+                else:
+                    with self.queue.open_message(env) as reader:
+                        maildir_mod.deliver(user.maildir, reader, return_path=env.sender,
+                                            delivered_to=address, hostname=self.hostname,
+                                            now=self.clock(), quota=user.quota,
+                                            size_hint=env.size, ops=self.maildir_ops)
             except maildir_mod.MaildirError as e:
                 return deferral(e.text) if e.temporary else failure(e.text)
             return success(maildir_mod.TEXT_SUCCESS)

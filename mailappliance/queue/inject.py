@@ -32,7 +32,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailappliance.queue.store import QueueStore, QueueWriteError, TmpMessage, check_envelope
+from mailappliance.queue.store import (Envelope, QueueStore, QueueWriteError, TmpMessage,
+                                       check_envelope)
 
 __all__ = ["Injector", "MessageWriter", "QueueWriteError"]
 
@@ -132,15 +133,16 @@ class MessageWriter:
         store, tmp = self._injector.store, self._tmp
         self._tmp = None
 
-        def work() -> int:
+        def work():
             t = tmp or store.begin()
-            return t.finish(sender, recipients, received_from, data=data)
+            qid = t.finish(sender, recipients, received_from, data=data)
+            return qid, t.envelope
 
         try:
-            qid = yield self._injector._defer(work)
+            qid, env = yield self._injector._defer(work)
         except BaseException as e:
             raise _as_write_error(e)
-        qid = yield self._injector._group_sync(qid)
+        qid = yield self._injector._group_sync(qid, env)
         return qid
 
     def abort(self) -> None:
@@ -172,18 +174,24 @@ def _as_write_error(e: BaseException) -> BaseException:
 
 
 class Injector:
-    """Injector(queue_store, reactor, threadpool, on_commit=callable(qid))."""
+    """Injector(queue_store, reactor, threadpool, on_commit=callable(qid)).
+
+    `on_commit_envelope=callable(envelope)` instead hands over the Envelope as written (with
+    its qid and recipient offsets), so the queue manager can start delivery without reading
+    the file back."""
 
     log = Logger()
 
     def __init__(self, queue_store: QueueStore, reactor, threadpool,
-                 on_commit: Callable[[int], object] | None = None) -> None:
+                 on_commit: Callable[[int], object] | None = None,
+                 on_commit_envelope: Callable[[Envelope], object] | None = None) -> None:
         self.store = queue_store
         self.reactor = reactor
         self.threadpool = threadpool
         self.on_commit = on_commit
+        self.on_commit_envelope = on_commit_envelope
         # group commit state: renames waiting for a directory fsync, and the one in flight
-        self._waiting: list[tuple[int, defer.Deferred]] = []
+        self._waiting: list[tuple[int, Envelope, defer.Deferred]] = []
         self._syncing = False
         self.stats = {"commits": 0, "dir_syncs": 0, "write_errors": 0}
 
@@ -200,9 +208,9 @@ class Injector:
         return w.commit(sender, recipients, received_from)
 
     # -- group commit of the directory fsync ------------------------------------------------------
-    def _group_sync(self, qid: int) -> defer.Deferred:
+    def _group_sync(self, qid: int, env: Envelope) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
-        self._waiting.append((qid, d))
+        self._waiting.append((qid, env, d))
         if not self._syncing:
             self._start_sync()
         return d
@@ -217,13 +225,15 @@ class Injector:
             self._syncing = False
             if self._waiting:
                 self._start_sync()
-            for qid, waiter in batch:
+            for qid, env, waiter in batch:
                 self.stats["commits"] += 1
-                if self.on_commit is not None:
-                    try:
+                try:
+                    if self.on_commit is not None:
                         self.on_commit(qid)
-                    except Exception:
-                        self.log.failure("on_commit({qid}) failed", qid=qid)
+                    if self.on_commit_envelope is not None:
+                        self.on_commit_envelope(env)
+                except Exception:
+                    self.log.failure("on_commit({qid}) failed", qid=qid)
                 waiter.callback(qid)
 
         def failed(f: Failure):
@@ -234,7 +244,7 @@ class Injector:
             self.stats["write_errors"] += len(batch)
             self.log.error("queue directory fsync failed: {err}", err=str(f.value))
             # Not known durable: withdraw these messages, then report the failure.
-            qids = [q for q, _ in batch]
+            qids = [q for q, _e, _d in batch]
 
             def withdraw():
                 for q in qids:
@@ -243,7 +253,7 @@ class Injector:
             w = self._defer(withdraw)
 
             def report(_):
-                for _q, waiter in batch:
+                for _q, _e, waiter in batch:
                     waiter.errback(Failure(err))
 
             w.addBoth(report)

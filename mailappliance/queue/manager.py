@@ -157,6 +157,8 @@ class QueueManager(service.Service):
         self._delivery_no = itertools.count(1)
         self._scanning = False
         self._rescan = False
+        self._removals: list[tuple[int, defer.Deferred]] = []
+        self._removing = False
         self._loops: list[task.LoopingCall] = []
         self._trigger_port = None
         self.stats = {"messages_seen": 0, "deliveries": 0, "success": 0, "deferral": 0,
@@ -233,6 +235,24 @@ class QueueManager(service.Service):
         """The injector committed `qid` (in this process): deliver it now."""
         if self.running:
             self._pickup(qid)
+
+    def notify_envelope(self, env: Envelope) -> None:
+        """The injector committed `env` (in this process) and hands over the envelope it
+        wrote: deliver it now without reading the file back.  Classifying the recipients is
+        one primary-key lookup per domain in the user store's SQLite (WAL readers never wait
+        for writers), small enough for the reactor thread."""
+        if not self.running or env.qid in self.jobs or env.qid in self.picking:
+            return
+        try:
+            channels = {r.index: self.classify(r.address)
+                        for r in env.recipients if r.state == TODO}
+        except Exception as e:  # noqa: BLE001 - the store is unreadable: take the slow path
+            self.log.warn("classifying msg {qid} failed ({why}); reading it again",
+                          qid=env.qid, why=str(e))
+            self._pickup(env.qid)
+            return
+        self.picking.add(env.qid)
+        self._picked((env, channels, env.birth))
 
     def scan_soon(self) -> None:
         if not self.running:
@@ -361,11 +381,11 @@ class QueueManager(service.Service):
         now = self.now()
         n = 0
         for job in list(self.jobs.values()):
-            for ch in (LOCAL, REMOTE):
-                if job.todo(ch):
-                    job.next_try[ch] = now
-                    self._make_ready(job.qid, ch)
-                    n += 1
+            due = [ch for ch in (LOCAL, REMOTE) if job.todo(ch)]
+            for ch in due:
+                job.next_try[ch] = now
+                self._make_ready(job.qid, ch)
+            n += bool(due)
         self.scan_soon()
         self._pump()
         return n
@@ -450,7 +470,7 @@ class QueueManager(service.Service):
             next_try = schedule.next_attempt(env.birth, self.now(), channel, self.lifetime)
         if not remaining and nothing_failed and not job.busy.difference(unit):
             # Everything delivered: no marks needed, the message just goes.
-            d = self._defer(self.store.remove, env.qid)
+            d = self._remove_soon(env.qid)
             done_all = True
         else:
             pending = [t for ch, t in job.next_try.items()
@@ -461,6 +481,33 @@ class QueueManager(service.Service):
             done_all = False
         d.addBoth(self._persisted, job, channel, unit, final, next_try, done_all)
         return d
+
+    def _remove_soon(self, qid: int) -> defer.Deferred:
+        """Remove a finished message; removals that pile up while one batch is being removed
+        go together in the next (one thread hand-off for many messages under load)."""
+        d: defer.Deferred = defer.Deferred()
+        self._removals.append((qid, d))
+        if not self._removing:
+            self._remove_batch()
+        return d
+
+    def _remove_batch(self) -> None:
+        batch, self._removals = self._removals, []
+        self._removing = True
+        qids = [q for q, _d in batch]
+
+        def work():
+            for q in qids:
+                self.store.remove(q)
+
+        def done(result):
+            self._removing = False
+            if self._removals:
+                self._remove_batch()
+            for _q, d in batch:
+                d.callback(None) if not isinstance(result, Failure) else d.errback(result)
+
+        self._defer(work).addBoth(done)
 
     def _persist(self, env: Envelope, final, next_try: float | None) -> None:
         """In a thread: failures (bounce record, then F mark), then delivered marks, then the
@@ -620,7 +667,7 @@ def make_classifier(users, hostname: str) -> Callable[[str], str]:
 
     def classify(address: str) -> str:
         domain = _domain(address)
-        if domain == me or users.lookup_recipient(address) != "remote":
+        if domain == me or users.has_domain(domain):
             return LOCAL
         return REMOTE
     return classify

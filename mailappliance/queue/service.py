@@ -53,11 +53,11 @@ def attach(app, parent) -> None:
     store = QueueStore(queue_dir(settings))
     app.queue_store = store
 
-    def on_commit(qid: int) -> None:
+    def on_commit(env) -> None:
         if app.queue_manager is not None:
-            app.queue_manager.notify(qid)
+            app.queue_manager.notify_envelope(env)
 
-    app.injector = Injector(store, app.reactor, app.threadpool, on_commit=on_commit)
+    app.injector = Injector(store, app.reactor, app.threadpool, on_commit_envelope=on_commit)
 
     q = settings.queue
     pool = ThreadPool(1, min(DELIVERY_THREADS_MAX, q.concurrency_local + 2), name="delivery")

@@ -362,6 +362,7 @@ class TmpMessage:
         self.token = token
         self.size = 0
         self.closed = False
+        self.envelope: Envelope | None = None    # set by finish()
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -404,8 +405,10 @@ class TmpMessage:
             if len(envelope) > MAX_ENVELOPE:
                 raise QueueWriteError("envelope too large")
             self.size += len(data)
-            write_all(ops, self.fd, b"".join((data, envelope,
-                                              make_trailer(self.size, envelope))))
+            positions = _status_positions(envelope)
+            trailer = b"\n%s %020d %020d %08x\n" % (_MAGIC, self.size, len(envelope),
+                                                    _crc(envelope, positions))
+            write_all(ops, self.fd, b"".join((data, envelope, trailer)))
             ops.fsync(self.fd)
             ops.close(self.fd)
             self.closed = True
@@ -416,6 +419,11 @@ class TmpMessage:
         except QueueWriteError:
             self.discard()
             raise
+        # What a reader of the file would see, so the manager need not read it back.
+        env.qid, env.size = ino, self.size
+        for rcpt, pos in zip(env.recipients, positions):
+            rcpt.offset = self.size + pos
+        self.envelope = env
         return ino
 
     def discard(self) -> None:

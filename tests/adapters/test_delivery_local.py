@@ -51,6 +51,16 @@ def test_user_delivery_writes_maildir_with_return_path_and_delivered_to(tmp_path
                                  b"Delivered-To: test@test.com\nSubject: hi\n\nhello\n"]
 
 
+def test_large_message_is_streamed_into_the_maildir(tmp_path):
+    w = World(tmp_path)
+    body = b"Subject: big\n\n" + b"y" * 99 + b"\n"
+    body = body + (b"z" * 99 + b"\n") * (lo.READ_WHOLE_MAX // 100 + 10)
+    r = w.run("test@test.com", body=body)
+    assert r.status == SUCCESS
+    [data] = w.mailbox(w.test)
+    assert data == b"Return-Path: <alice@example.org>\nDelivered-To: test@test.com\n" + body
+
+
 def test_unknown_user_is_a_permanent_failure(tmp_path):
     w = World(tmp_path)
     r = w.run("nobody@test.com")

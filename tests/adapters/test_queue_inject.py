@@ -70,6 +70,22 @@ def result(d):
     return out[0]
 
 
+def test_envelope_handed_to_the_manager_equals_the_one_on_disk(tmp_path):
+    """on_commit_envelope gets what read_envelope would read, status offsets included."""
+    handed = []
+    store = QueueStore(tmp_path / "queue")
+    inj = Injector(store, ThreadlessReactor(), ImmediateThreadPool(),
+                   on_commit_envelope=handed.append)
+    w = inj.begin()
+    w.write(b"x" * (qi.FLUSH_BYTES + 5))        # streamed part
+    w.write(b"tail\n")
+    qid = result(w.commit("a@x", ["b@y", "c@z"], "peer"))
+    [env] = handed
+    assert env == store.read_envelope(qid)
+    assert [r.offset for r in env.recipients] == \
+        [r.offset for r in store.read_envelope(qid).recipients]
+
+
 def test_inject_convenience(tmp_path):
     store, inj = make(tmp_path)
     qid = result(inj.inject(b"bounce\n", "", ["postmaster@x"]))

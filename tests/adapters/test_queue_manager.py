@@ -76,8 +76,12 @@ class World:
         self.local = kw.pop("local", None) or FakeLocal()
         self.remote = kw.pop("remote", None) or FakeRemote()
         self.manager = None
-        self.injector = Injector(self.store, self.reactor, self.pool,
-                                 on_commit=lambda qid: self.manager.notify(qid))
+        if kw.pop("read_back", False):      # the pick-up path that reads the file
+            self.injector = Injector(self.store, self.reactor, self.pool,
+                                     on_commit=lambda qid: self.manager.notify(qid))
+        else:
+            self.injector = Injector(self.store, self.reactor, self.pool,
+                                     on_commit_envelope=lambda e: self.manager.notify_envelope(e))
         args = dict(local=self.local, remote=self.remote, injector=self.injector,
                     reactor=self.reactor, threadpool=self.pool, classify=classify,
                     postmaster="postmaster@test.com", hostname="mail.test.com",
@@ -113,9 +117,10 @@ def text_of(events):
     return [formatEvent(e) for e in events]
 
 
-def test_local_message_is_delivered_at_once_with_qmail_log_lines(tmp_path):
+@pytest.mark.parametrize("read_back", [False, True])
+def test_local_message_is_delivered_at_once_with_qmail_log_lines(tmp_path, read_back):
     with capturedLogs() as events:
-        w = World(tmp_path)
+        w = World(tmp_path, read_back=read_back)
         qid = w.inject("alice@example.org", ["test@test.com"])
     assert w.local.calls == [(qid, "test@test.com")]
     assert w.store.list_ids() == []
@@ -132,8 +137,9 @@ def test_local_message_is_delivered_at_once_with_qmail_log_lines(tmp_path):
     assert [l for l in lines if l in expected] == expected
 
 
-def test_crash_after_three_of_five_redelivers_only_the_other_two(tmp_path):
-    w = World(tmp_path)
+@pytest.mark.parametrize("read_back", [False, True])
+def test_crash_after_three_of_five_redelivers_only_the_other_two(tmp_path, read_back):
+    w = World(tmp_path, read_back=read_back)
     w.local.hold = True
     rcpts = [f"r{i}@test.com" for i in range(5)]
     qid = w.inject("a@example.org", rcpts)
