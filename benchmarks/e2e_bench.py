@@ -65,6 +65,9 @@ DELIVERY_TIMEOUT = 180.0
 DELIVERY_STALL = 15.0
 # Issue 4 targets.
 TARGET_P99_MS = 100.0
+# A phase during which other processes on the shared machine used more than this much CPU (% of
+# one core) is "disturbed" and its pair is measured again (--attempts).
+DISTURBED_PCT = 25.0
 PROFILE_SECONDS = 8
 # Messages in the profiled run: more than 20 senders get through in PROFILE_SECONDS.
 PROFILE_MESSAGES = 8000
@@ -326,6 +329,8 @@ def main() -> int:
                     "table); hot spots in the report")
     ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--attempts", type=int, default=3,
+                    help="measure a phase again when other load disturbed it")
     ap.add_argument("--quiet-wait", type=float, default=300.0,
                     help="seconds to wait at most for the shared machine to be quiet first")
     ap.add_argument("--source", help="run our server from a commit (HEAD) or a directory")
@@ -333,8 +338,6 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="e2e-bench-", dir=args.scratch))
     scratch.chmod(0o755)   # Postfix's daemons (user postfix) must reach their directories
     args.source_used = prepare_source(args.source, scratch)
-    busy = wait_quiet(args.quiet_wait)
-    print(f"machine busy before start: {busy:.0f}% of one core", flush=True)
     kinds = [args.only] if args.only else ["postfix", "ours"]
     servers, unavailable, results, profiled = {}, {}, [], []
     profile_path = scratch / "py-spy-ours-e2e.txt"
@@ -350,36 +353,49 @@ def main() -> int:
                 unavailable[kind] = str(e)
                 print(f"{kind}: UNAVAILABLE: {e}", flush=True)
         ids = {k: HeaderCache("x-bench-id") for k in servers}
-        maxres = {}
-        for kind, srv in servers.items():
-            run = f"max{stamp}{kind}"
-            r = phase(srv, "max", run, lambda: closed_loop(srv.port, run, args.messages,
-                                                            args.senders, args.size),
-                      args.messages, scratch, ids[kind])
-            maxres[kind] = r
-            results.append(r)
-            print(f"{kind} max: {_line(r)}", flush=True)
+
+        def paired(label: str, one) -> dict:
+            """Run one(kind, srv, tag) for every server back to back after waiting for a quiet
+            machine; a pair disturbed by other load is measured again (--attempts), the least
+            disturbed pair is kept."""
+            best = None
+            for attempt in range(1, args.attempts + 1):
+                wait_quiet(args.quiet_wait)
+                pair = {}
+                for kind, srv in servers.items():
+                    r = one(kind, srv, f"{label}{stamp}{attempt}{kind}")
+                    r["attempt"] = attempt
+                    pair[kind] = r
+                    print(f"{kind} {label}: {_line(r)}", flush=True)
+                disturbance = max(r.get("others_cpu_pct") or 0.0 for r in pair.values())
+                if best is None or disturbance < best[0]:
+                    best = (disturbance, pair)
+                if disturbance <= DISTURBED_PCT:
+                    break
+                print(f"  disturbed ({disturbance:.0f}% other CPU), attempt {attempt}", flush=True)
+            results.extend(best[1].values())
+            return best[1]
+
+        maxres = paired("max", lambda kind, srv, run: phase(
+            srv, "max", run, lambda: closed_loop(srv.port, run, args.messages, args.senders,
+                                                 args.size), args.messages, scratch, ids[kind]))
         if not args.no_smtp_source:
-            for kind, srv in servers.items():
-                r = smtp_source_phase(srv, args.messages, args.senders, args.size, scratch)
-                results.append(r)
-                print(f"{kind} smtp-source: e2e {fmt(r['e2e_rate'], 1)} msg/s, "
-                      f"accepted {fmt(r['accept_rate'], 1)} msg/s", flush=True)
+            paired("smtp-source", lambda kind, srv, run: smtp_source_phase(
+                srv, args.messages, args.senders, args.size, scratch))
         half_rate = args.half_rate
         if half_rate is None:
             ref = maxres.get("postfix") or maxres.get("ours")
             half_rate = ref["e2e_rate"] / 2 if ref and ref["e2e_rate"] else None
         if half_rate:
             count = max(1, int(half_rate * args.half_seconds))
-            for kind, srv in servers.items():
-                run = f"half{stamp}{kind}"
-                r = phase(srv, "half", run, lambda: open_loop(srv.port, run, count,
-                                                               args.senders, args.size,
-                                                               half_rate),
+
+            def half(kind, srv, run):
+                r = phase(srv, "half", run, lambda: open_loop(srv.port, run, count, args.senders,
+                                                              args.size, half_rate),
                           count, scratch, ids[kind])
                 r["rate_offered"] = half_rate
-                results.append(r)
-                print(f"{kind} half ({half_rate:.0f}/s): {_line(r)}", flush=True)
+                return r
+            paired("half", half)
         if args.profile and "ours" in servers:
             # An extra closed-loop run under py-spy, not in the table (py-spy stops the process
             # for every sample, so its rates are not comparable).
@@ -414,10 +430,14 @@ def main() -> int:
 
 
 def _line(r: dict) -> str:
+    if r.get("phase") == "smtp-source":
+        return (f"e2e {fmt(r['e2e_rate'], 1)} msg/s, accepted {fmt(r['accept_rate'], 1)} msg/s, "
+                f"rc {r['rc']} {r['stderr'][:100]}, others {fmt(r['others_cpu_pct'])}%")
     return (f"sent {r['sent_ok']} ({r['errors']} errors), delivered {r['delivered_matched']}, "
             f"accepted {fmt(r['accept_rate'], 1)}/s, e2e {fmt(r['e2e_rate'], 1)}/s, "
             f"p50 {fmt(r['p50_ms'], 1)} ms, p99 {fmt(r['p99_ms'], 1)} ms, "
-            f"server CPU {fmt(r['server_cpu_pct'])}%, client CPU {fmt(r['client_cpu_pct'])}%"
+            f"server CPU {fmt(r['server_cpu_pct'])}%, client CPU {fmt(r['client_cpu_pct'])}%, "
+            f"others {fmt(r['others_cpu_pct'])}%"
             + (f"; errors e.g. {r['error_samples'][:2]}" if r["errors"] else ""))
 
 

@@ -49,6 +49,9 @@ MIN_RUN_TIMEOUT = 60.0
 PROFILE_SECONDS = 8
 # Messages in the profiled run: enough to keep 20 sessions busy for longer than PROFILE_SECONDS.
 PROFILE_MESSAGES = 8000
+# A run during which other processes on the shared machine used more than this much CPU (% of
+# one core) is "disturbed" and its pair is measured again (--attempts).
+DISTURBED_PCT = 25.0
 TARGET_RATIO = 2.0          # issue 3: >= 2x aiosmtpd at 20 sessions, 2 KiB
 TARGET_IDLE_KIB = 50.0      # issue 3: < 50 KiB RSS per idle connection
 
@@ -106,6 +109,8 @@ def main() -> int:
                     help="aiosmtpd peer: threads for Maildir writes (0 = inline, the default)")
     ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH)
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--attempts", type=int, default=3,
+                    help="measure a configuration again when other load disturbed it")
     ap.add_argument("--quiet-wait", type=float, default=300.0,
                     help="seconds to wait at most for the shared machine to be quiet first")
     ap.add_argument("--source", help="run our server from a commit (e.g. HEAD, via git "
@@ -114,8 +119,6 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="smtp-bench-", dir=args.scratch))
     args.source_used = prepare_source(args.source, scratch)
-    busy = wait_quiet(args.quiet_wait)
-    print(f"machine busy before start: {busy:.0f}% of one core", flush=True)
     kinds = [args.only] if args.only else ["ours", "aiosmtpd"]
     servers, unavailable, results, idle, profiled = {}, {}, [], {}, []
     profile_path = scratch / "py-spy-ours-20x2k.txt"
@@ -137,14 +140,29 @@ def main() -> int:
         caches = {k: HeaderCache("message-id") for k in servers}
         for sessions, size, base_count in MATRIX:
             count = max(1, int(base_count * args.scale))
-            for kind, srv in servers.items():
-                r = one_run(srv, sessions, size, count, caches[kind])
-                results.append(r)
-                print(f"{kind}: {sessions} sessions x {size} B: {fmt(r['rate'], 1)} msg/s, "
-                      f"found {r['found']}/{count}, rc={r['rc']} {r['stderr'][:200]}",
-                      flush=True)
-                if r["rc"] != 0 and hasattr(srv, "log_tail"):
-                    print(srv.log_tail(), flush=True)
+            # The servers' runs for one configuration are a pair, measured back to back after
+            # waiting for a quiet machine; a pair disturbed by other people's load is measured
+            # again (up to --attempts times) and the least disturbed pair is kept.
+            best = None
+            for attempt in range(1, args.attempts + 1):
+                wait_quiet(args.quiet_wait)
+                pair = []
+                for kind, srv in servers.items():
+                    r = one_run(srv, sessions, size, count, caches[kind])
+                    r["attempt"] = attempt
+                    pair.append(r)
+                    print(f"{kind}: {sessions} sessions x {size} B: {fmt(r['rate'], 1)} msg/s, "
+                          f"found {r['found']}/{count}, rc={r['rc']}, others "
+                          f"{r['others_cpu_pct']:.0f}% {r['stderr'][:200]}", flush=True)
+                    if r["rc"] != 0 and hasattr(srv, "log_tail"):
+                        print(srv.log_tail(), flush=True)
+                disturbance = max(r["others_cpu_pct"] for r in pair)
+                if best is None or disturbance < best[0]:
+                    best = (disturbance, pair)
+                if disturbance <= DISTURBED_PCT:
+                    break
+                print(f"  disturbed ({disturbance:.0f}% other CPU), attempt {attempt}", flush=True)
+            results.extend(best[1])
         if args.profile and "ours" in servers:
             # An extra run under the profiler, after the measured ones: py-spy stops the process
             # for each sample, so this run's rate is not comparable and is not in the table.
