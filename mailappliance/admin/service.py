@@ -114,16 +114,20 @@ class _UnixAdminEndpoint:
             uid = self.owner[0]
             if self.gid is None:
                 gid = self.owner[1]
-        if uid != -1 or gid != -1:
-            os.chown(self.path, uid, gid)
-            if self.owner is not None:
-                # Twisted's lock for the socket (a symlink naming our pid): the dropped
-                # process removes it at stop.
-                try:
-                    os.lchown(self.path + ".lock", uid, -1)
-                except FileNotFoundError:
-                    pass
+        # The socket is 0600 root:root here. Group first (the mode still keeps everyone but
+        # root out), then the mode while root still owns it (afterwards root would need
+        # CAP_FOWNER, which the systemd unit's bounding set does not grant), then the owner.
+        if gid != -1:
+            os.chown(self.path, -1, gid)
         os.chmod(self.path, self.mode)
+        if uid != -1:
+            os.chown(self.path, uid, -1)
+            # Twisted's lock for the socket (a symlink naming our pid): the dropped process
+            # removes it at stop.
+            try:
+                os.lchown(self.path + ".lock", uid, -1)
+            except FileNotFoundError:
+                pass
         return port
 
 
@@ -132,7 +136,11 @@ def build_endpoint(app, kind: str, description: str, reactor):
     if not description.startswith("unix:"):
         return endpoints.serverFromString(reactor, description)
     path, params = _split_unix(description)
-    mode, gid = socket_permissions(app.settings)
+    try:
+        mode, gid = socket_permissions(app.settings)
+    except ConfigError as e:
+        # One clear line and exit 1 from twistd, like a bad configuration file.
+        raise SystemExit(f"mailappliance: {e}") from None
     keep = [p for p in params if not p.startswith(("mode=", "lockfile="))]
     text = ":".join([f"unix:{_escape(path)}", *keep, f"mode={PRIVATE_SOCKET_MODE:o}",
                      "lockfile=1"])

@@ -174,3 +174,31 @@ def test_a_second_server_cannot_steal_a_live_socket(server, make_server):
     assert time.monotonic() - t0 < 15
     assert admin(server, "domain list\n") == [(True, ["test.com"])]
     assert (server.data / "run" / "ready.json").exists()     # the twin touched nothing
+
+
+def test_socket_group_opens_the_socket_to_that_group_only(make_server):
+    import grp
+    group = grp.getgrgid(65534).gr_name if 65534 in [g.gr_gid for g in grp.getgrall()] \
+        else grp.getgrgid(os.getgid()).gr_name
+    srv = make_server(f'[admin]\nsocket_group = "{group}"\n').start()
+    st = os.stat(admin_path(srv))
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_gid == grp.getgrnam(group).gr_gid
+    assert admin(srv, "relay list\n") == [(True, ["0 grants"])]
+
+
+def test_a_world_accessible_socket_mode_or_unknown_group_stops_start_up(make_server):
+    for name, cfg, text in (
+            ("mode", "[admin]\nsocket_mode = 0o666\n",
+             "mailappliance: admin.socket_mode: 666 lets every local user in; use 600 or 660 "
+             "with admin.socket_group"),
+            ("group", '[admin]\nsocket_group = "no-such-group-here"\n',
+             "mailappliance: admin.socket_group: no such group: no-such-group-here")):
+        srv = make_server(cfg, name=name)
+        try:
+            srv.start()
+        except RuntimeError as e:
+            assert text in str(e)
+            assert "Traceback" not in str(e)
+        else:
+            raise AssertionError(f"started with {cfg!r}")

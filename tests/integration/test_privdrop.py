@@ -82,14 +82,63 @@ def _ids(pid: int) -> dict[str, list[int]]:
     return out
 
 
+def free_low_port() -> int:
+    """A port below 1024 nobody listens on now (binding it needs CAP_NET_BIND_SERVICE)."""
+    import random
+    import socket
+    candidates = list(range(600, 1000))
+    random.shuffle(candidates)
+    for port in candidates:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise AssertionError("no free port below 1024")
+
+
+def unit_capabilities() -> list[str]:
+    unit = Path(__file__).resolve().parents[2] / "conf" / "mailappliance.service"
+    for line in unit.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return line.split("=", 1)[1].split()
+    raise AssertionError("no CapabilityBoundingSet in the unit")
+
+
 def test_root_start_with_uid_gid_binds_then_runs_and_writes_as_the_user(unprivileged,
                                                                          monkeypatch):
+    run_privdrop(unprivileged, monkeypatch)
+
+
+def test_the_units_capability_bounding_set_and_no_new_privs_are_enough(unprivileged,
+                                                                        monkeypatch):
+    """Started the way systemd starts it: only the unit's capabilities, NoNewPrivileges, and
+    a port below 1024 to bind."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        if IN_CI:
+            pytest.fail("setpriv (util-linux) is required in CI")
+        pytest.skip("setpriv not installed")
+    caps = ",".join(["-all"] + ["+" + c[len("CAP_"):].lower() for c in unit_capabilities()])
+    run_privdrop(unprivileged, monkeypatch,
+                 wrapper=[setpriv, f"--bounding-set={caps}", "--no-new-privs", "--"],
+                 low_port=free_low_port())
+
+
+def run_privdrop(unprivileged, monkeypatch, wrapper=(), low_port=None):
     user, python, env, root = unprivileged
     uid, gid = user.pw_uid, user.pw_gid
-    monkeypatch.setattr(server_mod, "TWISTD", [python, *server_mod.TWISTD[1:]])
-    srv = server_mod.ServerProcess(
-        root / "srv", 'default_domain = "test.com"\n[log]\nrotate_bytes = 4096\nkeep = 3\n',
-        env=env, twistd_args=[f"--uid={uid}", f"--gid={gid}"])
+    monkeypatch.setattr(server_mod, "TWISTD", [*wrapper, python, *server_mod.TWISTD[1:]])
+    config = 'default_domain = "test.com"\n[log]\nrotate_bytes = 4096\nkeep = 3\n'
+    if low_port is not None:
+        config += ("[listen]\nsmtp = [\"tcp:0:interface=127.0.0.1\"]\n"
+                   "submission = [\"tcp:0:interface=127.0.0.1\"]\n"
+                   f"pop3 = [\"tcp:{low_port}:interface=127.0.0.1\"]\n")
+    srv = server_mod.ServerProcess(root / "srv", config, env=env,
+                                   twistd_args=[f"--uid={uid}", f"--gid={gid}"])
     srv.root.mkdir()
     os.chmod(srv.root, 0o755)
     srv.data.mkdir()
@@ -123,6 +172,8 @@ def test_root_start_with_uid_gid_binds_then_runs_and_writes_as_the_user(unprivil
         admin(srv, f"user add second@test.com\n{PASSWORD}\n", count=1)
         [(ok, _)] = admin(srv, "stat\n")
         assert ok
+        if low_port is not None:
+            assert srv.port("pop3") == low_port
         # a POP3 login reads the store from the thread pool, as the user
         import poplib
         pop = poplib.POP3("127.0.0.1", srv.port("pop3"), timeout=30)
