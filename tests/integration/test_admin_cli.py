@@ -96,3 +96,44 @@ def test_sighup_and_reload_keep_the_server_running(server):
     time.sleep(0.2)
     assert server.proc.poll() is None
     assert server.cli("stat").returncode == 0
+
+
+def test_loopback_tcp_admin_with_a_token(make_server):
+    import socket
+    from mailappliance.admin.protocol import ReplyReader
+    srv = make_server()
+    srv.root.mkdir(parents=True, exist_ok=True)
+    token = srv.root / "admin.token"
+    token.write_text("f00dfeedf00dfeedf00dfeedf00dfeed\n")
+    token.chmod(0o600)
+    srv.config_text = (f'[listen]\nsmtp = ["tcp:0:interface=127.0.0.1"]\n'
+                       f'admin = ["tcp:0:interface=127.0.0.1"]\n'
+                       f'[admin]\ntoken_file = "{token}"\n')
+    srv.start()
+    port = srv.port("admin")
+    assert isinstance(port, int)
+    assert not (srv.data / "admin.sock").exists()
+    # the command finds the port in run/ready.json and authenticates with the token file
+    res = srv.cli("stat")
+    assert any(l.startswith(f"admin: up ") and f"127.0.0.1:{port}" in l
+               for l in res.stdout.splitlines())
+
+    def exchange(text: str) -> list:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(text.encode())
+            reader = ReplyReader()
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    return reader.replies
+                reader.receive_data(data)
+
+    assert exchange("stat\nquit\n") == [
+        (False, ["error: authenticate first: auth, then the token on the next line"]),
+        (True, ["bye"])]
+    assert exchange("auth\nnot-the-token-at-all\nstat\n") == [
+        (False, ["error: authentication failed"])]          # and the connection is closed
+    token.write_text("0000000000000000000000000000000000\n")
+    res = srv.cli("stat", check=False)
+    assert res.returncode == 1
+    assert res.stderr == "mailappliance: admin token refused: error: authentication failed\n"
