@@ -173,10 +173,17 @@ def event_lines(event: dict) -> list[tuple[str, str]]:
     return lines
 
 
+# Delivery results that are problems even though the queue logs them at info level
+# (qmail-send's "delivery N: deferral: ..." / "failure: ...").
+PROBLEM_STATUSES = frozenset({"deferral", "failure"})
+
+
 def is_error(event: dict) -> bool:
+    """Warnings, errors, logged failures and failed or deferred deliveries: what `stat`
+    shows as last errors and the journal shows beside the file log."""
     level = event.get("log_level")
     return level in (LogLevel.warn, LogLevel.error, LogLevel.critical) or (
-        "log_failure" in event)
+        "log_failure" in event) or event.get("status") in PROBLEM_STATUSES
 
 
 # --- the rotating file (multilog's job) ------------------------------------------------------

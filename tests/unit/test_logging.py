@@ -236,3 +236,12 @@ def test_logging_service_writes_events_of_a_real_logger_and_detaches(tmp_path):
     assert re.search(r"^\S+Z admin: admin: before start$", text, re.M)
     assert "admin: admin: after start" in text
     assert "never" not in text and "after stop" not in text
+
+
+def test_deferred_and_failed_deliveries_count_as_errors_successes_do_not():
+    ev = _event("delivery {d}: {status}: {text}", namespace="mailappliance.queue.manager",
+                d=3, status="deferral", text="Connection refused")
+    assert malog.is_error(ev)
+    assert malog.is_error(dict(ev, status="failure"))
+    assert not malog.is_error(dict(ev, status="success"))
+    assert not malog.is_error(_event("new msg 4"))
