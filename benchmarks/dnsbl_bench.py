@@ -44,6 +44,9 @@ ZONES = {"bl1.bench": {"$minimum": 0, "$ttl": 0}, "bl2.bench": {"$minimum": 0, "
 WARMUP_SECONDS = 1.0
 # One SMTP reply must come within this, or the run is reported as broken (bounds every wait).
 REPLY_TIMEOUT = 10.0
+# Quiet machine: fewer than this many cores busy over a QUIET_SAMPLE-second sample.
+QUIET_CORES = 0.3
+QUIET_SAMPLE = 2.0
 # Source addresses: 127.A.B.C with C in 1..250, B in 0..249, A from 1 up: 62,500 per A.
 ADDRESSES_PER_BLOCK = 250 * 250
 
@@ -164,6 +167,28 @@ def server_config(dns: DNSServerProcess | None, concurrency: int) -> str:
     return text
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds all processes spent busy so far, from /proc/stat (Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)      # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(limit: float, threshold: float = QUIET_CORES) -> float:
+    """Wait (at most `limit` s) until the machine is nearly idle; return the load seen last.
+
+    Other sessions share this machine; a run measured while they load it means little.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        before, t0 = system_busy_seconds(), time.monotonic()
+        time.sleep(QUIET_SAMPLE)
+        busy = (system_busy_seconds() - before) / (time.monotonic() - t0)
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process, from /proc (Linux)."""
     try:
@@ -181,6 +206,7 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
     srv.cli("domain", "add", "test.com")
     srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
     srv.start()
+    result_quiet = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
     body = message_body(args.size) if args.mode == "message" else None
     try:
         if dns is not None:
@@ -189,6 +215,7 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
         if dns is not None:
             pids["dns_server"] = dns.proc.pid
         cpu_before = {k: cpu_seconds(v) for k, v in pids.items()}
+        system_before = system_busy_seconds()
         wall = time.monotonic()
         result = asyncio.run(load(srv.port("smtp"), args.concurrency, args.seconds, first,
                                   body))
@@ -196,6 +223,9 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
         # Share of one core each process used over the whole run (warm-up included).
         result["cpu"] = {k: round((cpu_seconds(v) - cpu_before[k]) / wall, 2)
                          for k, v in pids.items()}
+        # Everything else the machine did meanwhile (other sessions' tests and benchmarks).
+        result["other_cores"] = round((system_busy_seconds() - system_before) / wall
+                                      - sum(result["cpu"].values()), 2)
         total = result["addresses_used"]
         result["server_cpu_ms_per_connection"] = round(
             1000 * (cpu_seconds(pids["server"]) - cpu_before["server"]) / total, 3) \
@@ -207,6 +237,7 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
     finally:
         srv.stop()
     result["label"] = label
+    result["busy_before"] = result_quiet
     return result
 
 
@@ -220,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="message: one 2 KiB message per connection, as smtp-source sends; "
                         "handshake: greeting, EHLO, MAIL, QUIT only")
     p.add_argument("--size", type=int, default=2048, help="message size in message mode")
+    p.add_argument("--quiet-wait", type=float, default=120.0,
+                   help="before each run wait up to this long for an idle machine (0: don't)")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args(argv)
 
@@ -236,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['label']:>8}: {r['rate']:8.1f} conn/s  p50 {r['p50_ms']:.1f} ms  "
                       f"p99 {r['p99_ms']:.1f} ms  (to MAIL reply p50 {r['mail_p50_ms']:.1f} ms)  "
                       f"replies {r['replies']}  "
-                      f"errors {r['errors']}  cpu {r['cpu']}  server ms/conn "
+                      f"errors {r['errors']}  cpu {r['cpu']} others {r['other_cores']}  "
+                      f"server ms/conn "
                       f"{r['server_cpu_ms_per_connection']}"
                       + (f"  dns/conn {r['dns_queries_per_connection']:.2f}"
                          if "dns_queries" in r else ""), flush=True)
