@@ -471,3 +471,37 @@ def test_listen_backlog_is_raised_for_tcp_listeners(description, expected):
     assert listen_description(description) == expected
     ep = build_endpoint(None, "smtp", "tcp:0:interface=127.0.0.1", ThreadlessReactor())
     assert ep._backlog == 1024
+
+
+def test_direct_write_keeps_order_when_the_kernel_takes_only_part(tmp_path):
+    """protocol._write sends at once on a plain TCP transport; what the socket buffer cannot
+    take goes through transport.write, and later writes queue behind it, never overtake it."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    w = World(tmp_path)
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setblocking(False)
+    proto = w.factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1))
+    transport = tcp.Server(ours, proto, ("127.0.0.2", 1), None, 1, MemoryReactor())
+    transport.getPeer = lambda: IPv4Address("TCP", "127.0.0.2", 1)
+    proto.transport = transport
+    big = bytes(range(256)) * 4096                      # 1 MiB: more than the socket takes
+    proto._write(big)
+    assert transport._tempDataBuffer                    # the rest waits in Twisted's buffer
+    proto._write(b"TAIL")                               # must queue behind, not jump ahead
+    received = b""
+    for _ in range(10_000):
+        try:
+            received += peer.recv(1 << 20)
+        except BlockingIOError:
+            pass
+        if transport._tempDataBuffer or transport.offset < len(transport.dataBuffer):
+            transport.doWrite()
+        if len(received) >= len(big) + 4:
+            break
+    assert received == big + b"TAIL"
+    ours.close(), peer.close()
