@@ -148,6 +148,7 @@ class QueueManager(service.Service):
         self.scan_interval = scan_interval
         self.jobs: dict[int, Job] = {}
         self.picking: set[int] = set()               # pick-ups in flight
+        self._stashed: set[int] = set()              # ids to look at again (see _clash)
         self.busy = {LOCAL: 0, REMOTE: 0}
         self.ready: dict[str, deque] = {LOCAL: deque(), REMOTE: deque()}
         self._in_ready: dict[str, set] = {LOCAL: set(), REMOTE: set()}
@@ -241,7 +242,10 @@ class QueueManager(service.Service):
         wrote: deliver it now without reading the file back.  Classifying the recipients is
         one primary-key lookup per domain in the user store's SQLite (WAL readers never wait
         for writers), small enough for the reactor thread."""
-        if not self.running or env.qid in self.jobs or env.qid in self.picking:
+        if not self.running:
+            return
+        if env.qid in self.jobs or env.qid in self.picking:
+            self._clash(env.qid, env.token)
             return
         try:
             channels = {r.index: self.classify(r.address)
@@ -278,8 +282,27 @@ class QueueManager(service.Service):
         d.addCallback(got)
         d.addBoth(done)
 
+    def _clash(self, qid: int, token: str | None) -> None:
+        """A message with the id of one we are still busy with.  Ids are inode numbers, and
+        an inode is reused as soon as a finished message's file is unlinked -- possibly
+        before we have forgotten that message.  Remember to look at the file again (from
+        disk, so nothing is picked up twice) once the old one is forgotten."""
+        job = self.jobs.get(qid)
+        if job is not None and job.env.token == token:
+            return                       # the same message, already known
+        self._stashed.add(qid)
+
+    def _forget(self, qid: int) -> None:
+        """The message `qid` is finished (or could not be read): drop it, then look at a
+        newer message that came with the same id meanwhile."""
+        self.jobs.pop(qid, None)
+        if qid in self._stashed and qid not in self.picking:
+            self._stashed.discard(qid)
+            self._pickup(qid)
+
     def _pickup(self, qid: int) -> None:
         if qid in self.jobs or qid in self.picking:
+            self._clash(qid, None)
             return
         self.picking.add(qid)
         d = self._defer(self._read, qid)
@@ -297,6 +320,7 @@ class QueueManager(service.Service):
     def _pick_failed(self, f: Failure, qid: int) -> None:
         self.picking.discard(qid)
         if f.check(FileNotFoundError):
+            self._forget(qid)
             return      # removed meanwhile (done, or an admin removed it)
         if f.check(CorruptEntry):
             self.stats["corrupt"] += 1
@@ -319,7 +343,10 @@ class QueueManager(service.Service):
         env, channels, mtime = result
         qid = env.qid
         self.picking.discard(qid)
-        if not self.running or qid in self.jobs:
+        if not self.running:
+            return
+        if qid in self.jobs:
+            self._clash(qid, env.token)
             return
         job = Job(env, channels)
         self.jobs[qid] = job
@@ -531,8 +558,8 @@ class QueueManager(service.Service):
                                              self.lifetime)
         self._log_status()
         if done_all and not isinstance(result, Failure):
-            del self.jobs[job.qid]
             self.log.info("end msg {qid}", qid=job.qid)
+            self._forget(job.qid)
             self._pump()
             return
         if job.todo(channel) and next_try is not None:
@@ -561,8 +588,8 @@ class QueueManager(service.Service):
                 self.reactor.callLater(BOUNCE_RETRY, self._retry_finish, env.qid)
                 return
         yield self._defer(self.store.remove, env.qid)
-        self.jobs.pop(env.qid, None)
         self.log.info("end msg {qid}", qid=env.qid)
+        self._forget(env.qid)
 
     def _retry_finish(self, qid: int) -> None:
         job = self.jobs.get(qid)
@@ -637,8 +664,8 @@ class QueueManager(service.Service):
             self._finish(job)
         else:
             yield self._defer(self.store.remove, qid)
-            self.jobs.pop(qid, None)
             self.log.info("end msg {qid}", qid=qid)
+            self._forget(qid)
         return True
 
     # -- housekeeping ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from mailappliance.queue import schedule
 from mailappliance.queue.bounce import DOUBLE_BOUNCE_SENDER
 from mailappliance.queue.inject import Injector
 from mailappliance.queue.schedule import LOCAL, REMOTE
-from mailappliance.queue.store import DELIVERED, FAILED, TODO, QueueStore
+from mailappliance.queue.store import (DELIVERED, FAILED, TODO, Envelope, QueueStore,
+                                       Recipient)
 from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
 
 EPOCH = 1_700_000_000.0
@@ -419,6 +420,27 @@ def test_failed_result_recording_keeps_recipient_to_do(tmp_path):
     os.rename(path + ".away", path)
     assert w.store.read_envelope(qid).recipients[0].state == TODO
     assert any("cannot record delivery results" in l for l in text_of(events))
+
+
+@pytest.mark.parametrize("read_back", [False, True])
+def test_a_new_message_reusing_the_id_of_one_still_finishing_is_not_lost(tmp_path, read_back):
+    """Queue ids are inode numbers: the id of a message whose file was just unlinked can
+    come back for a new message before the manager has forgotten the old one."""
+    w = World(tmp_path)
+    qid = QueueStore(tmp_path / "queue").inject(b"new\n", "a@example.org", ["test@test.com"],
+                                                trigger=False)
+    # the old message with this id: finished, its file gone, not yet forgotten
+    old = Envelope(sender="x@example.org", recipients=[Recipient(0, "old@test.com", DELIVERED)],
+                   birth=EPOCH, token="older message", qid=qid)
+    w.manager.jobs[qid] = qm.Job(old, {})
+    if read_back:
+        w.manager.notify(qid)
+    else:
+        w.manager.notify_envelope(w.store.read_envelope(qid))
+    assert w.local.calls == []                  # not mixed up with the old one
+    w.manager._forget(qid)                      # the old one is done
+    assert w.local.calls == [(qid, "test@test.com")]
+    assert w.store.list_ids() == []
 
 
 @pytest.mark.parametrize("text,expected", [
