@@ -9,15 +9,20 @@ What it does, all on loopback:
    DNSBL zones with SOA minimum 0, so no answer can be cached, and an answer delay of 50 ms;
 2. starts the real `twistd -n mailappliance` twice per round: once without DNSBL, once with
    `dnsbl = ["bl1.bench", "bl2.bench"]` and `[dns] nameservers` pointing at that server;
-3. runs N concurrent clients (asyncio, one process) for a fixed time; each connection binds its
-   own source address in 127.0.0.0/8 (127.0.0.N is a client of its own), so every connection
-   costs two real DNS lookups: no cache hit, no sharing of in-flight queries. A connection is
-   greeting, EHLO, MAIL FROM (where the DNSBL verdict applies), QUIT.
+3. runs N concurrent clients (asyncio, one process) in a closed loop for a fixed time; each
+   connection binds its own source address in 127.0.0.0/8 (127.0.0.N is a client of its own),
+   so every connection costs two real DNS lookups: no cache hit, no sharing of in-flight
+   queries. A connection delivers one 2 KiB message (greeting, EHLO, MAIL FROM -- where the
+   DNSBL verdict applies --, RCPT, DATA, QUIT), as smtp-source does; `--mode handshake` stops
+   after MAIL.
 4. reports connections/s and connection latency p50/p99 for each run, the DNS queries the server
    saw per connection, and the ratio. The promise: with DNSBL the rate stays within 20% of the
    rate without (the lookups overlap instead of serialising).
 
 Rounds alternate off/on to spread drift (PEERS.md: 10-15% between runs on this machine).
+Other sessions share the machine: before each run the harness waits (up to --quiet-wait s) for
+it to be idle, reports the CPU other processes used during each run, and gives the ratio of the
+rounds during which they stayed below QUIET_CORES separately.
 """
 
 from __future__ import annotations
@@ -278,10 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     off = [r["rate"] for r in results if r["label"].startswith("off")]
     on = [r["rate"] for r in results if r["label"].startswith("dnsbl")]
     ratio = statistics.fmean(on) / statistics.fmean(off)
-    summary = {"mode": args.mode, "size": args.size, "concurrency": args.concurrency, "seconds": args.seconds, "delay": args.delay,
+    # Pairs (off, dnsbl of one round) during which the rest of the machine stayed quiet.
+    quiet = [(a["rate"], b["rate"]) for a, b in zip(results[0::2], results[1::2])
+             if a["other_cores"] < QUIET_CORES and b["other_cores"] < QUIET_CORES]
+    summary = {"mode": args.mode, "size": args.size, "concurrency": args.concurrency,
+               "seconds": args.seconds, "delay": args.delay,
                "rate_off": statistics.fmean(off), "rate_dnsbl": statistics.fmean(on),
                "ratio": ratio, "within_20_percent": ratio >= 0.8, "runs": results,
                "cpus": os.cpu_count()}
+    summary["quiet_pairs"] = quiet
+    summary["quiet_ratio"] = (statistics.fmean(b for _, b in quiet)
+                              / statistics.fmean(a for a, _ in quiet)) if quiet else None
+    for a, b in zip(results[0::2], results[1::2]):
+        print(f"round {a['label'][-1]}: dnsbl/off = {b['rate'] / a['rate']:.1%} "
+              f"(other load {a['other_cores']} / {b['other_cores']} cores)")
+    if quiet:
+        print(f"quiet rounds only ({len(quiet)}): {summary['quiet_ratio']:.1%}")
     print(f"\nmean without DNSBL {summary['rate_off']:.1f} conn/s, with two lists at "
           f"{args.delay * 1000:.0f} ms: {summary['rate_dnsbl']:.1f} conn/s "
           f"-> {ratio:.1%} of the rate ({'within' if ratio >= 0.8 else 'NOT within'} 20%)")
