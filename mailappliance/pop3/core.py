@@ -626,7 +626,9 @@ class MessageEncoder:
                 return b""
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
-        data = data.replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+        data = data.replace(b"\n", b"\r\n")
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
         if self._line_start and data[:1] == b".":
             data = b"." + data
         self._line_start = data.endswith(b"\n")
@@ -673,6 +675,16 @@ class MessageEncoder:
 
 
 def encode_whole(data: bytes) -> bytes:
-    """The fast path for a message read in one chunk: wire form including the final `.` line."""
-    enc = MessageEncoder()
-    return enc.feed(data) + enc.finish()
+    """The fast path for a message read in one chunk: wire form including the final `.` line.
+    Same result as MessageEncoder().feed(data) + finish(), without the per-chunk state."""
+    if b"\r" in data:
+        enc = MessageEncoder()
+        return enc.feed(data) + enc.finish()
+    data = data.replace(b"\n", b"\r\n")
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data[:1] == b".":
+        data = b"." + data
+    if data and data[-1:] != b"\n":
+        return data + b"\r\n.\r\n"
+    return data + b".\r\n"

@@ -60,7 +60,9 @@ class MessageInfo:
 
 
 def uid_for(base: str) -> str:
-    if 1 <= len(base) <= UID_MAX_LENGTH and all(0x21 <= ord(c) <= 0x7E for c in base):
+    # isascii + isprintable + no space == every character in 0x21..0x7E.
+    if (1 <= len(base) <= UID_MAX_LENGTH and base.isascii() and base.isprintable()
+            and " " not in base):
         return base
     return hashlib.sha1(os.fsencode(base)).hexdigest()
 
@@ -76,6 +78,7 @@ def size_from_name(base: str) -> int | None:
 class Maildir:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._prefix = os.fspath(self.path) + "/"    # hot paths join strings, not Paths
         self._lock_fd: int | None = None
 
     # -- the session lock ------------------------------------------------------------------
@@ -109,13 +112,13 @@ class Maildir:
         found: list[MessageInfo] = []
         for sub in ("new", "cur"):
             try:
-                it = os.scandir(self.path / sub)
+                it = os.scandir(self._prefix + sub)
             except FileNotFoundError:
                 raise MailboxError(f"{self.path / sub} is missing") from None
             with it:
                 for entry in it:
                     name = entry.name
-                    if name.startswith("."):
+                    if name[0] == ".":
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)
@@ -124,33 +127,39 @@ class Maildir:
                     if not stat.S_ISREG(st.st_mode):
                         continue
                     base = name.split(":", 1)[0]
-                    size = size_from_name(base)
+                    size = size_from_name(base) if ",W=" in base else None
                     found.append(MessageInfo(uid_for(base), st.st_size if size is None else size,
                                              f"{sub}/{name}", st.st_mtime_ns))
         found.sort(key=lambda m: (m.mtime_ns, m.name))
         return found
 
     # -- reading ---------------------------------------------------------------------------
-    def open(self, message: MessageInfo):
-        """An unbuffered binary file (each read() is one read(2)); MessageGone if missing."""
+    def open_fd(self, message: MessageInfo) -> int:
+        """A read-only descriptor of the message file (the caller closes it); MessageGone if
+        the file is missing or is a symlink."""
         try:
-            fd = os.open(self.path / message.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return os.open(self._prefix + message.name,
+                           os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise MessageGone(message.name) from None
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise MessageGone(message.name) from None
             raise MailboxError(f"cannot open {message.name}: {e.strerror}") from None
-        return os.fdopen(fd, "rb", buffering=0)
+
+    def open(self, message: MessageInfo):
+        """An unbuffered binary file object (each read() is one read(2))."""
+        return os.fdopen(self.open_fd(message), "rb", buffering=0)
 
     # -- QUIT ------------------------------------------------------------------------------
     def update(self, deleted, kept) -> int:
         """Apply a session's QUIT; returns how many deletions failed (0 = all done)."""
         failures = 0
         touched: set[str] = set()
+        prefix = self._prefix
         for m in deleted:
             try:
-                os.unlink(self.path / m.name)
+                os.unlink(prefix + m.name)
                 touched.add(m.name.split("/", 1)[0])
             except FileNotFoundError:
                 pass              # already gone: the client's wish holds
@@ -162,7 +171,7 @@ class Maildir:
                 continue
             target = name if ":" in name else name + CUR_SUFFIX
             try:
-                os.rename(self.path / m.name, self.path / "cur" / target)
+                os.rename(prefix + m.name, prefix + "cur/" + target)
                 touched.update(("new", "cur"))
             except OSError:
                 pass              # qmail-pop3d: "if it fails, bummer" -- it stays in new/

@@ -27,7 +27,7 @@ from mailappliance.access.relay import normalize_ip
 from mailappliance.pop3 import core
 from mailappliance.pop3.core import (
     NEED_DATA, PAUSED, Authenticate, Close, MessageEncoder, Retrieve, Send, StartTLS, Update,
-    escape_login)
+    encode_whole, escape_login)
 from mailappliance.pop3.mailbox import READ_CHUNK, MailboxBusy, MailboxError, MessageGone
 from mailappliance.pop3.penalty import LoginPenalty
 
@@ -84,16 +84,16 @@ class POP3Factory(ServerFactory):
 class _MessageSender:
     """Streams one message file: one READ_CHUNK per resumeProducing."""
 
-    def __init__(self, proto: "POP3ServerProtocol", f, encoder: MessageEncoder) -> None:
+    def __init__(self, proto: "POP3ServerProtocol", fd: int, encoder: MessageEncoder) -> None:
         self.proto = proto
-        self.file = f
+        self.fd: int | None = fd
         self.encoder = encoder
 
     def resumeProducing(self) -> None:
         transport = self.proto.transport
-        while True:
+        while self.fd is not None:
             try:
-                data = self.file.read(READ_CHUNK)
+                data = os.read(self.fd, READ_CHUNK)
             except OSError as e:
                 self.proto._stream_failed(e)
                 return
@@ -109,6 +109,8 @@ class _MessageSender:
                 self.proto._activity()
                 return
             break
+        if self.fd is None:
+            return                    # stopped meanwhile
         self.close()
         self.proto._stream_finished(self.encoder.finish())
 
@@ -116,9 +118,9 @@ class _MessageSender:
         self.close()
 
     def close(self) -> None:
-        f, self.file = self.file, None
-        if f is not None:
-            f.close()
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class POP3ServerProtocol(Protocol):
@@ -391,7 +393,7 @@ class POP3ServerProtocol(Protocol):
     def _retrieve(self, action: Retrieve, out: list[bytes]) -> bool:
         """True when the answer is complete in `out`; False when a stream was started."""
         try:
-            f = self.mailbox.open(action.message)
+            fd = self.mailbox.open_fd(action.message)
         except MessageGone:
             self.session.retrieve_failed()
             return True
@@ -400,23 +402,30 @@ class POP3ServerProtocol(Protocol):
                            user=escape_login(self.user.address), why=str(e))
             self.session.retrieve_failed()
             return True
-        encoder = MessageEncoder(action.body_lines)
         try:
-            chunk = f.read(READ_CHUNK)
+            chunk = os.read(fd, READ_CHUNK)
         except OSError as e:
-            f.close()
+            os.close(fd)
             self.log.error("cannot read message: {why}", why=str(e))
             self.session.retrieve_failed()
             return True
         out.append(self.session.retrieve_opened())
+        if len(chunk) < READ_CHUNK and action.body_lines is None:
+            # The common case: the whole message in one read (a regular file returns less
+            # than asked only at its end), one write.
+            os.close(fd)
+            out.append(encode_whole(chunk))
+            self.session.retrieve_done()
+            return True
+        encoder = MessageEncoder(action.body_lines)
         out.append(encoder.feed(chunk))
         if len(chunk) < READ_CHUNK or encoder.done:
-            f.close()
+            os.close(fd)
             out.append(encoder.finish())
             self.session.retrieve_done()
             return True
         self._flush(out)
-        self._sender = _MessageSender(self, f, encoder)
+        self._sender = _MessageSender(self, fd, encoder)
         # A pull producer may be run at once by registerProducer (and finish a short tail).
         self.transport.registerProducer(self._sender, False)
         return self._sender is None

@@ -496,6 +496,13 @@ def test_encoder_matches_reference_for_any_chunking(msg, cuts):
 
 
 @settings(max_examples=300, deadline=None)
+@given(st.binary().map(lambda b: bytes(b"a.\r\n"[x % 4] for x in b)))
+def test_fast_path_matches_reference(msg):
+    assert encode_whole(msg) == reference(msg)
+    assert encode_whole(msg.replace(b"\r", b"")) == reference(msg.replace(b"\r", b""))
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.binary().map(lambda b: bytes(b"a.\r\n"[x % 4] for x in b)),
        st.lists(st.integers(min_value=0, max_value=200), max_size=8),
        st.integers(min_value=0, max_value=5))
