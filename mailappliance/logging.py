@@ -31,7 +31,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Deque, Iterable, TextIO
+from typing import Callable, Deque, Iterable, TextIO
 
 from twisted.application import service
 from twisted.logger import (ILogObserver, LogLevel, formatEvent, globalLogPublisher)

@@ -416,15 +416,6 @@ class QueueFacts:
     why: str = ""
 
 
-def manager_status(manager) -> dict[str, int]:
-    """The queue manager's numbers for stat: `manager.status()` (queue/manager.py) returns a
-    mapping with unprocessed, local_busy, local_max, remote_busy, remote_max."""
-    status = getattr(manager, "status", None)
-    if status is None:
-        return {}
-    return dict(status())
-
-
 def cmd_stat(proto, cmd):
     app = proto.factory.app
     settings = app.settings
@@ -441,19 +432,22 @@ def cmd_stat(proto, cmd):
             config_loaded=app.stats.get("config_loaded"), rules=rules)
         return report.format_stat(snap, proto.factory.clock())
 
-    # The manager's counters live on the reactor thread; the directory count in the pool.
-    d = _blocking(proto, queue_facts_blocking_part, app)
-    d.addCallback(lambda n: queue_facts_finish(app, n))
+    # The directory is counted in the pool; the manager's counters live on the reactor thread.
+    d = _blocking(proto, queue_count, app)
+    d.addCallback(lambda n: queue_facts(app, n))
     d.addCallback(build)
     return d
 
 
-def queue_facts_blocking_part(app) -> int | None:
+def queue_count(app) -> int | None:
+    """Blocking: messages in the queue directory (None without a queue)."""
     store = getattr(app, "queue_store", None)
     return None if store is None else len(store.list_ids())
 
 
-def queue_facts_finish(app, messages: int | None) -> QueueFacts:
+def queue_facts(app, messages: int | None) -> QueueFacts:
+    """What stat shows about the queue: the count from the directory, the rest from the
+    manager's status() (unprocessed = being picked up, local/remote busy and limits)."""
     if messages is None:
         return QueueFacts(None, "no queue (queue component not built in)")
     q = app.settings.queue
@@ -461,7 +455,7 @@ def queue_facts_finish(app, messages: int | None) -> QueueFacts:
     if manager is None:
         return QueueFacts(report.QueueStatus(messages, messages, 0, q.concurrency_local, 0,
                                              q.concurrency_remote))
-    s = manager_status(manager)
+    s = manager.status()
     return QueueFacts(report.QueueStatus(
         messages, s.get("unprocessed", 0), s.get("local_busy", 0),
         s.get("local_max", q.concurrency_local), s.get("remote_busy", 0),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogPublisher, globalLogPublisher
+from twisted.logger import globalLogPublisher
 
 from mailappliance.admin import protocol as ap
 from mailappliance.admin import service as adm
