@@ -117,7 +117,10 @@ async def one_connection(port: int, source: str, body: bytes | None,
 
 
 async def load(port: int, concurrency: int, seconds: float, first_address: int,
-               body: bytes | None) -> dict:
+               body: bytes | None, rate: float | None = None) -> dict:
+    """Closed loop: `concurrency` clients, each starting its next connection when the last
+    ends. Open loop (`rate`): a new connection every 1/rate s, at most `concurrency` at once
+    (a connection that would exceed that is counted as skipped)."""
     counter = iter(range(first_address, first_address + 10 ** 7))
     start = time.monotonic()
     measure_from = start + WARMUP_SECONDS
@@ -127,24 +130,44 @@ async def load(port: int, concurrency: int, seconds: float, first_address: int,
     codes: dict[str, int] = {}
     errors: list[str] = []
 
+    skipped = 0
+
+    async def one() -> bool:
+        t0 = time.monotonic()
+        marks: list[float] = []
+        try:
+            code = await one_connection(port, source_address(next(counter)), body, marks)
+        except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+            errors.append(repr(e))
+            return len(errors) <= 100
+        t1 = time.monotonic()
+        if t0 >= measure_from and t1 <= stop_at + (REPLY_TIMEOUT if rate else 0):
+            latencies.append(t1 - t0)
+            to_mail.append(marks[0] - t0)
+            codes[code.decode()] = codes.get(code.decode(), 0) + 1
+        return True
+
     async def worker() -> None:
         while time.monotonic() < stop_at:
-            t0 = time.monotonic()
-            marks: list[float] = []
-            try:
-                code = await one_connection(port, source_address(next(counter)), body, marks)
-            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
-                errors.append(repr(e))
-                if len(errors) > 100:
-                    return
-                continue
-            t1 = time.monotonic()
-            if t0 >= measure_from and t1 <= stop_at:
-                latencies.append(t1 - t0)
-                to_mail.append(marks[0] - t0)
-                codes[code.decode()] = codes.get(code.decode(), 0) + 1
+            if not await one():
+                return
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if rate is None:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:
+        tasks: set[asyncio.Task] = set()
+        next_at = time.monotonic()
+        while next_at < stop_at:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += 1.0 / rate
+            if len(tasks) >= concurrency:
+                skipped += 1
+                continue
+            task = asyncio.ensure_future(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks, timeout=REPLY_TIMEOUT * 6)
     used = next(counter) - first_address
     lat = sorted(latencies)
     return {
@@ -158,6 +181,7 @@ async def load(port: int, concurrency: int, seconds: float, first_address: int,
         "errors": len(errors),
         "first_errors": errors[:3],
         "addresses_used": used,
+        "skipped": skipped,
     }
 
 
@@ -223,7 +247,7 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
         system_before = system_busy_seconds()
         wall = time.monotonic()
         result = asyncio.run(load(srv.port("smtp"), args.concurrency, args.seconds, first,
-                                  body))
+                                  body, args.rate))
         wall = time.monotonic() - wall
         # Share of one core each process used over the whole run (warm-up included).
         result["cpu"] = {k: round((cpu_seconds(v) - cpu_before[k]) / wall, 2)
@@ -256,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="message: one 2 KiB message per connection, as smtp-source sends; "
                         "handshake: greeting, EHLO, MAIL, QUIT only")
     p.add_argument("--size", type=int, default=2048, help="message size in message mode")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: connections per second (then --concurrency caps how many "
+                        "run at once); compares server CPU per connection at equal load")
     p.add_argument("--quiet-wait", type=float, default=120.0,
                    help="before each run wait up to this long for an idle machine (0: don't)")
     p.add_argument("--json", type=Path, help="write the results here too")
