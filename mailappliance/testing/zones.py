@@ -28,7 +28,7 @@ REFUSED for a name outside every zone. Pure: no sockets, no clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 DEFAULT_TTL = 300
