@@ -1,7 +1,7 @@
 """POP3 retrieval: mailappliance against Dovecot's POP3 server, same Maildir, same run.
 
     /work/venv/bin/python benchmarks/pop3_bench.py [--messages 1000] [--size 10240]
-        [--rounds 3] [--only ours|dovecot] [--source HEAD] [--keep]
+        [--rounds 5] [--only ours|dovecot] [--source HEAD] [--keep]
 
 One session = connect, USER/PASS, LIST, RETR every message, DELE every message, QUIT (until
 the +OK to QUIT, i.e. until the deletions are done). Two client styles, the same raw-socket
@@ -301,6 +301,21 @@ service pop3-login {{
         else:
             self.stop()
             raise common.ServerUnavailable("dovecot did not start listening")
+        # Its auth process may still be starting ("Temporary authentication failure"): wait
+        # (bounded) for one good login before measuring anything.
+        while True:
+            try:
+                c = Client(self.port)
+                c.line()
+                c.send(f"USER {self.user}\r\nPASS {PASSWORD}\r\nQUIT\r\n".encode())
+                c.line(), c.line(), c.line()
+                c.close()
+                break
+            except (RuntimeError, OSError) as e:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise common.ServerUnavailable(f"dovecot refuses the test login: {e}")
+                time.sleep(0.2)
         self.pid = self.proc.pid
         return self
 
@@ -335,7 +350,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--size", type=int, default=10240)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", choices=("ours", "dovecot"))
     ap.add_argument("--source", help="run our server from this commit or directory")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -389,6 +404,7 @@ def main(argv=None) -> int:
     summary = {}
     for key, per in results.items():
         med = {name: {"msgs_per_s": statistics.median(r["msgs_per_s"] for r in runs),
+                      "best_msgs_per_s": max(r["msgs_per_s"] for r in runs),
                       "server_cpu_s": statistics.median(r["server_cpu_s"] for r in runs),
                       "bad": sum(r["bad"] for r in runs),
                       "left": sum(r["left_in_maildir"] for r in runs)}
@@ -398,7 +414,9 @@ def main(argv=None) -> int:
         rows.append([key,
                      common.fmt(o and o["msgs_per_s"]), common.fmt(d and d["msgs_per_s"]),
                      common.ratio(o and o["msgs_per_s"], d and d["msgs_per_s"]),
-                     common.fmt(o and o["server_cpu_s"], 3), common.fmt(d and d["server_cpu_s"], 3),
+                     common.fmt(o and o["best_msgs_per_s"]), common.fmt(d and d["best_msgs_per_s"]),
+                     common.ratio(o and o["best_msgs_per_s"], d and d["best_msgs_per_s"]),
+                     common.fmt(o and o["server_cpu_s"], 2), common.fmt(d and d["server_cpu_s"], 2),
                      f"{o['bad'] if o else '-'}/{d['bad'] if d else '-'}",
                      f"{o['left'] if o else '-'}/{d['left'] if d else '-'}"])
     text = "\n".join([
@@ -406,8 +424,14 @@ def main(argv=None) -> int:
         f" + QUIT, median of {args.rounds} rounds",
         f"machine busy before start: {busy:.0f}% of one core; source: {source or 'working tree'}",
         *notes, "",
-        common.table(["session", "ours msg/s", "dovecot msg/s", "ours/dovecot",
-                      "ours CPU s", "dovecot CPU s", "bad (o/d)", "left (o/d)"], rows),
+        common.table(["session", "ours msg/s", "dovecot msg/s", "ratio", "ours best",
+                      "dovecot best", "ratio", "ours CPU s", "dovecot CPU s", "bad (o/d)",
+                      "left (o/d)"], rows),
+        "msg/s and CPU s: medians over the rounds; best: the fastest round (least disturbed by"
+        " other load);",
+        "CPU s: server process tree utime+stime for the session, in 10 ms clock ticks;"
+        " bad: retrieved messages that differ from the delivered ones; left: files left"
+        " after DELE all + QUIT.",
         "",
         "command: " + " ".join([os.path.basename(sys.executable), *sys.argv]),
     ])

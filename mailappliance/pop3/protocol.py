@@ -33,6 +33,11 @@ from mailappliance.pop3.penalty import LoginPenalty
 
 # RFC 1939 section 3: an inactivity autologout timer of at least 10 minutes.
 DEFAULT_TIMEOUT = 600
+# Replies produced in one go before the session waits for the socket to drain. A client that
+# pipelines thousands of RETRs of small messages would otherwise make the server build all
+# the answers in memory at once; with this bound a session holds about this much output plus
+# one message (larger messages stream, READ_CHUNK at a time). Twice Twisted's SEND_LIMIT.
+OUTPUT_HIGH_WATER = 256 * 1024
 
 
 class POP3Factory(ServerFactory):
@@ -123,6 +128,24 @@ class _MessageSender:
             os.close(fd)
 
 
+@implementer(IPullProducer)
+class _OutputGate:
+    """Registered while the session waits for its output to drain (OUTPUT_HIGH_WATER); the
+    transport's next request for data resumes command processing."""
+
+    def __init__(self, proto: "POP3ServerProtocol") -> None:
+        self.proto = proto
+        self.registering = False
+
+    def resumeProducing(self) -> None:
+        if self.registering:
+            return       # FileDescriptor.registerProducer asks at once; wait for the drain
+        self.proto._output_drained()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class POP3ServerProtocol(Protocol):
     log = Logger(namespace="mailappliance.pop3")
 
@@ -143,6 +166,7 @@ class POP3ServerProtocol(Protocol):
         self._updating = False
         self._in_pump = False
         self._drain = None                  # drain.SessionHandle while registered
+        self._gate: _OutputGate | None = None
 
     # --- connection life ------------------------------------------------------------------
 
@@ -183,7 +207,7 @@ class POP3ServerProtocol(Protocol):
             self.transport.abortConnection()
             return
         self.transport.write(core.reply("shutting_down"))
-        self.transport.loseConnection()
+        self._close_transport()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -201,6 +225,7 @@ class POP3ServerProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._pending_call = None
+        self._gate = None
         if self._sender is not None:
             self._sender.close()
             self._sender = None
@@ -231,10 +256,13 @@ class POP3ServerProtocol(Protocol):
             return
         self.log.info("timeout: rip={ip} user=<{user}>", ip=self.ip,
                       user=escape_login(self.session.login or ""))
-        if self._sender is not None:
-            # Stuck mid-message with a full socket buffer: no -ERR can get through.
-            self._sender.close()
-            self._sender = None
+        if self._sender is not None or self._gate is not None:
+            # Stuck with a full socket buffer (mid-message or behind pipelined answers): no
+            # -ERR can get through.
+            if self._sender is not None:
+                self._sender.close()
+                self._sender = None
+            self._gate = None
             self._closed = True
             self.transport.abortConnection()
             return
@@ -244,10 +272,11 @@ class POP3ServerProtocol(Protocol):
     # --- the action loop ------------------------------------------------------------------
 
     def _pump(self) -> None:
-        if self._in_pump:
-            return            # a synchronous completion re-entered; the outer loop continues
+        if self._in_pump or self._gate is not None:
+            return            # re-entered from a synchronous completion, or waiting to drain
         self._in_pump = True
         out: list[bytes] = []
+        size = 0
         try:
             session = self.session
             while not self._closed:
@@ -255,11 +284,14 @@ class POP3ServerProtocol(Protocol):
                 kind = type(action)
                 if kind is Send:
                     out.append(action.data)
+                    size += len(action.data)
                 elif action is NEED_DATA or action is PAUSED:
                     break
                 elif kind is Retrieve:
+                    before = len(out)
                     if not self._retrieve(action, out):
                         break         # streaming: resumes from _stream_finished
+                    size += sum(len(b) for b in out[before:])
                 elif kind is Authenticate:
                     self._authenticate(action)
                 elif kind is StartTLS:
@@ -269,14 +301,40 @@ class POP3ServerProtocol(Protocol):
                     self._update(action)
                 elif kind is Close:
                     self._flush(out)
-                    self._closed = True
-                    self.transport.loseConnection()
+                    self._close_transport()
                 else:
                     raise AssertionError(f"unknown POP3 action {action!r}")
+                if size >= OUTPUT_HIGH_WATER and not self._closed:
+                    self._flush(out)
+                    self._wait_for_drain()
+                    break
             self._flush(out)
             self._flow_control()
         finally:
             self._in_pump = False
+
+    def _wait_for_drain(self) -> None:
+        gate = self._gate = _OutputGate(self)
+        gate.registering = True
+        try:
+            self.transport.registerProducer(gate, False)
+        finally:
+            gate.registering = False
+
+    def _output_drained(self) -> None:
+        if self._gate is None:
+            return
+        self._gate = None
+        self.transport.unregisterProducer()
+        self._activity()          # the client is reading: not idle
+        self._resume()
+
+    def _close_transport(self) -> None:
+        self._closed = True
+        if self._gate is not None:
+            self._gate = None
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def _flush(self, out: list[bytes]) -> None:
         if out:

@@ -446,3 +446,39 @@ def test_graceful_stop_closes_idle_sessions_and_lets_quit_finish(tmp_path):
     assert d.called
     late, tl = connect(f, "127.0.0.43")
     assert take(tl) == b"-ERR [SYS/TEMP] server shutting down\r\n" and tl.disconnecting
+
+
+def test_pipelined_retrs_wait_for_the_socket_to_drain(app, factory):
+    """Thousands of pipelined RETRs of small messages do not build all answers in memory."""
+    from mailappliance.pop3.protocol import OUTPUT_HIGH_WATER
+    for i in range(60):
+        deliver(app.maildir, message(i, 10240), mtime=1_700_000_000 + i)
+    proto, t = connect(factory)
+    take(t)
+    login(proto, t)
+    take(t)
+    proto.dataReceived(b"".join(b"RETR %d\r\n" % (i % 60 + 1) for i in range(600)) + b"NOOP\r\n")
+    bursts = []
+    for _ in range(1000):
+        bursts.append(len(take(t)))
+        if t.producer is None:
+            break
+        t.producer.resumeProducing()          # the socket drained
+    assert len(bursts) > 10                                      # it did wait, repeatedly
+    assert max(bursts) < OUTPUT_HIGH_WATER + 2 * 11000           # bounded per burst
+    assert sum(bursts) > 600 * 10240
+    assert say(proto, t, b"STAT\r\n") == b"+OK 60 %d\r\n" % (60 * 10240)
+
+
+def test_idle_timeout_with_undrained_output_aborts(tmp_path):
+    app = make_app(tmp_path)
+    for i in range(40):
+        deliver(app.maildir, message(i, 10240), mtime=1_700_000_000 + i)
+    f = build_factory(app, "pop3")
+    proto, t = connect(f)
+    take(t)
+    login(proto, t)
+    proto.dataReceived(b"".join(b"RETR %d\r\n" % (i + 1) for i in range(40)))
+    assert t.producer is not None                  # waiting for the client to read
+    app.reactor.advance(600)
+    assert t.disconnected                           # aborted: no -ERR could get through
