@@ -119,10 +119,13 @@ class SMTPServerProtocol(protocol.Protocol):
         self.env = env
         smtp = settings.smtp
         hostname = settings.hostname
+        implicit_tls = factory.kind == "submissions"
         self.core = ServerConnection(
             hostname, databytes=smtp.databytes, max_recipients=smtp.max_recipients,
             max_errors=smtp.max_errors,
-            postmaster_domain=settings.default_domain or hostname)
+            postmaster_domain=settings.default_domain or hostname,
+            starttls_offered=app.tls is not None and not implicit_tls)
+        self.core.tls = implicit_tls          # RFC 8314: the listener wraps us in TLS
         if drain is not None:
             self.drain = drain.register(self.close_now)
         self._start_dnsbl()
@@ -313,6 +316,18 @@ class SMTPServerProtocol(protocol.Protocol):
                     handle.busy()          # a transfer: the drain lets it finish
             elif t is MessageEnd:
                 handle.idle()              # may call close_now() when the server stops
+        if type(ev) is StartTLS and reply.code == 220:
+            self._start_tls()
+
+    def _start_tls(self) -> None:
+        """RFC 3207: the 220 goes out in clear, then the handshake. The core has already
+        dropped whatever the client pipelined after STARTTLS, and forgets HELO and the
+        transaction; the client must say EHLO again."""
+        out = b"".join(self._out)
+        self._out.clear()
+        if out:
+            self._write(out)
+        self.transport.startTLS(self.app.tls.options())
 
     def _as_reply(self, result: Any) -> Reply:
         if isinstance(result, Reply):
@@ -357,7 +372,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if t is MailFrom:
             return self._after_rbl(self._mail, ev)
         if t is StartTLS:
-            return replies.TLS_UNAVAILABLE     # STARTTLS arrives with the TLS issue
+            return replies.TLS_UNAVAILABLE if self.app.tls is None else ev.reply
         if t is Auth or t is AuthResponse:
             return replies.AUTH_FAILED         # AUTH arrives with the submission issue
         return ev.reply
@@ -401,9 +416,11 @@ class SMTPServerProtocol(protocol.Protocol):
             return replies.QQ_TEMPORARY
         core = self.core
         self._writer = writer = injector.begin()
-        protocol_name = "ESMTP" if core.extended else "SMTP"
+        protocol_name = "ESMTP" if core.extended else "SMTP"   # RFC 3848 names
+        if core.tls:
+            protocol_name = "ESMTPS"
         if core.authenticated:
-            protocol_name += "A"                  # RFC 3848
+            protocol_name += "A"
         writer.write(received_header(helo=core.helo, client_ip=self.ip or "unknown",
                                      hostname=self.app.settings.hostname,
                                      when=self.app.reactor.seconds(), protocol=protocol_name))

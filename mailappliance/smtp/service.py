@@ -82,5 +82,15 @@ def build_endpoint(app, kind: str, description: str, reactor):
     return endpoints.serverFromString(reactor, listen_description(description))
 
 
-def build_factory(app, kind: str) -> SMTPFactory:
-    return SMTPFactory(app, kind)
+def build_factory(app, kind: str):
+    """The listener's factory; `submissions` (implicit TLS, RFC 8314) is wrapped in TLS."""
+    factory = SMTPFactory(app, kind)
+    if kind != "submissions":
+        return factory
+    if getattr(app, "tls", None) is None:
+        from mailappliance.config import ConfigError
+        raise ConfigError("listen.submissions: needs a [tls] cert and key")
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    # The TLSContext is itself the connection creator: a reloaded certificate reaches new
+    # connections without rebuilding the listener.
+    return TLSMemoryBIOFactory(app.tls.options(), False, factory)

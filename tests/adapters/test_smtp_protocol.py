@@ -49,7 +49,7 @@ class World:
                             rules=parse_rules(rules, "tcp.smtp") if rules else None)
         self.app = SimpleNamespace(settings=settings, reactor=self.reactor, store=self.store,
                                    grants=RelayGrants(None, clock=self.reactor.seconds),
-                                   injector=self.injector, dnsbl=None, stats={})
+                                   injector=self.injector, dnsbl=None, tls=None, stats={})
         self.factory = build_factory(self.app, "smtp")
 
     def connect(self, ip="127.0.0.5") -> "Client":
@@ -505,3 +505,61 @@ def test_direct_write_keeps_order_when_the_kernel_takes_only_part(tmp_path):
             break
     assert received == big + b"TAIL"
     ours.close(), peer.close()
+
+
+# --- STARTTLS (RFC 3207) -----------------------------------------------------------------------
+
+class TLSRecordingTransport(StringTransport):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.tls_started_after = None
+
+    def startTLS(self, options):
+        self.tls_started_after = (self.value(), options)
+
+
+def test_starttls_sends_220_then_handshakes_and_drops_pipelined_commands(tmp_path):
+    w = World(tmp_path)
+    w.app.tls = SimpleNamespace(options=lambda: "tls-options")
+    addr = IPv4Address("TCP", "127.0.0.2", 1)
+    proto = w.factory.buildProtocol(addr)
+    t = TLSRecordingTransport(peerAddress=addr)
+    proto.makeConnection(t)
+    proto.dataReceived(b"EHLO c\r\n")
+    assert t.value().endswith(b"250 STARTTLS\r\n")
+    t.clear()
+    proto.dataReceived(b"STARTTLS\r\nMAIL FROM:<injected@x.example>\r\nRSET\r\n")
+    assert t.tls_started_after == (b"220 2.0.0 ready to start TLS\r\n", "tls-options")
+    assert t.value() == b"220 2.0.0 ready to start TLS\r\n"       # nothing for the injection
+    t.clear()
+    proto.dataReceived(b"MAIL FROM:<a@b.example>\r\n")
+    assert t.value() == b"250 ok\r\n"            # no enhanced codes: the EHLO was forgotten
+    proto.dataReceived(b"RSET\r\nEHLO c\r\n")
+    assert b"STARTTLS" not in t.value()
+    proto.dataReceived(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<alice@test.com>\r\nDATA\r\nx\r\n.\r\n")
+    assert b"with ESMTPS;" in w.queued()[0][2]
+
+
+def test_starttls_not_offered_without_tls(tmp_path):
+    w = World(tmp_path)
+    c = w.connect()
+    c.take()
+    assert "STARTTLS" not in c.chat(b"EHLO c\r\n")
+    assert c.chat(b"STARTTLS\r\n") == "502 5.5.1 unimplemented (#5.5.1)\r\n"
+
+
+def test_submissions_needs_tls_and_is_wrapped(tmp_path):
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from mailappliance.config import ConfigError
+    w = World(tmp_path)
+    with pytest.raises(ConfigError):
+        build_factory(w.app, "submissions")
+    from mailappliance.config import TLSSettings
+    from mailappliance.tls import TLSContext
+    from tests.pop3_support import make_cert
+    cert, key = make_cert(tmp_path / "tls")
+    w.app.tls = TLSContext(TLSSettings(cert=cert, key=key))
+    wrapped = build_factory(w.app, "submissions")
+    assert isinstance(wrapped, TLSMemoryBIOFactory)
+    assert wrapped.wrappedFactory.kind == "submissions"
