@@ -262,17 +262,66 @@ def test_concurrent_sessions_on_one_mailbox(server):
     second.quit()
 
 
-def test_big_message_streams_intact(server):
-    size = 8 * 1024 * 1024
-    content = message(7, size)
+def peak_rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_50_mb_message_streams_with_bounded_memory(server):
+    """RETR of a 50 MB message: the server's peak RSS grows by far less than the message."""
+    import hashlib
+    size = 50 * 1024 * 1024
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz.\n"
+    content = b"Subject: big\n\n" + b".starts with a dot\n" + line * (size // len(line))
     deliver(maildir(server), content)
-    p = POP3From("127.0.0.1", server.port("pop3"), "127.0.0.16")
+    expected = hashlib.sha256(content.replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+                              + b".\r\n").hexdigest()
+    pid = server.proc.pid
+    with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=IO_TIMEOUT,
+                                  source_address=("127.0.0.16", 0)) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"USER test\r\nPASS " + PASSWORD.encode() + b"\r\n")
+        f.readline(), f.readline()
+        before = peak_rss_kib(pid)
+        s.sendall(b"RETR 1\r\n")
+        assert f.readline() == b"+OK %d octets\r\n" % len(content)
+        digest = hashlib.sha256()
+        tail = b""
+        deadline = time.monotonic() + 120
+        while not tail.endswith(b"\r\n.\r\n") and time.monotonic() < deadline:
+            chunk = f.read1(1 << 20)
+            assert chunk, "connection closed mid-message"
+            digest.update(chunk)
+            tail = (tail + chunk)[-5:]
+        grown = peak_rss_kib(pid) - before
+        s.sendall(b"QUIT\r\n")
+    assert digest.hexdigest() == expected
+    assert grown < 20 * 1024, f"server peak RSS grew by {grown} KiB for a 50 MB message"
+
+
+def test_ten_thousand_messages_list_without_reading_bodies(server):
+    """10,000 sparse files of 20 MB each (200 GB apparent): LIST and STAT answer quickly and
+    the server's memory does not grow with the bodies."""
+    md = maildir(server)
+    big = 20 * 1024 * 1024
+    t = 1_700_000_000
+    for i in range(10_000):
+        with open(md / "new" / f"{t + i}.M{i}P1.test.example", "wb") as f:
+            f.truncate(big)
+    pid = server.proc.pid
+    before = peak_rss_kib(pid)
+    p = POP3From("127.0.0.1", server.port("pop3"), "127.0.0.20", timeout=120)
     p.user("test")
-    p.pass_(PASSWORD)
-    resp, lines, octets = p.retr(1)
-    assert resp == b"+OK %d octets" % size
-    assert b"\n".join(lines) + b"\n" == content
+    assert p.pass_(PASSWORD).startswith(b"+OK maildrop has 10000 messages")
+    resp, listing, _ = p.list()
+    assert len(listing) == 10_000 and listing[-1] == b"10000 %d" % big
+    assert p.stat() == (10_000, 10_000 * big)
+    assert len(p.uidl()[1]) == 10_000
     p.quit()
+    assert peak_rss_kib(pid) - before < 64 * 1024
 
 
 def test_pipelined_commands_over_a_raw_socket(server):
