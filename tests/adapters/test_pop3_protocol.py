@@ -482,3 +482,28 @@ def test_idle_timeout_with_undrained_output_aborts(tmp_path):
     assert t.producer is not None                  # waiting for the client to read
     app.reactor.advance(600)
     assert t.disconnected                           # aborted: no -ERR could get through
+
+
+@pytest.mark.parametrize("lines", [3, 20_000])
+def test_top_of_a_big_message(app, factory, lines):
+    """TOP stops reading the file once its lines are out: within the first chunk, or while
+    streaming."""
+    content = message(1, 3 * 1024 * 1024)
+    deliver(app.maildir, content)
+    proto, t = connect(factory)
+    take(t)
+    login(proto, t)
+    take(t)
+    proto.dataReceived(b"TOP 1 %d\r\nNOOP\r\n" % lines)
+    out = [take(t)]
+    for _ in range(1000):
+        if t.producer is None:
+            break
+        t.producer.resumeProducing()
+        out.append(take(t))
+    wire = b"".join(out)
+    head, _, body = content.partition(b"\n\n")
+    body_lines = body.split(b"\n")[:lines]
+    want = head + b"\n\n" + b"".join(line + b"\n" for line in body_lines)
+    assert wire == (b"+OK top of message follows\r\n" + want.replace(b"\n", b"\r\n")
+                    + b".\r\n+OK\r\n")

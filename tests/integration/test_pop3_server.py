@@ -354,3 +354,32 @@ def test_grant_survives_a_restart(make_server):
     srv.start()
     assert relay_reply(srv, "127.0.0.18")[0] == 250
     assert relay_reply(srv, "127.0.0.19")[0] == 553
+
+
+def test_big_and_pipelined_retrieval_over_tls(tls_server, certs):
+    """The streaming producer and the output gate also work through the TLS layer."""
+    md = maildir(tls_server)
+    big = message(0, 3 * 1024 * 1024 + 5)
+    deliver(md, big, mtime=1_700_000_000)
+    small = [message(i, 8000) for i in range(1, 61)]
+    for i, c in enumerate(small):
+        deliver(md, c, mtime=1_700_000_001 + i)
+    ctx = client_context(certs[0])
+    with socket.create_connection(("127.0.0.1", tls_server.port("pop3s")),
+                                  timeout=IO_TIMEOUT) as raw:
+        with ctx.wrap_socket(raw, server_hostname="mx.test.example") as s:
+            s.sendall(b"USER test\r\nPASS " + PASSWORD.encode() + b"\r\n" +
+                      b"".join(b"RETR %d\r\n" % i for i in range(1, 62)) + b"QUIT\r\n")
+            data = bytearray()
+            deadline = time.monotonic() + 60
+            while not data.endswith(b"+OK signing off\r\n") and time.monotonic() < deadline:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+    assert data.endswith(b"+OK signing off\r\n")
+    bodies = bytes(data).split(b"\r\n.\r\n")
+    assert len(bodies) == 62                      # 61 messages + the QUIT reply after them
+    assert bodies[0].endswith(big.replace(b"\n", b"\r\n")[:-2])
+    for got, want in zip(bodies[1:61], small):
+        assert got.endswith(want.replace(b"\n", b"\r\n")[:-2])
