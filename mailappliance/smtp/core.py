@@ -47,6 +47,12 @@ MAX_DISCARDED_LINE = 1 << 20
 # RFC 5321 section 4.5.3.1.10 says 512 for reply lines; ours are shorter. SIZE values beyond
 # 20 digits are nonsense (2**64 has 20 digits).
 MAX_SIZE_DIGITS = 20
+# qmail-smtpd's MAXHOPS: a message with more Received: and Delivered-To: header lines than this
+# is looping between mail servers; it is refused with 554 after the final dot.
+MAX_HOPS = 100
+# Bytes of an unfinished header line kept between DATA pieces: enough to recognise the longest
+# header name we count ("delivered-to:" plus the newline before it).
+_HOP_PREFIX = 16
 # Not SMTP verbs: an HTTP client (or a browser tricked into POSTing to port 25) gets 502 and is
 # closed, as Postfix's smtpd_forbidden_commands (CONNECT GET POST) does.
 HTTP_VERBS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE",
@@ -188,6 +194,7 @@ class ServerConnection:
         "starttls_offered", "auth_mechanisms", "tls", "authenticated",
         "state", "helo", "extended", "errors", "_buf", "_eof", "_pending", "_close_after",
         "_discarding", "_sender", "_recipients", "_bol", "_size", "_overflow", "_end",
+        "_hops", "_hdr",
     )
 
     def __init__(self, hostname: str, *, databytes: int, max_recipients: int,
@@ -217,6 +224,8 @@ class ServerConnection:
         self._size = 0
         self._overflow = False
         self._end: MessageEnd | None = None
+        self._hops = 0
+        self._hdr: bytes | None = None    # unfinished header line while in the header
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -432,6 +441,8 @@ class ServerConnection:
             if b"\r\n." in region:
                 region = region.replace(b"\r\n.", b"\r\n")
             region = region.replace(b"\r\n", b"\n")
+        if self._hdr is not None and region:
+            self._count_hops(region)
         chunk: Event | None = None
         if region and not self._overflow:
             self._size += len(region)
@@ -451,9 +462,26 @@ class ServerConnection:
             return self._data_event()
         return chunk
 
+    def _count_hops(self, region: bytes) -> None:
+        """Count Received:/Delivered-To: lines of the header (LF-canonical text)."""
+        text = self._hdr + region                  # starts with the newline before a line
+        end = text.find(b"\n\n")
+        if end >= 0:
+            complete, self._hdr = text[:end], None  # the blank line: the header is over
+        else:
+            last = text.rfind(b"\n")
+            complete, self._hdr = text[:last], text[last:last + _HOP_PREFIX]
+        if complete:
+            low = complete.lower()
+            self._hops += low.count(b"\nreceived:") + low.count(b"\ndelivered-to:")
+            if self._hops > MAX_HOPS:
+                self._hdr = None                   # decided; stop looking
+
     def _message_end(self, reply: Reply | None) -> MessageEnd:
         if reply is None and self._overflow:
             reply = replies.SIZE_EXCEEDED
+        elif reply is None and self._hops > MAX_HOPS:
+            reply = replies.TOO_MANY_HOPS
         sender = self._sender
         return MessageEnd(
             sender="" if sender is None else str(sender),
@@ -663,6 +691,8 @@ def _after_data(conn: ServerConnection, ev: DataStart, reply: Reply) -> None:
         conn._size = 0
         conn._overflow = False
         conn._end = None
+        conn._hops = 0
+        conn._hdr = b"\n"                  # as if a line had just ended
 
 
 def _after_message(conn: ServerConnection, ev: MessageEnd, reply: Reply) -> None:

@@ -111,6 +111,7 @@ LOOKUP_FAILED = Reply(451, "4.3.0", "sorry, temporary failure looking up the rec
 START_DATA = Reply(354, None, "go ahead")                                      # qmail exact
 QQ_WRITE_ERROR = Reply(451, "4.3.0", "qq write error or disk full (#4.3.0)")  # qmail exact
 QQ_TEMPORARY = Reply(451, "4.3.0", "qq temporary problem (#4.3.0)")            # qmail exact
+TOO_MANY_HOPS = Reply(554, "5.4.6", "too many hops, this message is looping (#5.4.6)")  # qmail
 BARE_LF_IN_DATA = Reply(451, "4.6.0", "See http://pobox.com/~djb/docs/smtplf.html.")  # qmail
 BARE_CR_IN_DATA = Reply(451, "4.6.0", "sorry, bare CR in message; lines end in CRLF (#4.6.0)")
 

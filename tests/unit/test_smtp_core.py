@@ -563,3 +563,37 @@ def test_every_event_that_wants_a_reply_is_answered_exactly_once():
     d = session(b"".join(c + b"\r\n" for c in cmds), max_errors=100)
     assert len(d.codes()) == 1 + len(cmds)
     assert all(re.fullmatch(r"\d{3}[ -].*", line) for line in d.lines())
+
+
+# --- mail loops (qmail's MAXHOPS) -------------------------------------------------------------
+
+def hop_message(received: int, delivered: int = 0) -> bytes:
+    lines = [b"Received: from hop%d by x; date" % i for i in range(received)]
+    lines += [b"DELIVERED-TO: loop@test.com"] * delivered
+    return b"\r\n".join(lines + [b"Subject: loop", b"", b"Received: in the body, not counted"]) \
+        + b"\r\n.\r\n"
+
+
+@pytest.mark.parametrize("received, delivered, code", [
+    (100, 0, 250), (101, 0, 554), (60, 41, 554), (60, 40, 250), (0, 0, 250)])
+def test_too_many_hops_is_554_after_the_dot(received, delivered, code):
+    d = open_data()
+    d.feed(hop_message(received, delivered))
+    assert d.codes()[-1] == code
+    if code == 554:
+        assert d.lines()[-1] == "554 5.4.6 too many hops, this message is looping (#5.4.6)"
+
+
+def test_hop_count_is_independent_of_splitting():
+    wire = hop_message(101)
+    for step in (1, 7, 64):
+        d = open_data()
+        for i in range(0, len(wire), step):
+            d.feed(wire[i:i + step])
+        assert d.codes()[-1] == 554, step
+
+
+def test_received_lines_in_the_body_do_not_count():
+    d = open_data()
+    d.feed(b"Subject: x\r\n\r\n" + b"Received: quoted in the body\r\n" * 150 + b".\r\n")
+    assert d.codes()[-1] == 250
