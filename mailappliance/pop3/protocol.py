@@ -23,6 +23,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailappliance import stats
 from mailappliance.access.relay import normalize_ip
 from mailappliance.pop3 import core
 from mailappliance.pop3.core import (
@@ -55,7 +56,8 @@ class POP3Factory(ServerFactory):
                  implicit_tls: bool = False, require_tls: bool = False,
                  timeout: float = DEFAULT_TIMEOUT,
                  next_token: Callable[[], str] | None = None,
-                 drain: Callable[[], Any] = lambda: None) -> None:
+                 drain: Callable[[], Any] = lambda: None,
+                 stats: dict | None = None, kind: str = "pop3") -> None:
         self.reactor = reactor
         self.hostname = hostname
         self.authenticate = authenticate
@@ -70,7 +72,8 @@ class POP3Factory(ServerFactory):
         self.drain = drain                  # callable: app.drain (graceful stop) or None
         self._counter = 0
         self._next_token = next_token
-        self.sessions = 0                   # open connections (for stat)
+        self.stats = stats                  # app.stats: connections.<kind>.now/.total
+        self.kind = kind
 
     def greeting_token(self) -> str:
         """qmail-popup's <pid.counter.time@host>: unique per connection."""
@@ -172,7 +175,8 @@ class POP3ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         f = self.factory
-        f.sessions += 1
+        if f.stats is not None:
+            stats.connection_opened(f.stats, f.kind)
         peer = self.transport.getPeer()
         self.ip = normalize_ip(str(getattr(peer, "host", "unknown")))
         tls = f.tls()
@@ -220,7 +224,8 @@ class POP3ServerProtocol(Protocol):
         if self._lost:
             return
         self._lost = self._closed = True
-        self.factory.sessions -= 1
+        if self.factory.stats is not None:
+            stats.connection_closed(self.factory.stats, self.factory.kind)
         for call in (self._timer, self._pending_call):
             if call is not None and call.active():
                 call.cancel()

@@ -116,7 +116,8 @@ def build_factory(app, kind: str):
         open_mailbox=open_mailbox, run_blocking=run_blocking, grant=grant,
         penalty=shared.penalty, tls=lambda: app.tls, implicit_tls=(kind == "pop3s"),
         require_tls=settings.pop3.require_tls, timeout=settings.pop3.timeout,
-        next_token=next_token, drain=lambda: getattr(app, "drain", None))
+        next_token=next_token, drain=lambda: getattr(app, "drain", None),
+        stats=app.stats, kind=kind)
     factory.shared = shared
 
     def on_reload(new_settings) -> None:

@@ -118,6 +118,15 @@ def test_full_session_retr_dele_quit(app, factory):
     proto.connectionLost(None)
 
 
+def test_connections_are_counted_for_stat(app, factory):
+    from mailappliance import stats
+    a, _ = connect(factory)
+    b, _ = connect(factory)
+    assert stats.connections(app.stats, "pop3") == (2, 2)
+    a.connectionLost(None)
+    assert stats.connections(app.stats, "pop3") == (1, 2)
+
+
 def test_dropped_connection_deletes_nothing_and_frees_the_lock(app, factory):
     names = [deliver(app.maildir, message(i), mtime=1_700_000_000 + i) for i in range(2)]
     proto, t = connect(factory)
