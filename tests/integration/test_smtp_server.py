@@ -91,19 +91,30 @@ class Raw:
         self.sock.close()
 
 
+def message_bytes(srv, marker: str) -> bytes:
+    """The content of a file that holds `marker`, read in the same pass that found it (the
+    queue manager may deliver and remove the queue file at any moment); b"" if none."""
+    for _path, data in _walk_messages(srv, marker):
+        return data
+    return b""
+
+
 def find_message(srv, marker: str) -> list[Path]:
     """Files under the queue or the mailboxes that hold `marker` (the message is on disk)."""
-    hits = []
+    return [path for path, _ in _walk_messages(srv, marker)]
+
+
+def _walk_messages(srv, marker: str):
     for top in (srv.data / "queue", srv.data / "domains"):
         for dirpath, _, files in os.walk(top):
             for name in files:
                 p = Path(dirpath) / name
                 try:
-                    if marker.encode() in p.read_bytes():
-                        hits.append(p)
+                    data = p.read_bytes()
                 except OSError:
-                    pass
-    return hits
+                    continue
+                if marker.encode() in data:
+                    yield p, data
 
 
 # --- smtplib ----------------------------------------------------------------------------------
@@ -121,9 +132,8 @@ def test_smtplib_message_to_local_user_is_on_disk_after_250(srv):
         assert refused == {}
         code, text = s.noop()
         assert code == 250
-    hits = find_message(srv, marker)
-    assert hits, "accepted message not found on disk"
-    data = hits[0].read_bytes()
+    data = message_bytes(srv, marker)
+    assert data, "accepted message not found on disk"
     assert b"(HELO client.example) (127.0.0.2)" in data
     assert f"by {srv.hostname} with ESMTP".encode() in data
     assert b"\n.dotted line\n" in data and b"\r\n" not in data.split(marker.encode())[1][:20]

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import require_tool
-from tests.integration.test_smtp_server import IO_TIMEOUT, find_message
+from tests.integration.test_smtp_server import IO_TIMEOUT, find_message, message_bytes
 from tests.pop3_support import make_cert
 
 
@@ -57,7 +57,7 @@ def test_smtplib_starttls_then_message(tls_server):
         assert not s.has_extn("starttls")
         assert s.sock.version() in ("TLSv1.2", "TLSv1.3")
         s.sendmail("a@b.example", ["test@test.com"], f"Subject: tls\r\n\r\n{marker}\r\n")
-    data = find_message(tls_server, marker)[0].read_bytes()
+    data = message_bytes(tls_server, marker)
     assert b"with ESMTPS;" in data
 
 
@@ -92,7 +92,7 @@ def test_implicit_tls_submission(tls_server):
         s.ehlo("c")
         assert not s.has_extn("starttls")
         s.sendmail("a@b.example", ["test@test.com"], f"Subject: 465\r\n\r\n{marker}\r\n")
-    assert b"with ESMTPS;" in find_message(tls_server, marker)[0].read_bytes()
+    assert b"with ESMTPS;" in message_bytes(tls_server, marker)
 
 
 def test_swaks_tls(tls_server):
