@@ -563,3 +563,46 @@ def test_submissions_needs_tls_and_is_wrapped(tmp_path):
     wrapped = build_factory(w.app, "submissions")
     assert isinstance(wrapped, TLSMemoryBIOFactory)
     assert wrapped.wrappedFactory.kind == "submissions"
+
+
+def test_half_close_after_quit_is_answered(tmp_path):
+    w = World(tmp_path)
+    c = w.connect()
+    c.take()
+    c.transport.clear()
+    c.proto.dataReceived(b"HELO c\r\nQUIT\r\n"[:8])
+    c.proto.dataReceived(b"HELO c\r\nQUIT\r\n"[8:])
+    c.proto.readConnectionLost()
+    assert codes(c.take()) == [250, 221] and c.closed
+
+
+def test_half_close_mid_command_closes(tmp_path):
+    w = World(tmp_path)
+    c = w.connect()
+    c.take()
+    c.send(b"NOOP\r\nNO")
+    c.proto.readConnectionLost()
+    assert c.take() == "250 ok\r\n" and c.closed
+
+
+def test_slow_disk_pauses_reading_until_the_writer_drains(tmp_path):
+    pool = DeferredThreadPool()
+    w = World(tmp_path, pool=pool, databytes=50_000_000)
+    c = w.connect()
+    c.take()
+    c.chat(TRANSACTION)
+    line = b"x" * 998 + b"\r\n"
+    sent = 0
+    while c.transport.producerState == "producing" and sent < 10_000:
+        c.send(line)                            # no write completes meanwhile
+        sent += 1
+    # A real transport stops calling dataReceived here; memory stays at the backlog bound.
+    assert c.transport.producerState == "paused"
+    assert c.proto._writer.pending_bytes <= smtp_protocol.MAX_WRITER_BACKLOG + len(line) + 600
+    pool.run_all()
+    w.reactor.advance(smtp_protocol.WRITER_BACKLOG_POLL)
+    assert c.transport.producerState == "producing"
+    c.send(b".\r\n")
+    pool.run_all()
+    assert codes(c.take()) == [250]
+    assert len(w.queued()[0][2]) > sent * 999
