@@ -11,6 +11,17 @@ commit Deferred fires). Decisions may be Deferreds; while one is pending the cor
 further event, so pipelined replies leave in command order. Replies produced in one pass are
 written with one transport.write.
 
+Seams for later work:
+- AUTH (RFC 4954, issue 8): the core already parses AUTH and runs the SASL exchange (`Auth`,
+  `AuthResponse` events; a 334 reply keeps it reading responses, 235 sets
+  `core.authenticated`, which the relay policy and the Received: line honour). To offer it,
+  set `core.auth_mechanisms` per connection (e.g. only once `core.tls` is true) and answer the
+  two events in `_decide` with a Deferred from app.authenticator; nothing else changes.
+- Sender binding: `_mail` gets the parsed MailFrom; return a 553 Reply (or a Deferred) there.
+- STARTTLS is done here: `_start_tls` writes the 220 before `transport.startTLS`, and the core
+  drops input pipelined behind the command.
+- DNSBL (rblsmtpd): `app.dnsbl.check` at connect, verdict applied from MAIL on (`_after_rbl`).
+
 Recipient lookups call the user store on the reactor thread: each is one or two primary-key
 SELECTs on a SQLite database in WAL mode (readers never wait for writers, no fsync), tens of
 microseconds; sending them through the thread pool would cost more than the query and queue them
