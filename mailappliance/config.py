@@ -403,6 +403,8 @@ def load_settings(config: str | os.PathLike[str] | None = None,
     for kind in ("pop3s", "submissions"):
         if getattr(listen, kind) and not tls.enabled:
             raise _error(where, f"listen.{kind}", "needs a [tls] cert and key")
+    if sections.get("pop3", {}).get("require_tls") and not tls.enabled:
+        raise _error(where, "pop3.require_tls", "needs a [tls] cert and key (for STLS)")
     rules = None
     if smtp.rules is not None:
         rules = load_rules(smtp.rules)
