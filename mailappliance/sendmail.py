@@ -243,6 +243,20 @@ def build_message(opts: Options, raw: bytes, *, sender: str, hostname: str, defa
     return message, unique_rcpts
 
 
+def _login_name() -> str:
+    """$LOGNAME/$USER or the passwd entry, as qmail-inject; a uid without a name (containers)
+    still gets a usable sender."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = ""
+    try:
+        parse_address(f"{name}@x.invalid")
+        return name
+    except AddressError:
+        return f"uid-{os.getuid()}"
+
+
 def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
          stderr: TextIO | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -269,7 +283,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
 
     try:
         if opts.sender is None:
-            sender = _qualify(getpass.getuser(), default_domain)
+            sender = _qualify(_login_name(), default_domain)
         elif opts.sender.strip() in ("", "<>"):
             sender = ""
         else:

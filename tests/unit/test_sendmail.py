@@ -132,3 +132,12 @@ def test_main_refuses_message_over_databytes(tmp_path):
     code = sendmail.main(["--config", str(cfg), "r@test.com"],
                          stdin=io.BytesIO(b"x" * 500 + b"\n"), stderr=err)
     assert code == 65
+
+
+def test_default_sender_is_the_login_name_at_the_default_domain(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOGNAME", "cronjob")
+    assert run(tmp_path, ["r@test.com"])[0] == 0
+    q = QueueStore(tmp_path / "var" / "queue")
+    assert q.read_envelope(q.list_ids()[0]).sender.startswith("cronjob@")
+    monkeypatch.setenv("LOGNAME", "bad name")
+    assert sendmail._login_name() == f"uid-{__import__('os').getuid()}"
