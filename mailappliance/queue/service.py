@@ -10,7 +10,6 @@ bcrypt) need from app.threadpool.
 
 from __future__ import annotations
 
-from twisted.application import service
 from twisted.python.threadpool import ThreadPool
 
 from mailappliance.delivery.local import LocalDeliverer
@@ -18,6 +17,7 @@ from mailappliance.delivery.remote import RemoteDeliverer, client_tls_options, m
 from mailappliance.queue.inject import Injector
 from mailappliance.queue.manager import QueueManager, make_classifier
 from mailappliance.queue.store import QueueStore
+from mailappliance.service import ThreadPoolService
 
 # Delivery threads: local deliveries block a thread for their fsyncs, remote ones only for
 # short reads.  Beyond ~8 concurrent fsyncs the disk gains little (PEERS.md), so the pool is
@@ -28,19 +28,6 @@ SECONDS_PER_DAY = 86400
 
 def queue_dir(settings):
     return settings.data / "queue"
-
-
-class _PoolService(service.Service):
-    def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
 
 
 def postmaster_of(settings) -> str:
@@ -61,7 +48,7 @@ def attach(app, parent) -> None:
 
     q = settings.queue
     pool = ThreadPool(1, min(DELIVERY_THREADS_MAX, q.concurrency_local + 2), name="delivery")
-    _PoolService(pool).setServiceParent(parent)
+    ThreadPoolService(pool).setServiceParent(parent)
     local = LocalDeliverer(app.store, store, app.injector, app.reactor, pool,
                            hostname=settings.hostname, default_domain=settings.default_domain)
     remote = RemoteDeliverer(app.reactor, app.resolver, store, pool, hostname=settings.hostname,
