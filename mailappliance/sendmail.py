@@ -302,9 +302,14 @@ def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
 
     from mailappliance.queue.service import queue_dir
     from mailappliance.queue.store import QueueStore, QueueWriteError
+    from mailappliance.privileges import drop_to_data_owner
+    uid = os.getuid()
     try:
+        # Run as root (cron, a local daemon), write the queue as the server's user, so the
+        # server that dropped to that user can read and remove what was injected.
+        drop_to_data_owner(settings.data)
         store = QueueStore(queue_dir(settings))
-        store.inject(message, sender, recipients, f"local uid {os.getuid()}")
+        store.inject(message, sender, recipients, f"local uid {uid}")
     except (QueueWriteError, OSError) as e:
         return fail(EX_TEMPFAIL, f"qq write error or disk full: {e}")
     except ValueError as e:

@@ -182,6 +182,18 @@ def run_privdrop(unprivileged, monkeypatch, wrapper=(), low_port=None):
         assert pop.stat()[0] == 1
         pop.quit()
 
+        # The sendmail command run as root writes the queue as the data owner, so the dropped
+        # server can deliver (and remove) what it injected.
+        res = subprocess.run([python, "-m", "mailappliance.sendmail", "--config",
+                              str(srv.config_path), "test@test.com"],
+                             input="Subject: from root's cron\n\nhello\n", text=True,
+                             capture_output=True, timeout=60, env={**os.environ, **env})
+        assert res.returncode == 0, res.stderr
+        from_root = wait_for(lambda: [p for p in new.iterdir()
+                                      if b"from root's cron" in p.read_bytes()],
+                             what="delivery of the root-injected message")
+        assert os.stat(from_root[0]).st_uid == uid
+
         # Every file and directory under the data directory belongs to the user.
         wrong = []
         for dirpath, dirnames, filenames in os.walk(srv.data):
