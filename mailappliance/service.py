@@ -216,24 +216,9 @@ def _log_grant_change(event: str, ip: str) -> None:
         _grant_log.info("roaming relay expired: rip={ip}", ip=ip)
 
 
-log = Logger()
-
-
-def _optional_module(name: str):
-    """Import a job's module; None while that job is not built yet (logged, not hidden)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and name.startswith(e.name):
-            log.warn("{module} is not available: {why}", module=name, why=str(e))
-            return None
-        raise
-
-
 def _factory_for(app: App, kind: str):
     module_name, arg = FACTORIES[kind]
-    module = _optional_module(module_name)
-    return None if module is None else module.build_factory(app, arg)
+    return importlib.import_module(module_name).build_factory(app, arg)
 
 
 # A stop phase that takes longer than this is logged and the stop goes on without it, so a
@@ -286,7 +271,7 @@ class AppService(service.MultiService):
 def _endpoint_for(app: App, kind: str, description: str, reactor):
     """A job's service module may build its own endpoints (`build_endpoint`; the admin socket
     sets its mode, group and stale-socket lock); otherwise the string is used as it is."""
-    module = _optional_module(FACTORIES[kind][0])
+    module = importlib.import_module(FACTORIES[kind][0])
     build = getattr(module, "build_endpoint", None)
     if build is not None:
         return build(app, kind, description, reactor)
@@ -304,23 +289,21 @@ def make_service(settings: Settings, reactor=None) -> service.MultiService:
     # Shared parts (queue manager, DNS, TLS, logging, ...): each module's function is called
     # with (app, top) in this order and attaches its services and fills its App field.
     for module_name, function in COMPONENTS:
-        module = _optional_module(module_name)
-        if module is not None:
-            getattr(module, function)(app, top)
+        getattr(importlib.import_module(module_name), function)(app, top)
 
     ready = ReadyService(app)
     top.ready = ready  # type: ignore[attr-defined]
     for kind in FACTORIES:
         for description in getattr(settings.listen, kind):
             factory = _factory_for(app, kind)
-            if factory is None:
-                continue
             if description.startswith("unix:"):
                 _prepare_unix_socket(description)
             endpoint = _endpoint_for(app, kind, description, reactor)
             listener = Listener(kind, description, endpoint, factory)
             app.listeners.append(listener)
             listener.setServiceParent(top)
+    if app.queue_manager is not None:
+        ready.waiters.append(app.queue_manager.when_loaded)
     ready.setServiceParent(top)
     return top
 

@@ -454,3 +454,51 @@ def test_logsafe(text, expected):
 
 def test_schedule_next_attempt_matches_manager_use():
     assert schedule.next_attempt(EPOCH, EPOCH, REMOTE, 7 * 86400) == EPOCH + 400
+
+
+def test_when_loaded_fires_after_the_first_scan_has_picked_up_the_old_queue(tmp_path):
+    """Readiness (ready.json, READY=1) waits for this: the queue left by the last run is
+    picked up before the server says it is ready."""
+    w = World(tmp_path)
+    w.local.hold = True
+    w.inject("a@example.org", ["r1@test.com"])
+    w.local.calls.clear()
+    w.local.held.clear()
+    # A new manager whose thread pool has not run the scan yet.
+    w.manager.running = False
+    pool = DeferredThreadPoolForLoad()
+    w.manager = qm.QueueManager(w.store, local=w.local, remote=w.remote, injector=w.injector,
+                                reactor=w.reactor, threadpool=pool, classify=classify,
+                                postmaster="postmaster@test.com", hostname="mail.test.com",
+                                use_trigger=False)
+    loaded = []
+    w.manager.when_loaded().addCallback(loaded.append)
+    w.manager.startService()
+    assert loaded == [] and w.local.calls == []
+    pool.run_all()
+    assert loaded == [None]
+    assert [a for _q, a in w.local.calls] == ["r1@test.com"], "picked up before ready"
+    later = []
+    w.manager.when_loaded().addCallback(later.append)
+    assert later == [None]
+
+
+class DeferredThreadPoolForLoad(ImmediateThreadPool):
+    """Holds calls until run_all(), so the test sees the state before the first scan."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending = []
+        self.holding = True
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kw):
+        if self.holding:
+            self.pending.append((onResult, func, args, kw))
+            return
+        return super().callInThreadWithCallback(onResult, func, *args, **kw)
+
+    def run_all(self):
+        self.holding = False
+        while self.pending:
+            onResult, func, args, kw = self.pending.pop(0)
+            super().callInThreadWithCallback(onResult, func, *args, **kw)
