@@ -134,6 +134,8 @@ class QueueManager(service.Service):
                  lifetime: float = schedule.DEFAULT_LIFETIME, use_trigger: bool = True,
                  scan_interval: float = SCAN_INTERVAL) -> None:
         self.store = store
+        self._loaded: list[defer.Deferred] = []
+        self._first_scan_done = False
         self.local = local
         self.remote = remote
         self.injector = injector
@@ -167,6 +169,14 @@ class QueueManager(service.Service):
                       "corrupt": 0, "tmp_removed": 0}
 
     # -- service ----------------------------------------------------------------------------------
+    def when_loaded(self) -> defer.Deferred:
+        """Fires once the queue left on disk has been scanned after start."""
+        if self._first_scan_done:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._loaded.append(d)
+        return d
+
     def startService(self) -> None:
         super().startService()
         if self.use_trigger:
@@ -275,6 +285,12 @@ class QueueManager(service.Service):
             self._scanning = False
             if isinstance(result, Failure):
                 self.log.error("queue scan failed: {why}", why=result.getErrorMessage())
+            # Readiness (ready.json, sd_notify READY=1) waits for the first scan: every message
+            # left by the last run is picked up before the server says it is ready.
+            loaded, self._loaded = self._loaded, []
+            for waiter in loaded:
+                waiter.callback(None)
+            self._first_scan_done = True
             if self._rescan:
                 self._rescan = False
                 self.scan_soon()
