@@ -31,6 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailappliance import stats as stats_mod
+from mailappliance.access.relay import normalize_ip
 from mailappliance.admin import report
 from mailappliance.admin.protocol import (NEED_DATA, AdminConnection, Command, Invalid,
                                           encode_error, encode_reply, help_lines)
@@ -156,12 +157,9 @@ def _is_loopback(addr) -> bool:
     if not host:
         return False
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        return ipaddress.ip_address(normalize_ip(host)).is_loopback
     except ValueError:
         return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 class AdminProtocol(protocol.Protocol):
