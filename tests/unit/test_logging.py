@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 
 import pytest
 from twisted.logger import Logger, LogLevel, LogPublisher
@@ -245,3 +246,107 @@ def test_deferred_and_failed_deliveries_count_as_errors_successes_do_not():
     assert malog.is_error(dict(ev, status="failure"))
     assert not malog.is_error(dict(ev, status="success"))
     assert not malog.is_error(_event("new msg 4"))
+
+
+# --- the fast paths: same text as the generic ones --------------------------------------------
+
+class _Obj:
+    def __str__(self):
+        return "obj-str"
+
+    def __repr__(self):
+        return "obj-repr"
+
+
+@pytest.mark.parametrize("fmt,kw", [
+    ("new msg {qid}", {"qid": 17}),
+    ("delivery {d}: {status}: {text}", {"d": 3, "status": "success", "text": "did_1+0+0/"}),
+    ("{a!r} {a!s} {a!a} {a}", {"a": "é\n"}),
+    ("{o} {o!r}", {"o": _Obj()}),
+    ("{n:>6} {f:.2f} {n:x}", {"n": 42, "f": 3.14159}),
+    ("{missing} here", {}),                       # Twisted's "Unable to format" text
+    ("{call()}", {"call": lambda: "called"}),     # Twisted's call syntax: generic path
+    ("{a.real} {b[0]}", {"a": 5, "b": [7]}),
+    ("{0} positional", {}),
+    ("unbalanced {", {}),
+    ("{{literal}} {x}", {"x": 1}),
+    ("{x:{w}}", {"x": 1, "w": 4}),
+    (b"bytes {x}", {"x": 1}),
+    (None, {}),
+])
+def test_event_text_equals_twisted_format_event(fmt, kw):
+    from twisted.logger import formatEvent
+    ev = _event(fmt, **kw)
+    for _ in range(2):                            # second time from the cache
+        assert malog.event_text(ev) == formatEvent(ev)
+
+
+def test_format_time_cache_gives_the_same_text_across_seconds():
+    whens = [1_700_000_000.25, 1_700_000_000.9999996, 1_700_000_001.5, 1_699_999_999.0,
+             1_700_000_000.0, 86399.999999, 0.0]
+    for when in whens:
+        secs = int(when)
+        micros = int(round((when - secs) * 1_000_000))
+        if micros >= 1_000_000:
+            secs, micros = secs + 1, micros - 1_000_000
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+        assert malog.format_time(when) == expected
+
+
+def test_write_lines_rotates_exactly_like_line_by_line_writes(tmp_path):
+    lines = [f"line {i:04d} " + "y" * (i % 300) for i in range(400)] + ["z" * 5000]
+    one = malog.RotatingLog(tmp_path / "one", rotate_bytes=4096, keep=100, clock=Clock())
+    for line in lines:
+        one.write_line(line)
+    one.close()
+    many = malog.RotatingLog(tmp_path / "many", rotate_bytes=4096, keep=100, clock=Clock())
+    for i in range(0, len(lines), 37):
+        many.write_lines(lines[i:i + 37])
+    many.close()
+    a = [p.read_bytes() for p in malog.iter_log_files(tmp_path / "one")]
+    b = [p.read_bytes() for p in malog.iter_log_files(tmp_path / "many")]
+    assert a == b and len(a) > 5 and one.rotations == many.rotations
+
+
+class _ThreadReactor:
+    """task.Clock plus callFromThread, recording which one was used."""
+
+    def __init__(self):
+        from twisted.internet.task import Clock as TaskClock
+        self.clock = TaskClock()
+        self.from_thread = []
+
+    def callLater(self, delay, f, *a):
+        return self.clock.callLater(delay, f, *a)
+
+    def callFromThread(self, f, *a):
+        self.from_thread.append((f, a))
+
+
+def test_observer_with_a_reactor_writes_once_per_turn_and_flushes_on_stop(tmp_path):
+    import threading
+    reactor = _ThreadReactor()
+    log = malog.RotatingLog(tmp_path, rotate_bytes=1_000_000, keep=3, clock=Clock())
+    writes = []
+    real = log._write_all
+    log._write_all = lambda data: (writes.append(data), real(data))
+    obs = malog.FileLogObserver(log, reactor=reactor)
+    obs.start()
+    for i in range(5):
+        obs(_event("turn one {i}", i=i))
+    assert not writes                              # nothing yet: the turn is not over
+    reactor.clock.advance(0)
+    assert len(writes) == 1
+    assert log.current.read_text().count("turn one") == 5
+    # an event from another thread is handed to the reactor thread
+    t = threading.Thread(target=obs, args=(_event("from a thread"),))
+    t.start()
+    t.join()
+    assert len(reactor.from_thread) == 1
+    f, a = reactor.from_thread.pop()
+    f(*a)
+    assert log.current.read_text().splitlines()[-1].endswith("smtp: from a thread")
+    obs(_event("last words"))
+    obs.stop()                                     # written although the turn never ended
+    assert log.current.read_text().splitlines()[-1].endswith("smtp: last words")
+    assert log.write_errors == 0
