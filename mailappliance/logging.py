@@ -22,11 +22,10 @@ milliseconds; a normal stop writes everything), the time text is made once per s
 area is cached per namespace, and plain ``{name}`` format strings are parsed once (the text
 is the same as twisted.logger.formatEvent's; anything unusual goes through formatEvent).
 
-Under plain ``twistd -n`` (no ``--logger``), twistd's own observer writes a second, complete
-copy of every event to standard output, formatted by Twisted's generic code and flushed per
-event: under load that copy costs the reactor several times what the file log does. Run the
-service with ``--logger=mailappliance.logging.journal`` (as the systemd unit does) to keep
-standard output to the service's health while the files hold the mail log.
+Under plain ``twistd -n`` (no ``--logger``), twistd's own observer would write a second,
+complete copy of every event to standard output, formatted by Twisted's generic code and
+flushed per event (under load several times the cost of the file log).  While the files hold
+the mail log, that copy is cut to what the journal observer passes (see LoggingService).
 
 With ``[log] stdout = true`` no files are written: events go to twistd's own log (standard
 output under ``twistd -n``). ``twistd --logger=mailappliance.logging.journal`` makes that
@@ -559,19 +558,66 @@ def journal() -> JournalObserver:
 
 # --- the service ------------------------------------------------------------------------------
 
+def _keeps_to_health(event: dict) -> bool:
+    """While the files hold the mail log, what standard output still shows: warnings,
+    errors, failed or deferred deliveries, and ``server`` events (start, listen, stop)."""
+    return not _files_active or area_of(event) == DEFAULT_AREA or is_error(event)
+
+
+@implementer(ILogObserver)
+class HealthOnly:
+    """Wraps twistd's own standard-output observer while the file log runs (see
+    LoggingService): the same lines as before for the events it passes, none for the rest."""
+
+    def __init__(self, inner, keep: Callable[[dict], bool] = _keeps_to_health) -> None:
+        self.inner = inner
+        self.keep = keep
+
+    def __call__(self, event: dict) -> None:
+        if self.keep(event):
+            self.inner(event)
+
+
+def _writes_to(observer, stream) -> bool:
+    """Is `observer` a twisted.logger.FileLogObserver writing to `stream` (twistd's default
+    observer under ``twistd -n`` writes to the process's standard output)?"""
+    from twisted.logger import FileLogObserver as TwistedFileLogObserver
+    if type(observer) is not TwistedFileLogObserver:
+        return False
+    out = getattr(observer, "_outFile", None)
+    if out is None or stream is None:
+        return False
+    if out is stream:
+        return True
+    try:
+        return out.fileno() == stream.fileno()
+    except Exception:
+        return False
+
+
 class LoggingService(service.Service):
     """Attaches the file observer to Twisted's global log publisher for the server's lifetime.
 
     The observer is attached at construction (so the listening lines of privilegedStartService
     are kept) and the files are opened in startService, after twistd has dropped privileges,
     so the log files belong to the user the server runs as.
+
+    Under ``twistd -n`` without ``--logger``, twistd's own observer writes every event to
+    standard output as well: a second copy of the mail log, formatted by Twisted's generic
+    code and flushed per event, which under load cost the reactor thread several times what
+    the file log does.  While the files are written, that observer is wrapped so standard
+    output keeps what ``--logger=mailappliance.logging.journal`` keeps (warnings, errors,
+    failed or deferred deliveries, ``server`` events) in twistd's format; stopService puts it
+    back.  A twistd log file (daemon mode, ``--logfile``) is left alone.
     """
 
     def __init__(self, settings, publisher=globalLogPublisher,
                  last_errors: Deque[str] | None = None, clock: Callable[[], float] = time.time,
-                 reactor=None):
+                 reactor=None, stdout=None):
         self.settings = settings
         self.publisher = publisher
+        self.stdout = stdout if stdout is not None else sys.__stdout__
+        self._wrapped: list[HealthOnly] = []
         self.file_log = RotatingLog(settings.log_directory, settings.log.rotate_bytes,
                                     settings.log.keep, clock=clock)
         # With a reactor, lines are written once per reactor turn (see FileLogObserver).
@@ -586,13 +632,32 @@ class LoggingService(service.Service):
         adopt_for_data(self.settings.data, self.file_log.directory)
         self.observer.start()
         _files_active = True
+        self._wrap_stdout_copies()
 
     def stopService(self) -> None:
         global _files_active
         super().stopService()
+        self._unwrap_stdout_copies()
         _files_active = False
         self.publisher.removeObserver(self.observer)
         self.observer.stop()
+
+    def _wrap_stdout_copies(self) -> None:
+        # LogPublisher has no public list of its observers; without one (another Twisted),
+        # nothing is wrapped and standard output keeps the full copy.
+        observers = list(getattr(self.publisher, "_observers", None) or ())
+        for obs in observers:
+            if _writes_to(obs, self.stdout):
+                wrapper = HealthOnly(obs)
+                self.publisher.addObserver(wrapper)
+                self.publisher.removeObserver(obs)
+                self._wrapped.append(wrapper)
+
+    def _unwrap_stdout_copies(self) -> None:
+        wrapped, self._wrapped = self._wrapped, []
+        for wrapper in wrapped:
+            self.publisher.addObserver(wrapper.inner)
+            self.publisher.removeObserver(wrapper)
 
     def reload(self, settings) -> None:
         self.settings = settings

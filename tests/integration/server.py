@@ -90,11 +90,29 @@ class ServerProcess:
     def port(self, kind: str) -> int:
         return self.ports[kind][0]
 
-    def output(self) -> str:
+    def stdout(self) -> str:
+        """What the server wrote to standard output and standard error."""
         try:
             return (self.root / "twistd.out").read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def output(self) -> str:
+        """Standard output, then the mail log files (oldest first).  While the file log
+        runs, twistd's standard output carries only health lines (warnings, errors, server
+        events; see mailappliance/logging.py), so mail-log lines are read from the files."""
+        parts = [self.stdout()]
+        log_dir = self.data / "log"
+        try:
+            names = sorted(n for n in os.listdir(log_dir) if n.startswith("@"))
+        except FileNotFoundError:
+            names = []
+        for name in [*names, "current"]:
+            try:
+                parts.append((log_dir / name).read_text(errors="replace"))
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass
+        return "".join(parts)
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

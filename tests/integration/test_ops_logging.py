@@ -85,7 +85,7 @@ def test_events_carry_their_area_and_secrets_never_reach_the_log(make_server):
 def test_stdout_mode_writes_no_files(make_server):
     srv = make_server("[log]\nstdout = true\n").start()
     admin(srv, "relay list\n")
-    wait_for(lambda: "unix: relay list" in srv.output(), what="event on stdout")
+    wait_for(lambda: "unix: relay list" in srv.stdout(), what="event on stdout")
     assert not (srv.data / "log").exists()
     [(ok, lines)] = admin(srv, "stat\n")
     assert ok and "last errors: none" in lines
@@ -95,9 +95,20 @@ def test_journal_observer_gives_priority_and_area_and_leaves_the_mail_log_to_fil
     srv = make_server(twistd_args=["--logger=mailappliance.logging.journal"]).start()
     admin(srv, "relay list\nfrobnicate\n", count=2)
     srv.stop()
-    out = srv.output().splitlines()
+    out = srv.stdout().splitlines()
     assert any(re.fullmatch(r"<6>server: ready: .*", l) for l in out)
     assert all(re.match(r"<[2-7]>(smtp|delivery|pop3|admin|dns|server): ", l) for l in out), out
     # while the file log runs, routine admin events stay out of the journal
     assert not any("relay list" in l for l in out)
+    assert "unix: relay list" in all_log_text(srv)
+
+
+def test_plain_twistd_stdout_keeps_health_lines_and_leaves_the_mail_log_to_files(make_server):
+    srv = make_server().start()
+    admin(srv, "relay list\nfrobnicate\n", count=2)
+    wait_for(lambda: "unix: relay list" in all_log_text(srv), what="admin event in the files")
+    srv.stop()
+    out = srv.stdout()
+    assert "ready" in out                       # server events stay on standard output
+    assert "relay list" not in out              # routine mail-log events are in the files only
     assert "unix: relay list" in all_log_text(srv)

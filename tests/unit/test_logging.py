@@ -350,3 +350,31 @@ def test_observer_with_a_reactor_writes_once_per_turn_and_flushes_on_stop(tmp_pa
     obs.stop()                                     # written although the turn never ended
     assert log.current.read_text().splitlines()[-1].endswith("smtp: last words")
     assert log.write_errors == 0
+
+
+def test_logging_service_cuts_twistds_stdout_copy_to_health_while_files_run(tmp_path):
+    from twisted.logger import textFileLogObserver
+    settings = load_settings(None, {"data": str(tmp_path / "var")}, cwd=tmp_path)
+    publisher = LogPublisher()
+    stdout = io.StringIO()
+    twistd_observer = textFileLogObserver(stdout)      # what twistd -n installs
+    publisher.addObserver(twistd_observer)
+    svc = malog.LoggingService(settings, publisher=publisher, stdout=stdout)
+    queue = Logger(namespace="mailappliance.queue.manager", observer=publisher)
+    server = Logger(namespace="mailappliance.service", observer=publisher)
+    queue.info("new msg {qid}", qid=1)                 # before start: full copy
+    svc.startService()
+    queue.info("new msg {qid}", qid=2)                 # files only
+    queue.info("delivery {d}: {status}: {text}", d=1, status="deferral", text="busy")
+    queue.warn("warning: msg {qid} is corrupt", qid=3)
+    server.info("listening on {port}", port=25)
+    svc.stopService()
+    queue.info("new msg {qid}", qid=4)                 # after stop: full copy again
+    out = stdout.getvalue()
+    assert "new msg 1" in out and "new msg 4" in out
+    assert "new msg 2" not in out
+    assert "deferral: busy" in out and "is corrupt" in out and "listening on 25" in out
+    text = (settings.log_directory / "current").read_text()
+    assert "delivery: new msg 2" in text and "delivery: delivery 1: deferral: busy" in text
+    assert twistd_observer in publisher._observers
+    assert not any(isinstance(o, malog.HealthOnly) for o in publisher._observers)
