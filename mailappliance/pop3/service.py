@@ -4,8 +4,9 @@
 `settings.pop3.require_tls = true` refuses USER/PASS until STLS on the plain port (RFC 2595
 section 2.3's "LOGINDISABLED" idea for POP3); it needs [tls] too.
 
-Both listeners of one App share the login penalty table (an address is one client whichever
-port it uses) and the roaming-relay expiry sweep.
+Both listeners of one App share the login penalty table with SMTP AUTH (an address is one
+client whichever port it uses; mailappliance/access/penalty.py) and the roaming-relay expiry
+sweep.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailappliance.config import ConfigError
 from mailappliance.pop3.mailbox import open_session
-from mailappliance.pop3.penalty import LoginPenalty
+from mailappliance.access import penalty as login_penalty
 from mailappliance.pop3.protocol import POP3Factory
 
 log = Logger(namespace="mailappliance.pop3")
@@ -34,7 +35,7 @@ class _Shared:
     """Per-App POP3 state shared by every POP3 listener."""
 
     def __init__(self, app) -> None:
-        self.penalty = LoginPenalty()
+        self.penalty = login_penalty.shared(app)     # one table with SMTP AUTH
         self.counter = 0
         self.factories: set[POP3Factory] = set()
         self.sweeper = task.LoopingCall(self._sweep, app)
