@@ -191,7 +191,7 @@ class ServerConnection:
 
     __slots__ = (
         "hostname", "databytes", "max_recipients", "max_errors", "postmaster_domain",
-        "starttls_offered", "auth_mechanisms", "tls", "authenticated",
+        "starttls_offered", "auth_mechanisms", "auth_after_tls", "tls", "authenticated",
         "state", "helo", "extended", "errors", "_buf", "_eof", "_pending", "_close_after",
         "_discarding", "_sender", "_recipients", "_bol", "_size", "_overflow", "_end",
         "_hops", "_hdr",
@@ -207,6 +207,9 @@ class ServerConnection:
         self.postmaster_domain = postmaster_domain or hostname.lower()
         self.starttls_offered = starttls_offered
         self.auth_mechanisms = auth_mechanisms
+        # AUTH exists on this port but only once TLS is on: before that AUTH gets 538 instead
+        # of 502 (the adapter sets auth_mechanisms when the handshake starts).
+        self.auth_after_tls = False
         self.tls = False
         self.authenticated = False
         self.state = GREETING
@@ -632,6 +635,8 @@ def _starttls(conn: ServerConnection, arg: str) -> Event:
 
 def _auth(conn: ServerConnection, arg: str) -> Event:
     if not conn.auth_mechanisms:
+        if conn.auth_after_tls and not conn.tls:
+            return Handled("AUTH", replies.AUTH_NEEDS_TLS)     # RFC 4954 section 6: 538
         return Handled("AUTH", replies.UNIMPLEMENTED)
     if conn.authenticated:
         return Handled("AUTH", replies.AUTH_ALREADY)

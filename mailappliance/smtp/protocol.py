@@ -11,13 +11,15 @@ commit Deferred fires). Decisions may be Deferreds; while one is pending the cor
 further event, so pipelined replies leave in command order. Replies produced in one pass are
 written with one transport.write.
 
-Seams for later work:
-- AUTH (RFC 4954, issue 8): the core already parses AUTH and runs the SASL exchange (`Auth`,
-  `AuthResponse` events; a 334 reply keeps it reading responses, 235 sets
-  `core.authenticated`, which the relay policy and the Received: line honour). To offer it,
-  set `core.auth_mechanisms` per connection (e.g. only once `core.tls` is true) and answer the
-  two events in `_decide` with a Deferred from app.authenticator; nothing else changes.
-- Sender binding: `_mail` gets the parsed MailFrom; return a 553 Reply (or a Deferred) there.
+Seams:
+- AUTH (RFC 4954) and the submission policy live in smtp/submission.py (`SessionAuth`, one per
+  connection): it sets `core.auth_mechanisms` (only inside TLS, or in clear from loopback when
+  allowed), answers `Auth`/`AuthResponse` (a 334 keeps the core reading responses, 235 sets
+  `core.authenticated`, which the relay policy and the Received: line honour), refuses MAIL
+  with 530 on submission without AUTH and with 553 for a sender not the user's, and checks the
+  From: header of authenticated sessions at the end of DATA (smtp/binding.py's FromScanner
+  sees the DataChunk pieces of the header as they stream past). Authenticated sessions skip
+  the DNSBL.
 - STARTTLS is done here: `_start_tls` writes the 220 before `transport.startTLS`, and the core
   drops input pipelined behind the command.
 - DNSBL (rblsmtpd): `app.dnsbl.check` at connect, verdict applied from MAIL on (`_after_rbl`).
@@ -48,6 +50,7 @@ from mailappliance.smtp import replies
 from mailappliance.smtp.core import (
     CLOSED_EVENT, NEED_DATA, PAUSED, Auth, AuthResponse, DataChunk, DataStart, MailFrom,
     MessageEnd, RcptTo, ServerConnection, StartTLS, received_header)
+from mailappliance.smtp.submission import SessionAuth
 from mailappliance.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -97,6 +100,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self._rbl_waiters: list[Deferred] | None = None
         self.messages = 0
         self.drain = None              # drain.SessionHandle while registered
+        self.auth: SessionAuth | None = None
+        self._from_scan = None         # binding.FromScanner while an authenticated DATA runs
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -137,6 +142,8 @@ class SMTPServerProtocol(protocol.Protocol):
             postmaster_domain=settings.default_domain or hostname,
             starttls_offered=app.tls is not None and not implicit_tls)
         self.core.tls = implicit_tls          # RFC 8314: the listener wraps us in TLS
+        self.auth = SessionAuth(self)
+        self.auth.configure()
         if drain is not None:
             self.drain = drain.register(self.close_now)
         self._start_dnsbl()
@@ -251,6 +258,9 @@ class SMTPServerProtocol(protocol.Protocol):
             if type(ev) is DataChunk:
                 writer = self._writer
                 writer.write(ev.data)
+                scan = self._from_scan
+                if scan is not None and not scan.done:
+                    scan.feed(ev.data)
                 if writer.pending_bytes > MAX_WRITER_BACKLOG:
                     self._wait_for_writer()
                 continue
@@ -339,6 +349,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if out:
             self._write(out)
         self.transport.startTLS(self.app.tls.options())
+        self.auth.tls_started()
 
     def _as_reply(self, result: Any) -> Reply:
         if isinstance(result, Reply):
@@ -385,11 +396,11 @@ class SMTPServerProtocol(protocol.Protocol):
         if t is StartTLS:
             return replies.TLS_UNAVAILABLE if self.app.tls is None else ev.reply
         if t is Auth or t is AuthResponse:
-            return replies.AUTH_FAILED         # AUTH arrives with the submission issue
+            return self.auth.decide(ev)
         return ev.reply
 
     def _mail(self, ev: MailFrom) -> Reply:
-        return ev.reply
+        return self.auth.mail_refusal(ev) or ev.reply
 
     def _rcpt(self, ev: RcptTo) -> Reply:
         dest = classify(ev.path)
@@ -435,10 +446,12 @@ class SMTPServerProtocol(protocol.Protocol):
         writer.write(received_header(helo=core.helo, client_ip=self.ip or "unknown",
                                      hostname=self.app.settings.hostname,
                                      when=self.app.reactor.seconds(), protocol=protocol_name))
+        self._from_scan = self.auth.from_scanner()
         return ev.reply
 
     def _message_end(self, ev: MessageEnd) -> Reply | Deferred:
         writer, self._writer = self._writer, None
+        scan, self._from_scan = self._from_scan, None
         if writer is None:
             return ev.reply or replies.QQ_TEMPORARY
         if ev.reply is not None:
@@ -446,6 +459,11 @@ class SMTPServerProtocol(protocol.Protocol):
             if ev.reply.code == 451:
                 self.log.info("smtp: {ip}: {text}", ip=self.ip, text=ev.reply.text)
             return ev.reply
+        if scan is not None:
+            refusal = self.auth.from_refusal(scan.finish())
+            if refusal is not None:
+                writer.abort()
+                return refusal
         try:
             d = writer.commit(ev.sender, list(ev.recipients), self.ip or None)
         except ValueError as e:
@@ -497,8 +515,8 @@ class SMTPServerProtocol(protocol.Protocol):
     def _after_rbl(self, decide, ev) -> Reply | Deferred:
         """Apply the DNSBL verdict first (waiting for it if the lookups still run)."""
         rbl = self._rbl
-        if rbl is None:
-            return decide(ev)
+        if rbl is None or self.core.authenticated:
+            return decide(ev)      # users who logged in are not judged by their address
         if rbl is _UNSET:
             d: Deferred = Deferred()
             self._rbl_waiters.append(d)

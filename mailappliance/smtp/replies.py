@@ -132,6 +132,40 @@ AUTH_CANCELLED = Reply(501, "5.0.0", "auth exchange cancelled (#5.0.0)")       #
 AUTH_ALREADY = Reply(503, "5.5.1", "you're already authenticated (#5.5.0)")    # qmail-smtpd-auth
 AUTH_NOT_IN_TRANSACTION = Reply(503, "5.5.1", "sorry, no AUTH during a mail transaction (#5.5.1)")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "auth type unimplemented (#5.5.1)")  # qmail-smtpd-auth
+AUTH_MALFORMED = Reply(501, "5.5.2", "malformed auth input (#5.5.4)")          # qmail-smtpd-auth
+AUTH_TEMPORARY = Reply(454, "4.7.0", "temporary authentication failure (#4.3.0)")  # RFC 4954 s6
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0",
+                               "sorry, too many authentication failures, closing connection"
+                               " (#4.7.0)")
+# RFC 4954 section 6: 538 when the mechanism needs an encrypted session; we never take a
+# password in clear (unless [submission] auth_plaintext_loopback allows it for loopback).
+AUTH_NEEDS_TLS = Reply(538, "5.7.11",
+                       "sorry, encryption required for authentication; say STARTTLS first"
+                       " (#5.7.11)")
+# RFC 6409 section 4.3: the submission port refuses MAIL from a session that neither
+# authenticated nor is trusted otherwise (RELAYCLIENT, POP-before-SMTP).
+AUTH_REQUIRED = Reply(530, "5.7.0", "sorry, authentication required (#5.7.0)")
+AUTH_REQUIRED_STARTTLS = Reply(530, "5.7.0",
+                               "sorry, authentication required; say STARTTLS, then AUTH"
+                               " (#5.7.0)")                                      # RFC 3207 s4
+# Sender binding (smtp/binding.py): the user may send as their address and its aliases only.
+SENDER_LOOKUP_FAILED = Reply(451, "4.3.0",
+                             "sorry, temporary failure looking up your addresses (#4.3.0)")
+FROM_HEADER_UNREADABLE = Reply(553, "5.7.1",
+                               "sorry, I cannot read the From: header of your message; it"
+                               " must name your address (#5.7.1)")
+
+
+def sender_not_yours(user: str) -> Reply:
+    """MAIL FROM names somebody else; `user` is the login (our own, safe to echo)."""
+    return Reply(553, "5.7.1", f"sorry, that sender address is not yours; you are logged in as"
+                               f" {user}, use it or one of its aliases (#5.7.1)")
+
+
+def from_header_not_yours(user: str) -> Reply:
+    return Reply(553, "5.7.1", f"sorry, the From: header names an address that is not yours;"
+                               f" you are logged in as {user}, use it or one of its aliases"
+                               f" (#5.7.1)")
 
 
 def dnsbl_refusal(permanent: bool, text: str) -> Reply:
