@@ -91,8 +91,9 @@ def test_implicit_tls_submission(tls_server):
                           source_address=("127.0.0.23", 0)) as s:
         s.ehlo("c")
         assert not s.has_extn("starttls")
-        s.sendmail("a@b.example", ["test@test.com"], f"Subject: 465\r\n\r\n{marker}\r\n")
-    assert b"with ESMTPS;" in message_bytes(tls_server, marker)
+        s.login("test@test.com", "Passw0rd!")     # submission needs AUTH (RFC 6409 4.3)
+        s.sendmail("test@test.com", ["test@test.com"], f"Subject: 465\r\n\r\n{marker}\r\n")
+    assert b"with ESMTPSA;" in message_bytes(tls_server, marker)     # RFC 3848: TLS + AUTH
 
 
 def test_swaks_tls(tls_server):
