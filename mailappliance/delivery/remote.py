@@ -15,6 +15,14 @@
   per-recipient results stand.
 * The message is read from the queue in a thread and streamed with flow control; it is
   CRLF-normalised and dot-stuffed on the way out (client.DataEncoder).
+* STARTTLS when the server offers it, never required (Postfix's smtp_tls_security_level =
+  may): TLS 1.2 at least, SNI with the MX host name, and the certificate is checked -- chain
+  against the system's CAs (SSL_CERT_FILE / SSL_CERT_DIR are honoured), name with
+  service-identity against the MX host name (or the IP address of a route to an address) --
+  but a failed check only shows in the log line of the handshake::
+
+      remote: TLS with mx.example.org[192.0.2.25]: TLSv1.3 TLS_AES_256_GCM_SHA384, certificate verified
+      remote: TLS with 192.0.2.26[192.0.2.26]: TLSv1.2 ECDHE-RSA-AES256-GCM-SHA384, certificate not verified: self-signed certificate
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import (
+    IHandshakeListener, IOpenSSLClientConnectionCreator, IPushProducer)
 
 from mailappliance.delivery import Result, deferral, failure
 from mailappliance.queue.store import Envelope, QueueStore
@@ -95,16 +104,18 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class _SMTPClientProtocol(Protocol):
     """Runs one ClientCore over a connection; `finished` fires with the core at the end."""
 
     def __init__(self, deliverer: "RemoteDeliverer", core: ClientCore, env: Envelope,
-                 preloaded: bytes | None) -> None:
+                 preloaded: bytes | None, server_name: str | None = None) -> None:
         self.d = deliverer
         self.core = core
         self.env = env
         self.preloaded = preloaded
+        self.server_name = server_name    # the MX (or route) host name, for SNI and the check
+        self.tls = None                   # the connection creator once STARTTLS began
         self.finished: defer.Deferred = defer.Deferred()
         self._timer = None
         self._paused = False
@@ -138,7 +149,8 @@ class _SMTPClientProtocol(Protocol):
                 self.transport.write(a.data)
             elif isinstance(a, StartTLS):
                 try:
-                    self.transport.startTLS(self.d.tls_options())
+                    self.tls = self.d.tls_options(self.server_name or self.core.host)
+                    self.transport.startTLS(self.tls)
                 except Exception as e:  # noqa: BLE001 - no TLS after all: give up on it
                     self.d.log.warn("remote: STARTTLS with {host} failed: {why}",
                                     host=self.core.host, why=str(e))
@@ -151,6 +163,17 @@ class _SMTPClientProtocol(Protocol):
             elif isinstance(a, Close):
                 self._sending = False
                 self.transport.loseConnection()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: log what the TLS session is and whether the certificate checked
+        out (it is never a reason to stop: opportunistic TLS)."""
+        report = getattr(self.tls, "report", None)
+        if report is None:
+            return
+        version, cipher, verdict = report()
+        self.d.log.info("remote: TLS with {name}[{ip}]: {version} {cipher}, certificate {verdict}",
+                        name=self.server_name or self.core.host, ip=self.core.host,
+                        version=version, cipher=cipher, verdict=verdict)
 
     @defer.inlineCallbacks
     def _send_body(self):
@@ -234,7 +257,7 @@ class RemoteDeliverer:
     def __init__(self, reactor, resolver, queue: QueueStore, threadpool, *, hostname: str,
                  route_for: Callable[[str], object] = lambda domain: None,
                  connect_timeout: float = 60, reply_timeout: float = 1200,
-                 tls_options: Callable[[], object] | None = None,
+                 tls_options: Callable[[str], object] | None = None,
                  is_me: Callable[[str], bool] | None = None, mx_port: int = SMTP_PORT) -> None:
         self.reactor = reactor
         self.resolver = resolver
@@ -267,12 +290,12 @@ class RemoteDeliverer:
                 return [deferral(f"Unable to read the queued message: {e} (#4.3.0)")] \
                     * len(rcpts)
         last: list[Result] | None = None
-        for ip, port in targets[:MAX_ADDRESSES]:
+        for ip, port, name in targets[:MAX_ADDRESSES]:
             core = ClientCore(helo=self.hostname, sender=env.sender, recipients=rcpts,
                               size=env.size, host=ip,
                               tls_available=self.tls_options is not None)
             try:
-                core = yield self._attempt(ip, port, core, env, preloaded)
+                core = yield self._attempt(ip, port, core, env, preloaded, name)
             except Exception as e:  # noqa: BLE001 - connection refused, timeout, unreachable
                 self.log.info("remote: cannot connect to {ip}:{port}: {why}", ip=ip,
                               port=port, why=_why(e))
@@ -284,20 +307,21 @@ class RemoteDeliverer:
         return last or [deferral(T_NO_CONNECTION)] * len(rcpts)
 
     def _attempt(self, ip: str, port: int, core: ClientCore, env: Envelope,
-                 preloaded: bytes | None) -> defer.Deferred:
-        proto = _SMTPClientProtocol(self, core, env, preloaded)
+                 preloaded: bytes | None, name: str | None = None) -> defer.Deferred:
+        proto = _SMTPClientProtocol(self, core, env, preloaded, name)
         self.reactor.connectTCP(ip, port, _Factory(proto), timeout=self.connect_timeout)
         return proto.finished
 
     @defer.inlineCallbacks
     def _targets(self, domain: str):
-        """-> list of (ip, port) to try in order, or a Result for every recipient."""
+        """-> list of (ip, port, host name or None) to try in order, or a Result for every
+        recipient. The name is what the server's certificate should carry."""
         from mailappliance.dns import DNSPermanentError, DNSTemporaryError
         route = self.route_for(domain)
         if route is not None:
             host = route.host.strip("[]")
             if _is_ip(host):
-                return [(host, route.port)]
+                return [(host, route.port, None)]
             try:
                 ips = yield self.resolver.addresses(host)
             except DNSPermanentError:
@@ -306,7 +330,7 @@ class RemoteDeliverer:
                 return deferral(T_DNS_TEMP.format(why=e))
             if not ips:
                 return failure(T_NO_HOST.format(domain=host))
-            return [(ip, route.port) for ip in ips]
+            return [(ip, route.port, host) for ip in ips]
         if _is_ip(domain):
             return failure(T_NO_HOST.format(domain=domain))   # never relay to literals
         try:
@@ -324,7 +348,7 @@ class RemoteDeliverer:
             entries.append((pref, host, ips))
         mine = [pref for pref, _h, ips in entries if any(self.is_me(ip) for ip in ips)]
         prefme = min(mine) if mine else None
-        out = [(ip, self.mx_port) for pref, _h, ips in entries
+        out = [(ip, self.mx_port, h) for pref, h, ips in entries
                if prefme is None or pref < prefme for ip in ips]
         if not out:
             if prefme is not None:
@@ -352,14 +376,84 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def client_tls_options():
-    """Opportunistic STARTTLS: encrypt, don't verify (MX certificates are rarely verifiable;
-    this is what Postfix's smtp_tls_security_level = may does).  None without pyOpenSSL."""
+@implementer(IOpenSSLClientConnectionCreator)
+class OpportunisticTLS:
+    """The client side of one STARTTLS (an IOpenSSLClientConnectionCreator): encrypt always,
+    check the certificate, never refuse over it; `report()` says what was checked."""
+
+    def __init__(self, context, server_name: str) -> None:
+        self.context = context
+        self.server_name = server_name.strip("[]").rstrip(".")
+        self.connection = None
+        self.chain_error: str | None = None
+
+    def clientConnectionForTLS(self, tls_protocol):
+        from OpenSSL import SSL
+        conn = SSL.Connection(self.context, None)
+        conn.set_app_data(tls_protocol)
+        conn.set_verify(SSL.VERIFY_PEER, self._verify)
+        if not _is_ip(self.server_name):
+            try:
+                conn.set_tlsext_host_name(self.server_name.encode("idna"))     # SNI
+            except UnicodeError:
+                pass
+        conn.set_connect_state()
+        self.connection = conn
+        return conn
+
+    def _verify(self, conn, cert, errnum: int, depth: int, ok: int) -> bool:
+        if not ok and self.chain_error is None:
+            self.chain_error = _verify_error_text(errnum)
+        return True                      # opportunistic: an unverified peer is still used
+
+    def report(self) -> tuple[str, str, str]:
+        """(TLS version, cipher, "verified" or "not verified: <why>") after the handshake."""
+        from service_identity import VerificationError
+        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+        conn = self.connection
+        version = conn.get_protocol_version_name()
+        cipher = conn.get_cipher_name() or "unknown"
+        if conn.get_peer_certificate() is None:
+            return version, cipher, "not verified: no certificate"
+        if self.chain_error is not None:
+            return version, cipher, f"not verified: {self.chain_error}"
+        try:
+            if _is_ip(self.server_name):
+                verify_ip_address(conn, self.server_name)
+            else:
+                verify_hostname(conn, self.server_name)
+        except VerificationError:
+            return version, cipher, f"not verified: it does not name {self.server_name}"
+        except Exception as e:  # noqa: BLE001 - a certificate service-identity cannot read
+            return version, cipher, f"not verified: {type(e).__name__}"
+        return version, cipher, "verified"
+
+
+def _verify_error_text(errnum: int) -> str:
     try:
-        from twisted.internet import ssl
+        from OpenSSL._util import ffi, lib      # pyOpenSSL has no public name for this
+        return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode("ascii", "replace")
+    except Exception:  # noqa: BLE001
+        return f"X509 verify error {errnum}"
+
+
+def client_tls_options():
+    """Opportunistic STARTTLS (Postfix's smtp_tls_security_level = may): encrypt, check the
+    certificate and log the result, don't insist. -> make(server_name) -> connection creator,
+    None without pyOpenSSL. One SSL context (CA store loaded once) serves every connection."""
+    try:
+        from OpenSSL import SSL
     except ImportError:  # pragma: no cover
         return None
+    context = None
 
-    def make():
-        return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    def make(server_name: str) -> OpportunisticTLS:
+        nonlocal context
+        if context is None:
+            ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+            ctx.set_min_proto_version(SSL.TLS1_2_VERSION)   # RFC 8996; as the server side
+            ctx.set_options(SSL.OP_NO_COMPRESSION)
+            ctx.set_default_verify_paths()                  # system CAs, SSL_CERT_FILE/DIR
+            context = ctx
+        return OpportunisticTLS(context, server_name)
     return make
