@@ -85,6 +85,14 @@ def build_endpoint(app, kind: str, description: str, reactor):
 def build_factory(app, kind: str):
     """The listener's factory; `submissions` (implicit TLS, RFC 8314) is wrapped in TLS."""
     factory = SMTPFactory(app, kind)
+    if kind == "submission" and getattr(app, "tls", None) is None:
+        # docs/SUBMISSION.md: no password travels in clear, so without a certificate only
+        # trusted clients (RELAYCLIENT, POP-before-SMTP) can submit.
+        loopback = app.settings.submission.auth_plaintext_loopback
+        SMTPFactory.log.info(
+            "submission: no [tls] certificate: AUTH {how}; other clients need RELAYCLIENT in "
+            "the rules file or a POP-before-SMTP grant",
+            how="offered in clear to loopback clients only" if loopback else "not offered")
     if kind != "submissions":
         return factory
     if getattr(app, "tls", None) is None:

@@ -414,3 +414,17 @@ def test_unauthenticated_port_25_mail_is_not_bound(tmp_path):
     assert c.chat(b"From: ceo@bank.example\r\n\r\nx\r\n.\r\n").startswith("250 ")
     assert c.proto._from_scan is None
 
+
+
+def test_submission_without_certificate_says_so_at_start(tmp_path):
+    with capturedLogs() as events:
+        Sub(tmp_path, tls=False)
+        Sub(tmp_path / "lo", tls=False,
+            submission_settings=SubmissionSettings(auth_plaintext_loopback=True))
+        Sub(tmp_path / "tls")
+    lines = [formatEvent(e) for e in events if "no [tls] certificate" in e.get("log_format", "")]
+    assert lines == [
+        "submission: no [tls] certificate: AUTH not offered; other clients need RELAYCLIENT in "
+        "the rules file or a POP-before-SMTP grant",
+        "submission: no [tls] certificate: AUTH offered in clear to loopback clients only; "
+        "other clients need RELAYCLIENT in the rules file or a POP-before-SMTP grant"]
