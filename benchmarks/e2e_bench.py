@@ -367,9 +367,11 @@ def main() -> int:
                     r["attempt"] = attempt
                     pair[kind] = r
                     print(f"{kind} {label}: {_line(r)}", flush=True)
-                disturbance = max(r.get("others_cpu_pct") or 0.0 for r in pair.values())
-                if best is None or disturbance < best[0]:
-                    best = (disturbance, pair)
+                others = [r.get("others_cpu_pct") or 0.0 for r in pair.values()]
+                disturbance = max(others)
+                # Keep the pair with the least other load in total.
+                if best is None or sum(others) < best[0]:
+                    best = (sum(others), pair)
                 if disturbance <= DISTURBED_PCT:
                     break
                 print(f"  disturbed ({disturbance:.0f}% other CPU), attempt {attempt}", flush=True)
@@ -382,20 +384,29 @@ def main() -> int:
         if not args.no_smtp_source:
             paired("smtp-source", lambda kind, srv, run: smtp_source_phase(
                 srv, args.messages, args.senders, args.size, scratch))
-        half_rate = args.half_rate
-        if half_rate is None:
+        # Half load: half of Postfix's rate (issue 4's reference), and also half of our own
+        # max when that is clearly lower (how we do at half of what we can take).
+        rates = []
+        if args.half_rate:
+            rates.append(("half", args.half_rate))
+        else:
             ref = maxres.get("postfix") or maxres.get("ours")
-            half_rate = ref["e2e_rate"] / 2 if ref and ref["e2e_rate"] else None
-        if half_rate:
-            count = max(1, int(half_rate * args.half_seconds))
+            if ref and ref["e2e_rate"]:
+                rates.append(("half", ref["e2e_rate"] / 2))
+            own = maxres.get("ours")
+            if (own and own["e2e_rate"] and rates and "postfix" in maxres
+                    and own["e2e_rate"] / 2 < 0.9 * rates[0][1]):
+                rates.append(("half-own", own["e2e_rate"] / 2))
+        for label, rate in rates:
+            count = max(1, int(rate * args.half_seconds))
 
-            def half(kind, srv, run):
-                r = phase(srv, "half", run, lambda: open_loop(srv.port, run, count, args.senders,
-                                                              args.size, half_rate),
+            def half(kind, srv, run, label=label, rate=rate, count=count):
+                r = phase(srv, label, run, lambda: open_loop(srv.port, run, count, args.senders,
+                                                             args.size, rate),
                           count, scratch, ids[kind])
-                r["rate_offered"] = half_rate
+                r["rate_offered"] = rate
                 return r
-            paired("half", half)
+            paired(label, half)
         if args.profile and "ours" in servers:
             # An extra closed-loop run under py-spy, not in the table (py-spy stops the process
             # for every sample, so its rates are not comparable).
@@ -446,7 +457,7 @@ def report(results: list[dict], unavailable: dict, args, profile_path) -> str:
     rows = []
     for ph, title in (("max", f"max, {args.senders} senders"),
                       ("smtp-source", f"smtp-source {args.senders} s."),
-                      ("half", "half load")):
+                      ("half", "half of postfix"), ("half-own", "half of ours")):
         for name in ("mailappliance", "postfix"):
             r = by.get((name, ph))
             if r is None:
@@ -479,9 +490,14 @@ def report(results: list[dict], unavailable: dict, args, profile_path) -> str:
                         f"{ratio(so['e2e_rate'], sp['e2e_rate'])}")
     h = by.get(("mailappliance", "half"))
     if h and h["p99_ms"] is not None:
-        verdicts.append(f"p99 at half load ({h['rate_offered']:.0f}/s) < {TARGET_P99_MS:.0f} ms: "
+        verdicts.append(f"p99 at half of Postfix's max ({h['rate_offered']:.0f}/s) < "
+                        f"{TARGET_P99_MS:.0f} ms: "
                         f"{'MET' if h['p99_ms'] < TARGET_P99_MS else 'NOT MET'} "
                         f"({h['p99_ms']:.1f} ms)")
+    h = by.get(("mailappliance", "half-own"))
+    if h and h["p99_ms"] is not None:
+        verdicts.append(f"(p99 at half of our own max, {h['rate_offered']:.0f}/s: "
+                        f"{h['p99_ms']:.1f} ms)")
     for r in results:
         if r.get("sent_ok") and (r.get("delivered_matched") or 0) < r["sent_ok"]:
             verdicts.append(f"{r['server']} {r['phase']}: only {r.get('delivered_matched')} of "
