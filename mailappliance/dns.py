@@ -8,8 +8,8 @@ Two halves in one file, so the path of one query reads top to bottom:
   two reply shapes of nearly every DNSBL lookup also have a hand decoder (`fast_answer`, about
   ten times cheaper, checked against dnspython by a property test), because a DNSBL lookup
   runs for every SMTP connection;
-- the adapter: `Resolver`, which sends each query over its own connected UDP socket (fresh
-  source port), falls back to TCP when the answer is truncated, retries the next nameserver on
+- the adapter: `Resolver`, which sends each query over a connected UDP socket (random source
+  port, reused for at most 100 clean queries: `_UDPSocketPool`), falls back to TCP when the answer is truncated, retries the next nameserver on
   timeout, SERVFAIL or REFUSED, and never blocks the reactor. Time comes from the injected
   reactor (`callLater`, `seconds`), so tests drive timeouts with `twisted.internet.task.Clock`.
 
@@ -25,9 +25,9 @@ packet on the wire, so a flood of connections from one address costs one lookup.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import re
-import secrets
 import socket
 import struct
 from collections import OrderedDict
@@ -204,10 +204,37 @@ def normalize_name(name: str) -> str:
     return n.to_text(omit_final_dot=True).lower() if n != dns.name.root else "."
 
 
+_RDTYPES: dict[str, int] = {}
+
+
 def rdtype_of(rdtype: int | str) -> int:
     if isinstance(rdtype, str):
-        return int(dns.rdatatype.from_text(rdtype.upper()))
+        known = _RDTYPES.get(rdtype)
+        if known is None:
+            known = int(dns.rdatatype.from_text(rdtype.upper()))
+            if len(_RDTYPES) < 64:
+                _RDTYPES[rdtype] = known
+        return known
     return int(rdtype)
+
+
+class _QueryIds:
+    """Unpredictable 16-bit query ids (RFC 5452 section 9.2) from the kernel's CSPRNG, read
+    4 KiB at a time: one getrandom() per 2,048 queries instead of one per query (a system
+    call on the reactor thread gives up the GIL, and under load getting it back is the cost)."""
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+
+    def next(self) -> int:
+        ids = self._ids
+        if not ids:
+            raw = os.urandom(4096)
+            ids.extend(struct.unpack(f"!{len(raw) // 2}H", raw))
+        return ids.pop()
+
+
+_query_ids = _QueryIds()
 
 
 # RFC 1035 section 4.1.1: header flags and the OPT pseudo-record type of RFC 6891.
@@ -234,10 +261,10 @@ def make_query(name: str, rdtype: int, use_edns: bool = True, qid: int | None = 
     the OPT record are packed here, which costs a tenth of building a dnspython message (this
     runs for every DNSBL lookup of every connection).
     """
-    qid = secrets.randbits(16) if qid is None else qid
+    qid = _query_ids.next() if qid is None else qid
     if len(name) <= MAX_NAME_TEXT and _LDH_NAME.fullmatch(name):
-        qname = b"".join(bytes((len(label),)) + label.encode("ascii")
-                         for label in name.split(".")) + b"\x00"
+        qname = b"".join([bytes((len(label),)) + label.encode("ascii")
+                          for label in name.split(".")]) + b"\x00"
     else:
         qname = (dns.name.from_text(name) if name != "." else dns.name.root).to_wire()
     question = qname + struct.pack("!HH", rdtype, _CLASS_IN)
@@ -672,7 +699,7 @@ class Resolver(ResolverBase):
                  udp_opener=None) -> None:
         self._reactor = reactor
         # (server, exchange) -> a socket with send() and close(); tests inject a double.
-        self._open_udp = udp_opener or _ConnectedUDPSocket.opener(reactor)
+        self._open_udp = udp_opener or _UDPSocketPool(reactor)
         if nameservers:
             conf = ResolvConf(_settings_nameservers(nameservers))
         else:
@@ -699,6 +726,8 @@ class Resolver(ResolverBase):
         if servers != self.nameservers:
             self.nameservers = servers
             self.cache.clear()
+            if isinstance(self._open_udp, _UDPSocketPool):
+                self._open_udp.close()          # idle sockets are connected to the old servers
 
     # public API
 
@@ -931,6 +960,7 @@ class _UDPExchange:
         self.query = query
         self.reactor = reactor
         self.ignored = 0
+        self.clean = False      # ended by its own reply, nothing else: the socket may be reused
         self.sock = None
         self.timer = None
         self.result: Deferred = Deferred(self._cancelled)
@@ -955,6 +985,7 @@ class _UDPExchange:
             if self.ignored >= MAX_IGNORED_DATAGRAMS:
                 self._finish(DNSTemporaryError(self.query.name, "only garbage replies"))
             return
+        self.clean = self.ignored == 0
         self._finish(_TRUNCATED if is_truncated_reply(data, self.query) else data)
 
     def unreachable(self, why: str = "server unreachable") -> None:
@@ -991,18 +1022,23 @@ def _timeout_as_dns_error(failure: Failure, name: str) -> None:
 
 
 class _ConnectedUDPSocket:
-    """A connected UDP socket watched by the reactor (IReadDescriptor), one per query.
+    """A connected UDP socket watched by the reactor (IReadDescriptor) while a query uses it.
 
     Connected, so the kernel delivers only the server's datagrams and reports its ICMP port
-    unreachable as ECONNREFUSED; a fresh kernel-chosen source port per query (RFC 5452 9.2).
-    A plain socket rather than reactor.listenUDP, whose port logs two lines per open and close:
-    that would be two log lines per DNSBL lookup.
+    unreachable as ECONNREFUSED; its source port is chosen at random by the kernel (RFC 5452
+    section 9.2). A plain socket rather than reactor.listenUDP, whose port logs two lines per
+    open and close: that would be two log lines per DNSBL lookup. `_UDPSocketPool` reuses it
+    for a few queries to the same server (see there).
     """
 
-    def __init__(self, reactor, server: tuple[str, int], exchange: _UDPExchange) -> None:
+    def __init__(self, reactor, server: tuple[str, int], exchange: _UDPExchange,
+                 pool: "_UDPSocketPool | None" = None) -> None:
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         self._reactor = reactor
-        self.exchange = exchange
+        self.server = server
+        self.exchange: _UDPExchange | None = exchange
+        self.pool = pool
+        self.uses = 1
         self.sock: socket.socket | None = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.sock.setblocking(False)
@@ -1016,6 +1052,11 @@ class _ConnectedUDPSocket:
     def opener(cls, reactor):
         return lambda server, exchange: cls(reactor, server, exchange)
 
+    def reuse(self, exchange: _UDPExchange) -> None:
+        self.exchange = exchange
+        self.uses += 1
+        self._reactor.addReader(self)
+
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
 
@@ -1028,27 +1069,84 @@ class _ConnectedUDPSocket:
 
     def doRead(self) -> None:
         for _ in range(MAX_IGNORED_DATAGRAMS):
-            if self.sock is None or self.exchange.done:
+            exchange = self.exchange
+            if self.sock is None or exchange is None or exchange.done:
                 return
             try:
                 data = self.sock.recv(MAX_TCP_MESSAGE)
             except BlockingIOError:
                 return
             except OSError as e:        # ECONNREFUSED: ICMP port unreachable from the server
-                self.exchange.unreachable("server unreachable" if isinstance(
+                exchange.unreachable("server unreachable" if isinstance(
                     e, ConnectionRefusedError) else f"receive failed: {e.strerror or e}")
                 return
-            self.exchange.datagram(data)
+            exchange.datagram(data)
 
     def connectionLost(self, reason=None) -> None:
         # The epoll reactor reports a socket error without readable data (EPOLLERR) this way.
-        self.exchange.unreachable()
+        if self.exchange is not None:
+            self.exchange.unreachable()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self._reactor.removeReader(self)
-            self.sock.close()
-            self.sock = None
+        """The query is over: back to the pool when it ended cleanly, else really closed."""
+        if self.sock is None:
+            return
+        self._reactor.removeReader(self)
+        exchange, self.exchange = self.exchange, None
+        if (self.pool is not None and exchange is not None and exchange.clean
+                and self.pool.give_back(self)):
+            return
+        self.sock.close()
+        self.sock = None
+
+
+class _UDPSocketPool:
+    """Connected UDP sockets per nameserver, each reused for up to MAX_USES queries.
+
+    A fresh socket per query costs socket(), connect() and close() on the reactor thread for
+    every DNSBL lookup of every connection, and each system call gives up the GIL. So a socket
+    whose query ended with its own reply (no timeout, no garbage, no error: nothing can still
+    be on its way to it) goes back to an idle list, unwatched by the reactor, and the next
+    query to that server takes it. Source ports stay random -- each socket's port is chosen by
+    the kernel -- and each port carries at most MAX_USES queries, each with its own random id,
+    one at a time; a pool of up to MAX_IDLE such ports per server is the design dnsmasq uses
+    (its RANDOM_SOCKS, 64). A socket that ended in any other way is closed, never reused.
+    """
+
+    MAX_USES = 100
+    MAX_IDLE = 64
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._idle: dict[tuple[str, int], list[_ConnectedUDPSocket]] = {}
+
+    def __call__(self, server: tuple[str, int], exchange: _UDPExchange) -> _ConnectedUDPSocket:
+        idle = self._idle.get(server)
+        if idle:
+            sock = idle.pop()
+            sock.reuse(exchange)
+            return sock
+        return _ConnectedUDPSocket(self._reactor, server, exchange, self)
+
+    def give_back(self, sock: _ConnectedUDPSocket) -> bool:
+        if sock.uses >= self.MAX_USES:
+            return False
+        idle = self._idle.setdefault(sock.server, [])
+        if len(idle) >= self.MAX_IDLE:
+            return False
+        idle.append(sock)
+        return True
+
+    def idle(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for sock in idle:
+                if sock.sock is not None:
+                    sock.sock.close()
+                    sock.sock = None
+        self._idle.clear()
 
 
 class _TCPExchange(protocol.Protocol):

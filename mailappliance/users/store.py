@@ -11,8 +11,10 @@ local parts a conservative ASCII set, so nothing can escape data/domains/.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import threading
@@ -139,6 +141,7 @@ class UserStore:
         self._local = threading.local()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.domains_dir.mkdir(exist_ok=True)
+        self.generation = _Generation(self.data_dir / "users.sqlite-gen", like=self.path)
         self._db().executescript(SCHEMA)
         self._dummy_hash: str | None = None
 
@@ -152,7 +155,7 @@ class UserStore:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self._local.db = _Tx(db)
+            self._local.db = _Tx(db, self.generation)
             db = self._local.db
         return db
 
@@ -161,6 +164,7 @@ class UserStore:
         if db is not None:
             db.conn.close()
             self._local.db = None
+        self.generation.close()
 
     # -- paths -------------------------------------------------------------------------------
     def maildir_for(self, local: str, domain: str) -> Path:
@@ -210,11 +214,18 @@ class UserStore:
         return [r[0] for r in self._db().execute("SELECT name FROM domains ORDER BY name")]
 
     def has_domain(self, name: str) -> bool:
-        try:
-            domain = normalize_domain(name)
-        except StoreError:
-            return False
-        return self._db().execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone() is not None
+        db = self._db()
+        cache = db.cache()
+        key = ("d", name)
+        hit = cache.get(key)
+        if hit is None:
+            try:
+                domain = normalize_domain(name)
+            except StoreError:
+                return False
+            hit = db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone() is not None
+            db.remember(key, hit)
+        return hit
 
     # -- users -------------------------------------------------------------------------------
     def add_user(self, address: str, password: str, quota: int = 0) -> User:
@@ -344,12 +355,22 @@ class UserStore:
         """"user", "alias", "unknown" (our domain, no such name) or "remote" (not our domain)."""
         if not isinstance(address, str) or "@" not in address:
             return "unknown"
+        db = self._db()
+        cache = db.cache()
+        key = ("r", address)
+        hit = cache.get(key)
+        if hit is None:
+            hit = self._lookup_recipient(db, address)
+            db.remember(key, hit)
+        return hit
+
+    @staticmethod
+    def _lookup_recipient(db: "_Tx", address: str) -> str:
         local_raw, domain_raw = address.rsplit("@", 1)
         try:
             domain = normalize_domain(domain_raw)
         except StoreError:
             return "remote"
-        db = self._db()
         if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
             return "remote"
         try:
@@ -375,25 +396,158 @@ class UserStore:
         return user if passwords.verify_password(password, user.password_hash) else None
 
 
+class _Generation:
+    """A token that changes whenever anyone commits a change to the user store.
+
+    The recipient lookups that SMTP runs on the reactor thread for every RCPT are cached; this
+    token says when the cache is stale. It is 8 bytes in ``users.sqlite-gen``, mapped into memory, so
+    reading it costs no system call and no round trip through SQLite (a call into SQLite from
+    the reactor thread releases the GIL and, under load, waits to get it back from the pool's
+    threads: that wait was a tenth of the reactor's time per message). Every writer -- this
+    process, the CLI, another server process on the same data directory -- stores a fresh
+    random token after its COMMIT, so a reader that read the token before its queries can only
+    see the same token again if nothing committed since. A process-local counter covers writes
+    through another connection of this process even when the file cannot be written.
+    """
+
+    SIZE = 8
+
+    def __init__(self, path: Path, like: Path) -> None:
+        self.local = 0
+        self._map: mmap.mmap | None = None
+        self._writable = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o660)
+            self._writable = True
+        except PermissionError:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                return
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if self._writable and st.st_size < self.SIZE:
+                os.ftruncate(fd, self.SIZE)
+                self._same_owner(fd, like)
+            if os.fstat(fd).st_size >= self.SIZE:
+                self._map = mmap.mmap(fd, self.SIZE, mmap.MAP_SHARED,
+                                      mmap.PROT_READ | (mmap.PROT_WRITE if self._writable else 0))
+        except OSError:
+            self._map = None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _same_owner(fd: int, like: Path) -> None:
+        """Run as root (the CLI), give the new file the owner of users.sqlite, like SQLite's."""
+        if os.geteuid() != 0:
+            return
+        try:
+            st = os.stat(like)
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except OSError:
+            pass
+
+    def current(self) -> tuple:
+        m = self._map
+        return (m[:8] if m is not None else b"", self.local)
+
+    def bump(self) -> None:
+        self.local += 1
+        if self._map is not None and self._writable:
+            try:
+                self._map[:8] = secrets.token_bytes(8)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except (OSError, ValueError):
+                pass
+            self._map = None
+
+
 class _Tx:
-    """A connection whose `with` block is one IMMEDIATE transaction (writers serialise early)."""
+    """A connection whose `with` block is one IMMEDIATE transaction (writers serialise early).
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    It also keeps this connection's cache of recipient and domain lookups, which SMTP asks for
+    on the reactor thread for every RCPT and the queue for every recipient. The cache is valid
+    while the store's generation token (see `_Generation`) is unchanged; every write through a
+    UserStore changes it after its COMMIT, so a user added or removed with the CLI counts from
+    the next lookup on, exactly as without the cache. As a safety net for programs that write
+    users.sqlite without mailappliance, SQLite's ``PRAGMA data_version`` is also compared at
+    least every `RECHECK_SECONDS`.
+    """
+
+    MAX_CACHED = 10_000
+    RECHECK_SECONDS = 2.0
+
+    def __init__(self, conn: sqlite3.Connection, generation: _Generation) -> None:
         self.conn = conn
+        self.generation = generation
+        self._cache: dict = {}
+        self._token: tuple | None = None
+        self._data_version = None
+        self._checked = 0.0
 
-    def execute(self, *args):
-        return self.conn.execute(*args)
+    def cache(self) -> dict:
+        token = self.generation.current()
+        now = time.monotonic()
+        if now - self._checked >= self.RECHECK_SECONDS:
+            self._checked = now
+            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                self._data_version = version
+                self._token = None
+        if token != self._token or self.conn.in_transaction:
+            self._cache.clear()
+            self._token = token
+        return self._cache
+
+    def remember(self, key, value) -> None:
+        if self.conn.in_transaction:
+            return
+        if len(self._cache) >= self.MAX_CACHED:
+            self._cache.clear()
+        self._cache[key] = value
+
+    def _changed(self) -> None:
+        self._cache.clear()
+        self.generation.bump()
+
+    def execute(self, sql, *args):
+        if sql.startswith(("SELECT", "PRAGMA")):
+            return self.conn.execute(sql, *args)
+        self._cache.clear()
+        try:
+            return self.conn.execute(sql, *args)
+        finally:
+            if not self.conn.in_transaction:
+                self._changed()
 
     def executescript(self, script: str):
-        return self.conn.executescript(script)
+        self._cache.clear()
+        try:
+            return self.conn.executescript(script)
+        finally:
+            self._changed()
 
     def __enter__(self):
+        self._cache.clear()
         self.conn.execute("BEGIN IMMEDIATE")
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+        self._cache.clear()
+        try:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            else:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self._changed()
         return False

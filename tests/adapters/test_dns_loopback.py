@@ -119,6 +119,46 @@ class ResolverTests(Base):
         self.assertEqual([e.get("log_format") for e in events], [])
         self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before)
 
+    async def test_a_socket_is_reused_only_after_a_clean_answer(self):
+        """The UDP socket pool: clean endings go back, anything else is closed for good."""
+        from mailappliance.dns import _UDPSocketPool
+        r = self.resolver(attempt_timeout=0.2, attempts=1)
+        pool = r._open_udp
+        self.assertIsInstance(pool, _UDPSocketPool)
+        self.addCleanup(pool.close)
+        ports = set()
+        for i in range(5):
+            await r.query(f"{i}.bl.test", "A")
+            (sock,) = pool._idle[self.address]
+            ports.add(sock.sock.getsockname()[1])
+        self.assertEqual((len(ports), pool.idle()), (1, 1))     # one port, one idle socket
+        self.assertNotIn(sock, reactor.getReaders())            # idle: not watched
+        answers = await defer.gatherResults([r.query(f"c{i}.bl.test", "A") for i in range(6)])
+        self.assertEqual(len(answers), 6)
+        self.assertEqual(pool.idle(), 6)
+        self.server.set_behaviour(mode="drop")
+        with self.assertRaises(DNSTemporaryError):
+            await r.query("lost.bl.test", "A")
+        self.assertEqual(pool.idle(), 5, "a timed-out query's socket is never reused")
+        self.server.set_behaviour(mode="servfail")
+        with self.assertRaises(DNSTemporaryError):
+            await r.query("sf.plain.test", "A")     # a clean reply, though an error: reused
+        self.assertEqual(pool.idle(), 5)
+
+    async def test_a_socket_retires_after_max_uses(self):
+        from mailappliance.dns import _UDPSocketPool
+        self.patch(_UDPSocketPool, "MAX_USES", 3)
+        r = self.resolver()
+        pool = r._open_udp
+        self.addCleanup(pool.close)
+        seen = []
+        for i in range(7):
+            await r.query(f"m{i}.bl.test", "A")
+            seen.append(id(pool._idle[self.address][0]) if pool.idle() else None)
+        # uses 1, 2 idle; the third use retires it; then a new socket: 1, 2, retire; ...
+        self.assertEqual([s is None for s in seen], [False, False, True] * 2 + [False])
+        self.assertNotEqual(seen[0], seen[3])
+
     async def test_delayed_answers_arrive_after_the_delay(self):
         self.server.set_behaviour(delay=0.1)
         started = time.monotonic()

@@ -156,3 +156,79 @@ def test_a_second_store_sees_changes_at_once(tmp_path):
     assert b.lookup_recipient("joe@test.com") == "user"
     a.close(), b.close()
     assert os.path.exists(tmp_path / "users.sqlite")
+
+
+def test_cached_lookups_follow_every_change(tmp_path):
+    """Lookups are cached per connection, yet a change by anyone counts from the next lookup."""
+    server, cli = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+    assert not server.has_domain("test.com")
+    assert server.lookup_recipient("joe@test.com") == "remote"
+    assert server.lookup_recipient("joe@test.com") == "remote"        # a cached answer
+    cli.add_domain("test.com")                                          # another connection
+    assert server.has_domain("test.com")
+    assert server.lookup_recipient("joe@test.com") == "unknown"
+    cli.add_user("joe@test.com", PW)
+    assert server.lookup_recipient("joe@test.com") == "user"
+    cli.add_alias("info@test.com", ["joe@test.com"])
+    assert server.lookup_recipient("info@test.com") == "alias"
+    cli.del_alias("info@test.com")
+    assert server.lookup_recipient("info@test.com") == "unknown"
+    server.del_user("joe@test.com")                                     # this connection
+    assert server.lookup_recipient("joe@test.com") == "unknown"
+    assert cli.lookup_recipient("joe@test.com") == "unknown"
+    server.del_domain("test.com")
+    assert not server.has_domain("test.com")
+    assert not cli.has_domain("test.com")
+    server.close(), cli.close()
+
+
+def test_cached_lookups_see_another_process(tmp_path):
+    store = UserStore(tmp_path, 4)
+    store.add_domain("test.com")
+    assert store.lookup_recipient("w0-0@test.com") == "unknown"
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_writer, args=(str(tmp_path), 1, 0))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    assert store.lookup_recipient("w0-0@test.com") == "alias"
+    store.close()
+
+
+def test_cache_notices_a_foreign_writer_through_data_version(tmp_path, monkeypatch):
+    """A program writing users.sqlite without mailappliance: seen within RECHECK_SECONDS."""
+    import sqlite3
+
+    from mailappliance.users import store as store_module
+    monkeypatch.setattr(store_module._Tx, "RECHECK_SECONDS", 0.0)
+    store = UserStore(tmp_path, 4)
+    store.add_domain("test.com")
+    assert store.lookup_recipient("raw@test.com") == "unknown"
+    db = sqlite3.connect(tmp_path / "users.sqlite", isolation_level=None)
+    db.execute("INSERT INTO aliases(domain, local, targets) VALUES ('test.com', 'raw', ?)",
+               ('["x@example.org"]',))
+    db.close()
+    assert store.lookup_recipient("raw@test.com") == "alias"
+    store.close()
+
+
+def test_unwritable_generation_file_falls_back_to_data_version(tmp_path, monkeypatch):
+    """users.sqlite-gen left unwritable (say, created by root): changes are still seen."""
+    from mailappliance.users import store as store_module
+    monkeypatch.setattr(store_module._Tx, "RECHECK_SECONDS", 0.0)
+    real_open = os.open
+
+    def no_write(path, flags, *args):
+        if str(path).endswith("users.sqlite-gen") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    UserStore(tmp_path, 4).close()                 # the file exists, as root left it
+    monkeypatch.setattr(os, "open", no_write)
+    a, b = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+    assert a.generation._map is not None and not a.generation._writable
+    b.add_domain("test.com")
+    assert a.lookup_recipient("joe@test.com") == "unknown"
+    b.add_user("joe@test.com", PW)
+    assert a.lookup_recipient("joe@test.com") == "user"
+    a.close(), b.close()
