@@ -9,8 +9,9 @@ Two halves in one file, so the path of one query reads top to bottom:
   ten times cheaper, checked against dnspython by a property test), because a DNSBL lookup
   runs for every SMTP connection;
 - the adapter: `Resolver`, which sends each query over a connected UDP socket (random source
-  port, reused for at most 100 clean queries: `_UDPSocketPool`), falls back to TCP when the answer is truncated, retries the next nameserver on
-  timeout, SERVFAIL or REFUSED, and never blocks the reactor. Time comes from the injected
+  port, reused for at most 100 clean queries: `_UDPSocketPool`), falls back to TCP when the
+  answer is truncated, retries the next nameserver on timeout, SERVFAIL or REFUSED, and never
+  blocks the reactor. Time comes from the injected
   reactor (`callLater`, `seconds`), so tests drive timeouts with `twisted.internet.task.Clock`.
 
 Errors: `DNSTemporaryError` (SERVFAIL, REFUSED, timeout, unreachable server, garbage) and
