@@ -95,10 +95,31 @@ def _error_text(e: OSError) -> str:
     return TEXT_WRITE.format(why=(e.strerror or str(e)).lower())
 
 
-def deliver(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
-            delivered_to: str, hostname: str, now: float, quota: int = 0,
-            size_hint: int | None = None, ops: FileOps | None = None) -> str:
-    """Deliver one message; return its name in new/.  Raises MaildirError (temporary)."""
+class Pending:
+    """A message written to tmp/ but not yet synced or visible: `begin` makes it, `finish`
+    (or `finish_many`, for several at once) completes steps 3-5."""
+
+    __slots__ = ("maildir", "tmp", "name", "fd", "size", "lines", "final", "error")
+
+    def __init__(self, maildir: str, tmp: str, name: str, fd: int) -> None:
+        self.maildir = maildir
+        self.tmp = tmp
+        self.name = name
+        self.fd: int | None = fd
+        self.size = 0
+        self.lines = 0
+        self.final: str | None = None
+        self.error: MaildirError | None = None
+
+
+def begin(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
+          delivered_to: str, hostname: str, now: float, quota: int = 0,
+          size_hint: int | None = None, ops: FileOps | None = None,
+          pending_bytes: int = 0) -> Pending:
+    """Steps 1-2: a unique tmp/ file with the two header lines and the message, unsynced.
+
+    `pending_bytes`: bytes already on their way into this Maildir in the same batch (quota).
+    Raises MaildirError (temporary); nothing is left behind then."""
     ops = ops or FileOps()
     maildir = str(maildir)
     try:
@@ -110,7 +131,7 @@ def deliver(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
         "utf-8", "surrogateescape")
     if quota > 0:
         expected = len(header) + (size_hint or 0)
-        if usage(maildir) + expected > quota:
+        if usage(maildir) + pending_bytes + expected > quota:
             raise MaildirError(TEXT_FULL)
     name = unique_name(now, hostname)
     tmp = os.path.join(maildir, "tmp", name)
@@ -118,40 +139,96 @@ def deliver(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
         fd = ops.open_excl(tmp)
     except OSError as e:
         raise MaildirError(_error_text(e)) from e
-    size, lines, closed = 0, 0, False
+    p = Pending(maildir, tmp, name, fd)
     try:
         for chunk in itertools.chain((header,), chunks):
             write_all(ops, fd, chunk)
-            size += len(chunk)
-            lines += chunk.count(b"\n")
-        ops.fsync(fd)
-        closed = True
-        ops.close(fd)
-        final = "%s,S=%d,W=%d" % (name, size, size + lines)
-        new = os.path.join(maildir, "new", final)
-        os.link(tmp, new)
-        try:
-            ops.unlink(tmp)
-        except OSError:
-            pass  # a leftover tmp/ name is harmless: the message is already in new/
-        try:
-            ops.fsync_dir(os.path.join(maildir, "new"))
-        except OSError as e:
-            # not known durable: take it back so a retry cannot leave two copies
-            try:
-                ops.unlink(new)
-            except OSError:
-                pass
-            raise MaildirError(_error_text(e)) from e
-        return final
+            p.size += len(chunk)
+            p.lines += chunk.count(b"\n")
     except OSError as e:
-        if not closed:
-            try:
-                ops.close(fd)
-            except OSError:
-                pass
+        _drop(p, ops)
+        raise MaildirError(_error_text(e)) from e
+    return p
+
+
+def _drop(p: Pending, ops: FileOps) -> None:
+    """Forget a message that will not be delivered: close and remove its tmp/ file."""
+    if p.fd is not None:
         try:
-            ops.unlink(tmp)
+            ops.close(p.fd)
         except OSError:
             pass
-        raise MaildirError(_error_text(e)) from e
+        p.fd = None
+    try:
+        ops.unlink(p.tmp)
+    except OSError:
+        pass
+
+
+def finish_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pending]:
+    """Steps 3-5 for several messages: fsync each file, link each into new/, then fsync each
+    new/ directory once for all the names linked into it (a group commit: N messages to one
+    Maildir cost N file fsyncs and one directory fsync, and the file fsyncs after the first
+    find their data already written by the journal commit it caused).
+
+    Each Pending ends with `final` (its name in new/, durable) or `error` (a MaildirError;
+    nothing of it is left in new/), independently of the others."""
+    ops = ops or FileOps()
+    for p in pendings:                                     # 3. fsync and close
+        if p.error is not None or p.fd is None:
+            continue
+        try:
+            ops.fsync(p.fd)
+        except OSError as e:
+            p.error = MaildirError(_error_text(e))
+            _drop(p, ops)
+            continue
+        fd, p.fd = p.fd, None
+        try:
+            ops.close(fd)
+        except OSError as e:
+            p.error = MaildirError(_error_text(e))
+            _drop(p, ops)
+    linked: dict[str, list[Pending]] = {}
+    for p in pendings:                                     # 4. link into new/
+        if p.error is not None:
+            continue
+        final = "%s,S=%d,W=%d" % (p.name, p.size, p.size + p.lines)
+        new_dir = os.path.join(p.maildir, "new")
+        try:
+            os.link(p.tmp, os.path.join(new_dir, final))
+        except OSError as e:
+            p.error = MaildirError(_error_text(e))
+            _drop(p, ops)
+            continue
+        p.final = final
+        try:
+            ops.unlink(p.tmp)
+        except OSError:
+            pass  # a leftover tmp/ name is harmless: the message is already in new/
+        linked.setdefault(new_dir, []).append(p)
+    for new_dir, group in linked.items():                  # 5. fsync new/, once per Maildir
+        try:
+            ops.fsync_dir(new_dir)
+        except OSError as e:
+            # not known durable: take them back so a retry cannot leave two copies
+            for p in group:
+                try:
+                    ops.unlink(os.path.join(new_dir, p.final))
+                except OSError:
+                    pass
+                p.final = None
+                p.error = MaildirError(_error_text(e))
+    return pendings
+
+
+def deliver(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
+            delivered_to: str, hostname: str, now: float, quota: int = 0,
+            size_hint: int | None = None, ops: FileOps | None = None) -> str:
+    """Deliver one message; return its name in new/.  Raises MaildirError (temporary)."""
+    p = begin(maildir, chunks, return_path=return_path, delivered_to=delivered_to,
+              hostname=hostname, now=now, quota=quota, size_hint=size_hint, ops=ops)
+    (p,) = finish_many([p], ops)
+    if p.error is not None:
+        raise p.error
+    return p.final
