@@ -522,7 +522,14 @@ class QueueManager(service.Service):
                 pending.append(next_try)
             d = self._defer(self._persist, env, final, min(pending) if pending else None)
             done_all = False
+        # The delivery itself is over: its concurrency slot is free now, as qmail-send counts
+        # a slot per running qmail-local/qmail-remote, not for its own bookkeeping. The unit's
+        # recipients stay busy in the job until their result is on disk, so none of them can
+        # start again before that.
+        self.busy[channel] -= 1
+        self._log_status()
         d.addBoth(self._persisted, job, channel, unit, final, next_try, done_all)
+        self._pump()
         return d
 
     def _remove_soon(self, qid: int) -> defer.Deferred:
@@ -563,7 +570,6 @@ class QueueManager(service.Service):
             self.store.set_next_try(env.qid, next_try)
 
     def _persisted(self, result, job: Job, channel: str, unit, final, next_try, done_all):
-        self.busy[channel] -= 1
         job.busy.difference_update(unit)
         if isinstance(result, Failure):
             # Not recorded: everything in this unit stays to do (a delivered recipient may
@@ -572,7 +578,6 @@ class QueueManager(service.Service):
                            qid=job.qid, why=result.getErrorMessage())
             next_try = schedule.next_attempt(job.env.birth, self.now(), channel,
                                              self.lifetime)
-        self._log_status()
         if done_all and not isinstance(result, Failure):
             self.log.info("end msg {qid}", qid=job.qid)
             self._forget(job.qid)

@@ -172,3 +172,86 @@ def test_forward_that_cannot_be_queued_is_a_deferral(tmp_path):
 ])
 def test_header_delivered_to_scan(header, found):
     assert lo.header_delivered_to([header[:7], header[7:]]) == found
+
+
+class CountingOps(FileOps):
+    """FileOps that counts fsyncs of files and of directories, and can fail one of them."""
+
+    def __init__(self, fail_dir_of: str | None = None):
+        self.fsyncs, self.dir_fsyncs = 0, []
+        self.fail_dir_of = fail_dir_of
+
+    def fsync(self, fd):
+        self.fsyncs += 1
+        return super().fsync(fd)
+
+    def fsync_dir(self, path):
+        self.dir_fsyncs.append(str(path))
+        if self.fail_dir_of and self.fail_dir_of in str(path):
+            raise OSError(errno.EIO, "Input/output error")
+        return super().fsync_dir(path)
+
+
+def _batch_world(tmp_path, ops):
+    from mailappliance.testing.threads import DeferredThreadPool
+    w = World(tmp_path, maildir_ops=ops)
+    w.pool = DeferredThreadPool()
+    w.local.threadpool = w.pool
+    w.other = w.users.add_user("other@test.com", "Passw0rd!long")
+    return w
+
+
+def _start(w, rcpts):
+    results = []
+    for i, rcpt in enumerate(rcpts):
+        qid = w.queue.inject(b"Subject: %d\n\nbody\n" % i, "a@example.org", [rcpt],
+                             trigger=False)
+        out = []
+        w.local.deliver(w.queue.read_envelope(qid), 0).addBoth(out.append)
+        results.append(out)
+    return results
+
+
+def test_deliveries_started_together_share_one_pool_trip_and_one_dir_fsync(tmp_path):
+    ops = CountingOps()
+    w = _batch_world(tmp_path, ops)
+    first = _start(w, ["test@test.com"])                 # runs alone: nothing to wait for
+    rest = _start(w, ["test@test.com"] * 4 + ["other@test.com", "nobody@test.com"])
+    assert len(w.pool.pending) == 1                         # the rest waits for the next trip
+    w.pool.run_one()
+    assert first[0][0].status == SUCCESS and all(not r for r in rest)
+    assert len(w.pool.pending) == 1                         # ... which carries all six
+    ops.fsyncs, ops.dir_fsyncs = 0, []
+    w.pool.run_one()
+    assert [r[0].status for r in rest] == [SUCCESS] * 5 + [FAILURE]
+    assert len(w.mailbox(w.test)) == 5 and len(w.mailbox(w.other)) == 1
+    assert ops.fsyncs == 5                                # each file, as before
+    assert sorted(ops.dir_fsyncs) == sorted([str(w.test.maildir / "new"),
+                                             str(w.other.maildir / "new")])
+    assert not w.pool.pending
+
+
+def test_a_failed_dir_fsync_defers_only_that_maildirs_messages(tmp_path):
+    ops = CountingOps(fail_dir_of="other@")
+    w = _batch_world(tmp_path, ops)
+    ops.fail_dir_of = str(tmp_path / "data" / "domains" / "test.com" / "other")
+    first = _start(w, ["test@test.com"])
+    rest = _start(w, ["test@test.com", "other@test.com", "other@test.com"])
+    w.pool.run_all()
+    assert first[0][0].status == SUCCESS
+    assert [r[0].status for r in rest] == [SUCCESS, DEFERRAL, DEFERRAL]
+    assert len(w.mailbox(w.test)) == 2
+    assert w.mailbox(w.other) == [], "not known durable: taken back, the retry delivers it"
+    assert os.listdir(w.other.maildir / "tmp") == []
+
+
+def test_quota_counts_messages_of_the_same_batch(tmp_path):
+    w = _batch_world(tmp_path, FileOps())
+    w.users.set_quota("test@test.com", 200)
+    first = _start(w, ["other@test.com"])
+    rest = _start(w, ["test@test.com"] * 4)               # about 80 bytes each
+    w.pool.run_all()
+    assert first[0][0].status == SUCCESS
+    statuses = [r[0].status for r in rest]
+    assert statuses == [SUCCESS, SUCCESS, DEFERRAL, DEFERRAL], statuses
+    assert len(w.mailbox(w.test)) == 2

@@ -502,3 +502,25 @@ class DeferredThreadPoolForLoad(ImmediateThreadPool):
         while self.pending:
             onResult, func, args, kw = self.pending.pop(0)
             super().callInThreadWithCallback(onResult, func, *args, **kw)
+
+
+def test_a_finished_delivery_frees_its_slot_before_the_bookkeeping(tmp_path):
+    """qmail-send counts running deliveries, not its own writes: with concurrency_local 1,
+    the second message starts while the first one's removal is still on its way to disk."""
+    from mailappliance.testing.threads import DeferredThreadPool
+    w = World(tmp_path, concurrency_local=1)
+    w.local.hold = True
+    q1 = w.inject("a@example.org", ["test@test.com"])
+    q2 = w.inject("a@example.org", ["test@test.com"])
+    assert [qid for qid, _ in w.local.calls] == [q1]
+    slow = DeferredThreadPool()
+    w.manager.threadpool = slow
+    w.local.held.pop(0).callback(success("did 1+0+0/"))
+    assert w.manager.busy[LOCAL] == 1, "the slot went straight to the next message"
+    assert [qid for qid, _ in w.local.calls] == [q1, q2]
+    assert q1 in w.store.list_ids(), "its removal is still pending"
+    slow.run_all()
+    assert q1 not in w.store.list_ids()
+    w.local.held.pop(0).callback(success("did 1+0+0/"))
+    slow.run_all()
+    assert w.store.list_ids() == [] and w.manager.busy[LOCAL] == 0
