@@ -376,12 +376,15 @@ class TmpMessage:
 
     def finish(self, sender: str, recipients: list[str], received_from: str | None = None,
                *, qp: int | None = None, uid: int | None = None,
-               birth: float | None = None, data: bytes = b"") -> int:
+               birth: float | None = None, data: bytes = b"", sync: bool = True) -> int:
         """Write `data` (the last part of the message), envelope and trailer in one write,
         fsync, rename into mess/.  Returns the queue id.
 
-        The rename is durable only after `QueueStore.sync()`; the caller does that (once for
-        a whole group of finishes, in the adapter)."""
+        With ``sync=False`` it stops after the write: `complete()` then does the fsync and
+        the rename (so a batch writes all its files before the first fsync, and that fsync's
+        journal commit carries the data of all of them).  The rename is durable only after
+        `QueueStore.sync()`; the caller does that (once for a whole group of finishes, in the
+        adapter)."""
         if self.closed:
             raise QueueWriteError("finish after close")
         ops = self.store.ops
@@ -409,10 +412,8 @@ class TmpMessage:
             trailer = b"\n%s %020d %020d %08x\n" % (_MAGIC, self.size, len(envelope),
                                                     _crc(envelope, positions))
             write_all(ops, self.fd, b"".join((data, envelope, trailer)))
-            ops.fsync(self.fd)
-            ops.close(self.fd)
-            self.closed = True
-            ops.rename(self.path, os.path.join(self.store.mess_dir, str(ino)))
+            if sync:
+                self._sync_and_rename(ino)
         except OSError as e:
             self.discard()
             raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
@@ -424,7 +425,27 @@ class TmpMessage:
         for rcpt, pos in zip(env.recipients, positions):
             rcpt.offset = self.size + pos
         self.envelope = env
+        self._unsynced = not sync
         return ino
+
+    def _sync_and_rename(self, ino: int) -> None:
+        ops = self.store.ops
+        ops.fsync(self.fd)
+        ops.close(self.fd)
+        self.closed = True
+        ops.rename(self.path, os.path.join(self.store.mess_dir, str(ino)))
+
+    def complete(self) -> int:
+        """The second half of ``finish(..., sync=False)``: fsync, close, rename into mess/."""
+        if self.closed or not getattr(self, "_unsynced", False):
+            raise QueueWriteError("complete without an unsynced finish")
+        try:
+            self._sync_and_rename(self.envelope.qid)
+        except OSError as e:
+            self.discard()
+            raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
+        self._unsynced = False
+        return self.envelope.qid
 
     def discard(self) -> None:
         """Abort: close and remove the tmp file; nothing of it was ever visible."""

@@ -105,15 +105,16 @@ def test_group_commit_never_fires_before_its_own_rename_is_synced(tmp_path):
         w.write(name.encode() * 10)
         ds[name] = w.commit("s@x", ["r@y"])
         ds[name].addCallback(lambda qid, n=name: fired.setdefault(n, qid))
-    # four finish() calls queued, nothing on disk yet, nothing fired
-    assert len(pool.pending) == 4 and not fired
+    # A's finish is in the pool; B, C, D wait for the next batch; nothing on disk, nothing fired
+    assert len(pool.pending) == 1 and not fired
     pool.run_one()                       # A: write, fsync, rename -> starts dir sync #1
-    assert ops.calls.count("rename") == 1 and len(pool.pending) == 4  # B, C, D, sync#1
-    pool.run_one(); pool.run_one(); pool.run_one()   # B, C, D renamed while sync #1 queued
+    assert ops.calls.count("rename") == 1 and len(pool.pending) == 2  # sync #1, batch B-D
     assert not fired
-    pool.run_one()                       # sync #1: covers A only (started before B..D renamed)
+    pool.run_one()                       # sync #1: covers A only
     assert set(fired) == {"A"}
-    assert len(pool.pending) == 1        # sync #2 for B, C, D
+    pool.run_one()                       # B, C, D: written, then fsynced, then renamed
+    assert ops.calls.count("rename") == 4 and not set(fired) & set("BCD")
+    assert len(pool.pending) == 1        # one sync #2 for B, C, D together
     pool.run_one()
     assert set(fired) == set("ABCD")
     assert ops.calls.count("fsync_dir") == 2
@@ -195,3 +196,30 @@ def test_write_after_commit_is_a_programming_error(tmp_path):
     w.commit("a@x", ["b@y"])
     with pytest.raises(RuntimeError):
         w.write(b"late")
+
+
+class FailSecondFsync(CountingOps):
+    def fsync(self, fd):
+        self.calls.append("fsync")
+        if self.calls.count("fsync") == 3:         # A is 1; in the batch B, C, D: C is 3
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return FileOps.fsync(self, fd)
+
+
+def test_a_failure_in_a_batch_of_finishes_is_that_messages_alone(tmp_path):
+    pool = DeferredThreadPool()
+    store, inj = make(tmp_path, pool=pool, ops=FailSecondFsync())
+    outcomes = {}
+    for name in "ABCD":
+        w = inj.begin()
+        w.write(name.encode() * 10 + b"\n")
+        w.commit("s@x", ["r@y"]).addBoth(lambda r, n=name: outcomes.setdefault(n, r) and None)
+    pool.run_all()
+    assert set(outcomes) == set("ABCD")
+    assert isinstance(outcomes["C"].value, QueueWriteError)
+    good = {n: q for n, q in outcomes.items() if n != "C"}
+    assert all(isinstance(q, int) for q in good.values())
+    assert sorted(store.list_ids()) == sorted(good.values())
+    for n, qid in good.items():
+        assert store.read_message(store.read_envelope(qid)) == n.encode() * 10 + b"\n"
+    assert store.tmp_files() == [], "the failed message's tmp file is gone too"
