@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from mailappliance.delivery import Result, deferral, failure, success
 from mailappliance.delivery import maildir as maildir_mod
 from mailappliance.queue.store import Envelope, QueueStore
+from mailappliance.users.store import User
 
 # Delivered-To lines a message may carry before we stop forwarding it.  qmail counts
 # Received + Delivered-To against MAXHOPS = 100 in qmail-smtpd; alias chains need far fewer.
@@ -213,12 +214,17 @@ class LocalDeliverer:
         """A small message's checks: a final Result, a _Forward, or (user, address, data)."""
         address = self.canonical(env.recipients[index].address)
         data = self.queue.read_message(env)
-        seen = header_delivered_to([data])
+        route = self._route(address, header_delivered_to([data]))
+        return (route, address, data) if isinstance(route, User) else route
+
+    def _route(self, address: str, seen: list[str]):
+        """qmail-local's decision: loop, the user's Maildir, an alias's forward, or nobody.
+        -> a final Result, a _Forward, or the User to deliver to."""
         if address in seen:
             return failure(TEXT_LOOP)
         user = self.users.get_user(address)
         if user is not None:
-            return user, address, data
+            return user
         targets = self.users.get_alias(address)
         if targets:
             if len(seen) >= MAX_DELIVERED_TO:
@@ -228,39 +234,21 @@ class LocalDeliverer:
 
     # -- one delivery per pool trip (large messages, streamed) ---------------------------------
     def _deliver_blocking(self, env: Envelope, index: int):
+        """A message too large to read at once: its header is scanned, then it is streamed."""
         address = self.canonical(env.recipients[index].address)
-        # A small message is read once; a large one is scanned and then streamed.
-        data = self.queue.read_message(env) if env.size <= READ_WHOLE_MAX else None
-        if data is not None:
-            seen = header_delivered_to([data])
-        else:
+        with self.queue.open_message(env) as reader:
+            route = self._route(address, header_delivered_to(reader))
+        if not isinstance(route, User):
+            return route
+        try:
             with self.queue.open_message(env) as reader:
-                seen = header_delivered_to(reader)
-        if address in seen:
-            return failure(TEXT_LOOP)
-        user = self.users.get_user(address)
-        if user is not None:
-            try:
-                if data is not None:
-                    maildir_mod.deliver(user.maildir, [data], return_path=env.sender,
-                                        delivered_to=address, hostname=self.hostname,
-                                        now=self.clock(), quota=user.quota,
-                                        size_hint=env.size, ops=self.maildir_ops)
-                else:
-                    with self.queue.open_message(env) as reader:
-                        maildir_mod.deliver(user.maildir, reader, return_path=env.sender,
-                                            delivered_to=address, hostname=self.hostname,
-                                            now=self.clock(), quota=user.quota,
-                                            size_hint=env.size, ops=self.maildir_ops)
-            except maildir_mod.MaildirError as e:
-                return deferral(e.text) if e.temporary else failure(e.text)
-            return success(maildir_mod.TEXT_SUCCESS)
-        targets = self.users.get_alias(address)
-        if targets:
-            if len(seen) >= MAX_DELIVERED_TO:
-                return failure(TEXT_TOO_MANY_HOPS)
-            return _Forward(address, list(dict.fromkeys(targets)))
-        return failure(TEXT_NO_MAILBOX)
+                maildir_mod.deliver(route.maildir, reader, return_path=env.sender,
+                                    delivered_to=address, hostname=self.hostname,
+                                    now=self.clock(), quota=route.quota, size_hint=env.size,
+                                    ops=self.maildir_ops)
+        except maildir_mod.MaildirError as e:
+            return deferral(e.text) if e.temporary else failure(e.text)
+        return success(maildir_mod.TEXT_SUCCESS)
 
     @defer.inlineCallbacks
     def _forward(self, env: Envelope, fwd: _Forward):
