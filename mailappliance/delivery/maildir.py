@@ -174,6 +174,10 @@ def finish_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pen
     Each Pending ends with `final` (its name in new/, durable) or `error` (a MaildirError;
     nothing of it is left in new/), independently of the others."""
     ops = ops or FileOps()
+    if len(pendings) > 1:
+        for p in pendings:
+            if p.error is None and p.fd is not None:
+                ops.start_writeback(p.fd)
     for p in pendings:                                     # 3. fsync and close
         if p.error is not None or p.fd is None:
             continue

@@ -242,6 +242,9 @@ class Injector:
                     out.append(None)
                 except BaseException as e:      # noqa: BLE001 - this message only
                     out.append(e)
+            if len(written) > 1:
+                for _k, t in written:
+                    t.start_writeback()
             for k, t in written:
                 try:
                     qid = t.complete()
