@@ -199,7 +199,7 @@ class LocalDeliverer:
                 for k, p in pending:
                     if p.final is None:
                         outcomes[k] = e
-                        maildir_mod._drop(p, self.maildir_ops or maildir_mod.FileOps())
+                        maildir_mod.discard(p, self.maildir_ops or maildir_mod.FileOps())
             for k, p in pending:
                 if outcomes[k] is not None:
                     continue

@@ -96,8 +96,8 @@ def _error_text(e: OSError) -> str:
 
 
 class Pending:
-    """A message written to tmp/ but not yet synced or visible: `begin` makes it, `finish`
-    (or `finish_many`, for several at once) completes steps 3-5."""
+    """A message written to tmp/ but not yet synced or visible: `begin` makes it (steps 1-2),
+    `finish_many` completes steps 3-5 for any number of them; `deliver` does both for one."""
 
     __slots__ = ("maildir", "tmp", "name", "fd", "size", "lines", "final", "error")
 
@@ -146,12 +146,12 @@ def begin(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
             p.size += len(chunk)
             p.lines += chunk.count(b"\n")
     except OSError as e:
-        _drop(p, ops)
+        discard(p, ops)
         raise MaildirError(_error_text(e)) from e
     return p
 
 
-def _drop(p: Pending, ops: FileOps) -> None:
+def discard(p: Pending, ops: FileOps) -> None:
     """Forget a message that will not be delivered: close and remove its tmp/ file."""
     if p.fd is not None:
         try:
@@ -185,14 +185,14 @@ def finish_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pen
             ops.fsync(p.fd)
         except OSError as e:
             p.error = MaildirError(_error_text(e))
-            _drop(p, ops)
+            discard(p, ops)
             continue
         fd, p.fd = p.fd, None
         try:
             ops.close(fd)
         except OSError as e:
             p.error = MaildirError(_error_text(e))
-            _drop(p, ops)
+            discard(p, ops)
     linked: dict[str, list[Pending]] = {}
     for p in pendings:                                     # 4. link into new/
         if p.error is not None:
@@ -203,7 +203,7 @@ def finish_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pen
             os.link(p.tmp, os.path.join(new_dir, final))
         except OSError as e:
             p.error = MaildirError(_error_text(e))
-            _drop(p, ops)
+            discard(p, ops)
             continue
         p.final = final
         try:

@@ -215,8 +215,8 @@ class Injector:
         into mess/ (durable after the group's directory fsync, `_group_sync`).
 
         Messages that end while a batch is in the pool go together in the next one: one pool
-        trip writes all their files, then fsyncs them (the first fsync's journal commit carries
-        the data of all), then renames them. One thread doing this for many messages replaces
+        trip writes all their files, starts the kernel's writeback of all of them, then fsyncs
+        and renames them one by one (FileOps.start_writeback). One thread doing this for many messages replaces
         one thread per message contending for the GIL, the dominant cost under load."""
         d: defer.Deferred = defer.Deferred()
         self._to_finish.append((tmp, data, sender, recipients, received_from, d))

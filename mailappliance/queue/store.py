@@ -379,6 +379,7 @@ class TmpMessage:
         self.size = 0
         self.closed = False
         self.envelope: Envelope | None = None    # set by finish()
+        self._unsynced = False                   # finish(sync=False) done, complete() due
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -397,8 +398,8 @@ class TmpMessage:
         fsync, rename into mess/.  Returns the queue id.
 
         With ``sync=False`` it stops after the write: `complete()` then does the fsync and
-        the rename (so a batch writes all its files before the first fsync, and that fsync's
-        journal commit carries the data of all of them).  The rename is durable only after
+        the rename (so a batch writes all its files, starts their writeback together, and only
+        then fsyncs them one by one).  The rename is durable only after
         `QueueStore.sync()`; the caller does that (once for a whole group of finishes, in the
         adapter)."""
         if self.closed:
@@ -458,7 +459,7 @@ class TmpMessage:
 
     def complete(self) -> int:
         """The second half of ``finish(..., sync=False)``: fsync, close, rename into mess/."""
-        if self.closed or not getattr(self, "_unsynced", False):
+        if self.closed or not self._unsynced:
             raise QueueWriteError("complete without an unsynced finish")
         try:
             self._sync_and_rename(self.envelope.qid)
