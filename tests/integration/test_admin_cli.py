@@ -89,6 +89,25 @@ def test_store_commands_work_while_running_and_the_server_sees_them_at_once(serv
     assert "team@live.test -> bob@live.test" in lines
 
 
+def test_smtp_sees_store_changes_by_the_cli_at_the_next_rcpt(server):
+    """The server caches recipient lookups; a CLI change in another process still counts
+    from the very next RCPT, whatever the server answered (and cached) before."""
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=10) as s:
+        s.ehlo("cache.test")
+        assert s.mail("a@example.org")[0] == 250
+        assert s.rcpt("carol@fresh.test")[0] == 553          # not our domain: cached "remote"
+        server.cli("domain", "add", "fresh.test")
+        assert s.rcpt("carol@fresh.test")[0] == 550          # ours now, no such user
+        server.cli("user", "add", "carol@fresh.test", "--password-stdin",
+                   input="C4rol-secret!\n")
+        assert s.rcpt("carol@fresh.test")[0] == 250
+        server.cli("user", "del", "carol@fresh.test")
+        assert s.rcpt("carol@fresh.test")[0] == 550
+        server.cli("domain", "del", "fresh.test")
+        assert s.rcpt("carol@fresh.test")[0] == 553
+
+
 def test_sighup_and_reload_keep_the_server_running(server):
     server.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload (SIGHUP): configuration reloaded" in
