@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailappliance import stats
+from mailappliance.netwrite import write_now
 from mailappliance.access.relay import normalize_ip
 from mailappliance.pop3 import core
 from mailappliance.pop3.core import (
@@ -310,7 +311,10 @@ class POP3ServerProtocol(Protocol):
                 else:
                     raise AssertionError(f"unknown POP3 action {action!r}")
                 if size >= OUTPUT_HIGH_WATER and not self._closed:
-                    self._flush(out)
+                    # Queued, not sent at once: the gate below waits for the transport to ask
+                    # for more, which it does only after writing out a buffer of its own.
+                    self.transport.writeSequence(out)
+                    out.clear()
                     self._wait_for_drain()
                     break
             self._flush(out)
@@ -342,8 +346,9 @@ class POP3ServerProtocol(Protocol):
         self.transport.loseConnection()
 
     def _flush(self, out: list[bytes]) -> None:
+        """Send the replies gathered so far, at once when the socket takes them (netwrite)."""
         if out:
-            self.transport.writeSequence(out)
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def _flow_control(self) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any, Mapping
 
-from twisted.internet import defer, protocol, tcp
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -46,6 +46,7 @@ from mailappliance.access import relay_policy
 from mailappliance.access.relay import normalize_ip
 from mailappliance.access.rules import DEFAULT_ALLOW
 from mailappliance.address import classify
+from mailappliance.netwrite import write_now
 from mailappliance.smtp import replies
 from mailappliance.smtp.core import (
     CLOSED_EVENT, NEED_DATA, PAUSED, Auth, AuthResponse, DataChunk, DataStart, MailFrom,
@@ -291,27 +292,7 @@ class SMTPServerProtocol(protocol.Protocol):
             self._resume()
 
     def _write(self, data: bytes) -> None:
-        """transport.write, but send at once when nothing is queued on a plain TCP transport.
-
-        Twisted's write() only queues and registers for writability: the reply leaves in the
-        next reactor iteration, after two epoll_ctl calls. SMTP without pipelining is one
-        reply per round trip, so that costs every command a reactor iteration of latency and
-        about a tenth of the reactor's time under load. Sending directly (what asyncio's
-        transports do) keeps ordering: it is only done when the transport's buffer is empty;
-        whatever the kernel does not take goes through transport.write as usual.
-        """
-        t = self.transport
-        if (type(t) is tcp.Server and not t.TLS and t.connected and not t.disconnecting
-                and not t._writeDisconnected and t.producer is None
-                and not t._tempDataBuffer and t.offset == len(t.dataBuffer)):
-            try:
-                sent = t.socket.send(data)
-            except OSError:
-                sent = 0            # EAGAIN or an error: transport.write finds out
-            if sent == len(data):
-                return
-            data = data[sent:]
-        t.write(data)
+        write_now(self.transport, data)
 
     def _decided(self, result: Any) -> None:
         if self._in_pump:
