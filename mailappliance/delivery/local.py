@@ -32,8 +32,8 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from mailappliance.batching import Batcher
 from mailappliance.delivery import Result, deferral, failure, success
 from mailappliance.delivery import maildir as maildir_mod
 from mailappliance.queue.store import Envelope, QueueStore
@@ -103,8 +103,8 @@ class LocalDeliverer:
         self.default_domain = default_domain
         self.clock = clock or reactor.seconds
         self.maildir_ops = maildir_ops
-        self._queued: list[tuple[Envelope, int, defer.Deferred]] = []
-        self._running = False
+        self._batcher = Batcher(lambda items: self._defer(self._deliver_many, items),
+                                max_batch=MAX_BATCH)
 
     def _defer(self, f, *args, **kw):
         return deferToThreadPool(self.reactor, self.threadpool, f, *args, **kw)
@@ -136,37 +136,10 @@ class LocalDeliverer:
 
     # -- small messages: many deliveries per trip to the thread pool ---------------------------
     def _batched(self, env: Envelope, index: int) -> defer.Deferred:
-        """Queue one delivery for the next batch; one batch runs in the pool at a time.
-
-        Deliveries that the queue manager starts while a batch runs wait for the next one, so
-        under load each trip to a pool thread carries up to MAX_BATCH deliveries and each
-        Maildir's new/ is fsynced once per batch (maildir.finish_many); with light load a batch
-        is one delivery and nothing waits. One thread doing the file work of many deliveries
-        also replaces many threads contending for the GIL -- the dominant cost at high rates.
-        """
-        d: defer.Deferred = defer.Deferred()
-        self._queued.append((env, index, d))
-        if not self._running:
-            self._next_batch()
-        return d
-
-    def _next_batch(self) -> None:
-        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
-        self._running = True
-        work = self._defer(self._deliver_many, [(env, index) for env, index, _ in batch])
-
-        def done(outcomes):
-            self._running = False
-            for k, (_env, _index, d) in enumerate(batch):
-                out = outcomes if isinstance(outcomes, Failure) else outcomes[k]
-                if isinstance(out, (Failure, BaseException)):
-                    d.errback(out)
-                else:
-                    d.callback(out)
-            if self._queued and not self._running:
-                self._next_batch()
-
-        work.addBoth(done)
+        """Queue one delivery for the next batch (mailappliance/batching.py): under load each
+        trip to a pool thread carries up to MAX_BATCH deliveries, and each Maildir's new/ is
+        fsynced once per batch (maildir.finish_many)."""
+        return self._batcher.submit((env, index))
 
     def _deliver_many(self, items: list[tuple[Envelope, int]]) -> list:
         """In a pool thread: each item's outcome (Result, _Forward or an exception)."""

@@ -32,6 +32,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailappliance.batching import Batcher
 from mailappliance.queue.store import (Envelope, QueueStore, QueueWriteError, TmpMessage,
                                        check_envelope)
 
@@ -191,9 +192,10 @@ class Injector:
         self._waiting: list[tuple[int, Envelope, defer.Deferred]] = []
         self._syncing = False
         # batched finishes: messages whose last bytes, envelope and fsync wait for a pool trip
-        self._to_finish: list[tuple] = []
-        self._finishing = False
         self._hold_sync = False
+        self._finisher = Batcher(lambda items: self._defer(self._finish_many, items),
+                                 max_batch=MAX_FINISH_BATCH, before=self._hold_group_sync,
+                                 after=self._release_group_sync)
         self.stats = {"commits": 0, "dir_syncs": 0, "write_errors": 0}
 
     def _defer(self, f, *args) -> defer.Deferred:
@@ -214,66 +216,45 @@ class Injector:
         """-> Deferred[(qid, envelope)] once the message's file is written, fsynced and renamed
         into mess/ (durable after the group's directory fsync, `_group_sync`).
 
-        Messages that end while a batch is in the pool go together in the next one: one pool
-        trip writes all their files, starts the kernel's writeback of all of them, then fsyncs
-        and renames them one by one (FileOps.start_writeback). One thread doing this for many messages replaces
-        one thread per message contending for the GIL, the dominant cost under load."""
-        d: defer.Deferred = defer.Deferred()
-        self._to_finish.append((tmp, data, sender, recipients, received_from, d))
-        if not self._finishing:
-            self._finish_batch()
-        return d
+        Messages that end while a batch is in the pool go together in the next one
+        (mailappliance/batching.py): one pool trip writes all their files, starts the kernel's
+        writeback of all of them, then fsyncs and renames them one by one
+        (FileOps.start_writeback)."""
+        return self._finisher.submit((tmp, data, sender, recipients, received_from))
 
-    def _finish_batch(self) -> None:
-        batch = self._to_finish[:MAX_FINISH_BATCH]
-        self._to_finish = self._to_finish[MAX_FINISH_BATCH:]
-        self._finishing = True
+    def _finish_many(self, items: list[tuple]) -> list:
+        """In a pool thread: each message's (qid, envelope), or the exception it met."""
         store = self.store
-
-        def work() -> list:
-            out: list = []
-            written: list[tuple[int, TmpMessage]] = []
-            for tmp, data, sender, recipients, received_from, _d in batch:
-                t = tmp
-                try:
-                    t = t or store.begin()
-                    t.finish(sender, recipients, received_from, data=data, sync=False)
-                    written.append((len(out), t))
-                    out.append(None)
-                except BaseException as e:      # noqa: BLE001 - this message only
-                    out.append(e)
-            if len(written) > 1:
-                for _k, t in written:
-                    t.start_writeback()
-            for k, t in written:
-                try:
-                    qid = t.complete()
-                    out[k] = (qid, t.envelope)
-                except BaseException as e:      # noqa: BLE001 - this message only
-                    out[k] = e
-            return out
-
-        def done(result) -> None:
-            self._finishing = False
-            # The whole batch joins one directory fsync: hold it until every message of the
-            # batch has asked for it (each Deferred resumes its commit() synchronously).
-            self._hold_sync = True
+        out: list = []
+        written: list[tuple[int, TmpMessage]] = []
+        for tmp, data, sender, recipients, received_from in items:
             try:
-                for k, item in enumerate(batch):
-                    d = item[-1]
-                    out = result if isinstance(result, Failure) else result[k]
-                    if isinstance(out, (Failure, BaseException)):
-                        d.errback(out)
-                    else:
-                        d.callback(out)
-            finally:
-                self._hold_sync = False
-            if self._waiting and not self._syncing:
-                self._start_sync()
-            if self._to_finish and not self._finishing:
-                self._finish_batch()
+                t = tmp or store.begin()
+                t.finish(sender, recipients, received_from, data=data, sync=False)
+                written.append((len(out), t))
+                out.append(None)
+            except BaseException as e:      # noqa: BLE001 - this message only
+                out.append(e)
+        if len(written) > 1:
+            for _k, t in written:
+                t.start_writeback()
+        for k, t in written:
+            try:
+                qid = t.complete()
+                out[k] = (qid, t.envelope)
+            except BaseException as e:      # noqa: BLE001 - this message only
+                out[k] = e
+        return out
 
-        self._defer(work).addBoth(done)
+    # The whole batch joins one directory fsync: it is held while the batch's Deferreds fire
+    # (each resumes its commit() synchronously and asks for the sync), then started once.
+    def _hold_group_sync(self) -> None:
+        self._hold_sync = True
+
+    def _release_group_sync(self) -> None:
+        self._hold_sync = False
+        if self._waiting and not self._syncing:
+            self._start_sync()
 
     # -- group commit of the directory fsync ------------------------------------------------------
     def _group_sync(self, qid: int, env: Envelope) -> defer.Deferred:

@@ -50,6 +50,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailappliance.batching import Batcher
 from mailappliance.delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferral, failure
 from mailappliance.queue import bounce as bounce_mod
 from mailappliance.queue import schedule
@@ -160,8 +161,8 @@ class QueueManager(service.Service):
         self._delivery_no = itertools.count(1)
         self._scanning = False
         self._rescan = False
-        self._removals: list[tuple[int, defer.Deferred]] = []
-        self._removing = False
+        self._remover = Batcher(lambda qids: self._defer(self._remove_many, qids),
+                                max_batch=None)
         self._loops: list[task.LoopingCall] = []
         self._trigger_port = None
         self.stats = {"messages_seen": 0, "deliveries": 0, "success": 0, "deferral": 0,
@@ -535,29 +536,13 @@ class QueueManager(service.Service):
     def _remove_soon(self, qid: int) -> defer.Deferred:
         """Remove a finished message; removals that pile up while one batch is being removed
         go together in the next (one thread hand-off for many messages under load)."""
-        d: defer.Deferred = defer.Deferred()
-        self._removals.append((qid, d))
-        if not self._removing:
-            self._remove_batch()
-        return d
+        return self._remover.submit(qid)
 
-    def _remove_batch(self) -> None:
-        batch, self._removals = self._removals, []
-        self._removing = True
-        qids = [q for q, _d in batch]
-
-        def work():
-            for q in qids:
-                self.store.remove(q)
-
-        def done(result):
-            self._removing = False
-            if self._removals:
-                self._remove_batch()
-            for _q, d in batch:
-                d.callback(None) if not isinstance(result, Failure) else d.errback(result)
-
-        self._defer(work).addBoth(done)
+    def _remove_many(self, qids: list[int]) -> list[None]:
+        """In a thread: remove the messages; an error fails the whole batch (as before)."""
+        for q in qids:
+            self.store.remove(q)
+        return [None] * len(qids)
 
     def _persist(self, env: Envelope, final, next_try: float | None) -> None:
         """In a thread: failures (bounce record, then F mark), then delivered marks, then the
