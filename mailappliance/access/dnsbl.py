@@ -27,7 +27,10 @@ IPv6 nibbles (32 labels), RFC 5782 section 2.1 and 2.4. An IPv4-mapped IPv6 clie
 (::ffff:1.2.3.4) is looked up as the IPv4 address.
 
 The SMTP protocol calls `app.dnsbl.check(ip, env)` once per connection at connect and applies
-the Refusal from MAIL on, as rblsmtpd answers after HELO: the greeting is never delayed.
+the Refusal where rblsmtpd does: the greeting, HELO/EHLO, MAIL, RSET and NOOP are answered as
+usual (rblsmtpd's "250 rblsmtpd.local"), every RCPT gets the refusal, so no recipient and hence
+no message is ever accepted from a listed client. Only RCPT waits for the answers: the lookups
+run while the client greets and sends MAIL, and the greeting is never delayed.
 """
 
 from __future__ import annotations

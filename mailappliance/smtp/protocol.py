@@ -2,7 +2,7 @@
 
 Per connection (tcpserver's job): the rules lookup (deny = close without a word), connection
 limits (421), the rules environment kept for the session, the idle timer, the DNSBL check
-started at connect (rblsmtpd's job; its verdict applies from MAIL on).
+started at connect (rblsmtpd's job; its verdict applies at RCPT, as rblsmtpd's).
 
 Per command (qmail-smtpd's job): the core parses and sequences; this adapter answers the events
 that need policy: RCPT (the relay decision in access/relay_policy.py), DATA (open a queue
@@ -22,7 +22,7 @@ Seams:
   the DNSBL.
 - STARTTLS is done here: `_start_tls` writes the 220 before `transport.startTLS`, and the core
   drops input pipelined behind the command.
-- DNSBL (rblsmtpd): `app.dnsbl.check` at connect, verdict applied from MAIL on (`_after_rbl`).
+- DNSBL (rblsmtpd): `app.dnsbl.check` at connect, verdict applied at each RCPT (`_after_rbl`).
 
 Recipient lookups call the user store on the reactor thread: each is one or two primary-key
 SELECTs on a SQLite database in WAL mode (readers never wait for writers, no fsync), tens of
@@ -373,7 +373,9 @@ class SMTPServerProtocol(protocol.Protocol):
         if t is DataStart:
             return self._data_start(ev)
         if t is MailFrom:
-            return self._after_rbl(self._mail, ev)
+            # rblsmtpd answers MAIL with 250 and refuses from RCPT on; waiting only there lets
+            # the lookups overlap EHLO and MAIL's round trips.
+            return self._mail(ev)
         if t is StartTLS:
             return replies.TLS_UNAVAILABLE if self.app.tls is None else ev.reply
         if t is Auth or t is AuthResponse:

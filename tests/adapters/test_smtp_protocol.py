@@ -388,18 +388,33 @@ class FakeDNSBL:
         return d
 
 
-def test_dnsbl_verdict_is_awaited_at_mail_and_greeting_is_not_delayed(tmp_path):
+def test_dnsbl_verdict_is_awaited_at_rcpt_and_greeting_is_not_delayed(tmp_path):
     w = World(tmp_path)
     w.app.dnsbl = bl = FakeDNSBL()
     c = w.connect("127.0.0.2")
     assert c.take() == "220 mx.test.com ESMTP\r\n"
     assert bl.calls[0][0] == "127.0.0.2"
-    out = c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@test.com>\r\nNOOP\r\n")
-    assert codes(out) == [250]                               # MAIL waits for the verdict
+    out = c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@test.com>\r\n"
+                 b"RCPT TO:<bob@test.com>\r\nDATA\r\nNOOP\r\n")
+    assert codes(out) == [250, 250]                     # as rblsmtpd: MAIL gets its 250
     bl.calls[0][2].callback(Refusal(False, "listed at bl.example: see http://bl.example/"))
     out = c.take()
-    assert out == ("451 listed at bl.example: see http://bl.example/\r\n"
-                   "503 MAIL first (#5.5.1)\r\n250 ok\r\n")
+    # Every RCPT gets the refusal, so DATA has no recipient; replies stay in command order.
+    assert out.startswith("451 listed at bl.example: see http://bl.example/\r\n"
+                          "451 listed at bl.example: see http://bl.example/\r\n")
+    assert codes(out)[2] in (503, 554) and codes(out)[3:] == [250]
+    assert not list((tmp_path).rglob("queue/mess/*/*"))
+
+
+def test_dnsbl_verdict_known_before_rcpt_refuses_at_once(tmp_path):
+    w = World(tmp_path)
+    w.app.dnsbl = bl = FakeDNSBL()
+    c = w.connect("127.0.0.2")
+    c.take()
+    bl.calls[0][2].callback(Refusal(False, "listed"))
+    assert codes(c.chat(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n")) == [250, 250]
+    assert c.chat(b"RCPT TO:<alice@test.com>\r\n") == "451 4.7.1 listed\r\n"
+    assert c.chat(b"RSET\r\n").startswith("250")
 
 
 def test_dnsbl_not_listed_lets_mail_through(tmp_path):
@@ -407,9 +422,10 @@ def test_dnsbl_not_listed_lets_mail_through(tmp_path):
     w.app.dnsbl = bl = FakeDNSBL()
     c = w.connect()
     c.take()
-    c.send(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n")
+    c.send(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@test.com>\r\n")
+    assert codes(c.take()) == [250, 250]                # RCPT waits for the verdict
     bl.calls[0][2].callback(None)
-    assert codes(c.take()) == [250, 250]
+    assert codes(c.take()) == [250]
     assert codes(c.chat(b"RCPT TO:<alice@test.com>\r\n")) == [250]
 
 
@@ -421,7 +437,8 @@ def test_dnsbl_permanent_refusal_and_grant_env(tmp_path):
     assert bl.calls[0][1] == {"RELAYCLIENT": "", "RBLSMTPD": ""}
     bl.calls[0][2].callback(Refusal(True, "go away"))
     c.take()
-    assert c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n").endswith("553 go away\r\n")
+    out = c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@remote.example>\r\n")
+    assert out.endswith("553 go away\r\n")
 
 
 def test_dnsbl_failure_fails_open(tmp_path):
@@ -430,7 +447,8 @@ def test_dnsbl_failure_fails_open(tmp_path):
     c = w.connect()
     c.take()
     bl.calls[0][2].errback(RuntimeError("boom"))
-    assert codes(c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n")) == [250, 250]
+    assert codes(c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@test.com>\r\n")) \
+        == [250, 250, 250]
 
 
 def test_factory_refuses_unknown_kind(tmp_path):

@@ -77,7 +77,12 @@ def _start(root: Path, dns: DNSServerProcess, smtp: str) -> ServerProcess:
               f'\n[dns]\nnameservers = ["{dns.nameserver}"]\n'
               f'\n[listen]\nsmtp = [{", ".join(listen)}]\n'
               'submission = []\npop3 = []\n')
-    return ServerProcess(root, config).start()
+    srv = ServerProcess(root, config)
+    srv.root.mkdir(parents=True, exist_ok=True)
+    srv._write_config()
+    srv.cli("domain", "add", "test.com")        # sessions end at RCPT, where the verdict applies
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
+    return srv.start()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +104,9 @@ def slow_server(tmp_path_factory, dns_server):
 
 
 def session(srv: ServerProcess, source: str, port_index: int = 0):
-    """Greeting, EHLO, MAIL: returns (MAIL reply code, text, seconds from connect to it)."""
+    """Greeting, EHLO, MAIL, RCPT: returns (RCPT reply code, text, seconds from connect to it,
+    the reply to a second RCPT). MAIL is always accepted: as rblsmtpd, the verdict applies at
+    RCPT."""
     port = srv.ports["smtp"][port_index]
     host = "::1" if ":" in source else "127.0.0.1"
     started = time.monotonic()
@@ -108,9 +115,12 @@ def session(srv: ServerProcess, source: str, port_index: int = 0):
         assert code == 220
         assert time.monotonic() - started < 1.0          # the greeting is never delayed
         c.ehlo("client.example")
-        code, text = c.mail("someone@example.org")
+        assert c.mail("someone@example.org")[0] == 250
+        code, text = c.rcpt("test@test.com")
         elapsed = time.monotonic() - started
         second = c.rcpt("test@test.com")[0] if code >= 400 else None
+        if code >= 400:
+            assert c.docmd("DATA")[0] in (503, 554)      # no recipient, no message
         c.quit()
     # The reply may carry an enhanced status code (RFC 3463) before rblsmtpd's text.
     return code, re.sub(r"^[245]\.\d{1,3}\.\d{1,3} ", "", text.decode()), elapsed, second
@@ -134,7 +144,7 @@ def wait_for_log(srv: ServerProcess, needle: str, timeout: float = 5.0) -> str:
     raise AssertionError(f"{needle!r} not in the server's log:\n{server_log(srv)[-3000:]}")
 
 
-def test_listed_client_gets_451_with_the_txt_reason_at_mail(server):
+def test_listed_client_gets_451_with_the_txt_reason_at_rcpt(server):
     code, text, _, rcpt = session(server, "127.0.0.2")
     assert (code, text) == (451, "spam source, see http://bl.test/?127.0.0.2")
     assert rcpt is not None and rcpt >= 400          # refused for every command after it
