@@ -7,7 +7,9 @@ and vdelivermail do it):
    per-process sequence number and the host name, '/' and ':' escaped as \\057 and \\072);
 2. write ``Return-Path: <sender>`` and ``Delivered-To: <recipient>`` and then the message;
 3. fsync and close the file;
-4. link it into ``new/`` (never replacing anything), unlink the tmp/ name;
+4. rename it into ``new/`` (qmail-local links and then unlinks the tmp/ name, so as never to
+   replace anything; Dovecot renames, since the unique name already guarantees that -- and so
+   do we: one system call instead of two);
 5. fsync ``new/`` so the new name is on disk before we report success.
 
 So a partial file is never visible in new/.  The name in new/ carries ``,S=<bytes>`` and
@@ -32,6 +34,20 @@ from typing import Iterable
 from mailappliance.queue.store import FileOps, write_all
 
 _seq = itertools.count(1)
+# The process id for unique names, read once (a getpid() per delivery is a system call, and on
+# this kind of VM every system call in a pool thread costs a GIL hand-over); a forked child
+# reads its own.
+_pid = os.getpid()
+
+
+def _reset_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_reset_pid)
+# A message chunk up to this size is written together with the two header lines (one write).
+JOIN_WRITE_MAX = 64 * 1024
 
 # Texts of the temporary failures (qmail-local / vdelivermail wording, #4.x.x codes).
 TEXT_FULL = "Recipient's mailbox is full. (#4.2.2)"
@@ -57,7 +73,7 @@ def _safe_host(hostname: str) -> str:
 def unique_name(now: float, hostname: str) -> str:
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return "%d.M%dP%dQ%d.%s" % (sec, usec, os.getpid(), next(_seq), _safe_host(hostname))
+    return "%d.M%dP%dQ%d.%s" % (sec, usec, _pid, next(_seq), _safe_host(hostname))
 
 
 def _size_of(name: str, path: str) -> int:
@@ -122,11 +138,6 @@ def begin(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
     Raises MaildirError (temporary); nothing is left behind then."""
     ops = ops or FileOps()
     maildir = str(maildir)
-    try:
-        for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise MaildirError(_error_text(e)) from e
     header = ("Return-Path: <%s>\nDelivered-To: %s\n" % (return_path, delivered_to)).encode(
         "utf-8", "surrogateescape")
     if quota > 0:
@@ -136,12 +147,28 @@ def begin(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
     name = unique_name(now, hostname)
     tmp = os.path.join(maildir, "tmp", name)
     try:
-        fd = ops.open_excl(tmp)
+        try:
+            fd = ops.open_excl(tmp)
+        except FileNotFoundError:
+            # A new user's first message (or a Maildir someone removed): create it. Checking
+            # for the directories before every delivery would cost six system calls each.
+            make_dirs(maildir)
+            fd = ops.open_excl(tmp)
     except OSError as e:
         raise MaildirError(_error_text(e)) from e
     p = Pending(maildir, tmp, name, fd)
     try:
-        for chunk in itertools.chain((header,), chunks):
+        chunks = iter(chunks)
+        first = next(chunks, b"")
+        if len(first) <= JOIN_WRITE_MAX:
+            head, p.size = header + first, len(header) + len(first)
+            write_all(ops, fd, head)
+            p.lines = head.count(b"\n")
+        else:
+            chunks = itertools.chain((first,), chunks)
+            write_all(ops, fd, header)
+            p.size, p.lines = len(header), 2
+        for chunk in chunks:
             write_all(ops, fd, chunk)
             p.size += len(chunk)
             p.lines += chunk.count(b"\n")
@@ -149,6 +176,12 @@ def begin(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
         discard(p, ops)
         raise MaildirError(_error_text(e)) from e
     return p
+
+
+def make_dirs(maildir: str) -> None:
+    """tmp/, new/ and cur/ of a Maildir, as far as they are missing (mode 0700)."""
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
 
 
 def discard(p: Pending, ops: FileOps) -> None:
@@ -194,22 +227,22 @@ def finish_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pen
             p.error = MaildirError(_error_text(e))
             discard(p, ops)
     linked: dict[str, list[Pending]] = {}
-    for p in pendings:                                     # 4. link into new/
+    for p in pendings:                                     # 4. rename into new/
         if p.error is not None:
             continue
         final = "%s,S=%d,W=%d" % (p.name, p.size, p.size + p.lines)
         new_dir = os.path.join(p.maildir, "new")
         try:
-            os.link(p.tmp, os.path.join(new_dir, final))
+            try:
+                ops.rename(p.tmp, os.path.join(new_dir, final))
+            except FileNotFoundError:
+                make_dirs(p.maildir)                        # new/ went missing meanwhile
+                ops.rename(p.tmp, os.path.join(new_dir, final))
         except OSError as e:
             p.error = MaildirError(_error_text(e))
             discard(p, ops)
             continue
         p.final = final
-        try:
-            ops.unlink(p.tmp)
-        except OSError:
-            pass  # a leftover tmp/ name is harmless: the message is already in new/
         linked.setdefault(new_dir, []).append(p)
     for new_dir, group in linked.items():                  # 5. fsync new/, once per Maildir
         try:

@@ -254,18 +254,23 @@ class QueueManager(service.Service):
         one primary-key lookup per domain in the user store's SQLite (WAL readers never wait
         for writers), small enough for the reactor thread."""
         if not self.running:
+            env.data = None
             return
         if env.qid in self.jobs or env.qid in self.picking:
+            env.data = None
             self._clash(env.qid, env.token)
             return
         try:
             channels = {r.index: self.classify(r.address)
                         for r in env.recipients if r.state == TODO}
         except Exception as e:  # noqa: BLE001 - the store is unreadable: take the slow path
+            env.data = None
             self.log.warn("classifying msg {qid} failed ({why}); reading it again",
                           qid=env.qid, why=str(e))
             self._pickup(env.qid)
             return
+        # Its bytes stay in memory for the first deliveries (capped; released below).
+        self.store.keep_data(env)
         self.picking.add(env.qid)
         self._picked((env, channels, env.birth))
 
@@ -312,7 +317,9 @@ class QueueManager(service.Service):
     def _forget(self, qid: int) -> None:
         """The message `qid` is finished (or could not be read): drop it, then look at a
         newer message that came with the same id meanwhile."""
-        self.jobs.pop(qid, None)
+        job = self.jobs.pop(qid, None)
+        if job is not None:
+            self.store.release_data(job.env)
         if qid in self._stashed and qid not in self.picking:
             self._stashed.discard(qid)
             self._pickup(qid)
@@ -512,9 +519,12 @@ class QueueManager(service.Service):
         next_try = None
         if deferred_any:
             next_try = schedule.next_attempt(env.birth, self.now(), channel, self.lifetime)
+        if not job.busy.difference(unit):
+            # No other delivery of it in flight: later attempts read the queue file.
+            self.store.release_data(env)
         if not remaining and nothing_failed and not job.busy.difference(unit):
             # Everything delivered: no marks needed, the message just goes.
-            d = self._remove_soon(env.qid)
+            d = self._remove_soon(env.qid, env.bounce_file)
             done_all = True
         else:
             pending = [t for ch, t in job.next_try.items()
@@ -533,16 +543,16 @@ class QueueManager(service.Service):
         self._pump()
         return d
 
-    def _remove_soon(self, qid: int) -> defer.Deferred:
+    def _remove_soon(self, qid: int, bounce_file: bool = True) -> defer.Deferred:
         """Remove a finished message; removals that pile up while one batch is being removed
         go together in the next (one thread hand-off for many messages under load)."""
-        return self._remover.submit(qid)
+        return self._remover.submit((qid, bounce_file))
 
-    def _remove_many(self, qids: list[int]) -> list[None]:
+    def _remove_many(self, items: list[tuple[int, bool]]) -> list[None]:
         """In a thread: remove the messages; an error fails the whole batch (as before)."""
-        for q in qids:
-            self.store.remove(q)
-        return [None] * len(qids)
+        for qid, bounce_file in items:
+            self.store.remove(qid, bounce_file)
+        return [None] * len(items)
 
     def _persist(self, env: Envelope, final, next_try: float | None) -> None:
         """In a thread: failures (bounce record, then F mark), then delivered marks, then the

@@ -44,11 +44,12 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import secrets
+import random
 import socket
 import stat
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,10 @@ _MAX_LEN_DIGITS = 8
 TMP_MAX_AGE = 36 * 60 * 60
 # tmp/ subdirectories, one per concurrent writer thread (more than the thread pool's size).
 TMP_SPLIT = 16
+# Messages up to this size stay in memory for their first delivery, up to this many bytes in all
+# (QueueStore.keep_data).
+KEEP_DATA_MAX = 64 * 1024
+KEEP_DATA_TOTAL = 16 * 1024 * 1024
 # Bytes read at a time when handing a message to a deliverer.
 READ_CHUNK = 64 * 1024
 
@@ -140,11 +145,37 @@ class FileOps:
         os.unlink(path)
 
     def fsync_dir(self, path: str) -> None:
+        held = getattr(self, "_held", None)
+        fd = held.get(path) if held else None
+        if fd is not None:
+            os.fsync(fd)
+            return
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def hold_dir(self, path: str) -> None:
+        """Keep `path` open for `fsync_dir` (a directory that lives as long as this object:
+        the queue's mess/), saving an open and a close per group commit. Closed when this
+        object is collected."""
+        held = getattr(self, "_held", None)
+        if held is None:
+            held = self._held = {}
+            weakref.finalize(self, _close_all, held)
+        if path not in held:
+            held[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                                 | getattr(os, "O_CLOEXEC", 0))
+
+
+def _close_all(fds: dict) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def write_all(ops: FileOps, fd: int, data) -> None:
@@ -177,6 +208,11 @@ class Envelope:
     token: str = ""
     qid: int = 0
     size: int = 0            # message bytes before the envelope
+    # In memory only, never written: the message bytes while the first deliveries run (see
+    # QueueStore.keep_data), and whether a bounce/ file may exist (False only for a message
+    # this process injected and recorded no failure for: its removal skips that unlink).
+    data: bytes | None = field(default=None, compare=False, repr=False)
+    bounce_file: bool = field(default=True, compare=False, repr=False)
 
     @property
     def todo(self) -> list[Recipient]:
@@ -361,6 +397,39 @@ _shard_counter = itertools.count()
 _thread_shard = threading.local()
 
 
+# Read once per process: each of these is a system call, and in a pool thread every system
+# call is a GIL hand-over (costly on this kind of VM). The uid is read at the first injection,
+# after twistd has dropped privileges; a forked child starts afresh.
+_ids: dict[str, object] = {}
+
+
+def _pid() -> int:
+    pid = _ids.get("pid")
+    if pid is None:
+        pid = _ids["pid"] = os.getpid()
+    return pid
+
+
+def _uid() -> int:
+    uid = _ids.get("uid")
+    if uid is None:
+        uid = _ids["uid"] = os.getuid()
+    return uid
+
+
+def _token_bits() -> int:
+    """32 random bits for tmp/ names and message tokens: unique, not secret (O_EXCL and the
+    pid make names unique; the token only tells a message from an earlier one with the same
+    inode), so a generator seeded from the kernel once per process does."""
+    rng = _ids.get("rng")
+    if rng is None:
+        rng = _ids["rng"] = random.Random(os.urandom(16))
+    return rng.getrandbits(32)
+
+
+os.register_at_fork(after_in_child=_ids.clear)
+
+
 def _my_tmp_shard() -> int:
     shard = getattr(_thread_shard, "k", None)
     if shard is None:
@@ -419,7 +488,7 @@ class TmpMessage:
                            birth=self.store.clock() if birth is None else birth,
                            received_from=received_from,
                            qp=ino if qp is None else qp,
-                           uid=os.getuid() if uid is None else uid,
+                           uid=_uid() if uid is None else uid,
                            token=self.token)
             envelope = encode_envelope(env)
             if len(envelope) > MAX_ENVELOPE:
@@ -439,6 +508,9 @@ class TmpMessage:
             raise
         # What a reader of the file would see, so the manager need not read it back.
         env.qid, env.size = ino, self.size
+        env.bounce_file = False
+        if len(data) == self.size:
+            env.data = data     # the whole message: QueueStore.keep_data decides whether to keep it
         for rcpt, pos in zip(env.recipients, positions):
             rcpt.offset = self.size + pos
         self.envelope = env
@@ -544,11 +616,30 @@ class QueueStore:
         self.tmp_dirs = [os.path.join(self.tmp_dir, str(k)) for k in range(TMP_SPLIT)]
         for d in self.tmp_dirs:
             os.makedirs(d, mode=0o700, exist_ok=True)
+        self.kept_bytes = 0
+        self._holding = False
+
+    # -- message bytes kept in memory for the first deliveries ------------------------------------
+    # A message the server just received is delivered at once; keeping its bytes (when small)
+    # spares that delivery an open, fstat, read and close of the queue file in a pool thread.
+    # Called on the reactor thread only; the total is capped, so a backlog costs no memory.
+    def keep_data(self, env: Envelope) -> None:
+        data = env.data
+        if data is None:
+            return
+        if len(data) > KEEP_DATA_MAX or self.kept_bytes + len(data) > KEEP_DATA_TOTAL:
+            env.data = None
+            return
+        self.kept_bytes += len(data)
+
+    def release_data(self, env: Envelope) -> None:
+        data, env.data = env.data, None
+        if data is not None:
+            self.kept_bytes = max(0, self.kept_bytes - len(data))
 
     # -- injection ------------------------------------------------------------------------------
     def begin(self) -> TmpMessage:
-        token = "%d.%d.%d.%s" % (int(self.clock()), os.getpid(), next(_seq),
-                                 secrets.token_hex(4))
+        token = "%d.%d.%d.%08x" % (int(self.clock()), _pid(), next(_seq), _token_bits())
         path = os.path.join(self.tmp_dirs[_my_tmp_shard()], token)
         try:
             fd = self.ops.open_excl(path)
@@ -559,6 +650,9 @@ class QueueStore:
     def sync(self) -> None:
         """Make every rename into mess/ that has returned so far durable (commit point)."""
         try:
+            if not self._holding:
+                self._holding = True
+                self.ops.hold_dir(self.mess_dir)
             self.ops.fsync_dir(self.mess_dir)
         except OSError as e:
             raise QueueWriteError(f"queue sync failed: {e.strerror or e}") from e
@@ -624,6 +718,9 @@ class QueueStore:
         return MessageReader(self.message_path(env.qid), env.size)
 
     def read_message(self, env: Envelope) -> bytes:
+        data = env.data
+        if data is not None:
+            return data
         with self.open_message(env) as r:
             return b"".join(r)
 
@@ -648,6 +745,7 @@ class QueueStore:
     def add_failure(self, env: Envelope, index: int, text: str) -> None:
         """Record why recipient `index` failed, durably, then mark it FAILED."""
         rcpt = env.recipients[index]
+        env.bounce_file = True
         path = os.path.join(self.bounce_dir, str(env.qid))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
                      0o600)
@@ -684,12 +782,15 @@ class QueueStore:
         return os.stat(self.message_path(qid)).st_mtime
 
     # -- removal ---------------------------------------------------------------------------------
-    def remove(self, qid: int) -> None:
+    def remove(self, qid: int, bounce_file: bool = True) -> None:
         """The message is done (every recipient delivered or bounced).  The message goes
         first: a crash between the two leaves a stale bounce file, which carries the old
-        message's token and is therefore ignored by any later message with the same id."""
+        message's token and is therefore ignored by any later message with the same id
+        (and removed by `cleanup` once it has no message).  `bounce_file=False` (the
+        envelope's flag) skips the second unlink for a message known to have none."""
         self._unlink_quietly(self.message_path(qid))
-        self._unlink_quietly(os.path.join(self.bounce_dir, str(int(qid))))
+        if bounce_file:
+            self._unlink_quietly(os.path.join(self.bounce_dir, str(int(qid))))
 
     def move_corrupt(self, qid: int) -> str:
         """Move a damaged entry aside (never delete what might be a customer's mail)."""

@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS aliases (
 """
 
 
+_MISS = object()
+
+
 class StoreError(Exception):
     """A refused request; str() is the one line shown to the operator."""
 
@@ -296,9 +299,16 @@ class UserStore:
             local, domain = split_address(address)
         except StoreError:
             return None
-        row = self._db().execute("SELECT domain, local, password_hash, quota FROM users "
-                                 "WHERE domain=? AND local=?", (domain, local)).fetchone()
-        return self._user(row) if row else None
+        db = self._db()
+        cache = db.cache()        # local delivery asks for every message: see _Tx
+        key = ("u", local, domain)
+        hit = cache.get(key, _MISS)
+        if hit is _MISS:
+            row = db.execute("SELECT domain, local, password_hash, quota FROM users "
+                             "WHERE domain=? AND local=?", (domain, local)).fetchone()
+            hit = self._user(row) if row else None
+            db.remember(key, hit)
+        return hit
 
     def list_users(self, domain: str | None = None) -> list[User]:
         if domain is None:
@@ -341,9 +351,16 @@ class UserStore:
             local, domain = split_address(address)
         except StoreError:
             return None
-        row = self._db().execute("SELECT targets FROM aliases WHERE domain=? AND local=?",
-                                 (domain, local)).fetchone()
-        return json.loads(row[0]) if row else None
+        db = self._db()
+        cache = db.cache()
+        key = ("a", local, domain)
+        hit = cache.get(key, _MISS)
+        if hit is _MISS:
+            row = db.execute("SELECT targets FROM aliases WHERE domain=? AND local=?",
+                             (domain, local)).fetchone()
+            hit = tuple(json.loads(row[0])) if row else None
+            db.remember(key, hit)
+        return list(hit) if hit is not None else None
 
     def list_aliases(self) -> list[tuple[str, list[str]]]:
         rows = self._db().execute("SELECT local, domain, targets FROM aliases "

@@ -524,3 +524,38 @@ def test_a_finished_delivery_frees_its_slot_before_the_bookkeeping(tmp_path):
     w.local.held.pop(0).callback(success("did 1+0+0/"))
     slow.run_all()
     assert w.store.list_ids() == [] and w.manager.busy[LOCAL] == 0
+
+
+def test_kept_message_bytes_serve_the_first_deliveries_and_are_then_released(tmp_path):
+    seen = []
+
+    class Reading(FakeLocal):
+        def __init__(self, store):
+            super().__init__()
+            self.store = store
+
+        def deliver(self, env, index):
+            seen.append((env.data is not None, self.store.read_message(env)))
+            return super().deliver(env, index)
+
+    w = World(tmp_path, start=False)
+    w.local = Reading(w.store)
+    w.manager.local = w.local
+    w.manager.startService()
+    w.local.hold = True
+    qid = w.inject("a@example.org", ["test@test.com", "far@remote.example"],
+                   body=b"Subject: kept\n\nbody\n")
+    assert seen == [(True, b"Subject: kept\n\nbody\n")]
+    assert w.store.kept_bytes == len(b"Subject: kept\n\nbody\n")   # remote still to go
+    w.local.held[0].callback(success("did 1+0+0/"))
+    assert w.store.kept_bytes == 0 and w.store.list_ids() == []
+    assert w.remote.calls == [(qid, ["far@remote.example"])]
+
+
+def test_a_deferred_message_does_not_keep_its_bytes_in_memory(tmp_path):
+    w = World(tmp_path)
+    w.local.script["test@test.com"] = deferral("mailbox busy")
+    qid = w.inject("a@example.org", ["test@test.com"])
+    assert w.store.list_ids() == [qid]
+    assert w.store.kept_bytes == 0
+    assert w.manager.jobs[qid].env.data is None

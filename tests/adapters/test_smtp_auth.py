@@ -341,8 +341,8 @@ def test_authenticated_session_skips_the_dnsbl(tmp_path):
     port25 = Sub(tmp_path / "25", "smtp")
     port25.app.dnsbl = w.app.dnsbl
     c = port25.connect()
-    assert c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\n").endswith(
-        "451 listed at bl.example\r\n")
+    assert c.chat(b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@test.com>\r\n").endswith(
+        "250 ok\r\n451 listed at bl.example\r\n")        # as rblsmtpd: refused at RCPT
 
 
 # --- sender binding -----------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from mailappliance.queue.store import QueueStore
 from tests.integration.delivery_support import (SmtpSink, maildir_files, queue_ids,
                                                 wait_until)
 
-# Messages queued before the server starts: enough that delivery takes a while, so the kill
+# Messages queued before the server starts: enough that delivery takes a while (over a second
+# at the fastest local delivery rate seen), so the kill
 # lands in the middle of it.
-MESSAGES = 600
+MESSAGES = 1500
 # The kill happens once at least this many have been delivered.
 KILL_AFTER = 40
 MARKER = re.compile(rb"crash-marker-(\d+)-end")

@@ -103,6 +103,10 @@ class Failing(FileOps):
         self._f("fsync_dir")
         return super().fsync_dir(path)
 
+    def rename(self, src, dst):
+        self._f("rename")
+        return super().rename(src, dst)
+
 
 @pytest.mark.parametrize("at,err,text", [
     ("write", errno.ENOSPC, md.TEXT_NOSPACE),
@@ -110,9 +114,11 @@ class Failing(FileOps):
     ("open", errno.EROFS, md.TEXT_READONLY),
     ("fsync", errno.EIO, "Unable to write to maildir: input/output error. (#4.3.0)"),
     ("fsync_dir", errno.EIO, "Unable to write to maildir: input/output error. (#4.3.0)"),
+    ("rename", errno.ENOSPC, md.TEXT_NOSPACE),
 ])
 def test_disk_errors_are_temporary_and_leave_no_partial_file(tmp_path, at, err, text):
     box = tmp_path / "M"
+    md.make_dirs(str(box))
     with pytest.raises(MaildirError) as e:
         do(box, ops=Failing(at, err))
     assert e.value.temporary
@@ -124,3 +130,37 @@ def test_missing_maildir_is_created(tmp_path):
     box = tmp_path / "domains" / "test.com" / "test" / "Maildir"
     do(box)
     assert len(contents(box / "new")) == 1
+
+
+def test_maildir_parts_removed_meanwhile_are_created_again(tmp_path):
+    box = tmp_path / "M"
+    do(box)
+    for sub in ("new", "cur"):
+        for f in (box / sub).iterdir():
+            f.unlink()
+        (box / sub).rmdir()
+    name = do(box)                      # tmp/ is there, new/ is not: the rename recreates it
+    assert contents(box / "new") == [name] and contents(box / "tmp") == []
+    assert (box / "cur").is_dir()
+
+
+def test_header_and_small_message_go_in_one_write(tmp_path):
+    writes = []
+
+    class Counting(FileOps):
+        def write(self, fd, data):
+            writes.append(len(data))
+            return super().write(fd, data)
+
+    box = tmp_path / "M"
+    deliver(box, [b"Subject: x\n\nhello\n"], return_path="a@b", delivered_to="c@d",
+            hostname="h", now=NOW, ops=Counting())
+    assert len(writes) == 1
+    big = b"x" * (md.JOIN_WRITE_MAX + 1)
+    writes.clear()
+    name = deliver(box, [big, b"\n"], return_path="a@b", delivered_to="c@d", hostname="h",
+                   now=NOW, ops=Counting())
+    assert len(writes) == 3
+    data = (box / "new" / name).read_bytes()
+    assert data.endswith(big + b"\n") and data.startswith(b"Return-Path: <a@b>\nDelivered-To: c@d\n")
+    assert name.endswith(",S=%d,W=%d" % (len(data), len(data) + data.count(b"\n")))

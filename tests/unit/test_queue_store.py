@@ -188,6 +188,71 @@ def test_remove_deletes_message_and_bounce_file(store):
     assert files(store.mess_dir) == [] and files(store.bounce_dir) == []
 
 
+def test_remove_skips_the_bounce_unlink_only_when_told_there_is_none(store):
+    qid = store.inject(b"body\n", "a@x", ["r0@y"], trigger=False)
+    stale = os.path.join(store.bounce_dir, str(qid))
+    with open(stale, "wb") as f:
+        f.write(b"a stale record of an older message with this inode\n")
+    store.remove(qid, bounce_file=False)
+    assert files(store.mess_dir) == [] and files(store.bounce_dir) == [str(qid)]
+    store.cleanup(now=2_000_000_000.0)             # an orphan: cleaned up later
+    assert files(store.bounce_dir) == []
+
+
+def test_finish_tells_whether_a_bounce_file_can_exist(store):
+    tmp = store.begin()
+    tmp.finish("a@x", ["r0@y", "r1@y"], None, data=b"body\n")
+    env = tmp.envelope
+    assert env.bounce_file is False
+    store.add_failure(env, 0, "no such user")
+    assert env.bounce_file is True
+    assert store.read_envelope(env.qid).bounce_file is True          # unknown: from disk
+
+
+def test_message_bytes_kept_in_memory_within_a_budget(store, monkeypatch):
+    monkeypatch.setattr(qs, "KEEP_DATA_TOTAL", 11)
+    envs = []
+    for body in (b"12345\n", b"abcd\n", b"xyz\n"):
+        tmp = store.begin()
+        tmp.finish("a@x", ["r@y"], None, data=body)
+        envs.append(tmp.envelope)
+        store.keep_data(tmp.envelope)
+    assert envs[0].data == b"12345\n" and envs[1].data == b"abcd\n"
+    assert envs[2].data is None and store.kept_bytes == 11
+    # the kept bytes are what a reader of the file gets; without them the file is read
+    assert store.read_message(envs[0]) == b"12345\n"
+    os.truncate(store.message_path(envs[0].qid), 0)        # prove the file was not read
+    assert store.read_message(envs[0]) == b"12345\n"
+    store.release_data(envs[0])
+    assert envs[0].data is None and store.kept_bytes == 5
+    assert store.read_message(envs[2]) == b"xyz\n"
+    store.release_data(envs[2])                              # never kept: nothing to give back
+    assert store.kept_bytes == 5
+
+
+def test_message_written_in_pieces_is_not_kept(store):
+    tmp = store.begin()
+    tmp.write(b"first part\n")
+    tmp.finish("a@x", ["r@y"], None, data=b"second part\n")
+    assert tmp.envelope.data is None
+    assert store.read_message(tmp.envelope) == b"first part\nsecond part\n"
+
+
+def test_the_queue_directory_stays_open_for_its_group_fsyncs(store):
+    opened = []
+
+    class Counting(FileOps):
+        def hold_dir(self, path):
+            opened.append(path)
+            return super().hold_dir(path)
+
+    s = QueueStore(store.dir, ops=Counting())
+    for _ in range(3):
+        s.inject(b"body\n", "a@x", ["r@y"], trigger=False)
+    assert opened == [s.mess_dir]
+    assert len(s.list_ids()) == 3
+
+
 def test_move_corrupt_keeps_the_bytes(store):
     qid = store.inject(b"body\n", "a@x", ["r0@y"], trigger=False)
     before = open(store.message_path(qid), "rb").read()

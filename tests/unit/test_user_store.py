@@ -232,3 +232,30 @@ def test_unwritable_generation_file_falls_back_to_data_version(tmp_path, monkeyp
     b.add_user("joe@test.com", PW)
     assert a.lookup_recipient("joe@test.com") == "user"
     a.close(), b.close()
+
+
+def test_cached_users_and_aliases_follow_every_change(tmp_path):
+    """Local delivery asks get_user/get_alias for every message: cached, yet never stale."""
+    server, cli = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+    cli.add_domain("test.com")
+    assert server.get_user("joe@test.com") is None
+    assert server.get_user("joe@test.com") is None                     # a cached miss
+    cli.add_user("joe@test.com", PW, quota=100)
+    assert server.get_user("joe@test.com").quota == 100
+    cli.set_quota("joe@test.com", 200)
+    assert server.get_user("JOE@test.com").quota == 200
+    old_hash = server.get_user("joe@test.com").password_hash
+    cli.set_password("joe@test.com", PW + "x")
+    assert server.get_user("joe@test.com").password_hash != old_hash
+    assert server.check_password("joe@test.com", PW + "x") is not None
+    assert server.get_alias("info@test.com") is None
+    cli.add_alias("info@test.com", ["joe@test.com"])
+    targets = server.get_alias("info@test.com")
+    assert targets == ["joe@test.com"]
+    targets.append("mutated@test.com")                                  # a copy each time
+    assert server.get_alias("info@test.com") == ["joe@test.com"]
+    cli.add_alias("info@test.com", ["joe@test.com", "ann@example.org"])
+    assert server.get_alias("info@test.com") == ["joe@test.com", "ann@example.org"]
+    cli.del_user("joe@test.com")
+    assert server.get_user("joe@test.com") is None
+    server.close(), cli.close()
