@@ -8,16 +8,12 @@ Durability and speed
 A message is committed when its file (data, envelope, trailer) is fsynced, renamed from tmp/
 into mess/, and mess/ has been fsynced.  The Deferred of `commit()` fires only after all three.
 
-The disk does about 1,000 serial fsyncs a second but several times more when fsyncs overlap
-(ext4 folds concurrent fsyncs into one journal commit; see PEERS.md), so:
-
-* each commit's write + file fsync + rename runs in the thread pool, several at once;
-* the directory fsync is a *group commit*: one fsync of mess/ covers every rename that
-  completed before it started.  While one directory fsync is in flight, renames that finish
-  meanwhile wait for the next one, which starts as soon as the current one returns.
-
-So N concurrent injections cost N overlapping file fsyncs plus about one directory fsync,
-instead of 2N serial ones, and no Deferred fires before its own rename is durable.
+The disk does about 1,000 serial fsyncs a second, and every trip to a pool thread costs thread
+wake-ups and GIL hand-overs, so commits go in batches (mailappliance/batching.py): messages that
+end while a batch is in the pool go together in the next one, and one pool trip writes all
+their files, fsyncs and renames each into mess/, and then fsyncs mess/ once for all of them (a
+group commit).  So N concurrent injections cost N file fsyncs plus one directory fsync and one
+pool trip, and no Deferred fires before its own rename is durable.
 
 Nothing here blocks the reactor: `write()` only buffers until `FLUSH_BYTES` are pending and
 then hands the bytes to a pool thread (one write in flight per message, in order).
@@ -139,8 +135,9 @@ class MessageWriter:
             qid, env = yield self._injector._finish_soon(tmp, data, sender, recipients,
                                                           received_from)
         except BaseException as e:
+            self._injector.stats["write_errors"] += 1
             raise _as_write_error(e)
-        qid = yield self._injector._group_sync(qid, env)
+        self._injector._committed(qid, env)
         return qid
 
     def abort(self) -> None:
@@ -188,14 +185,9 @@ class Injector:
         self.threadpool = threadpool
         self.on_commit = on_commit
         self.on_commit_envelope = on_commit_envelope
-        # group commit state: renames waiting for a directory fsync, and the one in flight
-        self._waiting: list[tuple[int, Envelope, defer.Deferred]] = []
-        self._syncing = False
-        # batched finishes: messages whose last bytes, envelope and fsync wait for a pool trip
-        self._hold_sync = False
+        # batched commits: messages whose last bytes, envelope and fsyncs wait for a pool trip
         self._finisher = Batcher(lambda items: self._defer(self._finish_many, items),
-                                 max_batch=MAX_FINISH_BATCH, before=self._hold_group_sync,
-                                 after=self._release_group_sync)
+                                 max_batch=MAX_FINISH_BATCH)
         self.stats = {"commits": 0, "dir_syncs": 0, "write_errors": 0}
 
     def _defer(self, f, *args) -> defer.Deferred:
@@ -213,13 +205,13 @@ class Injector:
     # -- batched finishes ---------------------------------------------------------------------------
     def _finish_soon(self, tmp: TmpMessage | None, data: bytes, sender: str,
                      recipients: list[str], received_from: str | None) -> defer.Deferred:
-        """-> Deferred[(qid, envelope)] once the message's file is written, fsynced and renamed
-        into mess/ (durable after the group's directory fsync, `_group_sync`).
+        """-> Deferred[(qid, envelope)] once the message is committed: its file written,
+        fsynced and renamed into mess/, and mess/ fsynced.
 
         Messages that end while a batch is in the pool go together in the next one
         (mailappliance/batching.py): one pool trip writes all their files, starts the kernel's
-        writeback of all of them, then fsyncs and renames them one by one
-        (FileOps.start_writeback)."""
+        writeback of all of them (FileOps.start_writeback), fsyncs and renames them one by
+        one, then fsyncs mess/ once for the whole batch."""
         return self._finisher.submit((tmp, data, sender, recipients, received_from))
 
     def _finish_many(self, items: list[tuple]) -> list:
@@ -238,73 +230,32 @@ class Injector:
         if len(written) > 1:
             for _k, t in written:
                 t.start_writeback()
+        renamed: list[int] = []
         for k, t in written:
             try:
                 qid = t.complete()
                 out[k] = (qid, t.envelope)
+                renamed.append(k)
             except BaseException as e:      # noqa: BLE001 - this message only
                 out[k] = e
+        if renamed:
+            # The group commit: one directory fsync makes every rename above durable.
+            self.stats["dir_syncs"] += 1
+            try:
+                store.sync()
+            except BaseException as e:      # noqa: BLE001 - not known durable: withdraw all
+                for k in renamed:
+                    store._unlink_quietly(store.message_path(out[k][0]))
+                    out[k] = e
         return out
 
-    # The whole batch joins one directory fsync: it is held while the batch's Deferreds fire
-    # (each resumes its commit() synchronously and asks for the sync), then started once.
-    def _hold_group_sync(self) -> None:
-        self._hold_sync = True
-
-    def _release_group_sync(self) -> None:
-        self._hold_sync = False
-        if self._waiting and not self._syncing:
-            self._start_sync()
-
-    # -- group commit of the directory fsync ------------------------------------------------------
-    def _group_sync(self, qid: int, env: Envelope) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._waiting.append((qid, env, d))
-        if not self._syncing and not self._hold_sync:
-            self._start_sync()
-        return d
-
-    def _start_sync(self) -> None:
-        batch, self._waiting = self._waiting, []
-        self._syncing = True
-        self.stats["dir_syncs"] += 1
-        d = self._defer(self.store.sync)
-
-        def ok(_):
-            self._syncing = False
-            if self._waiting:
-                self._start_sync()
-            for qid, env, waiter in batch:
-                self.stats["commits"] += 1
-                try:
-                    if self.on_commit is not None:
-                        self.on_commit(qid)
-                    if self.on_commit_envelope is not None:
-                        self.on_commit_envelope(env)
-                except Exception:
-                    self.log.failure("on_commit({qid}) failed", qid=qid)
-                waiter.callback(qid)
-
-        def failed(f: Failure):
-            self._syncing = False
-            if self._waiting:
-                self._start_sync()
-            err = _as_write_error(f.value)
-            self.stats["write_errors"] += len(batch)
-            self.log.error("queue directory fsync failed: {err}", err=str(f.value))
-            # Not known durable: withdraw these messages, then report the failure.
-            qids = [q for q, _e, _d in batch]
-
-            def withdraw():
-                for q in qids:
-                    self.store._unlink_quietly(self.store.message_path(q))
-
-            w = self._defer(withdraw)
-
-            def report(_):
-                for _q, _e, waiter in batch:
-                    waiter.errback(Failure(err))
-
-            w.addBoth(report)
-
-        d.addCallbacks(ok, failed)
+    def _committed(self, qid: int, env: Envelope) -> None:
+        """On the reactor thread, before commit()'s Deferred fires: tell the queue manager."""
+        self.stats["commits"] += 1
+        try:
+            if self.on_commit is not None:
+                self.on_commit(qid)
+            if self.on_commit_envelope is not None:
+                self.on_commit_envelope(env)
+        except Exception:
+            self.log.failure("on_commit({qid}) failed", qid=qid)

@@ -93,8 +93,9 @@ def test_inject_convenience(tmp_path):
 
 
 def test_group_commit_never_fires_before_its_own_rename_is_synced(tmp_path):
-    """Renames that finish while a directory fsync runs wait for the next one; one directory
-    fsync covers all renames that finished before it started."""
+    """Messages that end while a batch is in the pool go together in the next one; one
+    directory fsync, in the same pool trip, covers every rename of its batch, and no commit
+    fires before it."""
     pool = DeferredThreadPool()
     ops = CountingOps()
     store, inj = make(tmp_path, pool=pool, ops=ops)
@@ -105,20 +106,14 @@ def test_group_commit_never_fires_before_its_own_rename_is_synced(tmp_path):
         w.write(name.encode() * 10)
         ds[name] = w.commit("s@x", ["r@y"])
         ds[name].addCallback(lambda qid, n=name: fired.setdefault(n, qid))
-    # A's finish is in the pool; B, C, D wait for the next batch; nothing on disk, nothing fired
-    assert len(pool.pending) == 1 and not fired
-    pool.run_one()                       # A: write, fsync, rename -> starts dir sync #1
-    assert ops.calls.count("rename") == 1 and len(pool.pending) == 2  # sync #1, batch B-D
-    assert not fired
-    pool.run_one()                       # sync #1: covers A only
-    assert set(fired) == {"A"}
-    pool.run_one()                       # B, C, D: written, then fsynced, then renamed
-    assert ops.calls.count("rename") == 4 and not set(fired) & set("BCD")
-    assert len(pool.pending) == 1        # one sync #2 for B, C, D together
-    pool.run_one()
+    # A's batch is in the pool; B, C, D wait for the next batch; nothing on disk, nothing fired
+    assert len(pool.pending) == 1 and not fired and ops.calls == []
+    pool.run_one()                       # A: write, fsync, rename, fsync mess/ -> fired
+    assert ops.calls == ["write", "fsync", "rename", "fsync_dir"]
+    assert set(fired) == {"A"} and len(pool.pending) == 1          # the batch B-D
+    pool.run_one()                       # B, C, D: written, fsynced, renamed, one fsync of mess/
+    assert ops.calls[4:] == ["write"] * 3 + ["fsync", "rename"] * 3 + ["fsync_dir"]
     assert set(fired) == set("ABCD")
-    assert ops.calls.count("fsync_dir") == 2
-    assert ops.calls.count("fsync") == 4
     assert inj.stats["dir_syncs"] == 2 and inj.stats["commits"] == 4
     assert len(set(fired.values())) == 4
 
@@ -169,14 +164,17 @@ def test_failed_directory_fsync_fails_every_message_of_its_batch(tmp_path):
     pool = DeferredThreadPool()
     ops = CountingOps()
     store, inj = make(tmp_path, pool=pool, ops=ops)
+    first = inj.inject(b"m\n", "a@x", ["b@y"])
     ds = [inj.inject(b"m\n", "a@x", ["b@y"]) for _ in range(3)]
-    pool.run_one()          # first rename -> sync #1 queued
+    pool.run_one()                       # the first batch commits
+    first_qid = result(first)
+    assert isinstance(first_qid, int)
     ops.fail = "fsync_dir"
-    pool.run_one(); pool.run_one()
-    pool.run_all(); pool.run_all(); pool.run_all()
+    pool.run_one()                       # the second batch: renamed, but mess/ not synced
     outcomes = [result(d) for d in ds]
     assert all(hasattr(o, "check") and o.check(QueueWriteError) for o in outcomes)
-    assert os.listdir(store.mess_dir) == []
+    assert os.listdir(store.mess_dir) == [str(first_qid)]          # withdrawn, all three
+    assert inj.stats["write_errors"] == 3 and inj.stats["commits"] == 1
 
 
 def test_bad_addresses_are_refused_before_any_io(tmp_path):
