@@ -730,6 +730,11 @@ class Resolver(ResolverBase):
             if isinstance(self._open_udp, _UDPSocketPool):
                 self._open_udp.close()          # idle sockets are connected to the old servers
 
+    def close(self) -> None:
+        """Close the pooled idle UDP sockets (at shutdown; queries in flight close theirs)."""
+        if isinstance(self._open_udp, _UDPSocketPool):
+            self._open_udp.close()
+
     # public API
 
     def query(self, name: str, rdtype: int | str, timeout: float | None = None) -> Deferred:
@@ -1205,3 +1210,4 @@ def attach(app, parent) -> None:
     """make_service component: app.resolver from settings.dns (resolv.conf when empty)."""
     app.resolver = Resolver(app.reactor, app.settings.dns.nameservers)
     app.reload_hooks.append(app.resolver.reload)
+    app.reactor.addSystemEventTrigger("after", "shutdown", app.resolver.close)

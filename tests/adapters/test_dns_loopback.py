@@ -42,7 +42,9 @@ class Base(unittest.TestCase):
 
     def resolver(self, **kw):
         kw.setdefault("attempt_timeout", 2)
-        return Resolver(reactor, [self.address], **kw)
+        r = Resolver(reactor, [self.address], **kw)
+        self.addCleanup(r.close)
+        return r
 
 
 class ResolverTests(Base):
@@ -118,6 +120,8 @@ class ResolverTests(Base):
                 await r.query(f"{i}.bl.test", "A")
         self.assertEqual([e.get("log_format") for e in events], [])
         self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before)
+        r.close()                                    # at shutdown: the pooled socket goes too
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before - 1)
 
     async def test_a_socket_is_reused_only_after_a_clean_answer(self):
         """The UDP socket pool: clean endings go back, anything else is closed for good."""
@@ -222,6 +226,7 @@ class SubprocessTests(unittest.TestCase):
 
     async def test_answers_counts_and_modes(self):
         r = Resolver(reactor, [(self.proc.host, self.proc.port)], attempt_timeout=1, attempts=1)
+        self.addCleanup(r.close)
         self.assertEqual((await r.query("2.0.0.127.bl.test", "A")).addresses(), ["127.0.0.2"])
         self.assertEqual(self.proc.count(), 1)
         self.assertEqual(self.proc.count("2.0.0.127.bl.test", "A"), 1)
