@@ -16,6 +16,7 @@ The watcher runs as ``python benchmarks/common.py watch DIR`` (see `watch_main`)
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import ctypes.util
@@ -503,6 +504,16 @@ def run_smtp_source(port: int, sessions: int, messages: int, size: int,
     client_cpu = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
     return {"cmd": " ".join(cmd), "wall": wall, "rc": rc, "stderr": err[-500:],
             "client_cpu": client_cpu}
+
+
+async def read_smtp_reply(reader: "asyncio.StreamReader", timeout: float) -> bytes:
+    """Read one SMTP reply (possibly multi-line) within `timeout` s; return its last line."""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        if not line:
+            raise ConnectionError("server closed the connection")
+        if len(line) < 4 or line[3:4] != b"-":
+            return line
 
 
 # --- idle connections -----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import read_smtp_reply  # noqa: E402
 from mailappliance.testing.dnsserver import DNSServerProcess  # noqa: E402
 from tests.integration.server import ServerProcess  # noqa: E402
 
@@ -65,12 +66,7 @@ def source_address(i: int) -> str:
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:
     """Read one SMTP reply (possibly multi-line); return its last line."""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), REPLY_TIMEOUT)
-        if not line:
-            raise ConnectionError("server closed the connection")
-        if len(line) < 4 or line[3:4] != b"-":
-            return line
+    return await read_smtp_reply(reader, REPLY_TIMEOUT)
 
 
 def message_body(size: int) -> bytes:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_SCRATCH, AiosmtpdPeer, OurServer, settle  # noqa: E402
+from benchmarks.common import (DEFAULT_SCRATCH, AiosmtpdPeer, OurServer,  # noqa: E402
+                               read_smtp_reply, settle)
 
 PHASES = ("connect+220", "HELO", "MAIL", "RCPT", "DATA", "message+250", "QUIT")
 # Bounds every wait for a reply: a server that stops answering ends the run with an error.
@@ -39,12 +40,7 @@ def message(size: int) -> bytes:
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:
-    while True:
-        line = await asyncio.wait_for(reader.readline(), REPLY_TIMEOUT)
-        if not line:
-            raise ConnectionError("server closed the connection")
-        if len(line) < 4 or line[3:4] != b"-":
-            return line
+    return await read_smtp_reply(reader, REPLY_TIMEOUT)
 
 
 async def _session(port: int, body: bytes, times: dict[str, list[float]]) -> None:
