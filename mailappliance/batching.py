@@ -5,13 +5,13 @@ Items submitted while a batch is in the pool wait and go together in the next on
 does the work of many items, instead of one pool thread per item contending for the GIL (the
 dominant cost at high rates: docs/ARCHITECTURE.md, "Threads, the GIL and batches").
 
-    batcher = Batcher(run, max_batch=64, after=...)
+    batcher = Batcher(run, max_batch=64)
     d = batcher.submit(item)        # Deferred[outcome of this item]
 
 `run(items)` -> Deferred[list of outcomes, one per item, in order]; an outcome that is an
 exception (or Failure) fails that item's Deferred alone, a failed `run` fails them all. The
-Deferreds fire in submission order, then `after()` runs (if given), then the next batch
-starts, so whatever the callbacks submitted goes into it.
+Deferreds fire in submission order, then the next batch starts, so whatever the callbacks
+submitted goes into it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from twisted.python.failure import Failure
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list], defer.Deferred], max_batch: int | None = 64,
-                 before: Callable[[], None] | None = None,
-                 after: Callable[[], None] | None = None) -> None:
+    def __init__(self, run: Callable[[list], defer.Deferred],
+                 max_batch: int | None = 64) -> None:
         self._run = run
         self.max_batch = max_batch
-        self._before = before
-        self._after = after
         self._queued: list[tuple[Any, defer.Deferred]] = []
         self._running = False
 
@@ -56,17 +53,11 @@ class Batcher:
 
     def _done(self, outcomes, batch) -> None:
         self._running = False
-        if self._before is not None:
-            self._before()
-        try:
-            for k, (_item, d) in enumerate(batch):
-                out = outcomes if isinstance(outcomes, Failure) else outcomes[k]
-                if isinstance(out, (Failure, BaseException)):
-                    d.errback(out)
-                else:
-                    d.callback(out)
-        finally:
-            if self._after is not None:
-                self._after()
+        for k, (_item, d) in enumerate(batch):
+            out = outcomes if isinstance(outcomes, Failure) else outcomes[k]
+            if isinstance(out, (Failure, BaseException)):
+                d.errback(out)
+            else:
+                d.callback(out)
         if self._queued and not self._running:
             self._next()

@@ -56,14 +56,13 @@ def test_an_item_that_failed_fails_alone_and_a_failed_trip_fails_all():
     assert all(f.check(OSError) for f in got)
 
 
-def test_before_and_after_wrap_the_callbacks_and_what_they_submit_goes_next():
+def test_what_the_callbacks_submit_goes_into_the_next_batch():
     order = []
     run = Trips()
-    b = Batcher(run, before=lambda: order.append("before"),
-                after=lambda: order.append("after"))
+    b = Batcher(run)
     b.submit("x").addCallback(lambda r: (order.append(r), b.submit("y")))
     run.trips[0][1].callback(["X"])
-    assert order == ["before", "X", "after"]
+    assert order == ["X"]
     assert [items for items, _ in run.trips] == [["x"], ["y"]]
 
 
