@@ -90,6 +90,27 @@ def format_stat(s: StatSnapshot, now: float) -> list[str]:
     return lines
 
 
+def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | None) -> list[str]:
+    """Counters since start for `stat`: queue commits and their group fsyncs, delivery
+    results, DNS lookups. Each argument is the component's `stats` dict, or None without it."""
+    lines = []
+    if injector is not None:
+        commits, syncs = injector.get("commits", 0), injector.get("dir_syncs", 0)
+        per = f", {commits / syncs:.1f} per directory fsync" if syncs else ""
+        lines.append(f"queue since start: {commits} messages committed in {syncs} group "
+                     f"commits{per}, {injector.get('write_errors', 0)} write errors")
+    if manager is not None:
+        lines.append(f"deliveries since start: {manager.get('success', 0)} success, "
+                     f"{manager.get('deferral', 0)} deferral, {manager.get('failure', 0)} "
+                     f"failure; {manager.get('bounces', 0)} bounces")
+    if resolver is not None:
+        lines.append(f"dns since start: {resolver.get('queries', 0)} lookups, "
+                     f"{resolver.get('cache_hits', 0)} from cache, "
+                     f"{resolver.get('timeouts', 0)} timeouts, "
+                     f"{resolver.get('failures', 0)} failed")
+    return lines
+
+
 _STATE_WORDS = {"todo": "todo", "done": "done", "failed": "failed"}
 
 

@@ -427,7 +427,10 @@ def cmd_stat(proto, cmd):
             services=_listener_services(app), queue=facts.status, queue_why=facts.why,
             last_errors=tuple(last), config_path=str(settings.config_path)
             if settings.config_path else None,
-            config_loaded=app.stats.get("config_loaded"), rules=rules)
+            config_loaded=app.stats.get("config_loaded"), rules=rules,
+            extra=tuple(report.counter_lines(_stats_of(app, "injector"),
+                                             _stats_of(app, "queue_manager"),
+                                             _stats_of(app, "resolver"))))
         return report.format_stat(snap, proto.factory.clock())
 
     # The directory is counted in the pool; the manager's counters live on the reactor thread.
@@ -435,6 +438,11 @@ def cmd_stat(proto, cmd):
     d.addCallback(lambda n: queue_facts(app, n))
     d.addCallback(build)
     return d
+
+
+def _stats_of(app, name: str) -> dict | None:
+    stats = getattr(getattr(app, name, None), "stats", None)
+    return dict(stats) if isinstance(stats, dict) else None
 
 
 def queue_count(app) -> int | None:

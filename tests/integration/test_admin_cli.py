@@ -156,3 +156,30 @@ def test_loopback_tcp_admin_with_a_token(make_server):
     res = srv.cli("stat", check=False)
     assert res.returncode == 1
     assert res.stderr == "mailappliance: admin token refused: error: authentication failed\n"
+
+
+def test_stat_shows_counters_since_start(server):
+    """Commits, group commits, delivery results and DNS lookups, counted since start."""
+    import re
+    import smtplib
+
+    def counters():
+        out = server.cli("stat").stdout
+        return {l.split(" since start:")[0]: l for l in out.splitlines() if " since start:" in l}
+
+    before = counters()
+    assert set(before) == {"queue", "deliveries", "dns"}
+    server.cli("domain", "add", "counted.test")
+    server.cli("user", "add", "dana@counted.test", "--password-stdin", input="D4na-secret!\n")
+    with smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=10) as s:
+        s.sendmail("a@example.org", ["dana@counted.test"], b"Subject: counted\r\n\r\nhi\r\n")
+
+    def delivered():
+        m = re.search(r"deliveries since start: (\d+) success", counters()["deliveries"])
+        b = re.search(r"deliveries since start: (\d+) success", before["deliveries"])
+        return m and int(m.group(1)) == int(b.group(1)) + 1
+    wait_for(delivered, what="the delivery counted")
+    queue = counters()["queue"]
+    committed = int(re.search(r"(\d+) messages committed", queue).group(1))
+    old = int(re.search(r"(\d+) messages committed", before["queue"]).group(1))
+    assert committed == old + 1 and "0 write errors" in queue

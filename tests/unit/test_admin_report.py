@@ -51,6 +51,23 @@ def test_stat_without_queue_rules_or_errors_says_so():
     assert lines[-1] == "last errors: none"
 
 
+def test_counters_since_start():
+    assert r.counter_lines({"commits": 90, "dir_syncs": 12, "write_errors": 1},
+                           {"success": 80, "deferral": 5, "failure": 2, "bounces": 2},
+                           {"queries": 40, "cache_hits": 30, "timeouts": 1, "failures": 2}) == [
+        "queue since start: 90 messages committed in 12 group commits, 7.5 per directory "
+        "fsync, 1 write errors",
+        "deliveries since start: 80 success, 5 deferral, 2 failure; 2 bounces",
+        "dns since start: 40 lookups, 30 from cache, 1 timeouts, 2 failed",
+    ]
+    assert r.counter_lines({"commits": 0, "dir_syncs": 0}, None, None) == [
+        "queue since start: 0 messages committed in 0 group commits, 0 write errors"]
+    lines = r.format_stat(snapshot(extra=tuple(r.counter_lines(None, {"success": 1}, None))),
+                          NOW)
+    assert lines[lines.index("status: local 0/10 remote 1/20") + 1] == \
+        "deliveries since start: 1 success, 0 deferral, 0 failure; 0 bounces"
+
+
 def test_queue_list_one_line_per_message_and_per_recipient_with_limit():
     entries = [QueueEntry(100 + i, NOW - 600, 2048, "a@test.com",
                           [("b@example.org", "todo"), ("c@test.com", "done")],
