@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -259,6 +260,10 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
             total = result["addresses_used"]
             result["dns_queries"] = dns.count()
             result["dns_queries_per_connection"] = dns.count() / total if total else None
+        # The server's own counters: how many messages shared a group commit (batching).
+        stat = srv.cli("stat", check=False).stdout
+        m = re.search(r"committed in \d+ group commits, ([\d.]+) per directory fsync", stat)
+        result["per_group_commit"] = float(m.group(1)) if m else None
     finally:
         srv.stop()
     result["label"] = label
@@ -299,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"replies {r['replies']}  "
                       f"errors {r['errors']}  cpu {r['cpu']} others {r['other_cores']}  "
                       f"server ms/conn "
-                      f"{r['server_cpu_ms_per_connection']}"
+                      f"{r['server_cpu_ms_per_connection']}  "
+                      f"per group commit {r['per_group_commit']}"
                       + (f"  dns/conn {r['dns_queries_per_connection']:.2f}"
                          if "dns_queries" in r else ""), flush=True)
 
