@@ -165,8 +165,10 @@ class FileOps:
             held = self._held = {}
             weakref.finalize(self, _close_all, held)
         if path not in held:
-            held[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-                                 | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+            if held.setdefault(path, fd) != fd:      # another thread was first: keep one
+                os.close(fd)
 
 
 def _close_all(fds: dict) -> None:
