@@ -2,7 +2,7 @@
 
     /work/venv/bin/python benchmarks/e2e_bench.py [--messages 6000] [--senders 20]
         [--size 2048] [--half-seconds 15] [--half-rate R] [--no-smtp-source]
-        [--only ours|postfix] [--profile] [--scratch /var/tmp] [--keep] [--source HEAD|DIR]
+        [--source-rounds 3] [--only ours|postfix] [--profile] [--scratch /var/tmp] [--keep] [--source HEAD|DIR]
 
 Both servers run in the same run, each in a fresh scratch folder on the real disk, on
 127.0.0.1: ours is `twistd -n mailappliance` (domain test.com, user test@test.com); Postfix is a
@@ -16,6 +16,8 @@ Phases, each server in turn:
     arrival in Maildir/new - first connect); also accepted msgs/s and latency p50/p99.
  2. smtp-source cross-check: the same count sent by postfix's C load generator (20 sessions),
     e2e msgs/s from the arrival times alone, to show whether the Python client limits phase 1.
+    Run `--source-rounds` times (3), the servers taking turns at going first; the table shows
+    the first round, the verdicts every round's ratio and the ratio of the mean rates.
  3. half load, open loop: messages sent at a fixed rate, by default half of Postfix's phase-1
     e2e rate (issue 4: "p99 latency under 100 ms at half of that load"), for --half-seconds;
     latency p50/p99/max.
@@ -323,6 +325,9 @@ def main() -> int:
     ap.add_argument("--half-rate", type=float, default=None,
                     help="msgs/s for the half-load phase (default: half of Postfix's e2e rate)")
     ap.add_argument("--no-smtp-source", action="store_true")
+    ap.add_argument("--source-rounds", type=int, default=3,
+                    help="smtp-source pairs to run (servers alternate who goes first); the "
+                    "table shows the first, the verdict every round's ratio and their mean")
     ap.add_argument("--only", choices=("ours", "postfix"))
     ap.add_argument("--profile", action="store_true",
                     help="one more closed-loop run of our server under py-spy (not in the "
@@ -340,6 +345,7 @@ def main() -> int:
     args.source_used = prepare_source(args.source, scratch)
     kinds = [args.only] if args.only else ["postfix", "ours"]
     servers, unavailable, results, profiled = {}, {}, [], []
+    source_pairs: list[dict] = []
     profile_path = scratch / "py-spy-ours-e2e.txt"
     stamp = time.strftime("%H%M%S")
     try:
@@ -354,15 +360,18 @@ def main() -> int:
                 print(f"{kind}: UNAVAILABLE: {e}", flush=True)
         ids = {k: HeaderCache("x-bench-id") for k in servers}
 
-        def paired(label: str, one) -> dict:
+        def paired(label: str, one, keep: bool = True, reverse: bool = False) -> dict:
             """Run one(kind, srv, tag) for every server back to back after waiting for a quiet
             machine; a pair disturbed by other load is measured again (--attempts), the least
-            disturbed pair is kept."""
+            disturbed pair is kept (in the table's results unless `keep` is false)."""
             best = None
+            order = list(servers.items())
+            if reverse:
+                order.reverse()
             for attempt in range(1, args.attempts + 1):
                 wait_quiet(args.quiet_wait)
                 pair = {}
-                for kind, srv in servers.items():
+                for kind, srv in order:
                     r = one(kind, srv, f"{label}{stamp}{attempt}{kind}")
                     r["attempt"] = attempt
                     pair[kind] = r
@@ -375,15 +384,19 @@ def main() -> int:
                 if disturbance <= DISTURBED_PCT:
                     break
                 print(f"  disturbed ({disturbance:.0f}% other CPU), attempt {attempt}", flush=True)
-            results.extend(best[1].values())
+            if keep:
+                results.extend(best[1].values())
             return best[1]
 
         maxres = paired("max", lambda kind, srv, run: phase(
             srv, "max", run, lambda: closed_loop(srv.port, run, args.messages, args.senders,
                                                  args.size), args.messages, scratch, ids[kind]))
         if not args.no_smtp_source:
-            paired("smtp-source", lambda kind, srv, run: smtp_source_phase(
-                srv, args.messages, args.senders, args.size, scratch))
+            for k in range(max(1, args.source_rounds)):
+                source_pairs.append(paired("smtp-source", lambda kind, srv, run:
+                                           smtp_source_phase(srv, args.messages, args.senders,
+                                                             args.size, scratch),
+                                           keep=(k == 0), reverse=bool(k % 2)))
         # Half load: half of Postfix's rate (issue 4's reference), and also half of our own
         # max when that is clearly lower (how we do at half of what we can take).
         rates = []
@@ -424,9 +437,11 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - keep stopping the others
                 print(f"stopping {srv.name}: {e}", flush=True)
 
-    text = report(results, unavailable, args, profile_path if args.profile else None)
+    text = report(results, unavailable, args, profile_path if args.profile else None,
+                  source_pairs)
     print(text)
     out = write_results("e2e", text, {"machine": machine_info(), "results": results,
+                                      "smtp_source_rounds": source_pairs,
                                       "unavailable": unavailable, "profiled_run": profiled,
                                       "args": vars(args)})
     print(f"\nwritten: {out}")
@@ -452,7 +467,8 @@ def _line(r: dict) -> str:
             + (f"; errors e.g. {r['error_samples'][:2]}" if r["errors"] else ""))
 
 
-def report(results: list[dict], unavailable: dict, args, profile_path) -> str:
+def report(results: list[dict], unavailable: dict, args, profile_path,
+           source_pairs: list[dict] | None = None) -> str:
     by = {(r["server"], r["phase"]): r for r in results}
     rows = []
     for ph, title in (("max", f"max, {args.senders} senders"),
@@ -488,6 +504,15 @@ def report(results: list[dict], unavailable: dict, args, profile_path) -> str:
     if so and sp:
         verdicts.append(f"e2e msgs/s ours/postfix (smtp-source): "
                         f"{ratio(so['e2e_rate'], sp['e2e_rate'])}")
+    rounds = [(pr["ours"]["e2e_rate"], pr["postfix"]["e2e_rate"]) for pr in source_pairs or ()
+              if "ours" in pr and "postfix" in pr and pr["ours"].get("e2e_rate")
+              and pr["postfix"].get("e2e_rate")]
+    if len(rounds) > 1:
+        mean_o = sum(o for o, _ in rounds) / len(rounds)
+        mean_p = sum(p for _, p in rounds) / len(rounds)
+        verdicts.append(f"smtp-source, {len(rounds)} rounds (first server alternating): "
+                        + ", ".join(f"{o:.1f}/{p:.1f} = {o / p:.2f}x" for o, p in rounds)
+                        + f"; mean {mean_o:.1f}/{mean_p:.1f} = {mean_o / mean_p:.2f}x")
     h = by.get(("mailappliance", "half"))
     if h and h["p99_ms"] is not None:
         verdicts.append(f"p99 at half of Postfix's max ({h['rate_offered']:.0f}/s) < "
