@@ -31,21 +31,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from mailappliance.queue.store import FileOps, write_all
+from mailappliance.queue.store import FileOps, process_id, write_all
 
 _seq = itertools.count(1)
-# The process id for unique names, read once (a getpid() per delivery is a system call, and on
-# this kind of VM every system call in a pool thread costs a GIL hand-over); a forked child
-# reads its own.
-_pid = os.getpid()
-
-
-def _reset_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_reset_pid)
 # A message chunk up to this size is written together with the two header lines (one write).
 JOIN_WRITE_MAX = 64 * 1024
 
@@ -73,7 +61,7 @@ def _safe_host(hostname: str) -> str:
 def unique_name(now: float, hostname: str) -> str:
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return "%d.M%dP%dQ%d.%s" % (sec, usec, _pid, next(_seq), _safe_host(hostname))
+    return "%d.M%dP%dQ%d.%s" % (sec, usec, process_id(), next(_seq), _safe_host(hostname))
 
 
 def _size_of(name: str, path: str) -> int:

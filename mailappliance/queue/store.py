@@ -405,7 +405,8 @@ _thread_shard = threading.local()
 _ids: dict[str, object] = {}
 
 
-def _pid() -> int:
+def process_id() -> int:
+    """os.getpid(), read once per process (also for Maildir names)."""
     pid = _ids.get("pid")
     if pid is None:
         pid = _ids["pid"] = os.getpid()
@@ -641,7 +642,7 @@ class QueueStore:
 
     # -- injection ------------------------------------------------------------------------------
     def begin(self) -> TmpMessage:
-        token = "%d.%d.%d.%08x" % (int(self.clock()), _pid(), next(_seq), _token_bits())
+        token = "%d.%d.%d.%08x" % (int(self.clock()), process_id(), next(_seq), _token_bits())
         path = os.path.join(self.tmp_dirs[_my_tmp_shard()], token)
         try:
             fd = self.ops.open_excl(path)

@@ -218,17 +218,15 @@ class UserStore:
 
     def has_domain(self, name: str) -> bool:
         db = self._db()
-        cache = db.cache()
-        key = ("d", name)
-        hit = cache.get(key)
-        if hit is None:
+
+        def lookup() -> bool:
             try:
                 domain = normalize_domain(name)
             except StoreError:
                 return False
-            hit = db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone() is not None
-            db.remember(key, hit)
-        return hit
+            return db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone() \
+                is not None
+        return db.cached(("d", name), lookup)
 
     # -- users -------------------------------------------------------------------------------
     def add_user(self, address: str, password: str, quota: int = 0) -> User:
@@ -300,15 +298,12 @@ class UserStore:
         except StoreError:
             return None
         db = self._db()
-        cache = db.cache()        # local delivery asks for every message: see _Tx
-        key = ("u", local, domain)
-        hit = cache.get(key, _MISS)
-        if hit is _MISS:
+
+        def lookup() -> User | None:     # local delivery asks for every message: see _Tx
             row = db.execute("SELECT domain, local, password_hash, quota FROM users "
                              "WHERE domain=? AND local=?", (domain, local)).fetchone()
-            hit = self._user(row) if row else None
-            db.remember(key, hit)
-        return hit
+            return self._user(row) if row else None
+        return db.cached(("u", local, domain), lookup)
 
     def list_users(self, domain: str | None = None) -> list[User]:
         if domain is None:
@@ -352,15 +347,13 @@ class UserStore:
         except StoreError:
             return None
         db = self._db()
-        cache = db.cache()
-        key = ("a", local, domain)
-        hit = cache.get(key, _MISS)
-        if hit is _MISS:
+
+        def lookup() -> tuple[str, ...] | None:
             row = db.execute("SELECT targets FROM aliases WHERE domain=? AND local=?",
                              (domain, local)).fetchone()
-            hit = tuple(json.loads(row[0])) if row else None
-            db.remember(key, hit)
-        return list(hit) if hit is not None else None
+            return tuple(json.loads(row[0])) if row else None
+        hit = db.cached(("a", local, domain), lookup)
+        return list(hit) if hit is not None else None     # a copy: callers may change it
 
     def list_aliases(self) -> list[tuple[str, list[str]]]:
         rows = self._db().execute("SELECT local, domain, targets FROM aliases "
@@ -373,13 +366,7 @@ class UserStore:
         if not isinstance(address, str) or "@" not in address:
             return "unknown"
         db = self._db()
-        cache = db.cache()
-        key = ("r", address)
-        hit = cache.get(key)
-        if hit is None:
-            hit = self._lookup_recipient(db, address)
-            db.remember(key, hit)
-        return hit
+        return db.cached(("r", address), lambda: self._lookup_recipient(db, address))
 
     @staticmethod
     def _lookup_recipient(db: "_Tx", address: str) -> str:
@@ -524,6 +511,15 @@ class _Tx:
             self._cache.clear()
             self._token = token
         return self._cache
+
+    def cached(self, key, lookup):
+        """The cached answer for `key`, else `lookup()`'s, remembered."""
+        cache = self.cache()
+        hit = cache.get(key, _MISS)
+        if hit is _MISS:
+            hit = lookup()
+            self.remember(key, hit)
+        return hit
 
     def remember(self, key, value) -> None:
         if self.conn.in_transaction:
