@@ -154,11 +154,11 @@ class LocalDeliverer:
                     continue
                 user, address, data = prep
                 maildir = str(user.maildir)
-                p = maildir_mod.begin(maildir, [data], return_path=env.sender,
-                                      delivered_to=address, hostname=self.hostname,
-                                      now=self.clock(), quota=user.quota, size_hint=env.size,
-                                      ops=self.maildir_ops,
-                                      pending_bytes=bytes_for.get(maildir, 0))
+                p = maildir_mod.prepare(maildir, return_path=env.sender,
+                                        delivered_to=address, hostname=self.hostname,
+                                        now=self.clock(), quota=user.quota,
+                                        size_hint=env.size, data=data,
+                                        pending_bytes=bytes_for.get(maildir, 0))
                 bytes_for[maildir] = bytes_for.get(maildir, 0) + p.size
                 pending.append((k, p))
             except maildir_mod.MaildirError as e:
@@ -167,6 +167,8 @@ class LocalDeliverer:
                 outcomes[k] = e
         if pending:
             try:
+                # one call creates every tmp/ file, one writes, fsyncs and renames them all
+                maildir_mod.create_many([p for _, p in pending], self.maildir_ops)
                 maildir_mod.finish_many([p for _, p in pending], self.maildir_ops)
             except Exception as e:  # noqa: BLE001 - not known delivered: all temporary
                 for k, p in pending:

@@ -100,12 +100,14 @@ def _error_text(e: OSError) -> str:
 
 
 class Pending:
-    """A message written to tmp/ but not yet synced or visible: `begin` makes it (steps 1-2),
-    `finish_many` completes steps 3-5 for any number of them; `deliver` does both for one."""
+    """A message on its way into a Maildir: `prepare` names it, `begin` (or `create_many`)
+    makes its tmp/ file (steps 1-2), `finish_many` completes steps 3-5 for any number of
+    them; `deliver` does all for one. `data` holds bytes not yet written (the header lines
+    and a message given whole), which `finish_many` writes in the same call as the fsyncs."""
 
-    __slots__ = ("maildir", "tmp", "name", "fd", "size", "lines", "final", "error")
+    __slots__ = ("maildir", "tmp", "name", "fd", "size", "lines", "final", "error", "data")
 
-    def __init__(self, maildir: str, tmp: str, name: str, fd: int) -> None:
+    def __init__(self, maildir: str, tmp: str, name: str, fd: int | None) -> None:
         self.maildir = maildir
         self.tmp = tmp
         self.name = name
@@ -114,6 +116,54 @@ class Pending:
         self.lines = 0
         self.final: str | None = None
         self.error: MaildirError | None = None
+        self.data: bytes | None = None
+
+
+def prepare(maildir: Path | str, *, return_path: str, delivered_to: str, hostname: str,
+            now: float, quota: int = 0, size_hint: int | None = None,
+            pending_bytes: int = 0, data: bytes | None = None) -> Pending:
+    """Step 0, no system call but the quota's: check the quota, pick the unique name, and
+    with `data` (the whole message) keep the bytes to write: the two header lines and it.
+
+    `pending_bytes`: bytes already on their way into this Maildir in the same batch (quota).
+    Raises MaildirError (temporary)."""
+    maildir = str(maildir)
+    header = ("Return-Path: <%s>\nDelivered-To: %s\n" % (return_path, delivered_to)).encode(
+        "utf-8", "surrogateescape")
+    if quota > 0:
+        expected = len(header) + (size_hint or 0)
+        if usage(maildir) + pending_bytes + expected > quota:
+            raise MaildirError(TEXT_FULL)
+    name = unique_name(now, hostname)
+    p = Pending(maildir, os.path.join(maildir, "tmp", name), name, None)
+    if data is not None:
+        p.data = header + data
+        p.size, p.lines = len(p.data), p.data.count(b"\n")
+    else:
+        p.data = header
+        p.size, p.lines = len(header), 2
+    return p
+
+
+def create_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pending]:
+    """Step 1 for several prepared messages in one FileOps.create_many call; a Maildir that
+    is missing (a new user's first message, or one someone removed) is created and the file
+    tried again. A message that cannot be created gets `error`."""
+    ops = ops or FileOps()
+    todo = [p for p in pendings if p.error is None and p.fd is None]
+    for p, r in zip(todo, ops.create_many([p.tmp for p in todo])):
+        if isinstance(r, FileNotFoundError):
+            # Checking for the directories before every delivery would cost six system calls.
+            try:
+                make_dirs(p.maildir)
+                p.fd = ops.open_excl(p.tmp)
+            except OSError as e:
+                p.error = MaildirError(_error_text(e))
+        elif isinstance(r, OSError):
+            p.error = MaildirError(_error_text(r))
+        else:
+            p.fd = r[0]
+    return pendings
 
 
 def begin(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
@@ -125,26 +175,14 @@ def begin(maildir: Path | str, chunks: Iterable[bytes], *, return_path: str,
     `pending_bytes`: bytes already on their way into this Maildir in the same batch (quota).
     Raises MaildirError (temporary); nothing is left behind then."""
     ops = ops or FileOps()
-    maildir = str(maildir)
-    header = ("Return-Path: <%s>\nDelivered-To: %s\n" % (return_path, delivered_to)).encode(
-        "utf-8", "surrogateescape")
-    if quota > 0:
-        expected = len(header) + (size_hint or 0)
-        if usage(maildir) + pending_bytes + expected > quota:
-            raise MaildirError(TEXT_FULL)
-    name = unique_name(now, hostname)
-    tmp = os.path.join(maildir, "tmp", name)
-    try:
-        try:
-            fd = ops.open_excl(tmp)
-        except FileNotFoundError:
-            # A new user's first message (or a Maildir someone removed): create it. Checking
-            # for the directories before every delivery would cost six system calls each.
-            make_dirs(maildir)
-            fd = ops.open_excl(tmp)
-    except OSError as e:
-        raise MaildirError(_error_text(e)) from e
-    p = Pending(maildir, tmp, name, fd)
+    p = prepare(maildir, return_path=return_path, delivered_to=delivered_to,
+                hostname=hostname, now=now, quota=quota, size_hint=size_hint,
+                pending_bytes=pending_bytes)
+    header, p.data = p.data, None
+    create_many([p], ops)
+    if p.error is not None:
+        raise p.error
+    fd = p.fd
     try:
         chunks = iter(chunks)
         first = next(chunks, b"")
@@ -187,63 +225,54 @@ def discard(p: Pending, ops: FileOps) -> None:
 
 
 def finish_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pending]:
-    """Steps 3-5 for several messages: fsync each file, link each into new/, then fsync each
-    new/ directory once for all the names linked into it (a group commit: N messages to one
-    Maildir cost N file fsyncs and one directory fsync, and the file fsyncs after the first
-    find their data already written by the journal commit it caused).
+    """Steps 2-5 for several messages: write what is left to write, fsync each file, rename
+    each into new/, then fsync each new/ directory once for all the names renamed into it (a
+    group commit: N messages to one Maildir cost N file fsyncs and one directory fsync, and
+    the file fsyncs after the first find their data already written by the journal commit
+    it caused). All of it is one FileOps.commit_many call.
 
     Each Pending ends with `final` (its name in new/, durable) or `error` (a MaildirError;
     nothing of it is left in new/), independently of the others."""
     ops = ops or FileOps()
-    if len(pendings) > 1:
-        for p in pendings:
-            if p.error is None and p.fd is not None:
-                ops.start_writeback(p.fd)
-    for p in pendings:                                     # 3. fsync and close
-        if p.error is not None or p.fd is None:
+    todo = [p for p in pendings if p.error is None and p.fd is not None]
+    finals = ["%s,S=%d,W=%d" % (p.name, p.size, p.size + p.lines) for p in todo]
+    items = [(p.fd, p.data, p.tmp, os.path.join(p.maildir, "new", final))
+             for p, final in zip(todo, finals)]
+    new_dirs = list(dict.fromkeys(os.path.join(p.maildir, "new") for p in todo))
+    errs, derrs = ops.commit_many(items, new_dirs)
+    dir_error = dict(zip(new_dirs, derrs))
+    rescued: set[int] = set()
+    for p, final, err in zip(todo, finals, errs):
+        p.data = None
+        if err is None:
+            p.fd, p.final = None, final
             continue
-        try:
-            ops.fsync(p.fd)
-        except OSError as e:
-            p.error = MaildirError(_error_text(e))
-            discard(p, ops)
-            continue
-        fd, p.fd = p.fd, None
-        try:
-            ops.close(fd)
-        except OSError as e:
-            p.error = MaildirError(_error_text(e))
-            discard(p, ops)
-    linked: dict[str, list[Pending]] = {}
-    for p in pendings:                                     # 4. rename into new/
-        if p.error is not None:
-            continue
-        final = "%s,S=%d,W=%d" % (p.name, p.size, p.size + p.lines)
-        new_dir = os.path.join(p.maildir, "new")
-        try:
+        step, e = err
+        if step not in ("write", "fsync"):
+            p.fd = None                                     # closed already
+        if step == "rename" and isinstance(e, FileNotFoundError):
+            new_dir = os.path.join(p.maildir, "new")         # new/ went missing meanwhile
             try:
+                make_dirs(p.maildir)
                 ops.rename(p.tmp, os.path.join(new_dir, final))
-            except FileNotFoundError:
-                make_dirs(p.maildir)                        # new/ went missing meanwhile
-                ops.rename(p.tmp, os.path.join(new_dir, final))
-        except OSError as e:
+                ops.fsync_dir(new_dir)
+                p.final = final
+                rescued.add(id(p))
+                continue
+            except OSError as e2:
+                e = e2
+        p.error = MaildirError(_error_text(e))
+        discard(p, ops)
+    for p in todo:                                         # new/ not known durable
+        e = dir_error.get(os.path.join(p.maildir, "new"))
+        if e is not None and p.final is not None and id(p) not in rescued:
+            # take it back so a retry cannot leave two copies
+            try:
+                ops.unlink(os.path.join(p.maildir, "new", p.final))
+            except OSError:
+                pass
+            p.final = None
             p.error = MaildirError(_error_text(e))
-            discard(p, ops)
-            continue
-        p.final = final
-        linked.setdefault(new_dir, []).append(p)
-    for new_dir, group in linked.items():                  # 5. fsync new/, once per Maildir
-        try:
-            ops.fsync_dir(new_dir)
-        except OSError as e:
-            # not known durable: take them back so a retry cannot leave two copies
-            for p in group:
-                try:
-                    ops.unlink(os.path.join(new_dir, p.final))
-                except OSError:
-                    pass
-                p.final = None
-                p.error = MaildirError(_error_text(e))
     return pendings
 
 

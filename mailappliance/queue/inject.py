@@ -215,38 +215,31 @@ class Injector:
         return self._finisher.submit((tmp, data, sender, recipients, received_from))
 
     def _finish_many(self, items: list[tuple]) -> list:
-        """In a pool thread: each message's (qid, envelope), or the exception it met."""
+        """In a pool thread: each message's (qid, envelope), or the exception it met.
+
+        Three calls into FileOps for the whole batch, each of which the C helper makes with
+        the GIL released once: create the tmp/ files of messages that have none yet, then
+        (after the envelopes are encoded) write, fsync and rename every file and fsync mess/
+        (QueueStore.complete_many)."""
         store = self.store
-        out: list = []
-        written: list[tuple[int, TmpMessage]] = []
-        for tmp, data, sender, recipients, received_from in items:
+        out: list = [None] * len(items)
+        fresh = iter(store.begin_many(sum(1 for item in items if item[0] is None)))
+        finished: list[tuple[int, TmpMessage]] = []
+        for k, (tmp, data, sender, recipients, received_from) in enumerate(items):
+            t = tmp or next(fresh)
+            if isinstance(t, BaseException):
+                out[k] = t
+                continue
             try:
-                t = tmp or store.begin()
-                t.finish(sender, recipients, received_from, data=data, sync=False)
-                written.append((len(out), t))
-                out.append(None)
-            except BaseException as e:      # noqa: BLE001 - this message only
-                out.append(e)
-        if len(written) > 1:
-            for _k, t in written:
-                t.start_writeback()
-        renamed: list[int] = []
-        for k, t in written:
-            try:
-                qid = t.complete()
-                out[k] = (qid, t.envelope)
-                renamed.append(k)
+                t.finish(sender, recipients, received_from, data=data, write=False)
+                finished.append((k, t))
             except BaseException as e:      # noqa: BLE001 - this message only
                 out[k] = e
-        if renamed:
-            # The group commit: one directory fsync makes every rename above durable.
+        results = store.complete_many([t for _k, t in finished])
+        if finished:
             self.stats["dir_syncs"] += 1
-            try:
-                store.sync()
-            except BaseException as e:      # noqa: BLE001 - not known durable: withdraw all
-                for k in renamed:
-                    store._unlink_quietly(store.message_path(out[k][0]))
-                    out[k] = e
+        for (k, t), r in zip(finished, results):
+            out[k] = r if isinstance(r, BaseException) else (r, t.envelope)
         return out
 
     def _committed(self, qid: int, env: Envelope) -> None:

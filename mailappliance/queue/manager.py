@@ -550,8 +550,7 @@ class QueueManager(service.Service):
 
     def _remove_many(self, items: list[tuple[int, bool]]) -> list[None]:
         """In a thread: remove the messages; an error fails the whole batch (as before)."""
-        for qid, bounce_file in items:
-            self.store.remove(qid, bounce_file)
+        self.store.remove_many(items)
         return [None] * len(items)
 
     def _persist(self, env: Envelope, final, next_try: float | None) -> None:

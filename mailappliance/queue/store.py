@@ -55,6 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+try:   # optional C helper (setup.py): a batch of file system calls with the GIL released once
+    from mailappliance import _fileops as _native
+except ImportError:     # pragma: no cover - built wherever a C compiler is
+    _native = None
+
 # --- names and limits ------------------------------------------------------------------------
 
 TMP, MESS, BOUNCE, CORRUPT = "tmp", "mess", "bounce", "corrupt"
@@ -169,6 +174,113 @@ class FileOps:
                          | getattr(os, "O_CLOEXEC", 0))
             if held.setdefault(path, fd) != fd:      # another thread was first: keep one
                 os.close(fd)
+
+
+    # -- batches: the same calls for many files, in one GIL-free call when possible ------------
+    #
+    # A pool thread gives up the GIL for each system call and has to win it back from the
+    # reactor thread after it; with a busy reactor that wait (up to the interpreter's 5 ms
+    # switch interval) is longer than the call. mailappliance/_fileops.c makes the same calls,
+    # in the same order and with the same per-file results, with the GIL released once per
+    # batch. A subclass (a test making one call fail) always gets the per-call Python path, so
+    # its overrides are honoured.
+
+    def _native_for(self, *names: str) -> bool:
+        if _native is None or not NATIVE_BATCHES:
+            return False
+        cls = type(self)
+        return cls is FileOps or all(getattr(cls, n) is getattr(FileOps, n) for n in names)
+
+    def create_many(self, paths: list[str]) -> list:
+        """open_excl each path -> per path (fd, inode number) or the OSError it met."""
+        if self._native_for("open_excl"):
+            return [(fd, ino) if fd >= 0 else _os_error(-fd, path)
+                    for path, (fd, ino) in zip(paths, _native.create_files(paths, 0o600))]
+        out: list = []
+        for path in paths:
+            try:
+                fd = self.open_excl(path)
+            except OSError as e:
+                out.append(e)
+                continue
+            try:
+                out.append((fd, os.fstat(fd).st_ino))
+            except OSError as e:
+                self.close(fd)
+                self.unlink(path)
+                out.append(e)
+        return out
+
+    def commit_many(self, items: list[tuple], dirs: list[str]) -> tuple[list, list]:
+        """The group commit of several files: `items` are (fd, data or None, src or None,
+        dst or None). Writes every item's data; with more than one item, `start_writeback`
+        for each; then per item fsync, close, rename(src, dst); then `fsync_dir` each of
+        `dirs`. -> (per item None or (step, OSError) with step "write", "fsync", "close" or
+        "rename"; per dir None or OSError). An item stops at its first failure; its fd is
+        still open after a failed write or fsync and closed after the others."""
+        if self._native_for("write", "start_writeback", "fsync", "close", "rename",
+                            "fsync_dir"):
+            held = getattr(self, "_held", None) or {}
+            res, dres = _native.commit(items, [held.get(d, d) for d in dirs], True)
+            errs = [None if r is None else (_STEPS[r[0]], _os_error(r[1], items[k][2]))
+                    for k, r in enumerate(res)]
+            return errs, [_os_error(e, d) if e else None for e, d in zip(dres, dirs)]
+        errs: list = [None] * len(items)
+        for k, (fd, data, _src, _dst) in enumerate(items):
+            if data:
+                try:
+                    write_all(self, fd, data)
+                except OSError as e:
+                    errs[k] = ("write", e)
+        if len(items) > 1:
+            for k, item in enumerate(items):
+                if errs[k] is None:
+                    self.start_writeback(item[0])
+        for k, (fd, _data, src, dst) in enumerate(items):
+            if errs[k] is not None:
+                continue
+            step = "fsync"
+            try:
+                self.fsync(fd)
+                step = "close"
+                self.close(fd)
+                if src is not None:
+                    step = "rename"
+                    self.rename(src, dst)
+            except OSError as e:
+                errs[k] = (step, e)
+        derrs: list = []
+        for d in dirs:
+            try:
+                self.fsync_dir(d)
+                derrs.append(None)
+            except OSError as e:
+                derrs.append(e)
+        return errs, derrs
+
+    def unlink_many(self, paths: list[str]) -> list:
+        """unlink each path -> per path None or the OSError it met."""
+        if self._native_for("unlink"):
+            return [_os_error(e, p) if e else None
+                    for e, p in zip(_native.unlink_many(paths), paths)]
+        out: list = []
+        for path in paths:
+            try:
+                self.unlink(path)
+                out.append(None)
+            except OSError as e:
+                out.append(e)
+        return out
+
+
+# Set False to make every FileOps take the per-call Python path (tests compare both paths).
+NATIVE_BATCHES = True
+_STEPS = {1: "write", 2: "fsync", 3: "close", 4: "rename"}
+
+
+def _os_error(code: int, path) -> OSError:
+    """OSError(code) as os.* would raise it: the right subclass (FileNotFoundError, ...)."""
+    return OSError(code, os.strerror(code), path)
 
 
 def _close_all(fds: dict) -> None:
@@ -443,15 +555,18 @@ def _my_tmp_shard() -> int:
 class TmpMessage:
     """An injection in progress: a file in tmp/ that only its writer knows about."""
 
-    def __init__(self, store: "QueueStore", path: str, fd: int, token: str) -> None:
+    def __init__(self, store: "QueueStore", path: str, fd: int, token: str,
+                 ino: int | None = None) -> None:
         self.store = store
         self.path = path
         self.fd = fd
         self.token = token
+        self.ino = ino                           # known when created by create_many
         self.size = 0
         self.closed = False
         self.envelope: Envelope | None = None    # set by finish()
         self._unsynced = False                   # finish(sync=False) done, complete() due
+        self._tail: bytes | None = None          # finish(write=False): bytes still to write
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -465,7 +580,8 @@ class TmpMessage:
 
     def finish(self, sender: str, recipients: list[str], received_from: str | None = None,
                *, qp: int | None = None, uid: int | None = None,
-               birth: float | None = None, data: bytes = b"", sync: bool = True) -> int:
+               birth: float | None = None, data: bytes = b"", sync: bool = True,
+               write: bool = True) -> int:
         """Write `data` (the last part of the message), envelope and trailer in one write,
         fsync, rename into mess/.  Returns the queue id.
 
@@ -473,9 +589,13 @@ class TmpMessage:
         the rename (so a batch writes all its files, starts their writeback together, and only
         then fsyncs them one by one).  The rename is durable only after
         `QueueStore.sync()`; the caller does that (once for a whole group of finishes, in the
-        adapter)."""
+        adapter).  With ``write=False`` (implies sync=False) even the write is left to
+        `QueueStore.complete_many`, which does the writes, fsyncs and renames of a batch in
+        one call."""
         if self.closed:
             raise QueueWriteError("finish after close")
+        if not write:
+            sync = False
         ops = self.store.ops
         try:
             check_envelope(sender, recipients)
@@ -485,7 +605,7 @@ class TmpMessage:
         if received_from is not None and (len(received_from) > MAX_FIELD):
             received_from = received_from[:MAX_FIELD]
         try:
-            ino = os.fstat(self.fd).st_ino
+            ino = self.ino if self.ino is not None else os.fstat(self.fd).st_ino
             env = Envelope(sender=sender,
                            recipients=[Recipient(i, a) for i, a in enumerate(recipients)],
                            birth=self.store.clock() if birth is None else birth,
@@ -500,7 +620,10 @@ class TmpMessage:
             positions = _status_positions(envelope)
             trailer = b"\n%s %020d %020d %08x\n" % (_MAGIC, self.size, len(envelope),
                                                     _crc(envelope, positions))
-            write_all(ops, self.fd, b"".join((data, envelope, trailer)))
+            if write:
+                write_all(ops, self.fd, b"".join((data, envelope, trailer)))
+            else:
+                self._tail = b"".join((data, envelope, trailer))
             if sync:
                 self._sync_and_rename(ino)
         except OSError as e:
@@ -526,6 +649,27 @@ class TmpMessage:
         ops.close(self.fd)
         self.closed = True
         ops.rename(self.path, os.path.join(self.store.mess_dir, str(ino)))
+
+    def _commit_item(self) -> tuple:
+        """The FileOps.commit_many item of an unsynced finish."""
+        if self.closed or not self._unsynced:
+            raise QueueWriteError("complete without an unsynced finish")
+        return (self.fd, self._tail, self.path,
+                os.path.join(self.store.mess_dir, str(self.envelope.qid)))
+
+    def _committed(self, err) -> int:
+        """Take commit_many's result for this message: its qid, or raise QueueWriteError
+        (the tmp/ file removed, nothing visible)."""
+        self._tail = None
+        if err is None:
+            self.closed = True
+            self._unsynced = False
+            return self.envelope.qid
+        step, e = err
+        if step not in ("write", "fsync"):
+            self.closed = True          # the fd is already closed
+        self.discard()
+        raise QueueWriteError(f"queue write failed: {e.strerror or e}")
 
     def start_writeback(self) -> None:
         """After ``finish(..., sync=False)``: let the kernel start writing (see FileOps)."""
@@ -650,12 +794,54 @@ class QueueStore:
             raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
         return TmpMessage(self, path, fd, token)
 
+    def begin_many(self, n: int) -> list:
+        """`n` injections at once (one call into FileOps.create_many): per injection a
+        TmpMessage that already knows its queue id, or the QueueWriteError it met."""
+        paths = [os.path.join(self.tmp_dirs[_my_tmp_shard()],
+                              "%d.%d.%d.%08x" % (int(self.clock()), process_id(), next(_seq),
+                                                 _token_bits()))
+                 for _ in range(n)]
+        out: list = []
+        for path, r in zip(paths, self.ops.create_many(paths)):
+            if isinstance(r, OSError):
+                out.append(QueueWriteError(f"queue write failed: {r.strerror or r}"))
+            else:
+                out.append(TmpMessage(self, path, r[0], os.path.basename(path), ino=r[1]))
+        return out
+
+    def complete_many(self, tmps: list[TmpMessage]) -> list:
+        """The group commit of finishes done with ``sync=False``: writes what is left, fsyncs,
+        renames into mess/ and fsyncs mess/ once, all in one FileOps.commit_many call. ->
+        per message its qid or the QueueWriteError it met (its tmp/ file removed). If the
+        directory fsync fails no rename is known durable: every message of the batch is
+        withdrawn from mess/ and fails."""
+        if not tmps:
+            return []
+        self._hold()
+        errs, (derr,) = self.ops.commit_many([t._commit_item() for t in tmps], [self.mess_dir])
+        out: list = []
+        for t, err in zip(tmps, errs):
+            try:
+                out.append(t._committed(err))
+            except QueueWriteError as e:
+                out.append(e)
+        if derr is not None:
+            failure = QueueWriteError(f"queue sync failed: {derr.strerror or derr}")
+            for k, r in enumerate(out):
+                if not isinstance(r, BaseException):
+                    self._unlink_quietly(self.message_path(r))
+                    out[k] = failure
+        return out
+
+    def _hold(self) -> None:
+        if not self._holding:
+            self._holding = True
+            self.ops.hold_dir(self.mess_dir)
+
     def sync(self) -> None:
         """Make every rename into mess/ that has returned so far durable (commit point)."""
         try:
-            if not self._holding:
-                self._holding = True
-                self.ops.hold_dir(self.mess_dir)
+            self._hold()
             self.ops.fsync_dir(self.mess_dir)
         except OSError as e:
             raise QueueWriteError(f"queue sync failed: {e.strerror or e}") from e
@@ -794,6 +980,16 @@ class QueueStore:
         self._unlink_quietly(self.message_path(qid))
         if bounce_file:
             self._unlink_quietly(os.path.join(self.bounce_dir, str(int(qid))))
+
+    def remove_many(self, items: list[tuple[int, bool]]) -> None:
+        """`remove` for many (qid, bounce_file) pairs in one FileOps.unlink_many call;
+        messages before bounce files, as in `remove`. Raises the first error other than
+        a file already gone (after trying every removal)."""
+        paths = [self.message_path(qid) for qid, _ in items]
+        paths += [os.path.join(self.bounce_dir, str(int(qid))) for qid, bf in items if bf]
+        for e in self.ops.unlink_many(paths):
+            if e is not None and not isinstance(e, FileNotFoundError):
+                raise e
 
     def move_corrupt(self, qid: int) -> str:
         """Move a damaged entry aside (never delete what might be a customer's mail)."""

@@ -1,0 +1,174 @@
+"""FileOps batches (create_many, commit_many, unlink_many): the C helper and the Python path
+give the same results, per file, for successes and for each failing step."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from mailappliance.queue import store as qs
+from mailappliance.queue.store import FileOps
+
+try:
+    from mailappliance import _fileops
+except ImportError:         # pragma: no cover - CI builds it (a C compiler is installed there)
+    _fileops = None
+
+
+def test_the_c_helper_is_built_in_ci():
+    # Outside CI a machine without a C compiler runs the Python path only (same results);
+    # CI installs gcc, so there the helper must exist and both paths are tested below.
+    if os.environ.get("CI") == "true":
+        assert _fileops is not None, "mailappliance._fileops was not built"
+
+
+PATHS = ["native", "python"]
+
+
+@pytest.fixture(params=PATHS)
+def ops(request, monkeypatch):
+    if request.param == "native":
+        if _fileops is None:
+            pytest.skip("C helper not built here (CI requires it)")
+        monkeypatch.setattr(qs, "NATIVE_BATCHES", True)
+    else:
+        monkeypatch.setattr(qs, "NATIVE_BATCHES", False)
+    o = FileOps()
+    assert o._native_for("open_excl") is (request.param == "native")
+    return o
+
+
+def test_create_many_opens_exclusively_and_reports_inode_numbers(tmp_path, ops):
+    (tmp_path / "taken").write_bytes(b"old")
+    paths = [str(tmp_path / "a"), str(tmp_path / "taken"), str(tmp_path / "nodir" / "b"),
+             str(tmp_path / "c")]
+    out = ops.create_many(paths)
+    a, taken, nodir, c = out
+    assert isinstance(taken, FileExistsError) and taken.errno == errno.EEXIST
+    assert isinstance(nodir, FileNotFoundError) and nodir.filename == paths[2]
+    for (fd, ino), path in ((a, paths[0]), (c, paths[3])):
+        st = os.fstat(fd)
+        assert st.st_ino == ino == os.stat(path).st_ino
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert os.get_inheritable(fd) is False
+        os.close(fd)
+    assert (tmp_path / "taken").read_bytes() == b"old"      # never truncated
+
+
+def test_commit_many_writes_syncs_closes_renames_and_syncs_dirs(tmp_path, ops):
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "new").mkdir()
+    names = ["one", "two", "three"]
+    created = ops.create_many([str(tmp_path / "tmp" / n) for n in names])
+    # one file gets part of its bytes before the batch (a streamed message), one gets none
+    os.write(created[1][0], b"streamed ")
+    items = [(created[0][0], b"first\n" * 1000, str(tmp_path / "tmp" / "one"),
+              str(tmp_path / "new" / "one")),
+             (created[1][0], memoryview(b"rest\n"), str(tmp_path / "tmp" / "two"),
+              str(tmp_path / "new" / "two")),
+             (created[2][0], None, str(tmp_path / "tmp" / "three"),
+              str(tmp_path / "new" / "three"))]
+    errs, derrs = ops.commit_many(items, [str(tmp_path / "new")])
+    assert errs == [None, None, None] and derrs == [None]
+    assert sorted(os.listdir(tmp_path / "new")) == ["one", "three", "two"]
+    assert os.listdir(tmp_path / "tmp") == []
+    assert (tmp_path / "new" / "one").read_bytes() == b"first\n" * 1000
+    assert (tmp_path / "new" / "two").read_bytes() == b"streamed rest\n"
+    assert (tmp_path / "new" / "three").read_bytes() == b""
+    for fd, _ino in created:                                # every fd was closed
+        with pytest.raises(OSError) as e:
+            os.fstat(fd)
+        assert e.value.errno == errno.EBADF
+
+
+def test_commit_many_reports_the_failing_step_per_item_and_goes_on(tmp_path, ops):
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "new").mkdir()
+    good = ops.create_many([str(tmp_path / "tmp" / "good")])[0][0]
+    ro_path = tmp_path / "tmp" / "ro"
+    ro_path.write_bytes(b"")
+    read_only = os.open(ro_path, os.O_RDONLY)                # write fails: EBADF
+    moved = ops.create_many([str(tmp_path / "tmp" / "moved")])[0][0]
+    items = [(read_only, b"data", None, None),
+             (good, b"ok", str(tmp_path / "tmp" / "good"), str(tmp_path / "new" / "good")),
+             (moved, b"x", str(tmp_path / "tmp" / "moved"),
+              str(tmp_path / "gone" / "moved"))]              # rename fails: ENOENT
+    errs, derrs = ops.commit_many(items, [str(tmp_path / "new"), str(tmp_path / "missing")])
+    step, e = errs[0]
+    assert step == "write" and e.errno == errno.EBADF
+    os.fstat(read_only)                                      # still open after a failed write
+    os.close(read_only)
+    assert errs[1] is None
+    step, e = errs[2]
+    assert step == "rename" and isinstance(e, FileNotFoundError)
+    with pytest.raises(OSError):
+        os.fstat(moved)                                      # closed before the rename
+    assert derrs[0] is None and isinstance(derrs[1], FileNotFoundError)
+    assert (tmp_path / "new" / "good").read_bytes() == b"ok"
+    assert (tmp_path / "tmp" / "moved").read_bytes() == b"x"  # left for the caller to discard
+
+
+def test_commit_many_fsync_failure_leaves_the_fd_open(tmp_path, ops):
+    r, w = os.pipe()                                        # fsync on a pipe: EINVAL
+    try:
+        errs, derrs = ops.commit_many([(w, None, None, None)], [])
+        step, e = errs[0]
+        assert step == "fsync" and e.errno == errno.EINVAL
+        os.fstat(w)
+        assert derrs == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_commit_many_fsyncs_a_held_directory_by_its_descriptor(tmp_path, ops):
+    ops.hold_dir(str(tmp_path))
+    fd = ops.create_many([str(tmp_path / "f")])[0][0]
+    errs, derrs = ops.commit_many([(fd, b"x", None, None)], [str(tmp_path)])
+    assert errs == [None] and derrs == [None]
+
+
+def test_unlink_many_reports_each_path(tmp_path, ops):
+    (tmp_path / "a").write_bytes(b"")
+    (tmp_path / "d").mkdir()
+    out = ops.unlink_many([str(tmp_path / "a"), str(tmp_path / "missing"),
+                           str(tmp_path / "d")])
+    assert out[0] is None
+    assert isinstance(out[1], FileNotFoundError)
+    assert isinstance(out[2], OSError) and out[2].errno in (errno.EISDIR, errno.EPERM)
+    assert os.listdir(tmp_path) == ["d"]
+
+
+def test_a_subclass_overriding_a_call_always_gets_the_python_path(tmp_path):
+    calls = []
+
+    class Failing(FileOps):
+        def fsync(self, fd):
+            calls.append(fd)
+            raise OSError(errno.EIO, "injected")
+
+    ops = Failing()
+    assert not ops._native_for("write", "start_writeback", "fsync", "close", "rename",
+                               "fsync_dir")
+    assert ops._native_for("unlink") is (_fileops is not None)   # not overridden
+    fd = ops.create_many([str(tmp_path / "f")])[0][0]
+    errs, _ = ops.commit_many([(fd, b"x", None, None)], [])
+    assert calls == [fd] and errs[0][0] == "fsync" and errs[0][1].errno == errno.EIO
+    os.close(fd)
+
+
+@pytest.mark.skipif(_fileops is None, reason="C helper not built here (CI requires it)")
+def test_the_c_helper_rejects_malformed_arguments_without_leaking():
+    with pytest.raises(TypeError):
+        _fileops.commit([(1, b"x")], [])                    # item of the wrong shape
+    with pytest.raises(ValueError):
+        _fileops.commit([(1, b"x", "a", None)], [])          # src without dst
+    with pytest.raises(TypeError):
+        _fileops.unlink_many([1.5])
+    with pytest.raises(TypeError):
+        _fileops.create_files(None)
+    with pytest.raises(ValueError):
+        _fileops.commit([], [-1])
