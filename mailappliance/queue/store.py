@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 try:   # optional C helper (setup.py): a batch of file system calls with the GIL released once
-    from mailappliance import _fileops as _native
+    import mailappliance_fileops as _native
 except ImportError:     # pragma: no cover - built wherever a C compiler is
     _native = None
 
@@ -180,7 +180,7 @@ class FileOps:
     #
     # A pool thread gives up the GIL for each system call and has to win it back from the
     # reactor thread after it; with a busy reactor that wait (up to the interpreter's 5 ms
-    # switch interval) is longer than the call. mailappliance/_fileops.c makes the same calls,
+    # switch interval) is longer than the call. mailappliance_fileops.c makes the same calls,
     # in the same order and with the same per-file results, with the GIL released once per
     # batch. A subclass (a test making one call fail) always gets the per-call Python path, so
     # its overrides are honoured.

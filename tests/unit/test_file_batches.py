@@ -13,7 +13,7 @@ from mailappliance.queue import store as qs
 from mailappliance.queue.store import FileOps
 
 try:
-    from mailappliance import _fileops
+    import mailappliance_fileops as _fileops
 except ImportError:         # pragma: no cover - CI builds it (a C compiler is installed there)
     _fileops = None
 
@@ -22,7 +22,7 @@ def test_the_c_helper_is_built_in_ci():
     # Outside CI a machine without a C compiler runs the Python path only (same results);
     # CI installs gcc, so there the helper must exist and both paths are tested below.
     if os.environ.get("CI") == "true":
-        assert _fileops is not None, "mailappliance._fileops was not built"
+        assert _fileops is not None, "mailappliance_fileops was not built"
 
 
 PATHS = ["native", "python"]

@@ -1,4 +1,4 @@
-/* mailappliance._fileops: a batch of file system calls in one call that releases the GIL once.
+/* mailappliance_fileops: a batch of file system calls in one call that releases the GIL once.
  *
  * Why (docs/ARCHITECTURE.md, "Threads, the GIL and batches"): a pool thread gives up the GIL
  * for every system call and must win it back from the reactor thread afterwards. While the
@@ -258,8 +258,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "mailappliance._fileops",
+    PyModuleDef_HEAD_INIT, "mailappliance_fileops",
     "Batches of file system calls with the GIL released once (see FileOps).", -1, methods
 };
 
-PyMODINIT_FUNC PyInit__fileops(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_mailappliance_fileops(void) { return PyModule_Create(&module); }
