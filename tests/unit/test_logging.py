@@ -352,6 +352,39 @@ def test_observer_with_a_reactor_writes_once_per_turn_and_flushes_on_stop(tmp_pa
     assert log.write_errors == 0
 
 
+def test_observer_with_a_writer_thread_never_writes_on_the_reactor_thread(tmp_path):
+    import threading
+    import time as _time
+    reactor = _ThreadReactor()
+    log = malog.RotatingLog(tmp_path, rotate_bytes=1_000_000, keep=3, clock=Clock())
+    writers = []
+    real = log._write_all
+    log._write_all = lambda data: (writers.append(threading.get_ident()), real(data))
+    obs = malog.FileLogObserver(log, reactor=reactor, writer_thread=True)
+    obs.start()
+    assert obs._writer is not None and obs._writer.daemon
+    for i in range(5):
+        obs(_event("turn one {i}", i=i))
+    reactor.clock.advance(0)                       # the turn ends: lines go to the writer
+    def text():
+        return log.current.read_text() if log.current.exists() else ""
+    deadline = _time.monotonic() + 10
+    while text().count("turn one") < 5 and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    assert log.current.read_text().count("turn one") == 5
+    assert writers and threading.get_ident() not in writers
+    # at stop, lines handed over and lines of an unfinished turn are all written, in order
+    obs(_event("handed over"))
+    reactor.clock.advance(0)
+    obs(_event("last words"))
+    writer = obs._writer
+    obs.stop()
+    assert not writer.is_alive()
+    lines = log.current.read_text().splitlines()
+    assert lines[-2].endswith("smtp: handed over") and lines[-1].endswith("smtp: last words")
+    assert log.write_errors == 0
+
+
 def test_logging_service_cuts_twistds_stdout_copy_to_health_while_files_run(tmp_path):
     from twisted.logger import textFileLogObserver
     settings = load_settings(None, {"data": str(tmp_path / "var")}, cwd=tmp_path)
