@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,47 @@ def test_the_c_helper_rejects_malformed_arguments_without_leaking():
         _fileops.create_files(None)
     with pytest.raises(ValueError):
         _fileops.commit([], [-1])
+
+
+def _store(tmp_path, ops):
+    return qs.QueueStore(tmp_path / "queue", clock=lambda: 1_700_000_000.0, ops=ops)
+
+
+def test_queue_group_commit_fails_one_message_alone_and_leaves_nothing_of_it(tmp_path, ops):
+    store = _store(tmp_path, ops)
+    tmps = store.begin_many(3)
+    assert all(isinstance(t, qs.TmpMessage) and t.ino for t in tmps)
+    for k, t in enumerate(tmps):
+        t.finish("a@x.test", [f"r{k}@y.test"], data=b"Subject: %d\n\nbody\n" % k, write=False)
+    bad = tmps[1]
+    os.close(bad.fd)
+    bad.fd = os.open(bad.path, os.O_RDONLY)          # its write will fail (EBADF)
+    out = store.complete_many(tmps)
+    assert isinstance(out[1], qs.QueueWriteError)
+    assert out[0] == tmps[0].ino and out[2] == tmps[2].ino
+    assert sorted(os.listdir(store.mess_dir)) == sorted([str(out[0]), str(out[2])])
+    assert store.tmp_files() == []                  # the failed one's tmp/ file is gone
+    for k in (0, 2):
+        env = store.read_envelope(out[k])
+        assert [r.address for r in env.recipients] == [f"r{k}@y.test"]
+        assert store.read_message(env) == b"Subject: %d\n\nbody\n" % k
+    store.remove_many([(out[0], False), (out[2], True)])   # a bounce file that is not there
+    assert os.listdir(store.mess_dir) == []
+
+
+def test_maildir_batch_recreates_a_missing_maildir_and_delivers_every_message(tmp_path, ops):
+    from mailappliance.delivery import maildir as md
+    boxes = [tmp_path / "a" / "Maildir", tmp_path / "b" / "Maildir"]
+    md.make_dirs(str(boxes[0]))                      # b's Maildir does not exist yet
+    ps = [md.prepare(str(box), return_path="s@x.test", delivered_to=f"{n}@y.test",
+                     hostname="mx.test", now=1_700_000_000.5, data=b"Subject: hi\n\nbody\n")
+          for n, box in (("a", boxes[0]), ("b", boxes[1]), ("a2", boxes[0]))]
+    md.create_many(ps, ops)
+    md.finish_many(ps, ops)
+    assert [p.error for p in ps] == [None, None, None]
+    for p in ps:
+        data = (Path(p.maildir) / "new" / p.final).read_bytes()
+        assert data.startswith(b"Return-Path: <s@x.test>\nDelivered-To: ")
+        assert data.endswith(b"Subject: hi\n\nbody\n")
+        assert f",S={len(data)}," in p.final
+        assert os.listdir(Path(p.maildir) / "tmp") == []
