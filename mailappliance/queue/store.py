@@ -249,33 +249,31 @@ class FileOps:
                     self.rename(src, dst)
             except OSError as e:
                 errs[k] = (step, e)
-        derrs: list = []
-        for d in dirs:
-            try:
-                self.fsync_dir(d)
-                derrs.append(None)
-            except OSError as e:
-                derrs.append(e)
-        return errs, derrs
+        return errs, _each(self.fsync_dir, dirs)
 
     def unlink_many(self, paths: list[str]) -> list:
         """unlink each path -> per path None or the OSError it met."""
         if self._native_for("unlink"):
             return [_os_error(e, p) if e else None
                     for e, p in zip(_native.unlink_many(paths), paths)]
-        out: list = []
-        for path in paths:
-            try:
-                self.unlink(path)
-                out.append(None)
-            except OSError as e:
-                out.append(e)
-        return out
+        return _each(self.unlink, paths)
 
 
 # Set False to make every FileOps take the per-call Python path (tests compare both paths).
 NATIVE_BATCHES = True
 _STEPS = {1: "write", 2: "fsync", 3: "close", 4: "rename"}
+
+
+def _each(call: Callable[[str], object], paths: list[str]) -> list:
+    """call(path) for each path -> per path None or the OSError it raised."""
+    out: list = []
+    for path in paths:
+        try:
+            call(path)
+            out.append(None)
+        except OSError as e:
+            out.append(e)
+    return out
 
 
 def _os_error(code: int, path) -> OSError:
