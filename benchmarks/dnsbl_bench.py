@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import read_smtp_reply  # noqa: E402
+from benchmarks.common import machine_info, read_smtp_reply, write_results  # noqa: E402
 from mailappliance.testing.dnsserver import DNSServerProcess  # noqa: E402
 from tests.integration.server import ServerProcess  # noqa: E402
 
@@ -290,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     results = []
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        """Print a line and keep it for the results file."""
+        print(text, flush=True)
+        lines.append(text)
+
     first = 0
     with tempfile.TemporaryDirectory(prefix="dnsbl-bench-", dir="/var/tmp") as tmp, \
             DNSServerProcess(ZONES, delay=args.delay) as dns:
@@ -299,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_one(f"{label}-{rnd}", root, server_dns, args, first)
                 first += r["addresses_used"]
                 results.append(r)
-                print(f"{r['label']:>8}: {r['rate']:8.1f} conn/s  p50 {r['p50_ms']:.1f} ms  "
+                say(f"{r['label']:>8}: {r['rate']:8.1f} conn/s  p50 {r['p50_ms']:.1f} ms  "
                       f"p99 {r['p99_ms']:.1f} ms  (to RCPT reply p50 {r['rcpt_p50_ms']:.1f} ms)  "
                       f"replies {r['replies']}  "
                       f"errors {r['errors']}  cpu {r['cpu']} others {r['other_cores']}  "
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['server_cpu_ms_per_connection']}  "
                       f"per group commit {r['per_group_commit']}"
                       + (f"  dns/conn {r['dns_queries_per_connection']:.2f}"
-                         if "dns_queries" in r else ""), flush=True)
+                         if "dns_queries" in r else ""))
 
     off = [r["rate"] for r in results if r["label"].startswith("off")]
     on = [r["rate"] for r in results if r["label"].startswith("dnsbl")]
@@ -324,13 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     summary["quiet_ratio"] = (statistics.fmean(b for _, b in quiet)
                               / statistics.fmean(a for a, _ in quiet)) if quiet else None
     for a, b in zip(results[0::2], results[1::2]):
-        print(f"round {a['label'][-1]}: dnsbl/off = {b['rate'] / a['rate']:.1%} "
+        say(f"round {a['label'][-1]}: dnsbl/off = {b['rate'] / a['rate']:.1%} "
               f"(other load {a['other_cores']} / {b['other_cores']} cores)")
     if quiet:
-        print(f"quiet rounds only ({len(quiet)}): {summary['quiet_ratio']:.1%}")
-    print(f"\nmean without DNSBL {summary['rate_off']:.1f} conn/s, with two lists at "
+        say(f"quiet rounds only ({len(quiet)}): {summary['quiet_ratio']:.1%}")
+    say()
+    say(f"mean without DNSBL {summary['rate_off']:.1f} conn/s, with two lists at "
           f"{args.delay * 1000:.0f} ms: {summary['rate_dnsbl']:.1f} conn/s "
           f"-> {ratio:.1%} of the rate ({'within' if ratio >= 0.8 else 'NOT within'} 20%)")
+    text = "\n".join([f"DNSBL cost on the connection rate ({args.mode}, {args.concurrency} "
+                       f"clients, lists answering after {args.delay * 1000:.0f} ms)",
+                       "command: benchmarks/dnsbl_bench.py " + " ".join(argv or sys.argv[1:]),
+                       ""] + lines)
+    out = write_results("dnsbl", text, {"machine": machine_info(), **summary})
+    print(f"written: {out}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return 0
