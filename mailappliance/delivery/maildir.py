@@ -239,7 +239,17 @@ def finish_many(pendings: list[Pending], ops: FileOps | None = None) -> list[Pen
     items = [(p.fd, p.data, p.tmp, os.path.join(p.maildir, "new", final))
              for p, final in zip(todo, finals)]
     new_dirs = list(dict.fromkeys(os.path.join(p.maildir, "new") for p in todo))
-    errs, derrs = ops.commit_many(items, new_dirs)
+    try:
+        errs, derrs = ops.commit_many(items, new_dirs)
+    except Exception as e:  # noqa: BLE001 - state unknown: none delivered, nothing claimed
+        # Before or after its system calls: the descriptors may be closed and their numbers
+        # reused, so they are left alone (at worst a leak). A file that did reach new/ is a
+        # duplicate when the queue retries, never a loss.
+        for p in todo:
+            p.data, p.fd = None, None
+            p.error = MaildirError(TEXT_WRITE.format(why=str(e).lower() or type(e).__name__))
+            discard(p, ops)
+        return pendings
     dir_error = dict(zip(new_dirs, derrs))
     rescued: set[int] = set()
     for p, final, err in zip(todo, finals, errs):

@@ -815,8 +815,25 @@ class QueueStore:
         withdrawn from mess/ and fails."""
         if not tmps:
             return []
-        self._hold()
-        errs, (derr,) = self.ops.commit_many([t._commit_item() for t in tmps], [self.mess_dir])
+        try:
+            self._hold()
+        except OSError:
+            pass            # mess/ cannot be opened: its fsync below fails and says why
+        try:
+            errs, (derr,) = self.ops.commit_many([t._commit_item() for t in tmps],
+                                                 [self.mess_dir])
+        except Exception as e:      # noqa: BLE001 - state unknown: all fail, nothing claimed
+            # The call may have failed before or after its system calls (a bad argument, or
+            # no memory for the results). Its descriptors may be closed and their numbers
+            # reused by now, so they are left alone (at worst a leak); the tmp/ names go. A
+            # message already renamed into mess/ is then delivered although its client was
+            # told 451: a duplicate when the client retries, never a loss.
+            for t in tmps:
+                t._tail = None
+                t.closed = True
+                t.discard()
+            return [e if isinstance(e, QueueWriteError)
+                    else QueueWriteError(f"queue write failed: {e}")] * len(tmps)
         out: list = []
         for t, err in zip(tmps, errs):
             try:
@@ -833,8 +850,8 @@ class QueueStore:
 
     def _hold(self) -> None:
         if not self._holding:
-            self._holding = True
             self.ops.hold_dir(self.mess_dir)
+            self._holding = True
 
     def sync(self) -> None:
         """Make every rename into mess/ that has returned so far durable (commit point)."""

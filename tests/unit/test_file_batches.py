@@ -217,3 +217,38 @@ def test_maildir_batch_recreates_a_missing_maildir_and_delivers_every_message(tm
         assert data.endswith(b"Subject: hi\n\nbody\n")
         assert f",S={len(data)}," in p.final
         assert os.listdir(Path(p.maildir) / "tmp") == []
+
+
+def test_a_commit_call_that_raises_fails_the_whole_batch_and_claims_nothing(tmp_path):
+    class Broken(FileOps):
+        def commit_many(self, items, dirs):
+            raise MemoryError("no memory for the results")
+
+    store = _store(tmp_path, Broken())
+    tmps = store.begin_many(2)
+    for t in tmps:
+        t.finish("a@x.test", ["b@y.test"], data=b"x\n", write=False)
+    out = store.complete_many(tmps)
+    assert all(isinstance(r, qs.QueueWriteError) for r in out)
+    assert store.tmp_files() == []
+    for t in tmps:                      # descriptors are not closed twice (maybe reused)
+        os.close(t.fd)
+
+
+def test_a_maildir_commit_call_that_raises_delivers_nothing_and_claims_nothing(tmp_path):
+    from mailappliance.delivery import maildir as md
+
+    class Broken(FileOps):
+        def commit_many(self, items, dirs):
+            raise MemoryError("no memory for the results")
+
+    box = tmp_path / "Maildir"
+    md.make_dirs(str(box))
+    p = md.prepare(str(box), return_path="s@x.test", delivered_to="u@y.test",
+                   hostname="mx.test", now=1_700_000_000.5, data=b"body\n")
+    md.create_many([p], Broken())
+    fd = p.fd
+    md.finish_many([p], Broken())
+    assert p.final is None and p.error is not None and p.error.temporary
+    assert os.listdir(box / "tmp") == [] and os.listdir(box / "new") == []
+    os.close(fd)                        # left open rather than closed twice
