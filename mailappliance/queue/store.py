@@ -175,7 +175,6 @@ class FileOps:
             if held.setdefault(path, fd) != fd:      # another thread was first: keep one
                 os.close(fd)
 
-
     # -- batches: the same calls for many files, in one GIL-free call when possible ------------
     #
     # A pool thread gives up the GIL for each system call and has to win it back from the
@@ -563,7 +562,7 @@ class TmpMessage:
         self.size = 0
         self.closed = False
         self.envelope: Envelope | None = None    # set by finish()
-        self._unsynced = False                   # finish(sync=False) done, complete() due
+        self._unsynced = False                   # finish(sync=False) done, commit due
         self._tail: bytes | None = None          # finish(write=False): bytes still to write
 
     def write(self, data: bytes) -> None:
@@ -583,13 +582,10 @@ class TmpMessage:
         """Write `data` (the last part of the message), envelope and trailer in one write,
         fsync, rename into mess/.  Returns the queue id.
 
-        With ``sync=False`` it stops after the write: `complete()` then does the fsync and
-        the rename (so a batch writes all its files, starts their writeback together, and only
-        then fsyncs them one by one).  The rename is durable only after
-        `QueueStore.sync()`; the caller does that (once for a whole group of finishes, in the
-        adapter).  With ``write=False`` (implies sync=False) even the write is left to
-        `QueueStore.complete_many`, which does the writes, fsyncs and renames of a batch in
-        one call."""
+        With ``write=False`` it stops before the write: `QueueStore.complete_many` then
+        writes, fsyncs and renames a whole batch of finishes and fsyncs mess/ once, in one
+        FileOps call (the group commit).  With ``sync=True`` (the sendmail command's
+        `QueueStore.inject`) the rename is durable only after `QueueStore.sync()`."""
         if self.closed:
             raise QueueWriteError("finish after close")
         if not write:
@@ -668,23 +664,6 @@ class TmpMessage:
             self.closed = True          # the fd is already closed
         self.discard()
         raise QueueWriteError(f"queue write failed: {e.strerror or e}")
-
-    def start_writeback(self) -> None:
-        """After ``finish(..., sync=False)``: let the kernel start writing (see FileOps)."""
-        if not self.closed:
-            self.store.ops.start_writeback(self.fd)
-
-    def complete(self) -> int:
-        """The second half of ``finish(..., sync=False)``: fsync, close, rename into mess/."""
-        if self.closed or not self._unsynced:
-            raise QueueWriteError("complete without an unsynced finish")
-        try:
-            self._sync_and_rename(self.envelope.qid)
-        except OSError as e:
-            self.discard()
-            raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
-        self._unsynced = False
-        return self.envelope.qid
 
     def discard(self) -> None:
         """Abort: close and remove the tmp file; nothing of it was ever visible."""
@@ -783,9 +762,14 @@ class QueueStore:
             self.kept_bytes = max(0, self.kept_bytes - len(data))
 
     # -- injection ------------------------------------------------------------------------------
-    def begin(self) -> TmpMessage:
+    def _tmp_path(self) -> str:
+        """A new name in this thread's tmp/ shard: <time>.<pid>.<seq>.<random>."""
         token = "%d.%d.%d.%08x" % (int(self.clock()), process_id(), next(_seq), _token_bits())
-        path = os.path.join(self.tmp_dirs[_my_tmp_shard()], token)
+        return os.path.join(self.tmp_dirs[_my_tmp_shard()], token)
+
+    def begin(self) -> TmpMessage:
+        path = self._tmp_path()
+        token = os.path.basename(path)
         try:
             fd = self.ops.open_excl(path)
         except OSError as e:
@@ -795,10 +779,7 @@ class QueueStore:
     def begin_many(self, n: int) -> list:
         """`n` injections at once (one call into FileOps.create_many): per injection a
         TmpMessage that already knows its queue id, or the QueueWriteError it met."""
-        paths = [os.path.join(self.tmp_dirs[_my_tmp_shard()],
-                              "%d.%d.%d.%08x" % (int(self.clock()), process_id(), next(_seq),
-                                                 _token_bits()))
-                 for _ in range(n)]
+        paths = [self._tmp_path() for _ in range(n)]
         out: list = []
         for path, r in zip(paths, self.ops.create_many(paths)):
             if isinstance(r, OSError):
@@ -808,8 +789,9 @@ class QueueStore:
         return out
 
     def complete_many(self, tmps: list[TmpMessage]) -> list:
-        """The group commit of finishes done with ``sync=False``: writes what is left, fsyncs,
-        renames into mess/ and fsyncs mess/ once, all in one FileOps.commit_many call. ->
+        """The group commit of finishes done with ``write=False`` (or ``sync=False``): writes
+        what is left, fsyncs, renames into mess/ and fsyncs mess/ once, all in one
+        FileOps.commit_many call. ->
         per message its qid or the QueueWriteError it met (its tmp/ file removed). If the
         directory fsync fails no rename is known durable: every message of the batch is
         withdrawn from mess/ and fails."""
@@ -992,9 +974,7 @@ class QueueStore:
         message's token and is therefore ignored by any later message with the same id
         (and removed by `cleanup` once it has no message).  `bounce_file=False` (the
         envelope's flag) skips the second unlink for a message known to have none."""
-        self._unlink_quietly(self.message_path(qid))
-        if bounce_file:
-            self._unlink_quietly(os.path.join(self.bounce_dir, str(int(qid))))
+        self.remove_many([(qid, bounce_file)])
 
     def remove_many(self, items: list[tuple[int, bool]]) -> None:
         """`remove` for many (qid, bounce_file) pairs in one FileOps.unlink_many call;
