@@ -335,6 +335,19 @@ def main(argv: list[str] | None = None) -> int:
               f"(other load {a['other_cores']} / {b['other_cores']} cores)")
     if quiet:
         say(f"quiet rounds only ({len(quiet)}): {summary['quiet_ratio']:.1%}")
+    # Little's law for the closed loop: no session with DNSBL ends before its RCPT reply, so
+    # `concurrency` clients cannot exceed concurrency / (time to the RCPT reply), however fast
+    # the rest of the session; the 80 % target then needs the rate without DNSBL below that
+    # bound / 0.8.
+    rcpt = [r["rcpt_p50_ms"] for r in results
+            if r["label"].startswith("dnsbl") and r.get("rcpt_p50_ms")]
+    if rcpt and args.mode == "message":
+        bound = args.concurrency / (statistics.median(rcpt) / 1000)
+        summary["closed_loop_bound"] = bound
+        say(f"closed-loop bound with DNSBL: {args.concurrency} clients / "
+            f"{statistics.median(rcpt):.1f} ms to the RCPT reply = {bound:.0f} conn/s "
+            f"(even with nothing after RCPT); 80 % is reachable only while the rate "
+            f"without DNSBL stays below {bound / 0.8:.0f} conn/s")
     say()
     say(f"mean without DNSBL {summary['rate_off']:.1f} conn/s, with two lists at "
           f"{args.delay * 1000:.0f} ms: {summary['rate_dnsbl']:.1f} conn/s "
