@@ -447,8 +447,9 @@ class FileLogObserver:
     The running server also gives the writes to a thread of their own (`writer_thread`,
     see `flush`), so the reactor thread never waits for the log file.
     The price: if the process dies abruptly (SIGKILL, power loss), the lines of the turn it
-    died in (and those the writer thread had not written yet) can be lost -- lines logged within a few milliseconds of the crash, never
-    anything the queue promises (those are fsynced by the queue itself).
+    died in (and those the writer thread had not written yet) can be lost -- lines logged
+    within a few milliseconds of the crash, never anything the queue promises (those are
+    fsynced by the queue itself).
     """
 
     def __init__(self, log: RotatingLog, last_errors: Deque[str] | None = None,
@@ -529,21 +530,21 @@ class FileLogObserver:
             self.log.write_errors += 1
 
     def _writer_loop(self) -> None:
-        while True:
-            lines = self._to_writer.get()
-            if lines is None:
-                return
-            # whatever else is queued goes in the same write
-            while True:
+        """Write what the reactor hands over, everything already queued in one write, until
+        the None that `stop` sends."""
+        stopping = False
+        while not stopping:
+            lines: list[str] = []
+            item = self._to_writer.get()
+            while item is not None:
+                lines.extend(item)
                 try:
-                    more = self._to_writer.get_nowait()
+                    item = self._to_writer.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._write(lines)
-                    return
-                lines.extend(more)
-            self._write(lines)
+            stopping = item is None
+            if lines:
+                self._write(lines)
 
     def start(self) -> None:
         self.started = True
@@ -565,7 +566,8 @@ class FileLogObserver:
             self._to_writer.put(None)
             writer.join(WRITER_STOP_TIMEOUT)
         self.started = False
-        self.log.close()
+        if writer is None or not writer.is_alive():
+            self.log.close()        # else the stuck writer still owns the file: leave it
 
 
 # True while a FileLogObserver of a running server writes the mail log (see module docstring).
