@@ -1,7 +1,7 @@
 """DNSBL cost on the SMTP connection rate: two lists answering after 50 ms vs no lists.
 
     /work/venv/bin/python benchmarks/dnsbl_bench.py [--concurrency 40] [--seconds 8]
-        [--delay 0.05] [--rounds 2] [--json FILE]
+        [--delay 0.05] [--rounds 2] [--also 80,160] [--json FILE]
 
 What it does, all on loopback:
 
@@ -18,6 +18,9 @@ What it does, all on loopback:
 4. reports connections/s and connection latency p50/p99 for each run, the DNS queries the server
    saw per connection, and the ratio. The promise: with DNSBL the rate stays within 20% of the
    rate without (the lookups overlap instead of serialising).
+5. `--also 80,160` repeats the rounds with more clients and tabulates the ratio next to the
+   closed-loop bound (clients / time to the RCPT reply): where the bound is far above the rate
+   without DNSBL, the ratio shows the lookups' cost itself rather than the wait.
 
 Rounds alternate off/on to spread drift (PEERS.md: 10-15% between runs on this machine).
 Other sessions share the machine: before each run the harness waits (up to --quiet-wait s) for
@@ -42,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, read_smtp_reply, write_results  # noqa: E402
+from benchmarks.common import (machine_info, read_smtp_reply, table,  # noqa: E402
+                               write_results)
 from mailappliance.testing.dnsserver import DNSServerProcess  # noqa: E402
 from tests.integration.server import ServerProcess  # noqa: E402
 
@@ -225,8 +229,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: int) -> dict:
-    srv = ServerProcess(root / label, server_config(dns, args.concurrency))
+def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: int,
+            concurrency: int | None = None) -> dict:
+    concurrency = concurrency or args.concurrency
+    srv = ServerProcess(root / label, server_config(dns, concurrency))
     srv.root.mkdir(parents=True, exist_ok=True)
     srv._write_config()
     srv.cli("domain", "add", "test.com")
@@ -243,7 +249,7 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
         cpu_before = {k: cpu_seconds(v) for k, v in pids.items()}
         system_before = system_busy_seconds()
         wall = time.monotonic()
-        result = asyncio.run(load(srv.port("smtp"), args.concurrency, args.seconds, first,
+        result = asyncio.run(load(srv.port("smtp"), concurrency, args.seconds, first,
                                   body, args.rate))
         wall = time.monotonic() - wall
         # Share of one core each process used over the whole run (warm-up included).
@@ -267,8 +273,25 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
     finally:
         srv.stop()
     result["label"] = label
+    result["concurrency"] = concurrency
     result["busy_before"] = result_quiet
     return result
+
+
+def rcpt_p50(runs: list[dict]) -> float | None:
+    """Median over the DNSBL runs of the time from connect to the RCPT reply (ms)."""
+    rcpt = [r["rcpt_p50_ms"] for r in runs
+            if r["label"].startswith("dnsbl") and r.get("rcpt_p50_ms")]
+    return statistics.median(rcpt) if rcpt else None
+
+
+def closed_loop_bound(runs: list[dict], concurrency: int) -> float | None:
+    """Little's law for the closed loop: no session with DNSBL ends before its RCPT reply, so
+    `concurrency` clients cannot exceed concurrency / (time to the RCPT reply), however fast
+    the rest of the session; the 80 % target then needs the rate without DNSBL below that
+    bound / 0.8."""
+    ms = rcpt_p50(runs)
+    return concurrency / (ms / 1000) if ms else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                         "run at once); compares server CPU per connection at equal load")
     p.add_argument("--quiet-wait", type=float, default=120.0,
                    help="before each run wait up to this long for an idle machine (0: don't)")
+    p.add_argument("--also", default="",
+                   help="comma-separated further client counts (e.g. 80,160) measured after "
+                        "the main one, same rounds: a table of the ratio against the "
+                        "closed-loop bound at each; the verdict stays --concurrency's")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args(argv)
 
@@ -297,24 +324,31 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
         lines.append(text)
 
+    also = [int(c) for c in args.also.split(",") if c.strip()]
+    sweep: dict[int, list] = {}
     first = 0
     with tempfile.TemporaryDirectory(prefix="dnsbl-bench-", dir="/var/tmp") as tmp, \
             DNSServerProcess(ZONES, delay=args.delay) as dns:
         root = Path(tmp)
-        for rnd in range(args.rounds):
-            for label, server_dns in (("off", None), ("dnsbl", dns)):
-                r = run_one(f"{label}-{rnd}", root, server_dns, args, first)
-                first += r["addresses_used"]
-                results.append(r)
-                say(f"{r['label']:>8}: {r['rate']:8.1f} conn/s  p50 {r['p50_ms']:.1f} ms  "
-                      f"p99 {r['p99_ms']:.1f} ms  (to RCPT reply p50 {r['rcpt_p50_ms']:.1f} ms)  "
-                      f"replies {r['replies']}  "
-                      f"errors {r['errors']}  cpu {r['cpu']} others {r['other_cores']}  "
-                      f"server ms/conn "
-                      f"{r['server_cpu_ms_per_connection']}  "
-                      f"per group commit {r['per_group_commit']}"
-                      + (f"  dns/conn {r['dns_queries_per_connection']:.2f}"
-                         if "dns_queries" in r else ""))
+        for concurrency in [args.concurrency] + also:
+            runs = sweep.setdefault(concurrency, [])
+            for rnd in range(args.rounds):
+                for label, server_dns in (("off", None), ("dnsbl", dns)):
+                    r = run_one(f"{label}-{rnd}" if concurrency == args.concurrency
+                                else f"{label}-{rnd}-c{concurrency}", root, server_dns,
+                                args, first, concurrency)
+                    first += r["addresses_used"]
+                    runs.append(r)
+                    say(f"{r['label']:>8}: {r['rate']:8.1f} conn/s  p50 {r['p50_ms']:.1f} ms  "
+                        f"p99 {r['p99_ms']:.1f} ms  (to RCPT reply p50 "
+                        f"{r['rcpt_p50_ms']:.1f} ms)  replies {r['replies']}  "
+                        f"errors {r['errors']}  cpu {r['cpu']} others {r['other_cores']}  "
+                        f"server ms/conn "
+                        f"{r['server_cpu_ms_per_connection']}  "
+                        f"per group commit {r['per_group_commit']}"
+                        + (f"  dns/conn {r['dns_queries_per_connection']:.2f}"
+                           if "dns_queries" in r else ""))
+    results = sweep[args.concurrency]
 
     off = [r["rate"] for r in results if r["label"].startswith("off")]
     on = [r["rate"] for r in results if r["label"].startswith("dnsbl")]
@@ -339,15 +373,30 @@ def main(argv: list[str] | None = None) -> int:
     # `concurrency` clients cannot exceed concurrency / (time to the RCPT reply), however fast
     # the rest of the session; the 80 % target then needs the rate without DNSBL below that
     # bound / 0.8.
-    rcpt = [r["rcpt_p50_ms"] for r in results
-            if r["label"].startswith("dnsbl") and r.get("rcpt_p50_ms")]
-    if rcpt and args.mode == "message":
-        bound = args.concurrency / (statistics.median(rcpt) / 1000)
+    bound = closed_loop_bound(results, args.concurrency)
+    if bound is not None and args.mode == "message":
         summary["closed_loop_bound"] = bound
         say(f"closed-loop bound with DNSBL: {args.concurrency} clients / "
-            f"{statistics.median(rcpt):.1f} ms to the RCPT reply = {bound:.0f} conn/s "
+            f"{rcpt_p50(results):.1f} ms to the RCPT reply = {bound:.0f} conn/s "
             f"(even with nothing after RCPT); 80 % is reachable only while the rate "
             f"without DNSBL stays below {bound / 0.8:.0f} conn/s")
+    if also:
+        rows = []
+        summary["sweep"] = []
+        for concurrency, runs in sweep.items():
+            off_c = statistics.fmean(r["rate"] for r in runs if r["label"].startswith("off"))
+            on_c = statistics.fmean(r["rate"] for r in runs if r["label"].startswith("dnsbl"))
+            b = closed_loop_bound(runs, concurrency)
+            summary["sweep"].append({"concurrency": concurrency, "rate_off": off_c,
+                                     "rate_dnsbl": on_c, "ratio": on_c / off_c,
+                                     "rcpt_p50_ms": rcpt_p50(runs), "bound": b, "runs": runs})
+            rows.append([concurrency, f"{off_c:.1f}", f"{on_c:.1f}", f"{on_c / off_c:.1%}",
+                         f"{rcpt_p50(runs):.1f}" if b else "-", f"{b:.0f}" if b else "-"])
+        say()
+        say("by number of clients (means over the rounds; bound = clients / time to the RCPT "
+            "reply with DNSBL):")
+        say(table(["clients", "off conn/s", "dnsbl conn/s", "dnsbl/off", "RCPT p50 ms",
+                   "bound conn/s"], rows))
     say()
     say(f"mean without DNSBL {summary['rate_off']:.1f} conn/s, with two lists at "
           f"{args.delay * 1000:.0f} ms: {summary['rate_dnsbl']:.1f} conn/s "
