@@ -319,11 +319,14 @@ class _ThreadReactor:
     def callLater(self, delay, f, *a):
         return self.clock.callLater(delay, f, *a)
 
+    def seconds(self):
+        return self.clock.seconds()
+
     def callFromThread(self, f, *a):
         self.from_thread.append((f, a))
 
 
-def test_observer_with_a_reactor_writes_once_per_turn_and_flushes_on_stop(tmp_path):
+def test_observer_with_a_reactor_writes_once_per_turn_or_interval_and_flushes_on_stop(tmp_path):
     import threading
     reactor = _ThreadReactor()
     log = malog.RotatingLog(tmp_path, rotate_bytes=1_000_000, keep=3, clock=Clock())
@@ -332,12 +335,28 @@ def test_observer_with_a_reactor_writes_once_per_turn_and_flushes_on_stop(tmp_pa
     log._write_all = lambda data: (writes.append(data), real(data))
     obs = malog.FileLogObserver(log, reactor=reactor)
     obs.start()
-    for i in range(5):
+    for i in range(3):
         obs(_event("turn one {i}", i=i))
     assert not writes                              # nothing yet: the turn is not over
     reactor.clock.advance(0)
+    assert len(writes) == 1                        # a quiet server: written at the turn's end
+    assert log.current.read_text().count("turn one") == 3
+    # busy: lines of the next turns within FLUSH_INTERVAL wait for its end and go together
+    obs(_event("turn two"))
+    reactor.clock.advance(0)
+    reactor.clock.advance(malog.FLUSH_INTERVAL / 2)
+    obs(_event("turn three"))
+    reactor.clock.advance(0)
     assert len(writes) == 1
-    assert log.current.read_text().count("turn one") == 5
+    reactor.clock.advance(malog.FLUSH_INTERVAL / 2)
+    assert len(writes) == 2                        # two turns' lines, one write
+    lines = log.current.read_text().splitlines()
+    assert lines[-2].endswith("smtp: turn two") and lines[-1].endswith("smtp: turn three")
+    reactor.clock.advance(1)
+    assert len(writes) == 2                        # no timer left behind, no empty writes
+    obs(_event("after a quiet second"))
+    reactor.clock.advance(0)
+    assert len(writes) == 3                        # quiet again: at the turn's end
     # an event from another thread is handed to the reactor thread
     t = threading.Thread(target=obs, args=(_event("from a thread"),))
     t.start()
@@ -375,7 +394,7 @@ def test_observer_with_a_writer_thread_never_writes_on_the_reactor_thread(tmp_pa
     assert writers and threading.get_ident() not in writers
     # at stop, lines handed over and lines of an unfinished turn are all written, in order
     obs(_event("handed over"))
-    reactor.clock.advance(0)
+    reactor.clock.advance(malog.FLUSH_INTERVAL)
     obs(_event("last words"))
     writer = obs._writer
     obs.stop()
