@@ -517,7 +517,9 @@ class FileLogObserver:
     def _flush_delay(self) -> float:
         if self._last_flush is None:
             return 0.0
-        return max(0.0, self._last_flush + FLUSH_INTERVAL - self.reactor.seconds())
+        # Bounded both ways: the reactor's clock is the wall clock, which may be stepped back.
+        return min(FLUSH_INTERVAL,
+                   max(0.0, self._last_flush + FLUSH_INTERVAL - self.reactor.seconds()))
 
     def flush(self) -> None:
         """Write the pending lines (one write per log file touched), or with a writer thread

@@ -357,6 +357,10 @@ def test_observer_with_a_reactor_writes_once_per_turn_or_interval_and_flushes_on
     obs(_event("after a quiet second"))
     reactor.clock.advance(0)
     assert len(writes) == 3                        # quiet again: at the turn's end
+    reactor.clock.rightNow -= 3600                 # the wall clock is stepped back an hour
+    obs(_event("after the clock went back"))
+    reactor.clock.advance(malog.FLUSH_INTERVAL)
+    assert len(writes) == 4                        # still within one interval, not an hour
     # an event from another thread is handed to the reactor thread
     t = threading.Thread(target=obs, args=(_event("from a thread"),))
     t.start()
