@@ -316,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args(argv)
 
-    results = []
     lines: list[str] = []
 
     def say(text: str = "") -> None:
@@ -369,10 +368,6 @@ def main(argv: list[str] | None = None) -> int:
               f"(other load {a['other_cores']} / {b['other_cores']} cores)")
     if quiet:
         say(f"quiet rounds only ({len(quiet)}): {summary['quiet_ratio']:.1%}")
-    # Little's law for the closed loop: no session with DNSBL ends before its RCPT reply, so
-    # `concurrency` clients cannot exceed concurrency / (time to the RCPT reply), however fast
-    # the rest of the session; the 80 % target then needs the rate without DNSBL below that
-    # bound / 0.8.
     bound = closed_loop_bound(results, args.concurrency)
     if bound is not None and args.mode == "message":
         summary["closed_loop_bound"] = bound

@@ -11,8 +11,9 @@ taking turns at going first; the table gives the medians and the range of the pe
 ratios, because this shared machine's speed drifts by up to 2x within minutes.  After each run
 every message is looked for on disk by its Message-Id (smtp-source makes one per message): for
 mailappliance in its Maildir or still in queue/mess, for aiosmtpd in its Maildir; the table
-shows found/sent and duplicates.  Then 1,000 idle connections (each
-reads the 220 greeting and stays silent) and the server's RSS before and with them.
+shows found/sent and duplicates.  Before the load runs, on the freshly started servers: 1,000
+idle connections (each reads the 220 greeting and stays silent) and each server's RSS before
+and with them.
 
 Each server is started fresh in a scratch folder on the real disk and stopped by PID.  Results
 are printed and written to benchmarks/results/<time>-smtp.{txt,json}.  Targets (issue 3): at
