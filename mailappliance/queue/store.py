@@ -562,7 +562,7 @@ class TmpMessage:
         self.size = 0
         self.closed = False
         self.envelope: Envelope | None = None    # set by finish()
-        self._unsynced = False                   # finish(sync=False) done, commit due
+        self._unsynced = False                   # finish(write=False) done, commit due
         self._tail: bytes | None = None          # finish(write=False): bytes still to write
 
     def write(self, data: bytes) -> None:
@@ -577,19 +577,16 @@ class TmpMessage:
 
     def finish(self, sender: str, recipients: list[str], received_from: str | None = None,
                *, qp: int | None = None, uid: int | None = None,
-               birth: float | None = None, data: bytes = b"", sync: bool = True,
-               write: bool = True) -> int:
+               birth: float | None = None, data: bytes = b"", write: bool = True) -> int:
         """Write `data` (the last part of the message), envelope and trailer in one write,
         fsync, rename into mess/.  Returns the queue id.
 
         With ``write=False`` it stops before the write: `QueueStore.complete_many` then
         writes, fsyncs and renames a whole batch of finishes and fsyncs mess/ once, in one
-        FileOps call (the group commit).  With ``sync=True`` (the sendmail command's
+        FileOps call (the group commit).  Otherwise (the sendmail command's
         `QueueStore.inject`) the rename is durable only after `QueueStore.sync()`."""
         if self.closed:
             raise QueueWriteError("finish after close")
-        if not write:
-            sync = False
         ops = self.store.ops
         try:
             check_envelope(sender, recipients)
@@ -616,10 +613,9 @@ class TmpMessage:
                                                     _crc(envelope, positions))
             if write:
                 write_all(ops, self.fd, b"".join((data, envelope, trailer)))
+                self._sync_and_rename(ino)
             else:
                 self._tail = b"".join((data, envelope, trailer))
-            if sync:
-                self._sync_and_rename(ino)
         except OSError as e:
             self.discard()
             raise QueueWriteError(f"queue write failed: {e.strerror or e}") from e
@@ -634,7 +630,7 @@ class TmpMessage:
         for rcpt, pos in zip(env.recipients, positions):
             rcpt.offset = self.size + pos
         self.envelope = env
-        self._unsynced = not sync
+        self._unsynced = not write
         return ino
 
     def _sync_and_rename(self, ino: int) -> None:
@@ -789,10 +785,9 @@ class QueueStore:
         return out
 
     def complete_many(self, tmps: list[TmpMessage]) -> list:
-        """The group commit of finishes done with ``write=False`` (or ``sync=False``): writes
-        what is left, fsyncs, renames into mess/ and fsyncs mess/ once, all in one
-        FileOps.commit_many call. ->
-        per message its qid or the QueueWriteError it met (its tmp/ file removed). If the
+        """The group commit of finishes done with ``write=False``: writes what is left,
+        fsyncs, renames into mess/ and fsyncs mess/ once, all in one FileOps.commit_many
+        call. -> per message its qid or the QueueWriteError it met (its tmp/ file removed). If the
         directory fsync fails no rename is known durable: every message of the batch is
         withdrawn from mess/ and fails."""
         if not tmps:

@@ -71,8 +71,8 @@ def test_every_command_over_the_socket(server):
     def logs() -> str:
         return "".join(p.read_text(errors="replace") for p in (server.data / "log").iterdir())
     # The log may reach the file up to a flush interval after the replies.
-    text = wait_for(lambda: "admin: unix: user add joe@example.net --quota 100000" in logs()
-                    and logs(), what="the admin commands in the log")
+    text = wait_for(lambda: "admin: unix: user add joe@example.net --quota 100000"
+                    in (t := logs()) and t, what="the admin commands in the log")
     assert PASSWORD not in text and PASSWORD not in server.output()
 
 
