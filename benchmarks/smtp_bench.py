@@ -88,6 +88,7 @@ def one_run(server, sessions: int, size: int, messages: int, ids: HeaderCache,
         "pending_after_settle": server.pending(), "settle_seconds": round(waited, 1),
         "server_cpu": m.cpu, "server_cpu_pct": 100.0 * m.cpu / m.wall,
         "peak_rss_kib": m.peak_rss_kib,
+        "machine_busy_pct": m.system_busy_pct,
         # CPU used meanwhile by everything except this server and smtp-source (the bench
         # itself is idle while smtp-source runs): other people's work on the shared machine.
         "others_cpu_pct": max(0.0, m.system_busy_pct - 100.0 * (m.cpu + res["client_cpu"])
