@@ -53,6 +53,17 @@ static int open_dir(const char *sub) {
     return fd;
 }
 
+/* Create tmp (O_EXCL), write data, fsync, close, rename to final, fsync the final directory. */
+static void commit(const char *tmp, const char *final, int dir_fd, const char *data, size_t n) {
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) die("open", tmp);
+    write_all(fd, data, n, tmp);
+    if (fsync(fd) < 0) die("fsync", tmp);
+    close(fd);
+    if (rename(tmp, final) < 0) die("rename", tmp);
+    if (fsync(dir_fd) < 0) die("fsync", final);
+}
+
 static void *worker(void *arg) {
     (void)arg;
     int mess_dir = open_dir("queue/mess"), new_dir = open_dir("Maildir/new");
@@ -67,15 +78,9 @@ static void *worker(void *arg) {
         snprintf(qmess, sizeof qmess, "%s/queue/mess/%ld", base, i);
         int n = snprintf(buf, cap, "Fa@test.com\nTtest@test.com\n\n");
         memcpy(buf + n, body, (size_t)bytes);
-        int fd = open(qtmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-        if (fd < 0) die("open", qtmp);
-        write_all(fd, buf, (size_t)n + (size_t)bytes, qtmp);
-        if (fsync(fd) < 0) die("fsync", qtmp);
-        close(fd);
-        if (rename(qtmp, qmess) < 0) die("rename", qtmp);
-        if (fsync(mess_dir) < 0) die("fsync", "queue/mess");
+        commit(qtmp, qmess, mess_dir, buf, (size_t)n + (size_t)bytes);
         /* the 250 would be sent here; local delivery follows */
-        fd = open(qmess, O_RDONLY | O_CLOEXEC);
+        int fd = open(qmess, O_RDONLY | O_CLOEXEC);
         if (fd < 0) die("open", qmess);
         ssize_t got = read(fd, buf, cap);
         if (got < 0) die("read", qmess);
@@ -88,13 +93,7 @@ static void *worker(void *arg) {
                  (long)ts.tv_sec, ts.tv_nsec / 1000, getpid(), i);
         snprintf(mnew, sizeof mnew, "%s/Maildir/new/%ld.M%ldP%dQ%ld.floor", base,
                  (long)ts.tv_sec, ts.tv_nsec / 1000, getpid(), i);
-        fd = open(mtmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-        if (fd < 0) die("open", mtmp);
-        write_all(fd, out, (size_t)h + (size_t)got, mtmp);
-        if (fsync(fd) < 0) die("fsync", mtmp);
-        close(fd);
-        if (rename(mtmp, mnew) < 0) die("rename", mtmp);
-        if (fsync(new_dir) < 0) die("fsync", "Maildir/new");
+        commit(mtmp, mnew, new_dir, out, (size_t)h + (size_t)got);
         if (unlink(qmess) < 0) die("unlink", qmess);
     }
     free(buf);
