@@ -1,6 +1,6 @@
 """What issue 3's 2x target asks of this machine: the target next to the ceilings, same run.
 
-    /work/venv/bin/python benchmarks/ceiling_bench.py [--pairs 2] [--messages 4000]
+    /work/venv/bin/python benchmarks/ceiling_bench.py [--rounds 2] [--messages 4000]
         [--sessions 20] [--size 2048] [--no-postfix] [--scratch /var/tmp] [--quiet-wait 60]
 
 Each round measures, one after the other (the order rotates from round to round, because this
@@ -209,7 +209,8 @@ def report(rounds: list[dict], args) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=2, help="rounds of all four runs")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of all the runs (the order rotates from round to round)")
     ap.add_argument("--messages", type=int, default=4000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=2048)
@@ -248,7 +249,7 @@ def main() -> int:
         }
         order = [k for k in RUNS if k in servers or k in ("smtp-sink", "floor_files")]
         rounds = []
-        for i in range(args.pairs):
+        for i in range(args.rounds):
             rnd = {}
             for kind in order[i % len(order):] + order[:i % len(order)]:
                 wait_quiet(args.quiet_wait)
