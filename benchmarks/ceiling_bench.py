@@ -1,7 +1,8 @@
 """What issue 3's 2x target asks of this machine: the target next to the ceilings, same run.
 
     /work/venv/bin/python benchmarks/ceiling_bench.py [--rounds 2] [--messages 4000]
-        [--sessions 20] [--size 2048] [--no-two] [--no-postfix] [--scratch /var/tmp] [--quiet-wait 60]
+        [--sessions 20] [--size 2048] [--no-two] [--no-postfix] [--scratch /var/tmp]
+        [--quiet-wait 60]
 
 Each round measures, one after the other (the order rotates from round to round, because this
 shared machine's speed drifts by up to 2x within minutes):
@@ -54,12 +55,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (BENCH_DIR, CLK_TCK, DEFAULT_SCRATCH, HOST,  # noqa: E402
+from benchmarks.common import (BENCH_DIR, DEFAULT_SCRATCH, HOST,  # noqa: E402
                                AiosmtpdPeer, HeaderCache, OurServer, PostfixPeer,
                                ServerUnavailable,
                                check_smtp, cpu_seconds, fmt, free_port, machine_info,
-                               run_smtp_source, system_busy_seconds, table, wait_quiet,
-                               write_results)
+                               run_smtp_source, system_busy_seconds, table, thread_cpu_seconds,
+                               wait_quiet, write_results)
 from benchmarks.smtp_bench import one_run  # noqa: E402
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -70,13 +71,6 @@ SINK_START_TIMEOUT = 10.0
 TARGET_RATIO = 2.0
 RUNS = ("aiosmtpd", "mailappliance", "mailappliance x2", "postfix", "smtp-sink", "floor_files")
 CORES = os.cpu_count() or 2
-
-
-def thread_cpu(pid: int, tid: int) -> float:
-    """utime+stime of one thread, seconds."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def build_floor(scratch: Path) -> Path:
@@ -144,9 +138,9 @@ def run_sink(sessions: int, messages: int, size: int) -> dict:
 def run_server(server, ids: HeaderCache, sessions: int, messages: int, size: int) -> dict:
     # The main thread: twistd's reactor, aiosmtpd's event loop (Postfix: a process tree).
     single = not isinstance(server, PostfixPeer)
-    t0 = thread_cpu(server.pid, server.pid) if single else 0.0
+    t0 = thread_cpu_seconds(server.pid, server.pid) if single else 0.0
     r = one_run(server, sessions, size, messages, ids)
-    reactor = thread_cpu(server.pid, server.pid) - t0 if single else None
+    reactor = thread_cpu_seconds(server.pid, server.pid) - t0 if single else None
     if r["rc"] != 0 or r["found"] != messages:
         raise RuntimeError(f"{server.name}: rc={r['rc']}, found {r['found']}/{messages} "
                            f"{r['stderr'][:200]}")

@@ -73,9 +73,11 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # --- /proc sampling -------------------------------------------------------------------------------
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int, tid: int | None = None) -> list[str] | None:
+    """Fields of /proc/PID/stat after comm (of one thread: /proc/PID/task/TID/stat)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(path, "rb") as f:
             raw = f.read().decode("ascii", "replace")
     except OSError:
         return None
@@ -112,6 +114,14 @@ def cpu_seconds(pids: Iterable[int]) -> float:
             # fields after comm: state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14
             total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     return total / CLK_TCK
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """utime+stime of one thread of a process (tid == pid: its main thread)."""
+    f = _stat_fields(pid, tid)
+    if f is None:
+        raise ProcessLookupError(f"no thread {tid} in process {pid}")
+    return (int(f[11]) + int(f[12])) / CLK_TCK
 
 
 def rss_kib(pids: Iterable[int]) -> int:

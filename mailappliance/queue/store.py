@@ -787,9 +787,9 @@ class QueueStore:
     def complete_many(self, tmps: list[TmpMessage]) -> list:
         """The group commit of finishes done with ``write=False``: writes what is left,
         fsyncs, renames into mess/ and fsyncs mess/ once, all in one FileOps.commit_many
-        call. -> per message its qid or the QueueWriteError it met (its tmp/ file removed). If the
-        directory fsync fails no rename is known durable: every message of the batch is
-        withdrawn from mess/ and fails."""
+        call. -> per message its qid or the QueueWriteError it met (its tmp/ file removed).
+        If the directory fsync fails no rename is known durable: every message of the batch
+        is withdrawn from mess/ and fails."""
         if not tmps:
             return []
         try:

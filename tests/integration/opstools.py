@@ -1,4 +1,5 @@
-"""Helpers for the operations integration tests: talk to a running server's admin socket."""
+"""Helpers for the operations integration tests: talk to a running server's admin socket, read
+its mail log."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 from mailappliance.admin.protocol import ReplyReader
+from mailappliance.logging import iter_log_files
 
 # Every wait on the server is bounded; a healthy server answers admin commands in milliseconds.
 REPLY_TIMEOUT = 20.0
@@ -60,3 +62,17 @@ def wait_for(predicate, timeout: float = REPLY_TIMEOUT, what: str = "condition")
             return value
         time.sleep(0.05)
     raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def log_text(server) -> str:
+    """The server's whole mail log: rotated files oldest first, then `current`."""
+    return "".join(p.read_text(errors="replace") for p in iter_log_files(server.data / "log"))
+
+
+def wait_for_log(server, *needles: str, timeout: float = REPLY_TIMEOUT) -> str:
+    """The mail log once it holds every needle. A line reaches the file up to a flush
+    interval (mailappliance.logging.FLUSH_INTERVAL) after the reply that follows it."""
+    def holds() -> str | None:
+        text = log_text(server)
+        return text if all(n in text for n in needles) else None
+    return wait_for(holds, timeout, what=f"{needles} in the mail log")

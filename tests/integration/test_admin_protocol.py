@@ -10,7 +10,7 @@ import time
 from mailappliance.admin import protocol as ap
 from tests.conftest import require_tool
 from tests.integration.opstools import (admin, admin_connect, admin_path, read_replies,
-                                        rss_kib, wait_for)
+                                        rss_kib, wait_for, wait_for_log)
 
 PASSWORD = "Sock3t-Pass!"
 # Memory a misbehaving admin client may cost the server, at most. The reply and line limits
@@ -68,11 +68,7 @@ def test_every_command_over_the_socket(server):
     assert by[16] == (True, ["domain example.net deleted"])
     assert by[17] == (True, ["bye"])
     # the password went nowhere: not in any log, not on the server's output
-    def logs() -> str:
-        return "".join(p.read_text(errors="replace") for p in (server.data / "log").iterdir())
-    # The log may reach the file up to a flush interval after the replies.
-    text = wait_for(lambda: "admin: unix: user add joe@example.net --quota 100000"
-                    in (t := logs()) and t, what="the admin commands in the log")
+    text = wait_for_log(server, "admin: unix: user add joe@example.net --quota 100000")
     assert PASSWORD not in text and PASSWORD not in server.output()
 
 

@@ -7,15 +7,11 @@ import poplib
 import re
 import smtplib
 
-from mailappliance.logging import iter_log_files
-from tests.integration.opstools import admin, admin_connect, read_replies, wait_for
+from tests.integration.opstools import (admin, admin_connect, log_text, read_replies,
+                                        wait_for)
 
 PASSWORD = "L0gged-Never!"
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z (smtp|delivery|pop3|admin|dns|server): ")
-
-
-def all_log_text(server) -> str:
-    return "".join(p.read_text(errors="replace") for p in iter_log_files(server.data / "log"))
 
 
 def test_rotation_by_size_keeps_keep_files(make_server):
@@ -38,7 +34,7 @@ def test_rotation_by_size_keeps_keep_files(make_server):
         for line in data.decode().splitlines():
             assert LINE.match(line), line
     # More rotations happened than files were kept: the oldest went away.
-    text = all_log_text(srv)
+    text = log_text(srv)
     assert "server: ready:" not in text               # start-up lines rotated out long ago
     assert text.count("admin: unix: relay list") < 600
 
@@ -69,7 +65,7 @@ def test_events_carry_their_area_and_secrets_never_reach_the_log(make_server):
         s.rcpt("nobody-here@test.com")
 
     def logged():
-        text = all_log_text(srv)
+        text = log_text(srv)
         return (re.search(r"Z pop3: .*login failed: rip=127\.0\.0\.1 ", text)
                 and re.search(r"Z smtp: .*nobody-here@test\.com", text) and text)
     text = wait_for(logged, what="pop3 and smtp events in the log")
@@ -100,15 +96,15 @@ def test_journal_observer_gives_priority_and_area_and_leaves_the_mail_log_to_fil
     assert all(re.match(r"<[2-7]>(smtp|delivery|pop3|admin|dns|server): ", l) for l in out), out
     # while the file log runs, routine admin events stay out of the journal
     assert not any("relay list" in l for l in out)
-    assert "unix: relay list" in all_log_text(srv)
+    assert "unix: relay list" in log_text(srv)
 
 
 def test_plain_twistd_stdout_keeps_health_lines_and_leaves_the_mail_log_to_files(make_server):
     srv = make_server().start()
     admin(srv, "relay list\nfrobnicate\n", count=2)
-    wait_for(lambda: "unix: relay list" in all_log_text(srv), what="admin event in the files")
+    wait_for(lambda: "unix: relay list" in log_text(srv), what="admin event in the files")
     srv.stop()
     out = srv.stdout()
     assert "ready" in out                       # server events stay on standard output
     assert "relay list" not in out              # routine mail-log events are in the files only
-    assert "unix: relay list" in all_log_text(srv)
+    assert "unix: relay list" in log_text(srv)

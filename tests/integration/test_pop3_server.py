@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.opstools import wait_for
+from tests.integration.opstools import wait_for_log
 from tests.pop3_support import deliver, make_cert, message
 
 pytestmark = pytest.mark.integration
@@ -72,14 +72,6 @@ def maildir(srv) -> Path:
 
 def client_context(cert: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cert))
-
-
-def logged(srv, *needles: str) -> str:
-    """The mail log once it holds every needle (lines reach the file up to a flush interval
-    after the reply that follows them)."""
-    current = srv.data / "log" / "current"
-    return wait_for(lambda: all(n in (text := current.read_text()) for n in needles) and text,
-                    what=f"{needles} in the log")
 
 
 def wait_for_messages(md: Path, count: int) -> list[str]:
@@ -145,8 +137,8 @@ def test_failed_login_grants_nothing_waits_and_is_logged(server):
         p.pass_("whatever-1")
     assert time.monotonic() - start >= 1.9
     p.quit()
-    log = logged(server, "pop3: login failed: rip=127.0.0.7 user=<test> tls=no delay=2s",
-                 "pop3: login failed: rip=127.0.0.8 user=<nosuchuser> tls=no delay=2s")
+    log = wait_for_log(server, "pop3: login failed: rip=127.0.0.7 user=<test> tls=no delay=2s",
+                       "pop3: login failed: rip=127.0.0.8 user=<nosuchuser> tls=no delay=2s")
     assert "wrong-Passw0rd!" not in log and "whatever-1" not in log
 
 
@@ -163,7 +155,8 @@ def test_stls_with_certificate_check_and_login(tls_server, certs):
     assert p.stat() == (1, len(message(1)))
     assert p.retr(1)[1][2] == b"Subject: message 1"
     p.quit()
-    logged(tls_server, "pop3: login: user=<test@test.com> rip=127.0.0.11 tls=yes messages=1")
+    wait_for_log(tls_server,
+                 "pop3: login: user=<test@test.com> rip=127.0.0.11 tls=yes messages=1")
 
 
 def test_pop3s_implicit_tls(tls_server, certs):
