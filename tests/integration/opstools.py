@@ -65,8 +65,16 @@ def wait_for(predicate, timeout: float = REPLY_TIMEOUT, what: str = "condition")
 
 
 def log_text(server) -> str:
-    """The server's whole mail log: rotated files oldest first, then `current`."""
-    return "".join(p.read_text(errors="replace") for p in iter_log_files(server.data / "log"))
+    """The server's whole mail log: rotated files oldest first, then `current`. A rotated file
+    that the server removes (beyond `keep`) between the listing and the read is skipped: it is
+    no longer part of the log."""
+    parts = []
+    for p in iter_log_files(server.data / "log"):
+        try:
+            parts.append(p.read_text(errors="replace"))
+        except FileNotFoundError:
+            pass
+    return "".join(parts)
 
 
 def wait_for_log(server, *needles: str, timeout: float = REPLY_TIMEOUT) -> str:

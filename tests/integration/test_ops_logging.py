@@ -8,7 +8,7 @@ import re
 import smtplib
 
 from tests.integration.opstools import (admin, admin_connect, log_text, read_replies,
-                                        wait_for)
+                                        wait_for, wait_for_log)
 
 PASSWORD = "L0gged-Never!"
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z (smtp|delivery|pop3|admin|dns|server): ")
@@ -19,6 +19,11 @@ def test_rotation_by_size_keeps_keep_files(make_server):
     with admin_connect(srv) as s:
         s.sendall(b"relay list\n" * 600)            # ~600 log lines of ~60 bytes
         read_replies(s, 600)
+        s.sendall(b"domain list\n")
+        read_replies(s, 1)
+    # Lines reach the file up to a flush interval after their replies: once the last
+    # command's line is there, the server writes and rotates no more and the files hold still.
+    wait_for_log(srv, "unix: domain list")
     logdir = srv.data / "log"
 
     def rotated():
