@@ -11,15 +11,18 @@ A pure function of facts gathered by the adapter, so every combination is a row 
   authenticated session, a POP-before-SMTP grant.
 
 The sender address plays no part: a sender never grants relay.
+
+The answer is a `Verdict`, a plain value naming the case; it says nothing about the wire. The
+SMTP adapter turns it into qmail's reply through `smtp/replies.py` (`rcpt_reply`), so this module
+imports nothing from `smtp` and the arrow runs one way: smtp -> access.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from mailappliance.address import Destination
-from mailappliance.smtp import replies
-from mailappliance.smtp.replies import Reply
 
 USER, ALIAS, UNKNOWN, REMOTE = "user", "alias", "unknown", "remote"
 LOOKUP_ANSWERS = frozenset({USER, ALIAS, UNKNOWN, REMOTE})
@@ -38,11 +41,27 @@ class RelayClient:
         return self.relayclient or self.authenticated or self.granted
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    accept: bool
-    reply: Reply
-    why: str        # for the log: local, alias, relay, no-mailbox, routing-local-part, no-relay
+class Verdict(enum.Enum):
+    """The relay decision for one recipient. The value is the word the log line uses."""
+
+    LOCAL = "local"                          # accepted: a user of one of our domains
+    ALIAS = "alias"                          # accepted: an alias in one of our domains
+    RELAY = "relay"                          # accepted: elsewhere, and the client may relay
+    NO_RELAY = "no-relay"                    # refused: elsewhere, not in rcpthosts (qmail 553)
+    NO_MAILBOX = "no-mailbox"                # refused: our domain, no such name (550)
+    ROUTING_LOCAL_PART = "routing-local-part"  # refused: a%b, b!a, "a@b" in our domain (550)
+
+    @property
+    def accept(self) -> bool:
+        return self in _ACCEPTED
+
+    @property
+    def why(self) -> str:
+        """For the log: local, alias, relay, no-mailbox, routing-local-part, no-relay."""
+        return self.value
+
+
+_ACCEPTED = frozenset({Verdict.LOCAL, Verdict.ALIAS, Verdict.RELAY})
 
 
 def needs_user_lookup(dest: Destination) -> bool:
@@ -57,14 +76,14 @@ def decide(dest: Destination, local: str, client: RelayClient) -> Verdict:
         local = REMOTE                   # never trust a store answer for a literal
     if local == REMOTE:
         if client.may_relay:
-            return Verdict(True, replies.RCPT_OK, "relay")
-        return Verdict(False, replies.NOT_IN_RCPTHOSTS, "no-relay")
+            return Verdict.RELAY
+        return Verdict.NO_RELAY
     # One of our domains from here on.
     if dest.route_chars:
         # a%b@ours, b!a@ours, "a@b"@ours: never a mailbox here and never a route to elsewhere.
-        return Verdict(False, replies.BAD_LOCAL_PART, "routing-local-part")
+        return Verdict.ROUTING_LOCAL_PART
     if local == USER:
-        return Verdict(True, replies.RCPT_OK, "local")
+        return Verdict.LOCAL
     if local == ALIAS:
-        return Verdict(True, replies.RCPT_OK, "alias")
-    return Verdict(False, replies.NO_MAILBOX, "no-mailbox")
+        return Verdict.ALIAS
+    return Verdict.NO_MAILBOX

@@ -404,7 +404,7 @@ class SMTPServerProtocol(protocol.Protocol):
             self.log.info("smtp: {ip}: refused RCPT {rcpt}: {why} ({tricks})", ip=self.ip,
                           rcpt=str(ev.recipient), why=verdict.why,
                           tricks=",".join(sorted(dest.tricks)) or "-")
-        return verdict.reply
+        return replies.rcpt_reply(verdict)
 
     def relay_client(self) -> relay_policy.RelayClient:
         grants = self.app.grants

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mailappliance.access.relay_policy import Verdict
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -114,6 +116,22 @@ QQ_TEMPORARY = Reply(451, "4.3.0", "qq temporary problem (#4.3.0)")            #
 TOO_MANY_HOPS = Reply(554, "5.4.6", "too many hops, this message is looping (#5.4.6)")  # qmail
 BARE_LF_IN_DATA = Reply(451, "4.6.0", "See http://pobox.com/~djb/docs/smtplf.html.")  # qmail
 BARE_CR_IN_DATA = Reply(451, "4.6.0", "sorry, bare CR in message; lines end in CRLF (#4.6.0)")
+
+
+# The relay policy's verdict (access/relay_policy.py) as the reply to RCPT.
+RCPT_VERDICT_REPLIES: dict[Verdict, Reply] = {
+    Verdict.LOCAL: RCPT_OK,
+    Verdict.ALIAS: RCPT_OK,
+    Verdict.RELAY: RCPT_OK,
+    Verdict.NO_RELAY: NOT_IN_RCPTHOSTS,
+    Verdict.NO_MAILBOX: NO_MAILBOX,
+    Verdict.ROUTING_LOCAL_PART: BAD_LOCAL_PART,
+}
+
+
+def rcpt_reply(verdict: Verdict) -> Reply:
+    """What RCPT gets for the relay policy's verdict (qmail's texts)."""
+    return RCPT_VERDICT_REPLIES[verdict]
 
 
 def queued(when: int, qid: str) -> Reply:
