@@ -12,14 +12,17 @@ further event, so pipelined replies leave in command order. Replies produced in 
 written with one transport.write.
 
 Seams:
+- The listener: `smtp/service.py`'s factory, seen here only as a `Listener` (its app, its kind,
+  the connection slots and the message counter); service.py imports this module, never the
+  other way.
 - AUTH (RFC 4954) and the submission policy live in smtp/submission.py (`SessionAuth`, one per
-  connection): it sets `core.auth_mechanisms` (only inside TLS, or in clear from loopback when
-  allowed), answers `Auth`/`AuthResponse` (a 334 keeps the core reading responses, 235 sets
-  `core.authenticated`, which the relay policy and the Received: line honour), refuses MAIL
-  with 530 on submission without AUTH and with 553 for a sender not the user's, and checks the
-  From: header of authenticated sessions at the end of DATA (smtp/binding.py's FromScanner
-  sees the DataChunk pieces of the header as they stream past). Authenticated sessions skip
-  the DNSBL.
+  connection, seeing the session through `_SessionView`, never this protocol): it sets
+  `core.auth_mechanisms` (only inside TLS, or in clear from loopback when allowed), answers
+  `Auth`/`AuthResponse` (a 334 keeps the core reading responses, 235 sets `core.authenticated`,
+  which the relay policy and the Received: line honour), refuses MAIL with 530 on submission
+  without AUTH and with 553 for a sender not the user's, and checks the From: header of
+  authenticated sessions at the end of DATA (smtp/binding.py's FromScanner sees the DataChunk
+  pieces of the header as they stream past). Authenticated sessions skip the DNSBL.
 - STARTTLS is done here: `_start_tls` writes the 220 before `transport.startTLS`, and the core
   drops input pipelined behind the command.
 - DNSBL (rblsmtpd): `app.dnsbl.check` at connect, verdict applied at each RCPT (`_after_rbl`).
@@ -33,7 +36,8 @@ behind the queue's fsyncs in the same pool, adding a disk latency to every RCPT 
 from __future__ import annotations
 
 import sqlite3
-from typing import TYPE_CHECKING, Any, Mapping
+import typing
+from typing import Any, Mapping
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -42,20 +46,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailappliance.access import penalty as login_penalty
 from mailappliance.access import relay_policy
 from mailappliance.access.relay import normalize_ip
 from mailappliance.access.rules import DEFAULT_ALLOW
 from mailappliance.address import classify
 from mailappliance.netwrite import write_now
+from mailappliance.queue.inject import QueueWriteError
 from mailappliance.smtp import replies
 from mailappliance.smtp.core import (
     CLOSED_EVENT, NEED_DATA, PAUSED, Auth, AuthResponse, DataChunk, DataStart, MailFrom,
     MessageEnd, RcptTo, ServerConnection, StartTLS, received_header)
 from mailappliance.smtp.submission import SessionAuth
 from mailappliance.smtp.replies import Reply
-
-if TYPE_CHECKING:
-    from mailappliance.smtp.service import SMTPFactory
 
 # Pipelined input waiting while a decision is pending: above this, stop reading the socket until
 # the decision arrives (TCP flow control pushes back on the client). Four command lines' worth of
@@ -75,11 +78,27 @@ TEMPORARY_FAILURE = Reply(451, "4.3.0", "sorry, temporary failure (#4.3.0)")
 _UNSET = object()
 
 
+class Listener(typing.Protocol):
+    """What a session needs of its listener (smtp/service.py's SMTPFactory)."""
+
+    app: Any            # the service tree: settings, reactor, store, injector, grants, ...
+    kind: str           # "smtp", "submission" or "submissions"
+
+    def admit(self, session: "SMTPServerProtocol") -> Reply | None:
+        """Take a connection slot for `session`, or say why not (421 and close)."""
+
+    def release(self, session: "SMTPServerProtocol") -> None:
+        """Give the slot back (once, at connectionLost)."""
+
+    def count_message(self) -> None:
+        """One more message accepted on this listener."""
+
+
 @implementer(IHalfCloseableProtocol)
 class SMTPServerProtocol(protocol.Protocol):
     log = Logger(namespace="mailappliance.smtp")
 
-    def __init__(self, factory: "SMTPFactory") -> None:
+    def __init__(self, factory: Listener) -> None:
         self.factory = factory
         self.app = factory.app
         self.core: ServerConnection | None = None
@@ -143,7 +162,7 @@ class SMTPServerProtocol(protocol.Protocol):
             postmaster_domain=settings.default_domain or hostname,
             starttls_offered=app.tls is not None and not implicit_tls)
         self.core.tls = implicit_tls          # RFC 8314: the listener wraps us in TLS
-        self.auth = SessionAuth(self)
+        self.auth = SessionAuth(_SessionView(self))
         self.auth.configure()
         if drain is not None:
             self.drain = drain.register(self.close_now)
@@ -461,7 +480,6 @@ class SMTPServerProtocol(protocol.Protocol):
         return replies.queued(int(self.app.reactor.seconds()), str(qid))
 
     def _commit_failed(self, failure: Failure) -> Reply:
-        from mailappliance.queue.store import QueueWriteError
         if failure.check(QueueWriteError):
             self.log.error("smtp: {ip}: qq write error: {why}", ip=self.ip,
                            why=failure.getErrorMessage())
@@ -511,6 +529,54 @@ class SMTPServerProtocol(protocol.Protocol):
         if refusal is None:
             return None
         return replies.dnsbl_refusal(refusal.permanent, refusal.text)
+
+
+class _SessionView:
+    """smtp/submission.py's `SessionView` of one session: what SessionAuth may see, read live
+    from the protocol and its app (a reload reaches the next check), and nothing else."""
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: SMTPServerProtocol) -> None:
+        self._proto = proto
+
+    @property
+    def kind(self) -> str:
+        return self._proto.factory.kind
+
+    @property
+    def ip(self) -> str:
+        return self._proto.ip
+
+    @property
+    def core(self) -> ServerConnection:
+        return self._proto.core
+
+    @property
+    def tls_available(self) -> bool:
+        return self._proto.app.tls is not None
+
+    @property
+    def settings(self):
+        return self._proto.app.settings
+
+    @property
+    def reactor(self):
+        return self._proto.app.reactor
+
+    @property
+    def authenticator(self):
+        return getattr(self._proto.app, "authenticator", None)
+
+    @property
+    def penalty(self) -> login_penalty.LoginPenalty:
+        return login_penalty.shared(self._proto.app)
+
+    def may_relay(self) -> bool:
+        return self._proto.relay_client().may_relay
+
+    def get_alias(self, address: str) -> list[str] | None:
+        return self._proto.app.store.get_alias(address)
 
 
 def _greetdelay(env: Mapping[str, str]) -> float:

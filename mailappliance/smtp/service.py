@@ -12,6 +12,7 @@ from twisted.internet import endpoints, protocol
 from twisted.logger import Logger
 
 from mailappliance import stats
+from mailappliance.config import ConfigError
 from mailappliance.smtp import replies
 from mailappliance.smtp.protocol import SMTPServerProtocol
 from mailappliance.smtp.replies import Reply
@@ -96,7 +97,6 @@ def build_factory(app, kind: str):
     if kind != "submissions":
         return factory
     if getattr(app, "tls", None) is None:
-        from mailappliance.config import ConfigError
         raise ConfigError("listen.submissions: needs a [tls] cert and key")
     from twisted.protocols.tls import TLSMemoryBIOFactory
     # The TLSContext is itself the connection creator: a reloaded certificate reaches new

@@ -1,8 +1,11 @@
 """SMTP AUTH and the submission policy for one SMTP session (the adapter side of RFC 4954/6409).
 
 `SessionAuth` is created by the SMTP protocol for every connection and answers the core's
-`Auth`/`AuthResponse` events, the MAIL policy and the From: check. What it does, as an
-operator sees it:
+`Auth`/`AuthResponse` events, the MAIL policy and the From: check. It sees its session only
+through a `SessionView` (below): the listener kind, the client address, the core's TLS and AUTH
+state, the server's settings, clock, authenticator, penalty table and alias lookup, and whether
+the client may relay. It never holds the protocol, so this module imports nothing above it
+(smtp/protocol.py imports it, not the other way). What it does, as an operator sees it:
 
 - Where AUTH is offered: on `submission` and `submissions`, and on `smtp` (port 25) only with
   `[smtp] auth = true`. It is offered (and accepted) only inside TLS: STARTTLS first, or the
@@ -36,21 +39,20 @@ from __future__ import annotations
 
 import ipaddress
 import sqlite3
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailappliance.access import penalty as login_penalty
+from mailappliance.access.penalty import LoginPenalty
+from mailappliance.config import Settings
 from mailappliance.pop3.core import escape_login
 from mailappliance.smtp import replies, sasl
 from mailappliance.smtp.binding import FromHeader, FromScanner, may_send_as
-from mailappliance.smtp.core import Auth, AuthResponse, MailFrom
+from mailappliance.smtp.core import Auth, AuthResponse, MailFrom, ServerConnection
 from mailappliance.smtp.replies import Reply
-from mailappliance.users.auth import login_address
-
-if TYPE_CHECKING:
-    from mailappliance.smtp.protocol import SMTPServerProtocol
+from mailappliance.users.auth import Authenticator, login_address
 
 # qmail-smtpd-auth closes after repeated failures too; three, as POP3 (pop3/core.py) and as
 # login(1) counts. The per-IP penalty slows every attempt; this bounds one connection's share.
@@ -65,19 +67,58 @@ def _is_loopback(ip: str) -> bool:
         return False
 
 
+class SessionView(Protocol):
+    """All `SessionAuth` may see of its SMTP session; the protocol adapter provides it.
+
+    `settings` and `authenticator` are read at each use, so a reload reaches the next check."""
+
+    @property
+    def kind(self) -> str:
+        """The listener: "smtp", "submission" or "submissions"."""
+
+    @property
+    def ip(self) -> str:
+        """The client's address, normalised ("" when unknown)."""
+
+    @property
+    def core(self) -> ServerConnection:
+        """The session's core: its TLS state (`tls`), AUTH offer and `authenticated` flag."""
+
+    @property
+    def tls_available(self) -> bool:
+        """The server has a certificate, so STARTTLS can be offered."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def reactor(self) -> IReactorTime: ...
+
+    @property
+    def authenticator(self) -> Authenticator | None:
+        """The password check, or None when this server checks no passwords."""
+
+    @property
+    def penalty(self) -> LoginPenalty:
+        """The server's one login penalty table (shared with POP3)."""
+
+    def may_relay(self) -> bool:
+        """RELAYCLIENT, a POP-before-SMTP grant or AUTH entitle this client to relay."""
+
+    def get_alias(self, address: str) -> list[str] | None:
+        """The user store's alias lookup (raises sqlite3.Error or OSError when it fails)."""
+
+
 class SessionAuth:
     log = Logger(namespace="mailappliance.smtp")
 
-    __slots__ = ("proto", "app", "kind", "offered", "exchange", "mechanism", "failures",
-                 "user")
+    __slots__ = ("session", "kind", "offered", "exchange", "mechanism", "failures", "user")
 
-    def __init__(self, proto: "SMTPServerProtocol") -> None:
-        self.proto = proto
-        self.app = proto.app
-        self.kind = proto.factory.kind
-        settings = self.app.settings
+    def __init__(self, session: SessionView) -> None:
+        self.session = session
+        self.kind = session.kind
         # AUTH exists on this listener at all (before or after TLS).
-        self.offered = self.kind in SUBMISSION_KINDS or settings.smtp.auth
+        self.offered = self.kind in SUBMISSION_KINDS or session.settings.smtp.auth
         self.exchange: sasl.Exchange | None = None
         self.mechanism = ""
         self.failures = 0
@@ -87,22 +128,23 @@ class SessionAuth:
 
     def configure(self) -> None:
         """At connect: offer AUTH now (TLS already on, or clear text allowed) or after TLS."""
-        core = self.proto.core
-        if not self.offered or getattr(self.app, "authenticator", None) is None:
+        session = self.session
+        core = session.core
+        if not self.offered or session.authenticator is None:
             return
         if core.tls or self._clear_text_allowed():
             core.auth_mechanisms = sasl.MECHANISMS
-        elif self.app.tls is not None:
+        elif session.tls_available:
             core.auth_after_tls = True
 
     def _clear_text_allowed(self) -> bool:
         return (self.kind in SUBMISSION_KINDS
-                and self.app.settings.submission.auth_plaintext_loopback
-                and _is_loopback(self.proto.ip))
+                and self.session.settings.submission.auth_plaintext_loopback
+                and _is_loopback(self.session.ip))
 
     def tls_started(self) -> None:
         """The 220 to STARTTLS is out: what follows is encrypted, so AUTH is offered."""
-        core = self.proto.core
+        core = self.session.core
         if core.auth_after_tls:
             core.auth_mechanisms = sasl.MECHANISMS
 
@@ -127,10 +169,11 @@ class SessionAuth:
         return self._check(step)
 
     def _check(self, creds: sasl.Credentials) -> defer.Deferred:
-        app = self.app
-        ip = self.proto.ip
-        table = login_penalty.shared(app)
-        default_domain = app.settings.default_domain
+        session = self.session
+        ip = session.ip
+        reactor = session.reactor
+        table = session.penalty
+        default_domain = session.settings.default_domain
         if creds.authzid and (login_address(creds.authzid, default_domain)
                               != login_address(creds.login, default_domain)):
             # RFC 4616: acting for another identity is not something we grant; fail like a
@@ -139,11 +182,11 @@ class SessionAuth:
                 return None
         else:
             def check():
-                return app.authenticator.authenticate(creds.login, creds.password,
-                                                      default_domain)
-        wait = table.wait_before_check(ip, app.reactor.seconds())
+                return session.authenticator.authenticate(creds.login, creds.password,
+                                                          default_domain)
+        wait = table.wait_before_check(ip, reactor.seconds())
         if wait > 0:
-            d = task.deferLater(app.reactor, wait, check)
+            d = task.deferLater(reactor, wait, check)
         else:
             d = defer.maybeDeferred(check)
         d.addCallbacks(self._checked, self._check_failed,
@@ -151,12 +194,13 @@ class SessionAuth:
         return d
 
     def _checked(self, user, login: str) -> Reply | defer.Deferred:
-        app = self.app
-        ip = self.proto.ip
-        table = login_penalty.shared(app)
-        tls = "yes" if self.proto.core.tls else "no"
+        session = self.session
+        ip = session.ip
+        reactor = session.reactor
+        table = session.penalty
+        tls = "yes" if session.core.tls else "no"
         if user is None:
-            delay = table.failed(ip, app.reactor.seconds())
+            delay = table.failed(ip, reactor.seconds())
             self.failures += 1
             # One line per failure, for fail2ban:
             #   failregex = ^\S+ smtp: auth failed: rip=<HOST> user=
@@ -165,7 +209,7 @@ class SessionAuth:
                           mech=self.mechanism, tls=tls, delay=delay)
             reply = (replies.AUTH_TOO_MANY_FAILURES if self.failures >= MAX_AUTH_FAILURES
                      else replies.AUTH_FAILED)
-            return task.deferLater(app.reactor, delay, lambda: reply)
+            return task.deferLater(reactor, delay, lambda: reply)
         table.succeeded(ip)
         self.user = user
         self.log.info("auth ok: rip={ip} user=<{user}> mech={mech} tls={tls}", ip=ip,
@@ -175,60 +219,61 @@ class SessionAuth:
     def _check_failed(self, failure, login: str) -> Reply:
         # The user store failed (disk, database): not the client's fault, no penalty.
         self.log.failure("auth: password check failed: rip={ip} user=<{user}>", failure,
-                         ip=self.proto.ip, user=escape_login(login))
+                         ip=self.session.ip, user=escape_login(login))
         return replies.AUTH_TEMPORARY
 
     # --- MAIL and the From: header -------------------------------------------------------------
 
     def mail_refusal(self, ev: MailFrom) -> Reply | None:
         """530 for an untrusted session on submission; 553 for a sender not the user's."""
-        proto = self.proto
-        core = proto.core
+        session = self.session
+        core = session.core
         if self.user is None or not core.authenticated:
-            if self.kind in SUBMISSION_KINDS and not proto.relay_client().may_relay:
+            if self.kind in SUBMISSION_KINDS and not session.may_relay():
                 self.log.info("refused MAIL on {kind}: rip={ip}: not authenticated",
-                              kind=self.kind, ip=proto.ip)
+                              kind=self.kind, ip=session.ip)
                 if core.auth_after_tls and not core.tls:
                     return replies.AUTH_REQUIRED_STARTTLS
                 return replies.AUTH_REQUIRED
             return None
-        if not self.app.settings.submission.sender_binding or ev.sender is None:
+        if not session.settings.submission.sender_binding or ev.sender is None:
             return None
         sender = str(ev.sender)
         try:
-            ok = may_send_as(sender, self.user.address, self.app.store.get_alias)
+            ok = may_send_as(sender, self.user.address, session.get_alias)
         except (sqlite3.Error, OSError) as e:
-            self.log.error("smtp: {ip}: alias lookup failed: {why}", ip=proto.ip, why=str(e))
+            self.log.error("smtp: {ip}: alias lookup failed: {why}", ip=session.ip, why=str(e))
             return replies.SENDER_LOOKUP_FAILED
         if ok:
             return None
         self.log.info("refused sender: rip={ip} user=<{user}> from=<{sender}>: not the user's",
-                      ip=proto.ip, user=escape_login(self.user.address),
+                      ip=session.ip, user=escape_login(self.user.address),
                       sender=escape_login(sender))
         return replies.sender_not_yours(self.user.address)
 
     def from_scanner(self) -> FromScanner | None:
         """A scanner for the message about to start, when its From: must be checked."""
-        if self.user is not None and self.app.settings.submission.sender_binding:
+        if self.user is not None and self.session.settings.submission.sender_binding:
             return FromScanner()
         return None
 
     def from_refusal(self, header: FromHeader) -> Reply | None:
         user = self.user
+        session = self.session
         if header.unreadable:
             self.log.info("refused message: rip={ip} user=<{user}>: unreadable From: header",
-                          ip=self.proto.ip, user=escape_login(user.address))
+                          ip=session.ip, user=escape_login(user.address))
             return replies.FROM_HEADER_UNREADABLE
         for address in header.addresses:
             try:
-                ok = may_send_as(address, user.address, self.app.store.get_alias)
+                ok = may_send_as(address, user.address, session.get_alias)
             except (sqlite3.Error, OSError) as e:
-                self.log.error("smtp: {ip}: alias lookup failed: {why}", ip=self.proto.ip,
+                self.log.error("smtp: {ip}: alias lookup failed: {why}", ip=session.ip,
                                why=str(e))
                 return replies.SENDER_LOOKUP_FAILED
             if not ok:
                 self.log.info("refused message: rip={ip} user=<{user}> header-from=<{addr}>:"
-                              " not the user's", ip=self.proto.ip,
+                              " not the user's", ip=session.ip,
                               user=escape_login(user.address), addr=escape_login(address))
                 return replies.from_header_not_yours(user.address)
         return None

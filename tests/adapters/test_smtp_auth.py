@@ -13,13 +13,18 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 
 from mailappliance.access import penalty as login_penalty
 from mailappliance.access.dnsbl import Refusal
-from mailappliance.config import SubmissionSettings
+from mailappliance.address import split_path
+from mailappliance.config import Settings, SubmissionSettings
+from mailappliance.smtp import replies
+from mailappliance.smtp.core import Auth, MailFrom, ServerConnection
 from mailappliance.smtp.service import build_factory
+from mailappliance.smtp.submission import SessionAuth
 from mailappliance.users.auth import Authenticator
 from tests.adapters.test_smtp_protocol import PASSWORD, World, codes
 
@@ -428,3 +433,73 @@ def test_submission_without_certificate_says_so_at_start(tmp_path):
         "the rules file or a POP-before-SMTP grant",
         "submission: no [tls] certificate: AUTH offered in clear to loopback clients only; "
         "other clients need RELAYCLIENT in the rules file or a POP-before-SMTP grant"]
+
+
+# --- SessionAuth on its own: a SessionView is all it needs --------------------------------------
+
+class FakeSession:
+    """The narrowest thing SessionAuth accepts: the members of submission.SessionView, no protocol,
+    no app, no factory (a SessionAuth reaching for anything else fails with AttributeError)."""
+
+    __slots__ = ("kind", "ip", "core", "tls_available", "settings", "reactor", "authenticator",
+                 "penalty", "relay", "aliases")
+
+    def __init__(self, tmp_path, kind="submission", *, users=None, relay=False):
+        self.kind = kind
+        self.ip = "192.0.2.9"
+        self.core = ServerConnection("mx.test.com", databytes=1000, max_recipients=10)
+        self.tls_available = True
+        self.settings = Settings(hostname="mx.test.com", data=tmp_path, default_domain="test.com")
+        self.reactor = Clock()
+        users = users or {}
+        self.authenticator = SimpleNamespace(
+            authenticate=lambda login, password, domain: users.get((login, password)))
+        self.penalty = login_penalty.LoginPenalty()
+        self.relay = relay
+        self.aliases = {"shared@test.com": [ALICE]}
+
+    def may_relay(self) -> bool:
+        return self.relay
+
+    def get_alias(self, address):
+        return self.aliases.get(address)
+
+
+def test_session_auth_works_through_the_view_alone(tmp_path):
+    alice = SimpleNamespace(address=ALICE)
+    view = FakeSession(tmp_path, users={(ALICE, PASSWORD): alice})
+    auth = SessionAuth(view)
+    auth.configure()
+    assert (view.core.auth_mechanisms, view.core.auth_after_tls) == ((), True)
+    mail = MailFrom(split_path("<alice@test.com>", null_ok=True)[0], None, None, None)
+    assert auth.mail_refusal(mail) == replies.AUTH_REQUIRED_STARTTLS
+    view.core.tls = True
+    auth.tls_started()
+    assert view.core.auth_mechanisms == ("PLAIN", "LOGIN")
+
+    # A wrong password: penalty in the view's table, 535 only after the delay on its clock.
+    d = auth.decide(Auth("PLAIN", BAD_PLAIN))
+    assert isinstance(d, defer.Deferred)
+    got = []
+    d.addCallback(got.append)
+    assert got == [] and view.penalty.steps(view.ip, view.reactor.seconds()) == 1
+    view.reactor.advance(login_penalty.PENALTY_INIT)
+    assert got == [replies.AUTH_FAILED] and auth.failures == 1
+
+    # The right one, once the 535 was due: 235, and MAIL is bound to alice and her aliases.
+    ok = []
+    auth.decide(Auth("PLAIN", GOOD_PLAIN)).addCallback(ok.append)
+    assert ok == [replies.AUTH_OK] and auth.user is alice
+    view.core.authenticated = True
+    assert auth.mail_refusal(mail) is None
+    shared = MailFrom(split_path("<shared@test.com>", null_ok=True)[0], None, None, None)
+    assert auth.mail_refusal(shared) is None
+    bob = MailFrom(split_path("<bob@test.com>", null_ok=True)[0], None, None, None)
+    assert auth.mail_refusal(bob) == replies.sender_not_yours(ALICE)
+
+
+def test_trusted_client_may_submit_without_auth_through_the_view(tmp_path):
+    mail = MailFrom(split_path("<anyone@remote.example>", null_ok=True)[0], None, None, None)
+    assert SessionAuth(FakeSession(tmp_path, relay=True)).mail_refusal(mail) is None
+    assert SessionAuth(FakeSession(tmp_path, relay=False)).mail_refusal(mail).code == 530
+    assert SessionAuth(FakeSession(tmp_path, "smtp", relay=False)).mail_refusal(mail) is None
