@@ -23,23 +23,57 @@ class ConfigError(Exception):
     """A configuration problem; str(error) is the one line shown to the operator."""
 
 
+# --- the schema: each key declared once, on its settings field -------------------------------
+# A key is a dataclass field made by setting(): its type (one of the kinds below, which are also
+# the words of the error messages), its default, its limits and a one-line meaning. A section is a
+# field made by section(). Validation (known keys, types, limits) and the configuration
+# reference (docs/CONFIGURATION.md, reference()) are both derived from these declarations, so
+# adding a key is adding one field.
+
+INTEGER, BOOLEAN, STRING, PATH, STRINGS, ENDPOINTS, HOSTPORTS, ROUTES = (
+    "integer", "boolean", "string", "path", "list of strings", "list of endpoints",
+    "list of host:port strings", "table of domain = \"host[:port]\"")
+
+
+def setting(kind: str, default: Any = dataclasses.MISSING, doc: str = "", *,
+            minimum: int | None = None, maximum: int | None = None,
+            shown: str | None = None) -> Any:
+    """A configuration key. `shown` is the default as the reference prints it, when the value
+    is computed at load time (the data directory, the host name) rather than fixed."""
+    meta = {"kind": kind, "doc": doc, "minimum": minimum, "maximum": maximum, "shown": shown}
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    """A [table] of keys, declared by the dataclass `cls`."""
+    return field(default_factory=cls, metadata={"section": cls, "doc": doc})
+
+
 # --- the settings tree ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ListenSettings:
-    smtp: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
-    submission: tuple[str, ...] = ("tcp:2587:interface=127.0.0.1",)
+    smtp: tuple[str, ...] = setting(ENDPOINTS, ("tcp:2525:interface=127.0.0.1",),
+                                    "SMTP (port 25): mail from other servers")
+    submission: tuple[str, ...] = setting(ENDPOINTS, ("tcp:2587:interface=127.0.0.1",),
+                                          "submission (port 587): AUTH after STARTTLS for users")
     # Implicit-TLS submission (RFC 8314, port 465); off unless configured.
-    submissions: tuple[str, ...] = ()
-    pop3: tuple[str, ...] = ("tcp:2110:interface=127.0.0.1",)
-    pop3s: tuple[str, ...] = ()
-    admin: tuple[str, ...] = ("unix:var/admin.sock",)
+    submissions: tuple[str, ...] = setting(ENDPOINTS, (),
+                                           "submission over implicit TLS (port 465); needs [tls]")
+    pop3: tuple[str, ...] = setting(ENDPOINTS, ("tcp:2110:interface=127.0.0.1",),
+                                    "POP3 (port 110), STLS offered when [tls] is set")
+    pop3s: tuple[str, ...] = setting(ENDPOINTS, (),
+                                     "POP3 over implicit TLS (port 995); needs [tls]")
+    admin: tuple[str, ...] = setting(ENDPOINTS, ("unix:var/admin.sock",),
+                                     "admin protocol: a unix socket, or TCP on loopback with "
+                                     "[admin] token_file", shown="unix:DATA/admin.sock")
 
 
 @dataclass(frozen=True)
 class TLSSettings:
-    cert: Path | None = None
-    key: Path | None = None
+    cert: Path | None = setting(PATH, None, "PEM certificate (chain); given together with key",
+                                shown="none: no TLS")
+    key: Path | None = setting(PATH, None, "PEM private key of cert")
 
     @property
     def enabled(self) -> bool:
@@ -48,41 +82,65 @@ class TLSSettings:
 
 @dataclass(frozen=True)
 class SMTPSettings:
-    rules: Path | None = None
-    max_connections: int = 40          # tcpserver -c default
-    max_per_ip: int = 10
-    databytes: int = 10485760          # qmail control/databytes
-    max_recipients: int = 100          # RFC 5321 4.5.3.1.8: at least 100 must be accepted
-    timeout: int = 1200                # qmail-smtpd control/timeoutsmtpd
-    max_errors: int = 20
-    dnsbl: tuple[str, ...] = ()
-    dnsbl_allow: tuple[str, ...] = ()
-    dnsbl_timeout: int = 60            # rblsmtpd -t
-    dnsbl_permanent: bool = False      # rblsmtpd -b: 553 instead of 451
-    dnsbl_fail_closed: bool = False    # rblsmtpd -C: 451 when the lookup fails
-    auth: bool = False                 # offer AUTH on port 25 (off: submission only)
+    rules: Path | None = setting(PATH, None, "tcprules-style file: who may connect and relay, "
+                                 "DNSBL and greeting delay per client",
+                                 shown="none: nobody relays")
+    max_connections: int = setting(INTEGER, 40, "simultaneous SMTP connections (tcpserver -c)",
+                                   minimum=1)
+    max_per_ip: int = setting(INTEGER, 10, "simultaneous connections from one address",
+                              minimum=1)
+    databytes: int = setting(INTEGER, 10485760, "largest message in bytes (qmail databytes)",
+                             minimum=1)
+    # RFC 5321 4.5.3.1.8: at least 100 must be accepted
+    max_recipients: int = setting(INTEGER, 100, "recipients per message", minimum=1)
+    timeout: int = setting(INTEGER, 1200, "seconds of client silence before the server hangs up "
+                           "(qmail timeoutsmtpd)", minimum=1)
+    max_errors: int = setting(INTEGER, 20, "5xx replies in one session before it is closed",
+                              minimum=1)
+    dnsbl: tuple[str, ...] = setting(STRINGS, (),
+                                     "DNSBL zones to look clients up in (rblsmtpd -r)")
+    dnsbl_allow: tuple[str, ...] = setting(STRINGS, (), "allow-list zones: a client listed there "
+                                           "skips the DNSBLs (rblsmtpd -a)")
+    dnsbl_timeout: int = setting(INTEGER, 60, "seconds to wait for a DNSBL answer (rblsmtpd -t)",
+                                 minimum=1)
+    dnsbl_permanent: bool = setting(BOOLEAN, False, "a listed client gets 553 instead of 451 "
+                                    "(rblsmtpd -b)")
+    dnsbl_fail_closed: bool = setting(BOOLEAN, False, "a failed DNSBL lookup gives 451 "
+                                      "instead of letting the client in (rblsmtpd -c)")
+    auth: bool = setting(BOOLEAN, False, "offer AUTH on the SMTP port too (off: submission only)")
 
 
 @dataclass(frozen=True)
 class SubmissionSettings:
-    auth_plaintext_loopback: bool = False   # allow AUTH without TLS from 127.0.0.0/8 and ::1
-    sender_binding: bool = True             # MAIL FROM and From: must belong to the user
+    auth_plaintext_loopback: bool = setting(BOOLEAN, False, "allow AUTH without TLS from "
+                                            "127.0.0.0/8 and ::1")
+    sender_binding: bool = setting(BOOLEAN, True, "MAIL FROM and From: must be the login's "
+                                   "address or one of its aliases")
 
 
 @dataclass(frozen=True)
 class POP3Settings:
-    roaming_relay_minutes: int = 30
-    timeout: int = 600                 # RFC 1939 section 3: at least 10 minutes
-    require_tls: bool = False          # refuse USER/PASS before STLS on the plain port
+    roaming_relay_minutes: int = setting(INTEGER, 30, "minutes a POP3 login lets its address "
+                                         "relay (POP-before-SMTP); 0 = off", minimum=0)
+    # RFC 1939 section 3: at least 10 minutes
+    timeout: int = setting(INTEGER, 600, "seconds of client silence before the server hangs up",
+                           minimum=600)
+    require_tls: bool = setting(BOOLEAN, False, "refuse USER/PASS before STLS on the plain "
+                                "port; needs [tls]")
 
 
 @dataclass(frozen=True)
 class QueueSettings:
-    concurrency_local: int = 10        # qmail control/concurrencylocal
-    concurrency_remote: int = 20       # qmail control/concurrencyremote
-    lifetime_days: int = 7             # qmail control/queuelifetime (604800 s)
-    connect_timeout: int = 60          # qmail control/timeoutconnect
-    reply_timeout: int = 1200          # qmail control/timeoutremote
+    concurrency_local: int = setting(INTEGER, 10, "local deliveries at once (qmail "
+                                     "concurrencylocal)", minimum=1, maximum=1000)
+    concurrency_remote: int = setting(INTEGER, 20, "remote deliveries at once (qmail "
+                                      "concurrencyremote)", minimum=1, maximum=1000)
+    lifetime_days: int = setting(INTEGER, 7, "days a message is retried before it bounces "
+                                 "(qmail queuelifetime)", minimum=1)
+    connect_timeout: int = setting(INTEGER, 60, "seconds to connect to a remote server (qmail "
+                                   "timeoutconnect)", minimum=1)
+    reply_timeout: int = setting(INTEGER, 1200, "seconds to wait for a remote server's reply "
+                                 "(qmail timeoutremote)", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -94,41 +152,58 @@ class Route:
 
 @dataclass(frozen=True)
 class DNSSettings:
-    nameservers: tuple[tuple[str, int], ...] = ()
+    nameservers: tuple[tuple[str, int], ...] = setting(
+        HOSTPORTS, (), "resolvers to ask, \"host\" or \"host:port\" (port 53 by default)",
+        shown="[] (/etc/resolv.conf)")
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    rotate_bytes: int = 1000000        # multilog s1000000
-    keep: int = 10                     # multilog n10
-    directory: Path | None = None      # default: <data>/log
-    stdout: bool = False               # log to stdout (journal) instead of files
+    rotate_bytes: int = setting(INTEGER, 1000000, "size at which current is rotated (multilog "
+                                "s1000000)", minimum=4096)
+    keep: int = setting(INTEGER, 10, "log files kept, current included (multilog n10)", minimum=2)
+    directory: Path | None = setting(PATH, None, "log directory", shown="DATA/log")
+    stdout: bool = setting(BOOLEAN, False, "log to standard output (the journal) instead of files")
 
 
 @dataclass(frozen=True)
 class AdminSettings:
-    socket_mode: int = 0o600
-    socket_group: str | None = None
-    token_file: Path | None = None     # required for a TCP admin endpoint
+    socket_mode: int = setting(INTEGER, 0o600, "mode of the admin unix socket; other users are "
+                               "never let in", shown="0o600")
+    socket_group: str | None = setting(STRING, None, "group that may use the admin socket "
+                                       "(mode 0660 then)")
+    token_file: Path | None = setting(PATH, None, "file holding the token a TCP admin endpoint "
+                                      "requires")
 
 
 @dataclass(frozen=True)
 class Settings:
-    hostname: str
-    data: Path
-    default_domain: str | None = None
-    bcrypt_cost: int = 12
+    hostname: str = setting(STRING, doc="greeting and Received: name (qmail's me)",
+                            shown="the machine's name (socket.getfqdn())")
+    data: Path = setting(PATH, doc="state directory: queue, mailboxes, user store, logs",
+                         shown="./var (in the directory the server starts in)")
+    default_domain: str | None = setting(STRING, None, "domain of a login without @ (vpopmail's "
+                                         "default domain)")
+    bcrypt_cost: int = setting(INTEGER, 12, "bcrypt cost of new password hashes", minimum=4,
+                               maximum=31)
     config_path: Path | None = None
-    listen: ListenSettings = field(default_factory=ListenSettings)
-    tls: TLSSettings = field(default_factory=TLSSettings)
-    smtp: SMTPSettings = field(default_factory=SMTPSettings)
-    submission: SubmissionSettings = field(default_factory=SubmissionSettings)
-    pop3: POP3Settings = field(default_factory=POP3Settings)
-    queue: QueueSettings = field(default_factory=QueueSettings)
-    routes: tuple[Route, ...] = ()
-    dns: DNSSettings = field(default_factory=DNSSettings)
-    log: LogSettings = field(default_factory=LogSettings)
-    admin: AdminSettings = field(default_factory=AdminSettings)
+    listen: ListenSettings = section(ListenSettings, "Where each service listens: lists of "
+                                     "Twisted endpoint strings; [] turns a service off.")
+    tls: TLSSettings = section(TLSSettings, "Certificate for STARTTLS, STLS and the implicit-TLS "
+                               "ports; re-read on reload.")
+    smtp: SMTPSettings = section(SMTPSettings, "The SMTP service and its limits (the submission "
+                                 "ports share them).")
+    submission: SubmissionSettings = section(SubmissionSettings, "Policy of the submission "
+                                             "ports (and of AUTH on port 25).")
+    pop3: POP3Settings = section(POP3Settings, "The POP3 service.")
+    queue: QueueSettings = section(QueueSettings, "The queue and its deliveries.")
+    routes: tuple[Route, ...] = setting(ROUTES, (), "qmail smtproutes: mail for a domain (and "
+                                        "its subdomains) goes to that host instead of its MX; "
+                                        "\"\" = every other domain", shown="{} (MX lookups)")
+    dns: DNSSettings = section(DNSSettings, "DNS lookups (MX, addresses, DNSBLs).")
+    log: LogSettings = section(LogSettings, "The mail log: one line per event, rotated by size "
+                               "like multilog.")
+    admin: AdminSettings = section(AdminSettings, "Access to the admin protocol.")
     rules: Rules | None = None
     # How these settings were made, so a reload (SIGHUP, `mailappliance reload`) can apply the
     # same command-line overrides, relative to the same directory, to the re-read file.
@@ -151,44 +226,46 @@ class Settings:
         return table.get("")
 
 
-# --- the schema -------------------------------------------------------------------------------
-# Each key: (python type name, converter).  The schema is data so the error texts stay uniform.
+# --- the schema, read off the declarations above ----------------------------------------------
 
-_INT, _BOOL, _STR, _PATH, _STRLIST, _ENDPOINTS, _HOSTPORTS = (
-    "integer", "boolean", "string", "path", "list of strings", "list of endpoints",
-    "list of host:port strings")
+@dataclass(frozen=True)
+class Key:
+    """One configuration key as declared by setting(): `name` is its dotted name."""
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    minimum: int | None
+    maximum: int | None
+    shown: str | None
 
-_SCHEMA: dict[str, Any] = {
-    "hostname": _STR,
-    "data": _PATH,
-    "default_domain": _STR,
-    "bcrypt_cost": _INT,
-    "listen": {k: _ENDPOINTS for k in
-               ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")},
-    "tls": {"cert": _PATH, "key": _PATH},
-    "smtp": {"rules": _PATH, "max_connections": _INT, "max_per_ip": _INT, "databytes": _INT,
-             "max_recipients": _INT, "timeout": _INT, "max_errors": _INT,
-             "dnsbl": _STRLIST, "dnsbl_allow": _STRLIST, "dnsbl_timeout": _INT,
-             "dnsbl_permanent": _BOOL, "dnsbl_fail_closed": _BOOL, "auth": _BOOL},
-    "submission": {"auth_plaintext_loopback": _BOOL, "sender_binding": _BOOL},
-    "pop3": {"roaming_relay_minutes": _INT, "timeout": _INT, "require_tls": _BOOL},
-    "queue": {"concurrency_local": _INT, "concurrency_remote": _INT, "lifetime_days": _INT,
-              "connect_timeout": _INT, "reply_timeout": _INT},
-    "routes": "routes",
-    "dns": {"nameservers": _HOSTPORTS},
-    "log": {"rotate_bytes": _INT, "keep": _INT, "directory": _PATH, "stdout": _BOOL},
-    "admin": {"socket_mode": _INT, "socket_group": _STR, "token_file": _PATH},
-}
 
-# Lower bounds that keep the server alive: a zero limit would refuse everything forever.
-_MINIMUM = {
-    "bcrypt_cost": 4, "smtp.max_connections": 1, "smtp.max_per_ip": 1, "smtp.databytes": 1,
-    "smtp.max_recipients": 1, "smtp.timeout": 1, "smtp.max_errors": 1, "smtp.dnsbl_timeout": 1,
-    "pop3.roaming_relay_minutes": 0, "pop3.timeout": 600, "queue.concurrency_local": 1,
-    "queue.concurrency_remote": 1, "queue.lifetime_days": 1, "queue.connect_timeout": 1,
-    "queue.reply_timeout": 1, "log.rotate_bytes": 4096, "log.keep": 2,
-}
-_MAXIMUM = {"bcrypt_cost": 31, "queue.concurrency_local": 1000, "queue.concurrency_remote": 1000}
+@dataclass(frozen=True)
+class Section:
+    """One [table]: its name, its class in the settings tree, its meaning and its keys."""
+    name: str
+    cls: type
+    doc: str
+    keys: dict[str, Key]
+
+
+def _keys_of(cls: type, prefix: str) -> dict[str, Key | Section]:
+    out: dict[str, Key | Section] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "section" in meta:
+            keys = _keys_of(meta["section"], f"{f.name}.")
+            out[f.name] = Section(f.name, meta["section"], meta["doc"],
+                                  {k: v for k, v in keys.items() if isinstance(v, Key)})
+        elif "kind" in meta:
+            out[f.name] = Key(prefix + f.name, meta["kind"],
+                              None if f.default is dataclasses.MISSING else f.default,
+                              meta["doc"], meta["minimum"], meta["maximum"], meta["shown"])
+    return out
+
+
+# Every key of the file: top-level keys and [sections], in declaration order.
+SCHEMA: dict[str, Key | Section] = _keys_of(Settings, "")
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -226,40 +303,41 @@ def _error(file: str, key: str, what: str) -> ConfigError:
     return ConfigError(f"{file}: {key}: {what}")
 
 
-def _convert(file: str, key: str, kind: str, value: Any, base: Path) -> Any:
-    if kind == _INT:
+def _convert(file: str, key: str, spec: Key, value: Any, base: Path) -> Any:
+    kind = spec.kind
+    if kind == INTEGER:
         if type(value) is not int:
             raise _error(file, key, f"expected integer, got {_type_name(value)}")
-        low, high = _MINIMUM.get(key), _MAXIMUM.get(key)
+        low, high = spec.minimum, spec.maximum
         if low is not None and value < low:
             raise _error(file, key, f"must be at least {low}, got {value}")
         if high is not None and value > high:
             raise _error(file, key, f"must be at most {high}, got {value}")
         return value
-    if kind == _BOOL:
+    if kind == BOOLEAN:
         if type(value) is not bool:
             raise _error(file, key, f"expected boolean, got {_type_name(value)}")
         return value
-    if kind == _STR:
+    if kind == STRING:
         if not isinstance(value, str):
             raise _error(file, key, f"expected string, got {_type_name(value)}")
         return value
-    if kind == _PATH:
+    if kind == PATH:
         if not isinstance(value, str) or not value or "\0" in value:
             raise _error(file, key, f"expected a path string, got {_type_name(value)}")
         p = Path(value).expanduser()
         return p if p.is_absolute() else (base / p)
-    if kind in (_STRLIST, _ENDPOINTS, _HOSTPORTS):
+    if kind in (STRINGS, ENDPOINTS, HOSTPORTS):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _error(file, key, f"expected {kind}, got {_type_name(value)}")
-        if kind == _ENDPOINTS:
+        if kind == ENDPOINTS:
             for v in value:
                 why = check_endpoint(v)
                 if why:
                     raise _error(file, key, why)
-        if kind == _HOSTPORTS:
+        if kind == HOSTPORTS:
             return tuple(_host_port(file, key, v, 53) for v in value)
-        if kind == _STRLIST:
+        if kind == STRINGS:
             for v in value:
                 if not _HOSTNAME.match(v):
                     raise _error(file, key, f"{v!r} is not a DNS zone name")
@@ -293,18 +371,18 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def _walk(file: str, table: Mapping[str, Any], schema: Mapping[str, Any], prefix: str,
-          base: Path, out: dict[str, Any]) -> None:
+def _walk(file: str, table: Mapping[str, Any], schema: Mapping[str, Key | Section],
+          prefix: str, base: Path, out: dict[str, Any]) -> None:
     for key, value in table.items():
         dotted = f"{prefix}{key}"
-        kind = schema.get(key)
-        if kind is None:
+        spec = schema.get(key)
+        if spec is None:
             raise _error(file, dotted, "unknown key")
-        if isinstance(kind, dict):
+        if isinstance(spec, Section):
             if not isinstance(value, dict):
                 raise _error(file, dotted, f"expected table, got {_type_name(value)}")
-            _walk(file, value, kind, dotted + ".", base, out)
-        elif kind == "routes":
+            _walk(file, value, spec.keys, dotted + ".", base, out)
+        elif spec.kind == ROUTES:
             if not isinstance(value, dict):
                 raise _error(file, dotted, f"expected table, got {_type_name(value)}")
             routes = []
@@ -318,7 +396,7 @@ def _walk(file: str, table: Mapping[str, Any], schema: Mapping[str, Any], prefix
                 routes.append(Route(dom.lower().rstrip("."), host, port))
             out["routes"] = tuple(routes)
         else:
-            out[dotted] = _convert(file, dotted, kind, value, base)
+            out[dotted] = _convert(file, dotted, spec, value, base)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -356,10 +434,9 @@ def load_settings(config: str | os.PathLike[str] | None = None,
         table = _read_file(config_path)
         # Relative paths in the file are relative to the file's directory, not to wherever the
         # server happens to be started from.
-        _walk(str(config_path), table, _SCHEMA, "", config_path.parent, flat)
+        _walk(str(config_path), table, SCHEMA, "", config_path.parent, flat)
     for key, value in (overrides or {}).items():
-        kind = _lookup_schema(key)
-        flat[key] = _convert("command line", key, kind, value, cwd)
+        flat[key] = _convert("command line", key, _lookup_schema(key), value, cwd)
 
     data = flat.pop("data", None) or (cwd / "var")
     data = Path(os.path.abspath(data))
@@ -381,15 +458,16 @@ def load_settings(config: str | os.PathLike[str] | None = None,
         else:
             top[key] = value
 
-    listen_kw = sections.get("listen", {})
+    listen_kw = sections.setdefault("listen", {})
     if "admin" not in listen_kw:
         listen_kw["admin"] = (f"unix:{_escape_endpoint_path(data / 'admin.sock')}",)
-    listen = ListenSettings(**listen_kw)
-    tls = TLSSettings(**sections.get("tls", {}))
-    smtp = SMTPSettings(**sections.get("smtp", {}))
-    log = LogSettings(**sections.get("log", {}))
+    parts = {name: spec.cls(**sections.get(name, {}))
+             for name, spec in SCHEMA.items() if isinstance(spec, Section)}
+    listen, tls, smtp, admin = parts["listen"], parts["tls"], parts["smtp"], parts["admin"]
+    log = parts["log"]
     if log.directory is not None:
-        log = dataclasses.replace(log, directory=Path(os.path.abspath(log.directory)))
+        log = parts["log"] = dataclasses.replace(
+            log, directory=Path(os.path.abspath(log.directory)))
 
     # Files that must exist: a missing one stops start-up now, not at the first connection.
     if (tls.cert is None) != (tls.key is None):
@@ -408,7 +486,6 @@ def load_settings(config: str | os.PathLike[str] | None = None,
     rules = None
     if smtp.rules is not None:
         rules = load_rules(smtp.rules)
-    admin = AdminSettings(**sections.get("admin", {}))
     if admin.token_file is not None and not admin.token_file.is_file():
         raise _error(where, "admin.token_file", f"file not found: {admin.token_file}")
     for ep in listen.admin:
@@ -422,14 +499,9 @@ def load_settings(config: str | os.PathLike[str] | None = None,
 
     return Settings(
         hostname=hostname.rstrip("."), data=data, default_domain=default_domain,
-        bcrypt_cost=top.get("bcrypt_cost", 12), config_path=config_path,
-        listen=listen, tls=tls, smtp=smtp,
-        submission=SubmissionSettings(**sections.get("submission", {})),
-        pop3=POP3Settings(**sections.get("pop3", {})),
-        queue=QueueSettings(**sections.get("queue", {})),
-        routes=routes, dns=DNSSettings(**sections.get("dns", {})), log=log, admin=admin,
-        rules=rules, cli_overrides=tuple((k, v) for k, v in (overrides or {}).items()),
-        cwd=cwd)
+        config_path=config_path, routes=routes, rules=rules,
+        cli_overrides=tuple((k, v) for k, v in (overrides or {}).items()), cwd=cwd,
+        **top, **parts)
 
 
 def load_rules(path: Path) -> Rules:
@@ -469,10 +541,136 @@ def _escape_endpoint_path(path: Path) -> str:
     return str(path).replace("\\", "\\\\").replace(":", "\\:")
 
 
-def _lookup_schema(dotted: str) -> Any:
-    node: Any = _SCHEMA
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"command line: {dotted}: unknown option")
-        node = node[part]
+def _lookup_schema(dotted: str) -> Key:
+    """The key a command-line override names (routes are a table, not an option)."""
+    name, _, rest = dotted.partition(".")
+    node = SCHEMA.get(name)
+    if isinstance(node, Section):
+        node = node.keys.get(rest)
+    elif rest:
+        node = None
+    if node is None or node.kind == ROUTES:
+        raise ConfigError(f"command line: {dotted}: unknown option")
     return node
+
+
+# --- the configuration reference (docs/CONFIGURATION.md) ---------------------------------------
+
+_REFERENCE_HEAD = """\
+# Configuration reference
+
+<!-- Generated from the schema in mailappliance/config.py by
+     `python -m mailappliance.config --reference > docs/CONFIGURATION.md`.
+     Do not edit by hand: tests/unit/test_config.py fails when this file and the schema differ. -->
+
+mailappliance reads one TOML file: `twistd -n mailappliance -c FILE` for the server,
+`mailappliance --config FILE ...` for the command. Without a file every key has the default
+below and the state lives in `./var` (`--data DIR` for another directory).
+`conf/mailappliance.toml` is a commented production example.
+
+- Options of the server override the file: `--data DIR`, `--hostname NAME`, and `--smtp EP`,
+  `--submission EP`, `--submissions EP`, `--pop3 EP`, `--pop3s EP`, `--admin EP` (each may be
+  repeated, and replaces that key of `[listen]`).
+- Relative paths in the file are relative to the file's directory; those given on the command
+  line, to the current directory.
+- A mistake (unknown key, wrong type, value outside its limits, unreadable file, bad rules line,
+  missing or mismatched TLS files) stops start-up with one line that names the file, the key or
+  line, and what is wrong.
+- `mailappliance reload` or SIGHUP re-reads the file and the rules file; a file with a mistake is
+  refused and the old configuration stays. `data`, `[listen]`, `[log] directory` and `[admin]`
+  `socket_mode` and `socket_group` keep their old values until a restart.
+
+Types: an *integer* is a TOML integer (`0o600` for a mode); a *list of endpoints* holds Twisted
+server endpoint strings such as `"tcp:25"`, `"tcp:25:interface=192.0.2.10"`, `"tcp6:25"`,
+`"unix:/run/mailappliance/admin.sock"` or `"systemd:domain=INET:index=0"`; a *list of strings*
+holds DNS zone names. "DATA" stands for the data directory.
+"""
+
+_REFERENCE_RULES = """\
+## The rules file (`[smtp] rules`)
+
+ucspi-tcp's tcprules syntax, one rule a line; the first line that matches the client wins:
+
+```
+127.0.0.1:allow,RELAYCLIENT=""
+192.168.1.10-20:allow,RBLSMTPD=""
+10.0.0.0/8:deny
+:allow
+```
+
+Addresses are exact, dotted prefixes (`127.`), ranges (`10-20`), CIDR blocks (an extension,
+IPv6 too) or empty (every client). `deny` closes the connection without a greeting. Variables:
+`RELAYCLIENT` (set: the client may relay), `RBLSMTPD` (empty: no DNSBL lookup; text: refuse
+with 451 and that text; `-text`: with 553), `GREETDELAY` (seconds before the greeting; a
+client that talks first is refused with 554). Without a rules file nobody relays, loopback
+included.
+"""
+
+
+def _shown(spec: Key) -> str:
+    if spec.shown is not None:
+        return spec.shown
+    value = spec.default
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(f'"{v}"' for v in value) + "]`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    return f"`{value}`"
+
+
+def _limits(spec: Key) -> str:
+    if spec.minimum is not None and spec.maximum is not None:
+        return f"{spec.minimum} to {spec.maximum}"
+    if spec.minimum is not None:
+        return f"at least {spec.minimum}"
+    if spec.maximum is not None:
+        return f"at most {spec.maximum}"
+    return ""
+
+
+def _table(keys: list[Key]) -> list[str]:
+    rows = ["| key | type | default | limits | meaning |", "| --- | --- | --- | --- | --- |"]
+    for spec in keys:
+        name = spec.name.rpartition(".")[2]
+        cells = [f"`{name}`", spec.kind, _shown(spec), _limits(spec), spec.doc]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return rows
+
+
+def reference() -> str:
+    """docs/CONFIGURATION.md: every key of SCHEMA with its type, default, limits and meaning."""
+    out = [_REFERENCE_HEAD, "## Top level", ""]
+    top = [spec for spec in SCHEMA.values() if isinstance(spec, Key) and spec.kind != ROUTES]
+    out += _table(top)
+    for spec in SCHEMA.values():
+        if isinstance(spec, Section):
+            out += ["", f"## [{spec.name}]", "", spec.doc, ""]
+            out += _table(list(spec.keys.values()))
+        elif spec.kind == ROUTES:
+            out += ["", f"## [{spec.name}]", "",
+                    f"A {spec.kind}, default {_shown(spec)}: {spec.doc}. Example:", "",
+                    "```toml", "[routes]", '"example.org" = "127.0.0.1:2526"',
+                    '"" = "smarthost.example.net"', "```"]
+    out += ["", _REFERENCE_RULES]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m mailappliance.config")
+    parser.add_argument("--reference", action="store_true",
+                        help="print the configuration reference (docs/CONFIGURATION.md)")
+    args = parser.parse_args(argv)
+    if not args.reference:
+        parser.print_usage()
+        return 2
+    print(reference(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -156,3 +156,44 @@ def test_bad_pem_files_are_refused(tmp_path):
     key = write(tmp_path, "not a key", "k.pem")
     msg = error_of(tmp_path, f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
     assert msg == f"FILE: tls.cert: {cert} is not a PEM certificate"
+
+
+# --- the schema and the reference generated from it ------------------------------------------
+
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "CONFIGURATION.md"
+
+
+def test_committed_reference_is_what_the_schema_generates():
+    from mailappliance.config import reference
+    assert REFERENCE.read_text() == reference(), (
+        "docs/CONFIGURATION.md is out of date: "
+        "python -m mailappliance.config --reference > docs/CONFIGURATION.md")
+
+
+def test_every_key_is_declared_with_a_meaning_and_documented():
+    from mailappliance.config import SCHEMA, Key, Section
+    keys = [k for s in SCHEMA.values()
+            for k in (s.keys.values() if isinstance(s, Section) else [s])]
+    assert keys and all(isinstance(k, Key) for k in keys)
+    text = REFERENCE.read_text()
+    for k in keys:
+        assert k.doc and "\n" not in k.doc, k.name
+        assert k.doc in text, k.name
+    assert all(s.doc for s in SCHEMA.values() if isinstance(s, Section))
+
+
+def test_limits_come_from_the_declarations(tmp_path):
+    from mailappliance.config import SCHEMA
+    for section, name in (("pop3", "timeout"), ("log", "keep"), ("queue", "concurrency_local")):
+        spec = SCHEMA[section].keys[name]
+        msg = error_of(tmp_path, f"[{section}]\n{name} = {spec.minimum - 1}\n")
+        assert msg == (f"FILE: {section}.{name}: must be at least {spec.minimum}, "
+                       f"got {spec.minimum - 1}")
+    assert error_of(tmp_path, "bcrypt_cost = 32\n") == "FILE: bcrypt_cost: must be at most 31, got 32"
+
+
+def test_command_line_names_only_keys(tmp_path):
+    for name in ("listen", "routes", "smtp.nope", "hostname.x"):
+        with pytest.raises(ConfigError) as e:
+            load_settings(None, {name: "x"}, cwd=tmp_path)
+        assert str(e.value) == f"command line: {name}: unknown option"
