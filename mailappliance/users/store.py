@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mailappliance.users import passwords
 
@@ -136,15 +137,28 @@ def _check_target(target: str) -> str:
 
 
 class UserStore:
-    def __init__(self, data_dir: Path | str, bcrypt_cost: int = passwords.DEFAULT_COST) -> None:
+    """The user directory of one data directory.
+
+    `clock` (monotonic seconds) paces the cache's safety-net check of SQLite's data_version,
+    `wallclock` stamps new domains and users, and `opener` (os.open's signature) opens the
+    generation token file: tests pass their own instead of patching the time and os modules.
+    """
+
+    def __init__(self, data_dir: Path | str, bcrypt_cost: int = passwords.DEFAULT_COST, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wallclock: Callable[[], float] = time.time,
+                 opener: Callable[..., int] = os.open) -> None:
         self.data_dir = Path(data_dir)
         self.bcrypt_cost = bcrypt_cost
+        self.clock = clock
+        self.wallclock = wallclock
         self.path = self.data_dir / "users.sqlite"
         self.domains_dir = self.data_dir / "domains"
         self._local = threading.local()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.domains_dir.mkdir(exist_ok=True)
-        self.generation = _Generation(self.data_dir / "users.sqlite-gen", like=self.path)
+        self.generation = _Generation(self.data_dir / "users.sqlite-gen", like=self.path,
+                                      opener=opener)
         self._db().executescript(SCHEMA)
         self._dummy_hash: str | None = None
 
@@ -158,7 +172,7 @@ class UserStore:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self._local.db = _Tx(db, self.generation)
+            self._local.db = _Tx(db, self.generation, self.clock)
             db = self._local.db
         return db
 
@@ -191,7 +205,7 @@ class UserStore:
             if db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
                 raise StoreError(f"domain {domain} already exists")
             db.execute("INSERT INTO domains(name, postmaster, created) VALUES (?,?,?)",
-                       (domain, pm_local, time.time()))
+                       (domain, pm_local, self.wallclock()))
             if pm_local is not None:
                 self._set_role_aliases(db, domain, pm_local)
         (self.domains_dir / domain).mkdir(exist_ok=True, mode=0o700)
@@ -248,7 +262,7 @@ class UserStore:
                           (domain, local)).fetchone():
                 raise StoreError(f"user {local}@{domain} already exists")
             db.execute("INSERT INTO users(domain, local, password_hash, quota, created) "
-                       "VALUES (?,?,?,?,?)", (domain, local, hashed, quota, time.time()))
+                       "VALUES (?,?,?,?,?)", (domain, local, hashed, quota, self.wallclock()))
             # The first user of a domain without a named postmaster receives the role aliases.
             pm = db.execute("SELECT postmaster FROM domains WHERE name=?", (domain,)).fetchone()[0]
             if pm is None:
@@ -416,16 +430,16 @@ class _Generation:
 
     SIZE = 8
 
-    def __init__(self, path: Path, like: Path) -> None:
+    def __init__(self, path: Path, like: Path, opener: Callable[..., int] = os.open) -> None:
         self.local = 0
         self._map: mmap.mmap | None = None
         self._writable = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o660)
+            fd = opener(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o660)
             self._writable = True
         except PermissionError:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = opener(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:
                 return
         except OSError:
@@ -490,9 +504,11 @@ class _Tx:
     MAX_CACHED = 10_000
     RECHECK_SECONDS = 2.0
 
-    def __init__(self, conn: sqlite3.Connection, generation: _Generation) -> None:
+    def __init__(self, conn: sqlite3.Connection, generation: _Generation,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.conn = conn
         self.generation = generation
+        self.clock = clock
         self._cache: dict = {}
         self._token: tuple | None = None
         self._data_version = None
@@ -500,7 +516,7 @@ class _Tx:
 
     def cache(self) -> dict:
         token = self.generation.current()
-        now = time.monotonic()
+        now = self.clock()
         if now - self._checked >= self.RECHECK_SECONDS:
             self._checked = now
             version = self.conn.execute("PRAGMA data_version").fetchone()[0]

@@ -7,8 +7,12 @@ import os
 
 import pytest
 
+from twisted.internet.task import Clock
+
 from mailappliance.users import passwords
-from mailappliance.users.store import StoreError, UserStore
+from mailappliance.users.store import StoreError, UserStore, _Tx
+
+RECHECK_SECONDS = _Tx.RECHECK_SECONDS
 
 PW = "Passw0rd!"
 
@@ -195,43 +199,55 @@ def test_cached_lookups_see_another_process(tmp_path):
     store.close()
 
 
-def test_cache_notices_a_foreign_writer_through_data_version(tmp_path, monkeypatch):
+def test_cache_notices_a_foreign_writer_through_data_version(tmp_path):
     """A program writing users.sqlite without mailappliance: seen within RECHECK_SECONDS."""
     import sqlite3
 
-    from mailappliance.users import store as store_module
-    monkeypatch.setattr(store_module._Tx, "RECHECK_SECONDS", 0.0)
-    store = UserStore(tmp_path, 4)
+    clock = Clock()
+    store = UserStore(tmp_path, 4, clock=clock.seconds)
     store.add_domain("test.com")
     assert store.lookup_recipient("raw@test.com") == "unknown"
     db = sqlite3.connect(tmp_path / "users.sqlite", isolation_level=None)
     db.execute("INSERT INTO aliases(domain, local, targets) VALUES ('test.com', 'raw', ?)",
                ('["x@example.org"]',))
     db.close()
+    clock.advance(RECHECK_SECONDS - 0.1)
+    assert store.lookup_recipient("raw@test.com") == "unknown"     # the cached answer, still
+    clock.advance(0.1)
     assert store.lookup_recipient("raw@test.com") == "alias"
     store.close()
 
 
-def test_unwritable_generation_file_falls_back_to_data_version(tmp_path, monkeypatch):
-    """users.sqlite-gen left unwritable (say, created by root): changes are still seen."""
-    from mailappliance.users import store as store_module
-    monkeypatch.setattr(store_module._Tx, "RECHECK_SECONDS", 0.0)
-    real_open = os.open
-
+def test_unwritable_generation_file_falls_back_to_data_version(tmp_path):
+    """users.sqlite-gen left unwritable (say, created by root): changes are still seen, within
+    RECHECK_SECONDS, through SQLite's data_version."""
     def no_write(path, flags, *args):
         if str(path).endswith("users.sqlite-gen") and flags & os.O_RDWR:
             raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *args)
+        return os.open(path, flags, *args)
 
     UserStore(tmp_path, 4).close()                 # the file exists, as root left it
-    monkeypatch.setattr(os, "open", no_write)
-    a, b = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+    clock = Clock()
+    a = UserStore(tmp_path, 4, clock=clock.seconds, opener=no_write)
+    b = UserStore(tmp_path, 4, clock=clock.seconds, opener=no_write)
     assert a.generation._map is not None and not a.generation._writable
     b.add_domain("test.com")
     assert a.lookup_recipient("joe@test.com") == "unknown"
     b.add_user("joe@test.com", PW)
+    assert a.lookup_recipient("joe@test.com") == "unknown"     # no token: the cached answer
+    clock.advance(RECHECK_SECONDS)
     assert a.lookup_recipient("joe@test.com") == "user"
     a.close(), b.close()
+
+
+def test_new_domains_and_users_are_stamped_with_the_wallclock(tmp_path):
+    store = UserStore(tmp_path, 4, wallclock=lambda: 1_700_000_000.5)
+    store.add_domain("test.com")
+    store.add_user("joe@test.com", PW)
+    db = store._db().conn
+    assert db.execute("SELECT created FROM domains").fetchall() == [(1_700_000_000.5,)]
+    assert db.execute("SELECT created FROM users").fetchall() == [(1_700_000_000.5,)]
+    store.close()
 
 
 def test_cached_users_and_aliases_follow_every_change(tmp_path):
