@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
     if not recipients:
         return fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
 
-    from mailappliance.queue.service import queue_dir
+    from mailappliance.queue.naming import queue_dir
     from mailappliance.queue.store import QueueStore, QueueWriteError
     from mailappliance.privileges import drop_to_data_owner
     uid = os.getuid()

@@ -6,7 +6,7 @@ For a recipient address:
   ``Delivered-To``; success report ``did 1+0+0/`` (qmail-local's);
 * an alias (including the per-domain postmaster/abuse/mailer-daemon aliases the user store
   keeps): the message is forwarded -- re-injected through the injector passed in (the one
-  door; this module never imports the queue's adapter), with ``Delivered-To: <alias>`` added
+  door; this module never imports the queue), with ``Delivered-To: <alias>`` added
   on top and the original envelope sender, to all the alias's targets at once.  qmail-local's
   report: ``did 0+0+N/qp Q/``.  Targets may be local or remote, or aliases again: each hop is
   one more injection with one more Delivered-To line;
@@ -33,10 +33,13 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from zope.interface import implementer
+
 from mailappliance.batching import Batcher
-from mailappliance.delivery import Result, deferral, failure, success
 from mailappliance.delivery import maildir as maildir_mod
-from mailappliance.queue.store import Envelope, QueueStore
+from mailappliance.delivery.interfaces import ILocalDeliverer, IMessageSource
+from mailappliance.envelope import Envelope, Result, deferral, failure, success
+from mailappliance.fileops import FileOps
 from mailappliance.users.store import User
 
 # Delivered-To lines a message may carry before we stop forwarding it.  qmail counts
@@ -46,7 +49,7 @@ MAX_DELIVERED_TO = 20
 # at this bound so a hostile endless header costs bounded work).
 MAX_HEADER_SCAN = 1024 * 1024
 # Messages up to this size are read into memory once per delivery (header scan and Maildir
-# write); larger ones are streamed in store.READ_CHUNK pieces.
+# write); larger ones are streamed in the message source's chunks.
 READ_WHOLE_MAX = 256 * 1024
 # Small-message deliveries handed to a pool thread in one trip (see LocalDeliverer._batched).
 MAX_BATCH = 64
@@ -88,14 +91,18 @@ class _Forward:
     targets: list[str]
 
 
+@implementer(ILocalDeliverer)
 class LocalDeliverer:
+    """`injector` is the queue's one door (queue/inject.py Injector, passed in by the queue's
+    service): `begin()` -> a writer with write(bytes), abort() and commit(sender, recipients,
+    received_from) -> Deferred[qid]. Forwards go through it; nothing here imports the queue."""
+
     log = Logger()
 
-    def __init__(self, users, queue: QueueStore, injector, reactor, threadpool, *,
+    def __init__(self, users, injector, reactor, threadpool, *,
                  hostname: str, default_domain: str | None = None,
                  clock: Callable[[], float] | None = None, maildir_ops=None) -> None:
         self.users = users
-        self.queue = queue
         self.injector = injector
         self.reactor = reactor
         self.threadpool = threadpool
@@ -119,36 +126,36 @@ class LocalDeliverer:
         return f"{local}@{domain}"
 
     @defer.inlineCallbacks
-    def deliver(self, env: Envelope, index: int):
-        """-> Deferred[Result] for recipient `index` of the message."""
+    def deliver(self, env: Envelope, index: int, messages: IMessageSource):
+        """-> Deferred[Result] for recipient `index` of the message, read from `messages`."""
         try:
             if env.size <= READ_WHOLE_MAX:
-                outcome = yield self._batched(env, index)
+                outcome = yield self._batched(env, index, messages)
             else:
-                outcome = yield self._defer(self._deliver_blocking, env, index)
+                outcome = yield self._defer(self._deliver_blocking, env, index, messages)
         except Exception as e:  # noqa: BLE001 - any surprise is temporary, never a loss
             self.log.failure("local delivery of msg {qid} failed unexpectedly", qid=env.qid)
             return deferral(TEXT_STORE_FAILED.format(why=str(e) or type(e).__name__))
         if isinstance(outcome, Result):
             return outcome
-        result = yield self._forward(env, outcome)
+        result = yield self._forward(env, outcome, messages)
         return result
 
     # -- small messages: many deliveries per trip to the thread pool ---------------------------
-    def _batched(self, env: Envelope, index: int) -> defer.Deferred:
+    def _batched(self, env: Envelope, index: int, messages: IMessageSource) -> defer.Deferred:
         """Queue one delivery for the next batch (mailappliance/batching.py): under load each
         trip to a pool thread carries up to MAX_BATCH deliveries, and each Maildir's new/ is
         fsynced once per batch (maildir.finish_many)."""
-        return self._batcher.submit((env, index))
+        return self._batcher.submit((env, index, messages))
 
-    def _deliver_many(self, items: list[tuple[Envelope, int]]) -> list:
+    def _deliver_many(self, items: list[tuple[Envelope, int, IMessageSource]]) -> list:
         """In a pool thread: each item's outcome (Result, _Forward or an exception)."""
         outcomes: list = [None] * len(items)
         pending: list[tuple[int, maildir_mod.Pending]] = []
         bytes_for: dict[str, int] = {}
-        for k, (env, index) in enumerate(items):
+        for k, (env, index, messages) in enumerate(items):
             try:
-                prep = self._prepare(env, index)
+                prep = self._prepare(env, index, messages)
                 if not isinstance(prep, tuple):
                     outcomes[k] = prep
                     continue
@@ -174,7 +181,7 @@ class LocalDeliverer:
                 for k, p in pending:
                     if p.final is None:
                         outcomes[k] = e
-                        maildir_mod.discard(p, self.maildir_ops or maildir_mod.FileOps())
+                        maildir_mod.discard(p, self.maildir_ops or FileOps())
             for k, p in pending:
                 if outcomes[k] is not None:
                     continue
@@ -185,10 +192,10 @@ class LocalDeliverer:
                     outcomes[k] = deferral(e.text) if e.temporary else failure(e.text)
         return outcomes
 
-    def _prepare(self, env: Envelope, index: int):
+    def _prepare(self, env: Envelope, index: int, messages: IMessageSource):
         """A small message's checks: a final Result, a _Forward, or (user, address, data)."""
         address = self.canonical(env.recipients[index].address)
-        data = self.queue.read_message(env)
+        data = messages.read_message(env)
         route = self._route(address, header_delivered_to([data]))
         return (route, address, data) if isinstance(route, User) else route
 
@@ -208,15 +215,15 @@ class LocalDeliverer:
         return failure(TEXT_NO_MAILBOX)
 
     # -- one delivery per pool trip (large messages, streamed) ---------------------------------
-    def _deliver_blocking(self, env: Envelope, index: int):
+    def _deliver_blocking(self, env: Envelope, index: int, messages: IMessageSource):
         """A message too large to read at once: its header is scanned, then it is streamed."""
         address = self.canonical(env.recipients[index].address)
-        with self.queue.open_message(env) as reader:
+        with messages.open_message(env) as reader:
             route = self._route(address, header_delivered_to(reader))
         if not isinstance(route, User):
             return route
         try:
-            with self.queue.open_message(env) as reader:
+            with messages.open_message(env) as reader:
                 maildir_mod.deliver(route.maildir, reader, return_path=env.sender,
                                     delivered_to=address, hostname=self.hostname,
                                     now=self.clock(), quota=route.quota, size_hint=env.size,
@@ -226,10 +233,10 @@ class LocalDeliverer:
         return success(maildir_mod.TEXT_SUCCESS)
 
     @defer.inlineCallbacks
-    def _forward(self, env: Envelope, fwd: _Forward):
+    def _forward(self, env: Envelope, fwd: _Forward, messages: IMessageSource):
         writer = self.injector.begin()
         writer.write(b"Delivered-To: " + fwd.alias.encode("utf-8", "surrogateescape") + b"\n")
-        reader = yield self._defer(self.queue.open_message, env)
+        reader = yield self._defer(messages.open_message, env)
         try:
             while True:
                 chunk = yield self._defer(reader.read)

@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from mailappliance.queue.store import FileOps, process_id, write_all
+from mailappliance.fileops import FileOps, process_id, write_all
 
 _seq = itertools.count(1)
 # A message chunk up to this size is written together with the two header lines (one write).

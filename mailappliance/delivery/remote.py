@@ -13,7 +13,8 @@
   timeoutconnect / timeoutremote).  A host that cannot be reached, greets badly or dies
   before MAIL makes us try the next address and host; once a transaction has started, its
   per-recipient results stand.
-* The message is read from the queue in a thread and streamed with flow control; it is
+* The message is read, in a thread, from the source the queue manager hands over
+  (delivery/interfaces.py IMessageSource) and streamed with flow control; it is
   CRLF-normalised and dot-stuffed on the way out (client.DataEncoder).
 * STARTTLS when the server offers it, never required (Postfix's smtp_tls_security_level =
   may): TLS 1.2 at least, SNI with the MX host name, and the certificate is checked -- chain
@@ -38,14 +39,14 @@ from zope.interface import implementer
 from twisted.internet.interfaces import (
     IHandshakeListener, IOpenSSLClientConnectionCreator, IPushProducer)
 
-from mailappliance.delivery import Result, deferral, failure
-from mailappliance.queue.store import Envelope, QueueStore
+from mailappliance.delivery.interfaces import IMessageSource, IRemoteDeliverer
+from mailappliance.envelope import Envelope, Result, deferral, failure
 from mailappliance.smtp import client as smtp_client
 from mailappliance.smtp.client import ClientCore, Close, DataEncoder, Send, SendBody, StartTLS
 
 SMTP_PORT = 25
 # Messages up to this size are read into memory in one thread call before connecting;
-# larger ones are streamed in store.READ_CHUNK pieces with flow control.
+# larger ones are streamed in the message source's chunks with flow control.
 PRELOAD_MAX = 256 * 1024
 # Addresses tried per attempt (qmail-remote tries every address of every MX; a domain with
 # dozens of MX addresses would tie up a remote slot for connect_timeout times that many).
@@ -109,10 +110,12 @@ class _SMTPClientProtocol(Protocol):
     """Runs one ClientCore over a connection; `finished` fires with the core at the end."""
 
     def __init__(self, deliverer: "RemoteDeliverer", core: ClientCore, env: Envelope,
-                 preloaded: bytes | None, server_name: str | None = None) -> None:
+                 messages: IMessageSource, preloaded: bytes | None,
+                 server_name: str | None = None) -> None:
         self.d = deliverer
         self.core = core
         self.env = env
+        self.messages = messages
         self.preloaded = preloaded
         self.server_name = server_name    # the MX (or route) host name, for SNI and the check
         self.tls = None                   # the connection creator once STARTTLS began
@@ -182,7 +185,7 @@ class _SMTPClientProtocol(Protocol):
             self.transport.write(enc.encode(self.preloaded) + enc.finish())
         else:
             self.transport.registerProducer(self, True)
-            reader = yield self.d._defer(self.d.queue.open_message, self.env)
+            reader = yield self.d._defer(self.messages.open_message, self.env)
             try:
                 while self._sending:
                     if self._paused:
@@ -251,17 +254,17 @@ class _Factory(ClientFactory):
             self.proto.finished.errback(reason)
 
 
+@implementer(IRemoteDeliverer)
 class RemoteDeliverer:
     log = Logger()
 
-    def __init__(self, reactor, resolver, queue: QueueStore, threadpool, *, hostname: str,
+    def __init__(self, reactor, resolver, threadpool, *, hostname: str,
                  route_for: Callable[[str], object] = lambda domain: None,
                  connect_timeout: float = 60, reply_timeout: float = 1200,
                  tls_options: Callable[[str], object] | None = None,
                  is_me: Callable[[str], bool] | None = None, mx_port: int = SMTP_PORT) -> None:
         self.reactor = reactor
         self.resolver = resolver
-        self.queue = queue
         self.threadpool = threadpool
         self.hostname = hostname
         self.route_for = route_for
@@ -275,8 +278,9 @@ class RemoteDeliverer:
         return deferToThreadPool(self.reactor, self.threadpool, f, *args)
 
     @defer.inlineCallbacks
-    def deliver(self, env: Envelope, indices: list[int]):
-        """-> Deferred[list[Result]] aligned with `indices` (all at one domain)."""
+    def deliver(self, env: Envelope, indices: list[int], messages: IMessageSource):
+        """-> Deferred[list[Result]] aligned with `indices` (all at one domain); the message
+        is read from `messages`."""
         rcpts = [env.recipients[i].address for i in indices]
         domain = rcpts[0].rpartition("@")[2].lower().rstrip(".")
         targets = yield self._targets(domain)
@@ -285,7 +289,7 @@ class RemoteDeliverer:
         preloaded = None
         if env.size <= PRELOAD_MAX:
             try:
-                preloaded = yield self._defer(self.queue.read_message, env)
+                preloaded = yield self._defer(messages.read_message, env)
             except Exception as e:  # noqa: BLE001
                 return [deferral(f"Unable to read the queued message: {e} (#4.3.0)")] \
                     * len(rcpts)
@@ -295,7 +299,7 @@ class RemoteDeliverer:
                               size=env.size, host=ip,
                               tls_available=self.tls_options is not None)
             try:
-                core = yield self._attempt(ip, port, core, env, preloaded, name)
+                core = yield self._attempt(ip, port, core, env, messages, preloaded, name)
             except Exception as e:  # noqa: BLE001 - connection refused, timeout, unreachable
                 self.log.info("remote: cannot connect to {ip}:{port}: {why}", ip=ip,
                               port=port, why=_why(e))
@@ -307,8 +311,9 @@ class RemoteDeliverer:
         return last or [deferral(T_NO_CONNECTION)] * len(rcpts)
 
     def _attempt(self, ip: str, port: int, core: ClientCore, env: Envelope,
-                 preloaded: bytes | None, name: str | None = None) -> defer.Deferred:
-        proto = _SMTPClientProtocol(self, core, env, preloaded, name)
+                 messages: IMessageSource, preloaded: bytes | None,
+                 name: str | None = None) -> defer.Deferred:
+        proto = _SMTPClientProtocol(self, core, env, messages, preloaded, name)
         self.reactor.connectTCP(ip, port, _Factory(proto), timeout=self.connect_timeout)
         return proto.finished
 

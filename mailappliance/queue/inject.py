@@ -29,8 +29,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailappliance.batching import Batcher
-from mailappliance.queue.store import (Envelope, QueueStore, QueueWriteError, TmpMessage,
-                                       check_envelope)
+from mailappliance.envelope import Envelope, check_envelope
+from mailappliance.queue.store import QueueStore, QueueWriteError, TmpMessage
 
 __all__ = ["Injector", "MessageWriter", "QueueWriteError"]
 

@@ -13,6 +13,10 @@ bounces, and removes what is done.
 * Deferred recipients are retried on qmail's schedule (schedule.py); the next try is kept as
   the file's mtime, so a restart resumes the schedule.  After ``lifetime`` one last attempt,
   then the recipient fails with qmail's "I'm not going to try again" text.
+* Deliverers (delivery/interfaces.py ILocalDeliverer, IRemoteDeliverer) are handed to the
+  manager; each delivery gets the envelope, its recipients' indices and the store as its
+  message source (IMessageSource: read or open the queued message, or the bytes kept in
+  memory since injection), so delivery never imports the queue.
 * When no recipient is left to do: failures are bounced (bounce.py), then the file goes.
 * A file that does not parse is moved to queue/corrupt/ with a log line; it never stops the
   server.  Leftovers of injections that never completed are removed after 36 hours.
@@ -51,12 +55,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailappliance.batching import Batcher
-from mailappliance.delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferral, failure
+from mailappliance.delivery.interfaces import ILocalDeliverer, IRemoteDeliverer
+from mailappliance.envelope import (
+    DEFERRAL, DELIVERED, FAILED, FAILURE, SUCCESS, TODO, CorruptEntry, Envelope, Result,
+    deferral, failure)
 from mailappliance.queue import bounce as bounce_mod
 from mailappliance.queue import schedule
 from mailappliance.queue.schedule import LOCAL, REMOTE
-from mailappliance.queue.store import (
-    DELIVERED, FAILED, TODO, CorruptEntry, Envelope, QueueStore)
+from mailappliance.queue.store import QueueStore
 
 # Periodic scan of queue/mess for messages whose trigger was lost (qmail-send rescans its
 # todo directory on a timer as well).  A minute keeps a lost trigger's delay small and the
@@ -129,7 +135,8 @@ class _Trigger(DatagramProtocol):
 class QueueManager(service.Service):
     log = Logger()
 
-    def __init__(self, store: QueueStore, *, local, remote, injector, reactor, threadpool,
+    def __init__(self, store: QueueStore, *, local: ILocalDeliverer, remote: IRemoteDeliverer,
+                 injector, reactor, threadpool,
                  classify: Callable[[str], str], postmaster: str, hostname: str,
                  concurrency_local: int = 10, concurrency_remote: int = 20,
                  lifetime: float = schedule.DEFAULT_LIFETIME, use_trigger: bool = True,
@@ -481,10 +488,10 @@ class QueueManager(service.Service):
         self._log_status()
         started = self.now()
         if channel == LOCAL:
-            d = defer.maybeDeferred(self.local.deliver, env, unit[0])
+            d = defer.maybeDeferred(self.local.deliver, env, unit[0], self.store)
             d.addCallback(lambda r: [r])
         else:
-            d = defer.maybeDeferred(self.remote.deliver, env, unit)
+            d = defer.maybeDeferred(self.remote.deliver, env, unit, self.store)
         d.addBoth(self._attempt_done, job, channel, unit, dnos, started)
         d.addErrback(self._bug, "completion of msg %d" % env.qid)
 

@@ -16,6 +16,7 @@ from mailappliance.delivery.local import LocalDeliverer
 from mailappliance.delivery.remote import RemoteDeliverer, client_tls_options, make_is_me
 from mailappliance.queue.inject import Injector
 from mailappliance.queue.manager import QueueManager, make_classifier
+from mailappliance.queue.naming import queue_dir
 from mailappliance.queue.store import QueueStore
 from mailappliance.service import ThreadPoolService
 
@@ -24,10 +25,6 @@ from mailappliance.service import ThreadPoolService
 # capped below concurrency_local's maximum.
 DELIVERY_THREADS_MAX = 16
 SECONDS_PER_DAY = 86400
-
-
-def queue_dir(settings):
-    return settings.data / "queue"
 
 
 def postmaster_of(settings) -> str:
@@ -49,9 +46,9 @@ def attach(app, parent) -> None:
     q = settings.queue
     pool = ThreadPool(1, min(DELIVERY_THREADS_MAX, q.concurrency_local + 2), name="delivery")
     ThreadPoolService(pool).setServiceParent(parent)
-    local = LocalDeliverer(app.store, store, app.injector, app.reactor, pool,
+    local = LocalDeliverer(app.store, app.injector, app.reactor, pool,
                            hostname=settings.hostname, default_domain=settings.default_domain)
-    remote = RemoteDeliverer(app.reactor, app.resolver, store, pool, hostname=settings.hostname,
+    remote = RemoteDeliverer(app.reactor, app.resolver, pool, hostname=settings.hostname,
                              route_for=lambda domain: app.settings.route_for(domain),
                              connect_timeout=q.connect_timeout, reply_timeout=q.reply_timeout,
                              tls_options=client_tls_options(), is_me=make_is_me())

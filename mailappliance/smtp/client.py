@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from mailappliance.delivery import Result, deferral, failure, success
+from mailappliance.envelope import Result, deferral, failure, success
 
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including CRLF.  Longer lines are
 # cut (not refused): some servers exceed the limit in harmless ways.

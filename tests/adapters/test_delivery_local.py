@@ -7,10 +7,12 @@ import os
 
 import pytest
 
-from mailappliance.delivery import DEFERRAL, FAILURE, SUCCESS
 from mailappliance.delivery import local as lo
+from mailappliance.envelope import DEFERRAL, FAILURE, SUCCESS, Envelope, Recipient
+from mailappliance.fileops import FileOps
 from mailappliance.queue.inject import Injector
-from mailappliance.queue.store import FileOps, QueueStore
+from mailappliance.queue.store import QueueStore
+from mailappliance.testing.delivery import MemoryMessageSource
 from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
 from mailappliance.users.store import UserStore
 
@@ -25,7 +27,7 @@ class World:
         self.test = self.users.add_user("test@test.com", "Passw0rd!long")
         self.queue = QueueStore(tmp_path / "data" / "queue", clock=self.reactor.seconds)
         self.injector = injector or Injector(self.queue, self.reactor, self.pool)
-        self.local = lo.LocalDeliverer(self.users, self.queue, self.injector, self.reactor,
+        self.local = lo.LocalDeliverer(self.users, self.injector, self.reactor,
                                        self.pool, hostname="mail.test.com",
                                        default_domain="test.com", maildir_ops=maildir_ops)
 
@@ -33,7 +35,7 @@ class World:
         qid = self.queue.inject(body, sender, [rcpt], trigger=False)
         env = self.queue.read_envelope(qid)
         out = []
-        self.local.deliver(env, 0).addBoth(out.append)
+        self.local.deliver(env, 0, self.queue).addBoth(out.append)
         assert out, "deliver() did not finish"
         self.queue.remove(qid)
         return out[0]
@@ -122,7 +124,7 @@ def test_alias_loop_through_two_aliases_is_caught(tmp_path):
         [qid] = w.queue.list_ids()
         env = w.queue.read_envelope(qid)
         out = []
-        w.local.deliver(env, 0).addBoth(out.append)
+        w.local.deliver(env, 0, w.queue).addBoth(out.append)
         w.queue.remove(qid)
         assert out[0].status == expected
     assert out[0].text == lo.TEXT_LOOP
@@ -207,7 +209,7 @@ def _start(w, rcpts):
         qid = w.queue.inject(b"Subject: %d\n\nbody\n" % i, "a@example.org", [rcpt],
                              trigger=False)
         out = []
-        w.local.deliver(w.queue.read_envelope(qid), 0).addBoth(out.append)
+        w.local.deliver(w.queue.read_envelope(qid), 0, w.queue).addBoth(out.append)
         results.append(out)
     return results
 
@@ -255,3 +257,22 @@ def test_quota_counts_messages_of_the_same_batch(tmp_path):
     statuses = [r[0].status for r in rest]
     assert statuses == [SUCCESS, SUCCESS, DEFERRAL, DEFERRAL], statuses
     assert len(w.mailbox(w.test)) == 2
+
+
+def test_delivery_reads_the_message_from_the_source_it_is_handed(tmp_path):
+    """No queue file behind it: a small message is read whole from the source, a large one
+    streamed from readers it opens (header scan, then the Maildir write) and closes."""
+    w = World(tmp_path)
+    small = b"Subject: s\n\nsmall\n"
+    big = b"Subject: b\n\n" + b"z" * (lo.READ_WHOLE_MAX + 10) + b"\n"
+    source = MemoryMessageSource({1: small, 2: big})
+    out = []
+    for qid, body in ((1, small), (2, big)):
+        env = Envelope(sender="a@example.org", birth=0.0, token="t",
+                       recipients=[Recipient(0, "test@test.com")])
+        env.qid, env.size = qid, len(body)
+        w.local.deliver(env, 0, source).addBoth(out.append)
+    assert [r.status for r in out] == [SUCCESS, SUCCESS], out
+    assert sorted(len(m) - m.index(b"Subject:") for m in w.mailbox(w.test)) == \
+        [len(small), len(big)]
+    assert len(source.opened) == 2 and all(r.closed for r in source.opened)

@@ -8,8 +8,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mailappliance.config import Route
-from mailappliance.delivery import DEFERRAL, FAILURE, SUCCESS
 from mailappliance.delivery import remote as rm
+from mailappliance.envelope import DEFERRAL, FAILURE, SUCCESS
 from mailappliance.queue.store import QueueStore
 from mailappliance.testing import FakeResolver
 from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
@@ -38,7 +38,7 @@ class World:
         self.resolver = FakeResolver(ZONES)
         self.resolver.fail("broken.example", "servfail")
         table = {r.domain: r for r in (routes or [])}
-        self.rd = rm.RemoteDeliverer(self.reactor, self.resolver, self.queue, self.pool,
+        self.rd = rm.RemoteDeliverer(self.reactor, self.resolver, self.pool,
                                      hostname="mail.test.com",
                                      route_for=lambda d: table.get(d) or table.get(""),
                                      connect_timeout=60, reply_timeout=1200,
@@ -47,7 +47,7 @@ class World:
 
     def deliver(self, indices=None):
         indices = list(range(len(self.env.recipients))) if indices is None else indices
-        self.rd.deliver(self.env, indices).addBoth(self.out.append)
+        self.rd.deliver(self.env, indices, self.queue).addBoth(self.out.append)
 
     def connection(self, n=-1):
         host, port, factory, timeout, _bind = self.reactor.tcpClients[n]

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
+from mailappliance.fileops import FileOps
 from mailappliance.queue import inject as qi
 from mailappliance.queue.inject import Injector, QueueWriteError
-from mailappliance.queue.store import FileOps, QueueStore
+from mailappliance.queue.store import QueueStore
 from mailappliance.testing.threads import (DeferredThreadPool, ImmediateThreadPool,
                                            ThreadlessReactor)
 

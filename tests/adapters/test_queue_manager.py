@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
-from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 
-from mailappliance.delivery import deferral, failure, success
+from mailappliance.delivery.interfaces import IMessageSource
+from mailappliance.envelope import (DELIVERED, TODO, Envelope, Recipient, deferral, failure,
+                                    success)
 from mailappliance.queue import manager as qm
 from mailappliance.queue import schedule
 from mailappliance.queue.bounce import DOUBLE_BOUNCE_SENDER
 from mailappliance.queue.inject import Injector
 from mailappliance.queue.schedule import LOCAL, REMOTE
-from mailappliance.queue.store import (DELIVERED, FAILED, TODO, Envelope, QueueStore,
-                                       Recipient)
+from mailappliance.queue.store import QueueStore
+from mailappliance.testing.delivery import FakeLocalDeliverer, FakeRemoteDeliverer
 from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
 
 EPOCH = 1_700_000_000.0
@@ -26,56 +27,14 @@ def classify(address: str) -> str:
     return LOCAL if address.rpartition("@")[2].lower() in LOCAL_DOMAINS else REMOTE
 
 
-class FakeLocal:
-    """Answers from `script` (address -> Result or callable), default success; `hold` keeps
-    the Deferreds for the test to fire."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, str]] = []
-        self.script: dict = {}
-        self.hold = False
-        self.held: list[defer.Deferred] = []
-
-    def deliver(self, env, index):
-        addr = env.recipients[index].address
-        self.calls.append((env.qid, addr))
-        if self.hold:
-            d = defer.Deferred()
-            self.held.append(d)
-            return d
-        r = self.script.get(addr, success("did 1+0+0/"))
-        if callable(r):
-            r = r()
-        return defer.succeed(r)
-
-
-class FakeRemote:
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, list[str]]] = []
-        self.script: dict = {}
-        self.hold = False
-        self.held: list[defer.Deferred] = []
-
-    def deliver(self, env, indices):
-        addrs = [env.recipients[i].address for i in indices]
-        self.calls.append((env.qid, addrs))
-        if self.hold:
-            d = defer.Deferred()
-            self.held.append(d)
-            return d
-        return defer.succeed([self.script.get(a, success("127.0.0.1 accepted message./"
-                                                          "Remote host said: 250 ok/"))
-                              for a in addrs])
-
-
 class World:
     def __init__(self, tmp_path, start=True, **kw):
         self.reactor = ThreadlessReactor()
         self.reactor.advance(EPOCH)
         self.pool = ImmediateThreadPool()
         self.store = QueueStore(tmp_path / "queue", clock=self.reactor.seconds)
-        self.local = kw.pop("local", None) or FakeLocal()
-        self.remote = kw.pop("remote", None) or FakeRemote()
+        self.local = kw.pop("local", None) or FakeLocalDeliverer()
+        self.remote = kw.pop("remote", None) or FakeRemoteDeliverer()
         self.manager = None
         if kw.pop("read_back", False):      # the pick-up path that reads the file
             self.injector = Injector(self.store, self.reactor, self.pool,
@@ -213,10 +172,10 @@ def test_failure_bounces_double_bounces_and_triple_bounce_is_dropped(tmp_path):
     captured = {}
     real_deliver = w.local.deliver
 
-    def deliver(env, index):
+    def deliver(env, index, messages):
         captured.setdefault(env.recipients[index].address, []).append(
-            (env.sender, w.store.read_message(env)))
-        return real_deliver(env, index)
+            (env.sender, messages.read_message(env)))
+        return real_deliver(env, index, messages)
 
     w.local.deliver = deliver
     no = failure("Sorry, no mailbox here by that name. (#5.1.1)")
@@ -529,17 +488,13 @@ def test_a_finished_delivery_frees_its_slot_before_the_bookkeeping(tmp_path):
 def test_kept_message_bytes_serve_the_first_deliveries_and_are_then_released(tmp_path):
     seen = []
 
-    class Reading(FakeLocal):
-        def __init__(self, store):
-            super().__init__()
-            self.store = store
-
-        def deliver(self, env, index):
-            seen.append((env.data is not None, self.store.read_message(env)))
-            return super().deliver(env, index)
+    class Reading(FakeLocalDeliverer):
+        def deliver(self, env, index, messages):
+            seen.append((env.data is not None, messages.read_message(env)))
+            return super().deliver(env, index, messages)
 
     w = World(tmp_path, start=False)
-    w.local = Reading(w.store)
+    w.local = Reading()
     w.manager.local = w.local
     w.manager.startService()
     w.local.hold = True
@@ -550,6 +505,13 @@ def test_kept_message_bytes_serve_the_first_deliveries_and_are_then_released(tmp
     w.local.held[0].callback(success("did 1+0+0/"))
     assert w.store.kept_bytes == 0 and w.store.list_ids() == []
     assert w.remote.calls == [(qid, ["far@remote.example"])]
+
+
+def test_each_delivery_is_handed_the_store_as_its_message_source(tmp_path):
+    w = World(tmp_path)
+    w.inject("a@example.org", ["test@test.com", "far@remote.example"])
+    assert w.local.sources == [w.store] and w.remote.sources == [w.store]
+    assert IMessageSource.providedBy(w.store)
 
 
 def test_a_deferred_message_does_not_keep_its_bytes_in_memory(tmp_path):

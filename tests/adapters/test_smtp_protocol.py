@@ -18,8 +18,9 @@ from mailappliance.access.dnsbl import Refusal
 from mailappliance.access.relay import RelayGrants
 from mailappliance.access.rules import parse_rules
 from mailappliance.config import Settings, SMTPSettings
+from mailappliance.fileops import FileOps
 from mailappliance.queue.inject import Injector
-from mailappliance.queue.store import FileOps, QueueStore
+from mailappliance.queue.store import QueueStore
 from mailappliance.smtp import protocol as smtp_protocol
 from mailappliance.smtp.service import SMTPFactory, build_factory
 from mailappliance.testing.threads import DeferredThreadPool, ImmediateThreadPool, ThreadlessReactor

@@ -10,20 +10,27 @@ from pathlib import Path
 
 import pytest
 
+from mailappliance import fileops
+from mailappliance.fileops import FileOps
 from mailappliance.queue import store as qs
-from mailappliance.queue.store import FileOps
 
-try:
-    import mailappliance_fileops as _fileops
-except ImportError:         # pragma: no cover - CI builds it (a C compiler is installed there)
-    _fileops = None
+_fileops = fileops._native      # the C helper as FileOps binds it (None where it was not built)
 
 
 def test_the_c_helper_is_built_in_ci():
     # Outside CI a machine without a C compiler runs the Python path only (same results);
     # CI installs gcc, so there the helper must exist and both paths are tested below.
     if os.environ.get("CI") == "true":
-        assert _fileops is not None, "mailappliance_fileops was not built"
+        assert _fileops is not None, \
+            "mailappliance_fileops (setup.py, from mailappliance/_fileops.c) was not built"
+
+
+def test_fileops_binds_the_c_helper_wherever_it_is_built():
+    try:
+        import mailappliance_fileops as built
+    except ImportError:         # pragma: no cover - CI builds it
+        built = None
+    assert _fileops is built
 
 
 PATHS = ["native", "python"]
@@ -34,9 +41,9 @@ def ops(request, monkeypatch):
     if request.param == "native":
         if _fileops is None:
             pytest.skip("C helper not built here (CI requires it)")
-        monkeypatch.setattr(qs, "NATIVE_BATCHES", True)
+        monkeypatch.setattr(fileops, "NATIVE_BATCHES", True)
     else:
-        monkeypatch.setattr(qs, "NATIVE_BATCHES", False)
+        monkeypatch.setattr(fileops, "NATIVE_BATCHES", False)
     o = FileOps()
     assert o._native_for("open_excl") is (request.param == "native")
     return o

@@ -10,7 +10,7 @@ import pytest
 
 from mailappliance.delivery import maildir as md
 from mailappliance.delivery.maildir import MaildirError, deliver
-from mailappliance.queue.store import FileOps
+from mailappliance.fileops import FileOps
 
 NOW = 1_700_000_000.25
 

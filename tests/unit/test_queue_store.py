@@ -9,10 +9,12 @@ import socket
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from mailappliance import envelope as ev
+from mailappliance.envelope import (
+    DELIVERED, FAILED, TODO, CorruptEntry, Envelope, Recipient, decode_envelope, encode_envelope)
+from mailappliance.fileops import FileOps
 from mailappliance.queue import store as qs
-from mailappliance.queue.store import (
-    DELIVERED, FAILED, TODO, CorruptEntry, Envelope, FileOps, QueueStore, QueueWriteError,
-    Recipient, decode_envelope, encode_envelope)
+from mailappliance.queue.store import QueueStore, QueueWriteError
 
 
 def files(d) -> list[str]:
@@ -77,8 +79,8 @@ def test_envelope_codec_round_trips_any_text(sender, rcpts, received, birth, sta
     env = Envelope(sender=sender, birth=birth, received_from=received, token="tok",
                    recipients=[Recipient(i, a, states[i]) for i, a in enumerate(rcpts)])
     raw = encode_envelope(env)
-    trailer = qs.make_trailer(0, raw)
-    _m, _e, crc = qs.parse_trailer(trailer)
+    trailer = ev.make_trailer(0, raw)
+    _m, _e, crc = ev.parse_trailer(trailer)
     back = decode_envelope(raw, crc)
     assert (back.sender, back.received_from, back.birth) == (sender, received, birth)
     assert [(r.address, r.state) for r in back.recipients] == \
@@ -109,7 +111,7 @@ def test_truncated_file_is_corrupt(store):
     qid = store.inject(b"hello\n" * 10, "a@x", ["b@y"], trigger=False)
     path = store.message_path(qid)
     size = os.path.getsize(path)
-    for cut in (0, 5, size - qs.TRAILER_SIZE, size - 1):
+    for cut in (0, 5, size - ev.TRAILER_SIZE, size - 1):
         with open(path, "r+b") as f:
             f.truncate(cut)
         with pytest.raises(CorruptEntry):
@@ -167,7 +169,7 @@ def test_stale_bounce_file_of_a_previous_message_with_same_id_is_ignored(store):
     other = Envelope(sender="", recipients=[Recipient(0, "old@y")], birth=0, token="old",
                      qid=qid)
     with open(os.path.join(store.bounce_dir, str(qid)), "wb") as f:
-        f.write(qs._encode_bounce_record(other.token, 0, "old@y", "old failure"))
+        f.write(ev.encode_bounce_record(other.token, 0, "old@y", "old failure"))
     assert store.failures(env) == {}
 
 
@@ -176,7 +178,7 @@ def test_torn_last_bounce_record_is_ignored(store):
     env = store.read_envelope(qid)
     store.add_failure(env, 0, "first")
     with open(os.path.join(store.bounce_dir, str(qid)), "ab") as f:
-        f.write(qs._encode_bounce_record(env.token, 1, "r1@y", "second")[:-7])
+        f.write(ev.encode_bounce_record(env.token, 1, "r1@y", "second")[:-7])
     assert store.failures(env) == {0: ("r0@y", "first")}
 
 
@@ -293,8 +295,14 @@ def test_trigger_pokes_a_listening_socket(tmp_path):
 
 
 def test_trigger_without_listener_is_harmless(store):
-    store.pull_trigger()  # no socket bound: must not raise
-    store.inject(b"x\n", "a@x", ["b@y"])
+    """Nobody listens on queue/trigger (no server running): the injection still commits."""
+    assert not os.path.exists(store.trigger_path)
+    store.pull_trigger()
+    qid = store.inject(b"x\n", "a@x", ["b@y"])
+    assert files(store.mess_dir) == [str(qid)]
+    env = store.read_envelope(qid)
+    assert (env.sender, [r.address for r in env.recipients]) == ("a@x", ["b@y"])
+    assert store.read_message(env) == b"x\n"
 
 
 def test_entries_lists_messages_for_the_admin(store):

@@ -7,7 +7,7 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mailappliance.delivery import DEFERRAL, FAILURE, SUCCESS
+from mailappliance.envelope import DEFERRAL, FAILURE, SUCCESS
 from mailappliance.smtp import client as sc
 from mailappliance.smtp.client import (Close, ClientCore, DataEncoder, ProtocolError,
                                        ReplyParser, Send, SendBody, StartTLS)

@@ -7,9 +7,10 @@
  * for the GIL, not for the disk. These functions do the same calls, in the same order and with
  * the same per-file outcome, with the GIL released around the whole loop.
  *
- * Optional: setup.py builds it when a C compiler is there; FileOps (mailappliance/queue/store.py)
+ * Optional: setup.py builds it when a C compiler is there; FileOps (mailappliance/fileops.py)
  * falls back to the same steps in Python, and always takes that path for a FileOps subclass
- * (tests that make a chosen call fail).
+ * (tests that make a chosen call fail). Built as the top-level module mailappliance_fileops
+ * (setup.py says why).
  *
  *   create_files(paths, mode) -> [(fd, inode) | (-errno, 0)]
  *       open(O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC) and fstat each path.
