@@ -1206,8 +1206,9 @@ class _TCPExchangeFactory(protocol.ClientFactory):
 
 # --- wiring into the service tree ---------------------------------------------------------------
 
-def attach(app, parent) -> None:
-    """make_service component: app.resolver from settings.dns (resolv.conf when empty)."""
-    app.resolver = Resolver(app.reactor, app.settings.dns.nameservers)
-    app.reload_hooks.append(app.resolver.reload)
-    app.reactor.addSystemEventTrigger("after", "shutdown", app.resolver.close)
+def build_resolver(settings, reactor) -> Resolver:
+    """make_service's DNS part: the resolver for settings.dns (resolv.conf when empty); its
+    idle sockets close after the reactor stops. make_service makes it follow reloads."""
+    resolver = Resolver(reactor, settings.dns.nameservers)
+    reactor.addSystemEventTrigger("after", "shutdown", resolver.close)
+    return resolver

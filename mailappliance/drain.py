@@ -1,6 +1,7 @@
 """Graceful stop (SIGTERM): stop accepting, let transfers finish or answer 421, bounded.
 
-The order, run by the service tree's root (service.AppService) when twistd stops:
+make_service builds one `Drain(reactor)` (`app.drain`) and makes its `start` an `app.stop_hooks`
+entry. The order, run by the service tree's root (service.AppService) when twistd stops:
 
 1. every listener stops accepting (its port is closed);
 2. `Drain.start()` (an `app.stop_hooks` entry): every registered session that is idle is told
@@ -14,7 +15,7 @@ The order, run by the service tree's root (service.AppService) when twistd stops
 
 A protocol takes part like this (the interface; docs/ARCHITECTURE.md repeats it)::
 
-    self.drain = app.drain.register(self.close_now)   # connectionMade; None while no drain
+    self.drain = app.drain.register(self.close_now)   # connectionMade
     self.drain.busy()      # DATA started (or a commit is in flight)
     self.drain.idle()      # the reply to it was sent; closes at once if the server stops
     self.drain.done()      # connectionLost
@@ -137,8 +138,3 @@ class Drain:
                           n=len(self.sessions))
             d.callback(None)
 
-
-def setup(app, parent) -> None:
-    """COMPONENTS entry: app.drain, run after the listeners stopped (app.stop_hooks)."""
-    app.drain = Drain(app.reactor)
-    app.stop_hooks.append(app.drain.start)

@@ -40,9 +40,10 @@ def acquire(data: Path) -> int:
     return fd
 
 
-def setup(app, parent) -> None:
-    """COMPONENTS entry, first of all."""
+def hold_lock(settings) -> int:
+    """make_service's first part: the lock (its descriptor, open for the process's life),
+    handed with its directory to the data directory's owner."""
     from mailappliance.privileges import adopt_for_data
-    app.instance_lock = acquire(app.settings.data)
-    adopt_for_data(app.settings.data, lock_path(app.settings.data).parent,
-                   lock_path(app.settings.data))
+    fd = acquire(settings.data)
+    adopt_for_data(settings.data, lock_path(settings.data).parent, lock_path(settings.data))
+    return fd

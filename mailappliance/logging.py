@@ -767,15 +767,16 @@ class _ErrorRingService(service.Service):
         self.publisher.removeObserver(self.observer)
 
 
-def setup(app, parent) -> None:
-    """COMPONENTS entry: the file log (or, with [log] stdout, only the error ring)."""
-    last_errors = app.stats.setdefault("last_errors", collections.deque(maxlen=LAST_ERRORS))
-    if app.settings.log.stdout:
-        _ErrorRingService(ErrorRing(last_errors)).setServiceParent(parent)
-        return
-    svc = LoggingService(app.settings, last_errors=last_errors, reactor=app.reactor)
-    svc.setServiceParent(parent)
-    app.reload_hooks.append(svc.reload)
+def build_service(settings, reactor, stats: dict) -> tuple[service.Service,
+                                                        Callable[[object], None] | None]:
+    """make_service's logging part, built before every other: (the file log service, its
+    reload hook) or, with [log] stdout, (the error ring only, None). The last errors for
+    `stat` are kept in stats["last_errors"]."""
+    last_errors = stats.setdefault("last_errors", collections.deque(maxlen=LAST_ERRORS))
+    if settings.log.stdout:
+        return _ErrorRingService(ErrorRing(last_errors)), None
+    svc = LoggingService(settings, last_errors=last_errors, reactor=reactor)
+    return svc, svc.reload
 
 
 def iter_log_files(directory: Path) -> Iterable[Path]:

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from twisted.application import service
 from twisted.internet import task
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from mailappliance.service import App, ReadyService
 
 # sd_watchdog_enabled(3): "it is recommended that a daemon sends a keep-alive notification
 # message to the service manager every half of the time returned here".
@@ -68,12 +71,16 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 
 class NotifyService(service.Service):
+    """`ready` is the tree's ReadyService (anything with an `on_ready` list of callables that
+    get the App): READY=1 goes out when it fires."""
+
     log = Logger(namespace="mailappliance.notify")
 
-    def __init__(self, app, env: Mapping[str, str] | None = None, reactor=None) -> None:
+    def __init__(self, ready: ReadyService, reactor,
+                 env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
-        self.app = app
-        self.reactor = reactor or app.reactor
+        self.ready = ready
+        self.reactor = reactor
         self.path = env.get("NOTIFY_SOCKET")
         self.interval = watchdog_interval(env, os.getpid())
         self.ping: task.LoopingCall | None = None
@@ -83,9 +90,7 @@ class NotifyService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        ready = getattr(self.parent, "ready", None)
-        if ready is not None:
-            ready.on_ready.append(self._ready)
+        self.ready.on_ready.append(self._ready)
         if self.path:
             self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown",
                                                                self._stopping)
@@ -94,7 +99,7 @@ class NotifyService(service.Service):
             self.ping.clock = self.reactor
             self.ping.start(self.interval, now=True)
 
-    def _ready(self, app) -> None:
+    def _ready(self, app: App) -> None:
         listen = ", ".join(f"{l.kind} {l.address_text()}" for l in app.listeners)
         if send(self.path, f"READY=1\nMAINPID={os.getpid()}\nSTATUS=ready: {listen}"):
             self.log.info("told systemd READY=1")
@@ -120,7 +125,3 @@ class NotifyService(service.Service):
                 pass
             self._trigger = None
 
-
-def setup(app, parent) -> None:
-    """COMPONENTS entry."""
-    NotifyService(app).setServiceParent(parent)

@@ -90,8 +90,8 @@ def adopt_tree(data: Path) -> list[Path]:
 
 
 class AdoptService(service.Service):
-    """Runs last in privilegedStartService: after every component built its files as root,
-    before twistd drops privileges."""
+    """The last part make_service adds, so it runs last in privilegedStartService: after every
+    part built its files as root, before twistd drops privileges."""
 
     log = Logger(namespace="mailappliance.privileges")
 
@@ -105,11 +105,6 @@ class AdoptService(service.Service):
             owner = data_owner(self.data)
             self.log.info("handed {n} files created as root to uid {uid} (owner of {data})",
                           n=len(changed), uid=owner[0] if owner else "?", data=str(self.data))
-
-
-def setup(app, parent) -> None:
-    """COMPONENTS entry, last of all."""
-    AdoptService(app.settings.data).setServiceParent(parent)
 
 
 def drop_to_data_owner(data: Path) -> tuple[int, int] | None:

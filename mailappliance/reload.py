@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailappliance.config import ConfigError, Settings, load_settings
@@ -69,21 +68,38 @@ def describe(settings: Settings) -> list[str]:
     return [f"configuration reloaded from {where}", rules]
 
 
+class LiveSettings:
+    """The settings in force and the parts that follow them.
+
+    `apply(settings)` swaps the settings in, then runs every hook in the order it was added
+    (make_service adds them in start order); a hook that raises stops the loop and the
+    Reloader applies the old settings again the same way. `App.settings` reads `settings`.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.hooks: list[Callable[[Settings], None]] = []
+
+    def apply(self, settings: Settings) -> None:
+        self.settings = settings
+        for hook in self.hooks:
+            hook(settings)
+
+
 class Reloader:
     """One reload at a time; parsing runs in `run_blocking` (the thread pool)."""
 
     log = Logger(namespace="mailappliance.reload")
 
-    def __init__(self, app, run_blocking: Callable[..., defer.Deferred] | None = None,
+    def __init__(self, live: LiveSettings, run_blocking: Callable[..., defer.Deferred],
+                 stats: dict[str, Any] | None = None,
                  load: Callable[[Settings], Settings] = load_new,
                  clock: Callable[[], float] = time.time) -> None:
-        self.app = app
+        self.live = live
+        self.stats: dict[str, Any] = {} if stats is None else stats
         self.load = load
         self.clock = clock
         self._lock = defer.DeferredLock()
-        if run_blocking is None:
-            def run_blocking(f, *a):
-                return deferToThreadPool(app.reactor, app.threadpool, f, *a)
         self.run_blocking = run_blocking
         self.reloads = 0
 
@@ -93,7 +109,7 @@ class Reloader:
 
     @defer.inlineCallbacks
     def _reload(self, origin: str):
-        old = self.app.settings
+        old = self.live.settings
         try:
             new = yield self.run_blocking(self.load, old)
         except ConfigError as e:
@@ -102,18 +118,18 @@ class Reloader:
             raise ReloadRefused(f"reload refused: {e}; the old configuration stays in force")
         merged, restart = keep_restart_only(old, new)
         try:
-            self.app.reload(merged)
+            self.live.apply(merged)
         except Exception as e:
             self.log.failure("reload ({origin}): a part failed to apply the new configuration; "
                              "going back to the old one", origin=origin)
             try:
-                self.app.reload(old)
+                self.live.apply(old)
             except Exception:
                 self.log.failure("reload: restoring the old configuration failed too")
             raise ReloadRefused(f"reload refused: {type(e).__name__}: {e}; "
                                 "the old configuration stays in force")
         self.reloads += 1
-        self.app.stats["config_loaded"] = self.clock()
+        self.stats["config_loaded"] = self.clock()
         lines = describe(merged)
         if restart:
             lines.append("not applied until restart: " + ", ".join(restart))
@@ -156,14 +172,8 @@ class HangupService(service.Service):
         return d
 
 
-def setup(app, parent) -> None:
-    """COMPONENTS entry: app.reloader and the SIGHUP handler."""
-    app.reloader = Reloader(app)
-    app.stats["config_loaded"] = time.time()
-
+def follow_bcrypt_cost(store) -> Callable[[Settings], None]:
+    """A reload hook: the user store hashes new passwords at the configured cost."""
     def follow(settings: Settings) -> None:
-        # The user store hashes new passwords at the configured cost.
-        app.store.bcrypt_cost = settings.bcrypt_cost
-
-    app.reload_hooks.append(follow)
-    HangupService(app.reloader, app.reactor).setServiceParent(parent)
+        store.bcrypt_cost = settings.bcrypt_cost
+    return follow

@@ -1,30 +1,61 @@
 """The service tree: settings in, one MultiService out.
 
-`make_service(settings, reactor)` builds the shared parts (the App) and one listener per endpoint
-string. Each job contributes a `build_factory(app, kind)` in its own `service` module; this file
-only wires them. Listening happens in privilegedStartService, so with twistd --uid/--gid every
-port is bound as root and no network input is read before the privilege drop.
+`make_service(settings, reactor)` builds the parts in start order, each by its own builder
+that returns what it made (`tls = build_tls(settings)`, `queue = build_queue(...)`), puts them
+together in one App, then builds one listener per endpoint string: the listener kinds and
+their builders are the LISTENER_KINDS table below. Nothing is filled in later: a part that
+needs another is built after it and gets it as an argument. Listening happens in
+privilegedStartService, so with twistd --uid/--gid every port is bound as root and no network
+input is read before the privilege drop.
+
+Start order (each part's services are started in it; stop runs the other way, see AppService):
+the thread pool; the instance lock (one server per data directory); logging (its files see every
+event after it); TLS; DNS; the DNSBL checker; the queue (delivery threads, manager); reload
+(SIGHUP); the drain (graceful stop); sd_notify; handing root-created files to the data owner;
+the listeners; readiness (data/run/ready.json).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailappliance import dns, instance, tls as tls_part
+from mailappliance import logging as log_part
+from mailappliance.access.dnsbl import DNSBLChecker
+from mailappliance.access.penalty import LoginPenalty
 from mailappliance.access.relay import RelayGrants
+from mailappliance.admin import service as admin_service
 from mailappliance.config import Settings
+from mailappliance.drain import Drain
+from mailappliance.notify import NotifyService
+from mailappliance.pop3 import service as pop3_service
+from mailappliance.privileges import AdoptService
+from mailappliance.queue.service import build_queue
+from mailappliance.reload import HangupService, LiveSettings, Reloader, follow_bcrypt_cost
+from mailappliance.smtp import service as smtp_service
 from mailappliance.users.auth import Authenticator
 from mailappliance.users.store import UserStore
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (IProtocolFactory, IReactorTime,
+                                             IStreamServerEndpoint)
+
+    from mailappliance.dns import Resolver
+    from mailappliance.queue.inject import Injector
+    from mailappliance.queue.manager import QueueManager
+    from mailappliance.queue.store import QueueStore
+    from mailappliance.tls import TLSContext
 
 # Threads for blocking work (bcrypt, SQLite, fsync). Small: the machine has few cores, and
 # bcrypt and fsync gain little beyond a handful of concurrent calls (PEERS.md: ext4 batches
@@ -32,47 +63,50 @@ from mailappliance.users.store import UserStore
 THREADPOOL_MIN = 2
 THREADPOOL_MAX = 10
 
-# endpoint kind -> (module with build_factory, kind passed to it)
-FACTORIES: dict[str, tuple[str, str]] = {
-    "smtp": ("mailappliance.smtp.service", "smtp"),
-    "submission": ("mailappliance.smtp.service", "submission"),
-    "submissions": ("mailappliance.smtp.service", "submissions"),
-    "pop3": ("mailappliance.pop3.service", "pop3"),
-    "pop3s": ("mailappliance.pop3.service", "pop3s"),
-    "admin": ("mailappliance.admin.service", "admin"),
-}
-
 
 @dataclass
 class App:
-    """What every service builder shares. Later parts fill the optional fields."""
+    """What every listener's factory shares: the parts make_service built, all of them given
+    when the App is made. Afterwards only the configuration in force (`live`, changed by a
+    reload), `tls` (a reload may switch TLS on for a server started without it) and the lists
+    change."""
 
-    settings: Settings
-    reactor: Any
-    store: UserStore
-    threadpool: ThreadPool
-    authenticator: Authenticator
-    grants: RelayGrants
-    started: float = field(default_factory=time.time)
-    injector: Any = None
-    queue_manager: Any = None
-    resolver: Any = None
-    dnsbl: Any = None
-    tls: Any = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    listeners: list["Listener"] = field(default_factory=list)
-    # Called with the new Settings after a successful reload.
-    reload_hooks: list[Callable[[Settings], None]] = field(default_factory=list)
-    # Graceful stop (mailappliance/drain.py): sessions register with app.drain.
-    drain: Any = None
+    live: LiveSettings                  # the settings in force and their reload hooks
+    reactor: IReactorTime               # and IReactorCore, IReactorFromThreads: the reactor
+    store: UserStore                    # domains, users, aliases
+    threadpool: ThreadPool              # blocking work: bcrypt, SQLite, queue writes
+    authenticator: Authenticator        # SMTP AUTH and POP3 logins
+    grants: RelayGrants                 # POP-before-SMTP roaming relay
+    tls: TLSContext | None              # None without [tls]
+    resolver: Resolver
+    dnsbl: DNSBLChecker
+    queue_store: QueueStore
+    injector: Injector                  # the one door into the queue
+    queue_manager: QueueManager
+    delivery_threads: ThreadPool        # Maildir writes and remote reads (queue/service.py)
+    reloader: Reloader                  # SIGHUP and the admin `reload`
+    drain: Drain                        # graceful stop: sessions register with it
+    stats: dict[str, Any]               # counters for `stat` (mailappliance/stats.py)
+    started: float                      # time.time() when the tree was built
+    instance_lock: int | None = None    # data/run/lock's descriptor (None in tests)
+    # One login penalty table for SMTP AUTH and POP3 (access/penalty.py).
+    login_penalty: LoginPenalty = field(default_factory=LoginPenalty)
+    listeners: list[Listener] = field(default_factory=list)
     # Run after every listener stopped accepting and before the other services stop; each may
     # return a Deferred (its owner bounds the wait). See AppService.
     stop_hooks: list[Callable[[], Any]] = field(default_factory=list)
 
+    @property
+    def settings(self) -> Settings:
+        return self.live.settings
+
+    @property
+    def reload_hooks(self) -> list[Callable[[Settings], None]]:
+        """Called with the new Settings after a successful reload, in the order added."""
+        return self.live.hooks
+
     def reload(self, settings: Settings) -> None:
-        self.settings = settings
-        for hook in self.reload_hooks:
-            hook(settings)
+        self.live.apply(settings)
 
 
 class ThreadPoolService(service.Service):
@@ -196,17 +230,6 @@ class ReadyService(service.Service):
             pass
 
 
-def build_app(settings: Settings, reactor) -> App:
-    data = settings.data
-    data.mkdir(parents=True, exist_ok=True)
-    store = UserStore(data, settings.bcrypt_cost)
-    pool = ThreadPool(THREADPOOL_MIN, THREADPOOL_MAX, name="mailappliance")
-    app = App(settings=settings, reactor=reactor, store=store, threadpool=pool,
-              authenticator=Authenticator(store, reactor, pool),
-              grants=RelayGrants(data / "relay-grants.json", on_change=_log_grant_change))
-    return app
-
-
 _grant_log = Logger(namespace="mailappliance.pop3")
 
 
@@ -214,11 +237,6 @@ def _log_grant_change(event: str, ip: str) -> None:
     # Grants are logged by POP3 with the user; expiries happen wherever they are noticed.
     if event == "expire":
         _grant_log.info("roaming relay expired: rip={ip}", ip=ip)
-
-
-def _factory_for(app: App, kind: str):
-    module_name, arg = FACTORIES[kind]
-    return importlib.import_module(module_name).build_factory(app, arg)
 
 
 # A stop phase that takes longer than this is logged and the stop goes on without it, so a
@@ -268,43 +286,142 @@ class AppService(service.MultiService):
         return d
 
 
-def _endpoint_for(app: App, kind: str, description: str, reactor):
-    """A job's service module may build its own endpoints (`build_endpoint`; the admin socket
-    sets its mode, group and stale-socket lock); otherwise the string is used as it is."""
-    module = importlib.import_module(FACTORIES[kind][0])
-    build = getattr(module, "build_endpoint", None)
-    if build is not None:
-        return build(app, kind, description, reactor)
+# --- building -----------------------------------------------------------------------------------
+
+@dataclass
+class Shared:
+    """The parts built first, before the instance lock (as they always were): the user store
+    (it creates the data directory), the thread pool, the authenticator, the relay grants."""
+
+    store: UserStore
+    threadpool: ThreadPool
+    authenticator: Authenticator
+    grants: RelayGrants
+
+
+def build_shared(settings: Settings, reactor, threadpool: ThreadPool | None = None,
+                 grants_clock: Callable[[], float] = time.monotonic) -> Shared:
+    """`threadpool` and `grants_clock` are for tests (testing/app.py): an inline pool, and
+    grants that expire on the test's reactor clock."""
+    data = settings.data
+    data.mkdir(parents=True, exist_ok=True)
+    store = UserStore(data, settings.bcrypt_cost)
+    pool = threadpool or ThreadPool(THREADPOOL_MIN, THREADPOOL_MAX, name="mailappliance")
+    return Shared(store, pool, Authenticator(store, reactor, pool),
+                  RelayGrants(data / "relay-grants.json", clock=grants_clock,
+                              on_change=_log_grant_change))
+
+
+def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, Any],
+              started: float, instance_lock: int | None = None,
+              follow_log: Callable[[Settings], None] | None = None,
+              queue_store: QueueStore | None = None,
+              delivery_threads: ThreadPool | None = None) -> App:
+    """The parts after logging, in start order (TLS, DNS, DNSBL, the queue, reload, the drain),
+    put together in the App; their reload hooks follow in the same order, after the log's
+    (`follow_log`). `queue_store` and `delivery_threads` are for tests (testing/app.py)."""
+    tls = tls_part.build_tls(settings)
+    resolver = dns.build_resolver(settings, reactor)
+    dnsbl = DNSBLChecker.from_settings(settings, resolver, reactor)
+    live = LiveSettings(settings)
+    queue = build_queue(live, reactor, shared.threadpool, shared.store, resolver,
+                        store=queue_store, delivery_threads=delivery_threads)
+    stats["queue"] = queue.manager.stats
+    pool = shared.threadpool
+
+    def run_blocking(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    reloader = Reloader(live, run_blocking, stats)
+    stats["config_loaded"] = time.time()
+    drain = Drain(reactor)
+    app = App(live=live, reactor=reactor, store=shared.store, threadpool=pool,
+              authenticator=shared.authenticator, grants=shared.grants, tls=tls,
+              resolver=resolver, dnsbl=dnsbl, queue_store=queue.store, injector=queue.injector,
+              queue_manager=queue.manager, delivery_threads=queue.delivery_threads,
+              reloader=reloader, drain=drain, stats=stats, started=started,
+              instance_lock=instance_lock, stop_hooks=[drain.start])
+    hooks = [] if follow_log is None else [follow_log]
+    hooks += [lambda new: tls_part.follow_reload(app, new), resolver.reload, dnsbl.reload,
+              queue.follow, follow_bcrypt_cost(shared.store)]
+    live.hooks.extend(hooks)
+    return app
+
+
+def plain_endpoint(app: App, kind: str, description: str, reactor) -> IStreamServerEndpoint:
+    """The endpoint string as it is."""
     return endpoints.serverFromString(reactor, description)
 
 
-def make_service(settings: Settings, reactor=None) -> service.MultiService:
-    if reactor is None:
-        from twisted.internet import reactor  # noqa: the adapter tier owns the reactor
-    app = build_app(settings, reactor)
-    top = AppService(app)
-    top.app = app  # type: ignore[attr-defined]
-    ThreadPoolService(app.threadpool).setServiceParent(top)
+@dataclass(frozen=True)
+class ListenerKind:
+    """A kind of listener: the endpoint strings of `[listen] <name>` (and --<name>), each
+    served by a factory from `build_factory(app, name)` on an endpoint from
+    `build_endpoint(app, name, description, reactor)`. With `one_factory`, every endpoint of
+    the kind shares the first factory (admin: one connection limit, one token)."""
 
-    # Shared parts (queue manager, DNS, TLS, logging, ...): each module's function is called
-    # with (app, top) in this order and attaches its services and fills its App field.
-    for module_name, function in COMPONENTS:
-        getattr(importlib.import_module(module_name), function)(app, top)
+    name: str
+    build_factory: Callable[[App, str], IProtocolFactory]
+    build_endpoint: Callable[[App, str, str, Any], IStreamServerEndpoint] = plain_endpoint
+    one_factory: bool = False
 
-    ready = ReadyService(app)
-    top.ready = ready  # type: ignore[attr-defined]
-    for kind in FACTORIES:
-        for description in getattr(settings.listen, kind):
-            factory = _factory_for(app, kind)
+
+# In start order, which is also the order `stat` lists them in.
+LISTENER_KINDS: tuple[ListenerKind, ...] = (
+    ListenerKind("smtp", smtp_service.build_factory, smtp_service.build_endpoint),
+    ListenerKind("submission", smtp_service.build_factory, smtp_service.build_endpoint),
+    ListenerKind("submissions", smtp_service.build_factory, smtp_service.build_endpoint),
+    ListenerKind("pop3", pop3_service.build_factory),
+    ListenerKind("pop3s", pop3_service.build_factory),
+    ListenerKind("admin", admin_service.build_factory, admin_service.build_endpoint,
+                 one_factory=True),
+)
+
+
+def build_listeners(app: App) -> list[Listener]:
+    """One Listener per endpoint string, kind by kind; each is also added to app.listeners."""
+    made = []
+    for kind in LISTENER_KINDS:
+        factory = None
+        for description in getattr(app.settings.listen, kind.name):
+            if factory is None or not kind.one_factory:
+                factory = kind.build_factory(app, kind.name)
             if description.startswith("unix:"):
                 _prepare_unix_socket(description)
-            endpoint = _endpoint_for(app, kind, description, reactor)
-            listener = Listener(kind, description, endpoint, factory)
+            endpoint = kind.build_endpoint(app, kind.name, description, app.reactor)
+            listener = Listener(kind.name, description, endpoint, factory)
             app.listeners.append(listener)
-            listener.setServiceParent(top)
-    if app.queue_manager is not None:
-        ready.waiters.append(app.queue_manager.when_loaded)
-    ready.setServiceParent(top)
+            made.append(listener)
+    return made
+
+
+def make_service(settings: Settings, reactor=None) -> AppService:
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: the adapter tier owns the reactor
+    started = time.time()
+    shared = build_shared(settings, reactor)
+    lock = instance.hold_lock(settings)                   # one server per data directory
+    stats: dict[str, Any] = {}
+    # Logging first of the rest: its files see every event after this.
+    log_service, follow_log = log_part.build_service(settings, reactor, stats)
+    app = build_app(settings, reactor, shared, stats=stats, started=started,
+                    instance_lock=lock, follow_log=follow_log)
+    ready = ReadyService(app)
+    ready.waiters.append(app.queue_manager.when_loaded)
+    top = AppService(app)
+    parts: list[service.IService] = [
+        ThreadPoolService(app.threadpool),
+        log_service,
+        ThreadPoolService(app.delivery_threads),          # stops after the manager
+        app.queue_manager,
+        HangupService(app.reloader, reactor),              # SIGHUP
+        NotifyService(ready, reactor),                     # sd_notify READY/WATCHDOG/STOPPING
+        AdoptService(settings.data),                       # last: root-created files to the owner
+        *build_listeners(app),
+        ready,                                             # data/run/ready.json
+    ]
+    for part in parts:
+        part.setServiceParent(top)
     return top
 
 
@@ -313,19 +430,3 @@ def _prepare_unix_socket(description: str) -> None:
     path = description.split(":", 1)[1].split(":")[0].replace("\\:", ":")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-
-
-# Component builders: (module, function) with function(app, parent_service) -> None, run in
-# this order by make_service before any listener is created.
-COMPONENTS: list[tuple[str, str]] = [
-    ("mailappliance.instance", "setup"),             # one server per data directory (lock)
-    ("mailappliance.logging", "setup"),              # log files first: they see every event
-    ("mailappliance.tls", "setup"),                  # app.tls (None without [tls]); reloads
-    ("mailappliance.dns", "attach"),                 # app.resolver (before queue and DNSBL)
-    ("mailappliance.access.dnsbl", "attach"),        # app.dnsbl
-    ("mailappliance.queue.service", "attach"),       # app.injector, app.queue_manager
-    ("mailappliance.reload", "setup"),               # app.reloader, SIGHUP
-    ("mailappliance.drain", "setup"),                # app.drain (graceful SIGTERM)
-    ("mailappliance.notify", "setup"),               # sd_notify READY/WATCHDOG/STOPPING
-    ("mailappliance.privileges", "setup"),           # last: root-created files to the data owner
-]

@@ -8,8 +8,6 @@ from twisted.python import usage
 
 from mailappliance.config import ConfigError, load_settings
 
-ENDPOINT_KINDS = ("smtp", "submission", "submissions", "pop3", "pop3s", "admin")
-
 
 class Options(usage.Options):
     synopsis = "[options]"
@@ -73,5 +71,6 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
+    # Imported here: the options (and `twistd mailappliance --help`) need none of the tree.
     from mailappliance.service import make_service
     return make_service(options.settings)

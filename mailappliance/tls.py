@@ -17,6 +17,7 @@ new certificate for every new connection without being rebuilt.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -25,6 +26,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailappliance.config import ConfigError
+
+if TYPE_CHECKING:
+    from mailappliance.service import App
 
 # RFC 8996 deprecates TLS 1.0 and 1.1; RFC 8314 section 4.1 asks for 1.2 or later.
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
@@ -100,24 +104,24 @@ class TLSContext:
         self.log.info("tls: loaded certificate {cert}", cert=str(new.cert))
 
 
-def setup(app, parent) -> None:
-    """Component hook for make_service: fills app.tls (None without [tls]) and follows reloads."""
-    tls_settings = app.settings.tls
-    app.tls = TLSContext(tls_settings) if tls_settings.cert is not None else None
+def build_tls(settings) -> TLSContext | None:
+    """make_service's TLS part: the context for [tls], or None without a certificate."""
+    return TLSContext(settings.tls) if settings.tls.cert is not None else None
 
-    def on_reload(settings) -> None:
-        """Raises ConfigError (the reloader then refuses the reload and restores the old
-        settings); the certificate in use stays until a new pair loads completely."""
-        if settings.tls.cert is None:
-            return          # TLS cannot be switched off without a restart; keep it
-        try:
-            if app.tls is None:
-                app.tls = TLSContext(settings.tls)
-            else:
-                app.tls.reload(settings.tls)
-        except ConfigError as e:
-            TLSContext.log.error("tls: reload failed, keeping the old certificate: {why}",
-                                 why=str(e))
-            raise
 
-    app.reload_hooks.append(on_reload)
+def follow_reload(app: App, settings) -> None:
+    """The reload hook of `app.tls`: a new certificate pair, or TLS switched on for a server
+    started without one (it cannot be switched off without a restart). Raises ConfigError (the
+    reloader then refuses the reload and restores the old settings); the certificate in use
+    stays until a new pair loads completely."""
+    if settings.tls.cert is None:
+        return          # TLS cannot be switched off without a restart; keep it
+    try:
+        if app.tls is None:
+            app.tls = TLSContext(settings.tls)
+        else:
+            app.tls.reload(settings.tls)
+    except ConfigError as e:
+        TLSContext.log.error("tls: reload failed, keeping the old certificate: {why}",
+                             why=str(e))
+        raise

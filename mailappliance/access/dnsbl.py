@@ -334,11 +334,3 @@ class _Check:
 
 class _Timeout(DNSError):
     """The dnsbl_timeout deadline passed (or the lookup broke): treated as a failed lookup."""
-
-
-# --- wiring into the service tree -------------------------------------------------------------
-
-def attach(app, parent) -> None:
-    """make_service component: app.dnsbl, following settings on reload."""
-    app.dnsbl = DNSBLChecker.from_settings(app.settings, app.resolver, app.reactor)
-    app.reload_hooks.append(app.dnsbl.reload)

@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.address import UNIXAddress
@@ -38,6 +38,9 @@ from mailappliance.admin.protocol import (NEED_DATA, AdminConnection, Command, I
 from mailappliance.config import ConfigError
 from mailappliance.privileges import data_owner
 from mailappliance.users.store import StoreError
+
+if TYPE_CHECKING:
+    from mailappliance.service import App
 
 # At most this many admin connections at once: the admin socket is for an operator and a
 # few scripts, and each connection may hold a thread-pool job (bcrypt) at a time.
@@ -132,8 +135,9 @@ class _UnixAdminEndpoint:
         return port
 
 
-def build_endpoint(app, kind: str, description: str, reactor):
-    """service.py asks the job's module for its endpoints (hook `build_endpoint`)."""
+def build_endpoint(app: App, kind: str, description: str, reactor):
+    """The admin listeners' endpoints (service.LISTENER_KINDS): a unix socket gets its mode,
+    group and stale-socket lock; TCP is used as it is."""
     if not description.startswith("unix:"):
         return endpoints.serverFromString(reactor, description)
     path, params = _split_unix(description)
@@ -301,7 +305,7 @@ class AdminFactory(protocol.ServerFactory):
     log = Logger(namespace="mailappliance.admin.service")
     noisy = False
 
-    def __init__(self, app, reactor=None, run_blocking: Callable | None = None,
+    def __init__(self, app: App, reactor=None, run_blocking: Callable | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.app = app
         self.reactor = reactor or app.reactor
@@ -355,13 +359,11 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
-def build_factory(app, kind: str) -> AdminFactory:
-    """One factory for all admin endpoints (service.py calls this once per endpoint)."""
-    factory = getattr(app, "_admin_factory", None)
-    if factory is None:
-        factory = AdminFactory(app)
-        app._admin_factory = factory
-        app.reload_hooks.append(factory.reload)
+def build_factory(app: App, kind: str) -> AdminFactory:
+    """The factory of the admin endpoints (service.py builds one and shares it among all of
+    them: one connection limit, one token), following reloads of the token file."""
+    factory = AdminFactory(app)
+    app.reload_hooks.append(factory.reload)
     return factory
 
 
@@ -391,16 +393,13 @@ def cmd_auth(proto, cmd):
     return ["authenticated (no token needed here)"]
 
 
-def _listener_services(app) -> tuple[report.ServiceStatus, ...]:
-    from mailappliance.service import FACTORIES
+def _listener_services(app: App) -> tuple[report.ServiceStatus, ...]:
+    """One line per listener kind, in the order of app.listeners (service.LISTENER_KINDS)."""
     by_kind: dict[str, list] = {}
     for listener in app.listeners:
         by_kind.setdefault(listener.kind, []).append(listener)
     out = []
-    for kind in FACTORIES:
-        ls = by_kind.get(kind)
-        if not ls:
-            continue
+    for kind, ls in by_kind.items():
         starts = [l.started_at for l in ls if l.started_at]
         now, total = stats_mod.connections(app.stats, kind)
         out.append(report.ServiceStatus(kind, tuple(l.address_text() for l in ls),
@@ -428,9 +427,9 @@ def cmd_stat(proto, cmd):
             last_errors=tuple(last), config_path=str(settings.config_path)
             if settings.config_path else None,
             config_loaded=app.stats.get("config_loaded"), rules=rules,
-            extra=tuple(report.counter_lines(_stats_of(app, "injector"),
-                                             _stats_of(app, "queue_manager"),
-                                             _stats_of(app, "resolver"))))
+            extra=tuple(report.counter_lines(dict(app.injector.stats),
+                                             dict(app.queue_manager.stats),
+                                             dict(app.resolver.stats))))
         return report.format_stat(snap, proto.factory.clock())
 
     # The directory is counted in the pool; the manager's counters live on the reactor thread.
@@ -440,28 +439,16 @@ def cmd_stat(proto, cmd):
     return d
 
 
-def _stats_of(app, name: str) -> dict | None:
-    stats = getattr(getattr(app, name, None), "stats", None)
-    return dict(stats) if isinstance(stats, dict) else None
+def queue_count(app: App) -> int:
+    """Blocking: messages in the queue directory."""
+    return len(app.queue_store.list_ids())
 
 
-def queue_count(app) -> int | None:
-    """Blocking: messages in the queue directory (None without a queue)."""
-    store = getattr(app, "queue_store", None)
-    return None if store is None else len(store.list_ids())
-
-
-def queue_facts(app, messages: int | None) -> QueueFacts:
+def queue_facts(app: App, messages: int) -> QueueFacts:
     """What stat shows about the queue: the count from the directory, the rest from the
     manager's status() (unprocessed = being picked up, local/remote busy and limits)."""
-    if messages is None:
-        return QueueFacts(None, "no queue (queue component not built in)")
     q = app.settings.queue
-    manager = app.queue_manager
-    if manager is None:
-        return QueueFacts(report.QueueStatus(messages, messages, 0, q.concurrency_local, 0,
-                                             q.concurrency_remote))
-    s = manager.status()
+    s = app.queue_manager.status()
     return QueueFacts(report.QueueStatus(
         messages, s.get("unprocessed", 0), s.get("local_busy", 0),
         s.get("local_max", q.concurrency_local), s.get("remote_busy", 0),
@@ -469,32 +456,21 @@ def queue_facts(app, messages: int | None) -> QueueFacts:
 
 
 def cmd_queue_list(proto, cmd):
-    app = proto.factory.app
-    store = getattr(app, "queue_store", None)
-    if store is None:
-        raise CommandRefused("no queue (queue component not built in)")
-    d = _blocking(proto, store.entries)
+    d = _blocking(proto, proto.factory.app.queue_store.entries)
     d.addCallback(lambda entries: report.format_queue(entries, proto.factory.clock(),
                                                       QUEUE_LIST_LIMIT))
     return d
 
 
-def _manager(proto, what: str) -> Any:
-    manager = proto.factory.app.queue_manager
-    if manager is None:
-        raise CommandRefused(f"{what}: the queue manager is not running")
-    return manager
-
-
 def cmd_queue_flush(proto, cmd):
-    manager = _manager(proto, "queue flush")
+    manager = proto.factory.app.queue_manager
     d = defer.maybeDeferred(manager.flush)
     d.addCallback(lambda n: [f"{n} deferred messages scheduled for delivery now"])
     return d
 
 
 def cmd_queue_remove(proto, cmd):
-    manager = _manager(proto, "queue remove")
+    manager = proto.factory.app.queue_manager
     qid = int(cmd.args["ID"])
     bounce = bool(cmd.options.get("--bounce"))
     d = defer.maybeDeferred(manager.remove, qid, bounce)
@@ -510,10 +486,7 @@ def cmd_queue_remove(proto, cmd):
 
 def cmd_reload(proto, cmd):
     from mailappliance.reload import ReloadRefused
-    reloader = getattr(proto.factory.app, "reloader", None)
-    if reloader is None:
-        raise CommandRefused("reload is not available")
-    d = reloader.reload(f"admin {proto.peer}")
+    d = proto.factory.app.reloader.reload(f"admin {proto.peer}")
 
     def refused(f):
         f.trap(ReloadRefused)

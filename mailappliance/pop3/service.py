@@ -1,4 +1,4 @@
-"""build_factory(app, kind) for the `pop3` and `pop3s` listeners (called by make_service).
+"""build_factory(app, kind) for the `pop3` and `pop3s` listeners (service.LISTENER_KINDS).
 
 `pop3` offers STLS when [tls] is configured; `pop3s` is implicit TLS (RFC 8314) and needs it.
 `settings.pop3.require_tls = true` refuses USER/PASS until STLS on the plain port (RFC 2595
@@ -12,7 +12,7 @@ sweep.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import task
 from twisted.internet.threads import deferToThreadPool
@@ -21,8 +21,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailappliance.config import ConfigError
 from mailappliance.pop3.mailbox import open_session
-from mailappliance.access import penalty as login_penalty
 from mailappliance.pop3.protocol import POP3Factory
+
+if TYPE_CHECKING:
+    from mailappliance.service import App
 
 log = Logger(namespace="mailappliance.pop3")
 
@@ -34,15 +36,15 @@ GRANT_SWEEP_SECONDS = 60
 class _Shared:
     """Per-App POP3 state shared by every POP3 listener."""
 
-    def __init__(self, app) -> None:
-        self.penalty = login_penalty.shared(app)     # one table with SMTP AUTH
+    def __init__(self, app: App) -> None:
+        self.penalty = app.login_penalty             # one table with SMTP AUTH
         self.counter = 0
         self.factories: set[POP3Factory] = set()
         self.sweeper = task.LoopingCall(self._sweep, app)
         self.sweeper.clock = app.reactor
 
     @staticmethod
-    def _sweep(app) -> None:
+    def _sweep(app: App) -> None:
         # RelayGrants' on_change hook (service.py) logs each expiry it drops.
         app.grants.expire()
 
@@ -50,7 +52,7 @@ class _Shared:
 _shared: dict[int, _Shared] = {}
 
 
-def _shared_for(app) -> _Shared:
+def _shared_for(app: App) -> _Shared:
     key = id(app)
     state = _shared.get(key)
     if state is None:
@@ -75,13 +77,10 @@ class _ListenerFactory(POP3Factory):
             self.shared.sweeper.stop()
 
 
-def build_factory(app, kind: str):
+def build_factory(app: App, kind: str):
     if kind not in ("pop3", "pop3s"):
         raise ValueError(f"pop3.service cannot build {kind!r}")
     settings = app.settings
-    if app.tls is None and settings.tls.cert is not None:
-        from mailappliance import tls
-        tls.setup(app, None)
     if kind == "pop3s" and app.tls is None:
         raise ConfigError("listen.pop3s: needs a [tls] cert and key")
     if kind == "pop3" and settings.pop3.require_tls and app.tls is None:
@@ -117,7 +116,7 @@ def build_factory(app, kind: str):
         open_mailbox=open_mailbox, run_blocking=run_blocking, grant=grant,
         penalty=shared.penalty, tls=lambda: app.tls, implicit_tls=(kind == "pop3s"),
         require_tls=settings.pop3.require_tls, timeout=settings.pop3.timeout,
-        next_token=next_token, drain=lambda: getattr(app, "drain", None),
+        next_token=next_token, drain=lambda: app.drain,
         stats=app.stats, kind=kind)
     factory.shared = shared
 

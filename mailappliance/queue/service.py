@@ -1,7 +1,6 @@
-"""make_service component for the queue: app.injector (the one door) and app.queue_manager.
-
-Called by mailappliance.service.make_service as ``attach(app, parent)`` after the DNS
-component (remote delivery needs app.resolver).
+"""The queue's part of the service tree: `build_queue(...)` makes the queue store, the injector
+(the one door), the deliverers and the queue manager, and returns them to make_service, which
+builds it after the resolver (remote delivery needs it).
 
 Deliveries get their own small thread pool: a Maildir write holds a thread for an fsync, and
 `concurrency_local` of them at once must not take the threads that SMTP injections (and
@@ -10,15 +9,22 @@ bcrypt) need from app.threadpool.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
 from twisted.python.threadpool import ThreadPool
 
 from mailappliance.delivery.local import LocalDeliverer
 from mailappliance.delivery.remote import RemoteDeliverer, client_tls_options, make_is_me
 from mailappliance.queue.inject import Injector
 from mailappliance.queue.manager import QueueManager, make_classifier
-from mailappliance.queue.naming import queue_dir
 from mailappliance.queue.store import QueueStore
-from mailappliance.service import ThreadPoolService
+
+if TYPE_CHECKING:
+    from mailappliance.config import Settings
+    from mailappliance.dns import ResolverBase
+    from mailappliance.reload import LiveSettings
+    from mailappliance.users.store import UserStore
 
 # Delivery threads: local deliveries block a thread for their fsyncs, remote ones only for
 # short reads.  Beyond ~8 concurrent fsyncs the disk gains little (PEERS.md), so the pool is
@@ -27,43 +33,62 @@ DELIVERY_THREADS_MAX = 16
 SECONDS_PER_DAY = 86400
 
 
+def queue_dir(settings):
+    return settings.data / "queue"
+
+
 def postmaster_of(settings) -> str:
     """Where double bounces go (qmail's doublebounceto: postmaster)."""
     return f"postmaster@{settings.default_domain or settings.hostname}"
 
 
-def attach(app, parent) -> None:
-    settings = app.settings
-    store = QueueStore(queue_dir(settings))
-    app.queue_store = store
+@dataclass
+class QueueParts:
+    """What build_queue made. make_service puts the pool and the manager into the tree (in
+    that order: the manager stops before the pool) and `follow` among the reload hooks."""
+
+    store: QueueStore
+    injector: Injector
+    manager: QueueManager
+    delivery_threads: ThreadPool
+    follow: Callable[[Settings], None]
+
+
+def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
+                resolver: ResolverBase, store: QueueStore | None = None,
+                delivery_threads: ThreadPool | None = None) -> QueueParts:
+    """`live` gives the settings in force (routes are looked up in them at each delivery).
+    For tests: `store`, a queue store of their own (clock, file operations), and
+    `delivery_threads`, a pool instead of the delivery pool made here."""
+    settings = live.settings
+    if store is None:
+        store = QueueStore(queue_dir(settings))
+    manager: QueueManager | None = None
 
     def on_commit(env) -> None:
-        if app.queue_manager is not None:
-            app.queue_manager.notify_envelope(env)
+        if manager is not None:
+            manager.notify_envelope(env)
 
-    app.injector = Injector(store, app.reactor, app.threadpool, on_commit_envelope=on_commit)
+    injector = Injector(store, reactor, threadpool, on_commit_envelope=on_commit)
 
     q = settings.queue
-    pool = ThreadPool(1, min(DELIVERY_THREADS_MAX, q.concurrency_local + 2), name="delivery")
-    ThreadPoolService(pool).setServiceParent(parent)
-    local = LocalDeliverer(app.store, app.injector, app.reactor, pool,
+    pool = delivery_threads or ThreadPool(1, min(DELIVERY_THREADS_MAX, q.concurrency_local + 2),
+                                          name="delivery")
+    local = LocalDeliverer(users, store, injector, reactor, pool,
                            hostname=settings.hostname, default_domain=settings.default_domain)
-    remote = RemoteDeliverer(app.reactor, app.resolver, pool, hostname=settings.hostname,
-                             route_for=lambda domain: app.settings.route_for(domain),
+    remote = RemoteDeliverer(reactor, resolver, store, pool, hostname=settings.hostname,
+                             route_for=lambda domain: live.settings.route_for(domain),
                              connect_timeout=q.connect_timeout, reply_timeout=q.reply_timeout,
                              tls_options=client_tls_options(), is_me=make_is_me())
-    manager = QueueManager(store, local=local, remote=remote, injector=app.injector,
-                           reactor=app.reactor, threadpool=pool,
-                           classify=make_classifier(app.store, settings.hostname),
+    manager = QueueManager(store, local=local, remote=remote, injector=injector,
+                           reactor=reactor, threadpool=pool,
+                           classify=make_classifier(users, settings.hostname),
                            postmaster=postmaster_of(settings), hostname=settings.hostname,
                            concurrency_local=q.concurrency_local,
                            concurrency_remote=q.concurrency_remote,
                            lifetime=q.lifetime_days * SECONDS_PER_DAY)
-    app.queue_manager = manager
-    app.stats["queue"] = manager.stats
-    manager.setServiceParent(parent)
 
-    def reloaded(new) -> None:
+    def follow(new: Settings) -> None:
         nq = new.queue
         manager.set_limits(nq.concurrency_local, nq.concurrency_remote,
                            nq.lifetime_days * SECONDS_PER_DAY)
@@ -73,4 +98,4 @@ def attach(app, parent) -> None:
         local.default_domain = new.default_domain
         manager.postmaster = postmaster_of(new)
 
-    app.reload_hooks.append(reloaded)
+    return QueueParts(store, injector, manager, pool, follow)

@@ -79,14 +79,14 @@ def listen_description(description: str) -> str:
 
 
 def build_endpoint(app, kind: str, description: str, reactor):
-    """service.make_service's hook: SMTP listeners get a deeper accept queue."""
+    """The SMTP listeners' endpoints (service.LISTENER_KINDS): a deeper accept queue."""
     return endpoints.serverFromString(reactor, listen_description(description))
 
 
 def build_factory(app, kind: str):
     """The listener's factory; `submissions` (implicit TLS, RFC 8314) is wrapped in TLS."""
     factory = SMTPFactory(app, kind)
-    if kind == "submission" and getattr(app, "tls", None) is None:
+    if kind == "submission" and app.tls is None:
         # docs/SUBMISSION.md: no password travels in clear, so without a certificate only
         # trusted clients (RELAYCLIENT, POP-before-SMTP) can submit.
         loopback = app.settings.submission.auth_plaintext_loopback
@@ -96,7 +96,7 @@ def build_factory(app, kind: str):
             how="offered in clear to loopback clients only" if loopback else "not offered")
     if kind != "submissions":
         return factory
-    if getattr(app, "tls", None) is None:
+    if app.tls is None:
         raise ConfigError("listen.submissions: needs a [tls] cert and key")
     from twisted.protocols.tls import TLSMemoryBIOFactory
     # The TLSContext is itself the connection creator: a reloaded certificate reaches new

@@ -13,6 +13,8 @@ from mailappliance import notify
 
 
 class FakeReady:
+    """service.ReadyService's side of the hook: the list it calls with the App when ready."""
+
     def __init__(self):
         self.on_ready = []
 
@@ -32,6 +34,8 @@ class Reactor(task.Clock):
 
 
 class App:
+    """What the READY=1 hook reads of the App: its listeners (none here)."""
+
     listeners = []
 
 
@@ -58,13 +62,13 @@ def test_ready_watchdog_and_stopping_reach_the_socket(systemd):
     path, sock = systemd
     reactor = Reactor()
     parent = service.MultiService()
-    parent.ready = FakeReady()
-    svc = notify.NotifyService(App(), env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"},
-                               reactor=reactor)
+    ready = FakeReady()
+    svc = notify.NotifyService(ready, reactor,
+                               env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
     svc.setServiceParent(parent)
     parent.startService()
     assert received(sock) == ["WATCHDOG=1"]          # first ping at start
-    [hook] = parent.ready.on_ready
+    [hook] = ready.on_ready
     hook(App())
     [ready] = received(sock)
     assert ready.startswith(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=ready")
@@ -84,8 +88,7 @@ def test_ready_watchdog_and_stopping_reach_the_socket(systemd):
 def test_without_notify_socket_nothing_is_scheduled():
     reactor = Reactor()
     parent = service.MultiService()
-    parent.ready = FakeReady()
-    svc = notify.NotifyService(App(), env={"WATCHDOG_USEC": "2000000"}, reactor=reactor)
+    svc = notify.NotifyService(FakeReady(), reactor, env={"WATCHDOG_USEC": "2000000"})
     svc.setServiceParent(parent)
     parent.startService()
     assert reactor.getDelayedCalls() == [] and reactor.triggers == {}

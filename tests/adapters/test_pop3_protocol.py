@@ -12,16 +12,13 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailappliance.access.relay import RelayGrants
-from mailappliance.config import ConfigError, POP3Settings, Settings, TLSSettings
+from mailappliance.config import ConfigError, POP3Settings, TLSSettings
 from mailappliance.pop3 import core
 from mailappliance.pop3.mailbox import READ_CHUNK
 from mailappliance.pop3.protocol import POP3ServerProtocol
 from mailappliance.pop3.service import build_factory
-from mailappliance.service import App, _log_grant_change
-from mailappliance.testing.threads import DeferredThreadPool, ImmediateThreadPool, ThreadlessReactor
-from mailappliance.tls import TLSContext
-from mailappliance.users.auth import Authenticator
-from mailappliance.users.store import UserStore
+from mailappliance.testing.app import build_test_app
+from mailappliance.testing.threads import DeferredThreadPool, ThreadlessReactor
 from tests.pop3_support import deliver, make_cert, message
 
 PASSWORD = "Passw0rd!"
@@ -30,25 +27,23 @@ PASSWORD = "Passw0rd!"
 def make_app(tmp_path, *, pool=None, minutes=30, require_tls=False, tls=False, timeout=600):
     reactor = ThreadlessReactor()
     reactor.advance(1_000_000)
-    pool = pool or ImmediateThreadPool()
-    store = UserStore(tmp_path / "data", bcrypt_cost=4)
-    store.add_domain("test.com")
-    user = store.add_user("test@test.com", PASSWORD)
-    store.add_user("other@test.com", PASSWORD)
     tls_settings = TLSSettings()
     if tls:
         tls_settings = TLSSettings(*make_cert(tmp_path / "tls"))
-    settings = Settings(hostname="mx.test.example", data=tmp_path / "data",
-                        default_domain="test.com", tls=tls_settings,
-                        pop3=POP3Settings(roaming_relay_minutes=minutes, timeout=timeout,
-                                          require_tls=require_tls))
-    app = App(settings=settings, reactor=reactor, store=store, threadpool=pool,
-              authenticator=Authenticator(store, reactor, pool),
-              grants=RelayGrants(tmp_path / "data" / "relay-grants.json", clock=reactor.seconds,
-                                 on_change=_log_grant_change),
-              tls=TLSContext(tls_settings) if tls else None)
-    app.maildir = user.maildir     # for the tests only
+    app = build_test_app(tmp_path / "data", reactor=reactor, threadpool=pool,
+                         hostname="mx.test.example", default_domain="test.com",
+                         tls=tls_settings,
+                         pop3=POP3Settings(roaming_relay_minutes=minutes, timeout=timeout,
+                                           require_tls=require_tls))
+    app.store.add_domain("test.com")
+    app.store.add_user("test@test.com", PASSWORD)
+    app.store.add_user("other@test.com", PASSWORD)
     return app
+
+
+def maildir(app):
+    """test@test.com's Maildir."""
+    return app.store.maildir_for("test", "test.com")
 
 
 class TLSCapableTransport(StringTransport):
@@ -98,7 +93,7 @@ def factory(app):
 
 
 def test_full_session_retr_dele_quit(app, factory):
-    names = [deliver(app.maildir, message(i), mtime=1_700_000_000 + i) for i in range(3)]
+    names = [deliver(maildir(app), message(i), mtime=1_700_000_000 + i) for i in range(3)]
     proto, t = connect(factory)
     greeting = take(t)
     assert greeting.startswith(b"+OK <") and greeting.endswith(b"@mx.test.example>\r\n")
@@ -110,11 +105,11 @@ def test_full_session_retr_dele_quit(app, factory):
     assert say(proto, t, b"DELE 1\r\nDELE 3\r\n") == (b"+OK message 1 deleted\r\n"
                                                       b"+OK message 3 deleted\r\n")
     # Nothing changes on disk before QUIT.
-    assert sorted(os.listdir(app.maildir / "new")) == sorted(names)
+    assert sorted(os.listdir(maildir(app) / "new")) == sorted(names)
     assert say(proto, t, b"QUIT\r\n") == b"+OK signing off\r\n"
     assert t.disconnecting
-    assert os.listdir(app.maildir / "new") == []
-    assert os.listdir(app.maildir / "cur") == [names[1] + ":2,"]
+    assert os.listdir(maildir(app) / "new") == []
+    assert os.listdir(maildir(app) / "cur") == [names[1] + ":2,"]
     proto.connectionLost(None)
 
 
@@ -128,12 +123,12 @@ def test_connections_are_counted_for_stat(app, factory):
 
 
 def test_dropped_connection_deletes_nothing_and_frees_the_lock(app, factory):
-    names = [deliver(app.maildir, message(i), mtime=1_700_000_000 + i) for i in range(2)]
+    names = [deliver(maildir(app), message(i), mtime=1_700_000_000 + i) for i in range(2)]
     proto, t = connect(factory)
     login(proto, t)
     say(proto, t, b"DELE 1\r\nDELE 2\r\n")
     proto.connectionLost(None)
-    assert sorted(os.listdir(app.maildir / "new")) == sorted(names)
+    assert sorted(os.listdir(maildir(app) / "new")) == sorted(names)
     proto2, t2 = connect(factory)
     take(t2)
     assert login(proto2, t2).endswith(b"+OK maildrop has 2 messages (%d octets)\r\n"
@@ -141,8 +136,8 @@ def test_dropped_connection_deletes_nothing_and_frees_the_lock(app, factory):
 
 
 def test_pipelined_session_answers_in_order(app, factory):
-    deliver(app.maildir, b"Subject: a\n\n.dot line\n", mtime=1_700_000_000)
-    deliver(app.maildir, b"Subject: b\n\nb1\nb2\n", mtime=1_700_000_001)
+    deliver(maildir(app), b"Subject: a\n\n.dot line\n", mtime=1_700_000_000)
+    deliver(maildir(app), b"Subject: b\n\nb1\nb2\n", mtime=1_700_000_001)
     proto, t = connect(factory)
     take(t)
     out = say(proto, t, b"USER test\r\nPASS " + PASSWORD.encode() +
@@ -151,12 +146,12 @@ def test_pipelined_session_answers_in_order(app, factory):
                    b"+OK 22 octets\r\nSubject: a\r\n\r\n..dot line\r\n.\r\n"
                    b"+OK top of message follows\r\nSubject: b\r\n\r\nb1\r\n.\r\n"
                    b"+OK message 1 deleted\r\n+OK signing off\r\n")
-    assert len(os.listdir(app.maildir / "cur")) == 1
+    assert len(os.listdir(maildir(app) / "cur")) == 1
 
 
 def test_big_retr_streams_in_bounded_chunks(app, factory):
     size = 3 * 1024 * 1024 + 17
-    deliver(app.maildir, message(1, size), mtime=1_700_000_000)
+    deliver(maildir(app), message(1, size), mtime=1_700_000_000)
     proto, t = connect(factory)
     take(t)
     login(proto, t)
@@ -178,11 +173,11 @@ def test_big_retr_streams_in_bounded_chunks(app, factory):
 
 
 def test_retr_of_a_file_removed_behind_our_back(app, factory):
-    name = deliver(app.maildir, message(1))
+    name = deliver(maildir(app), message(1))
     proto, t = connect(factory)
     take(t)
     login(proto, t)
-    os.unlink(app.maildir / "new" / name)
+    os.unlink(maildir(app) / "new" / name)
     assert say(proto, t, b"RETR 1\r\n").startswith(b"-ERR [SYS/TEMP] message 1 has vanished")
 
 
@@ -321,7 +316,7 @@ def test_roaming_relay_off_with_zero_minutes(tmp_path):
 
 
 def test_second_session_on_a_mailbox_gets_in_use(app, factory):
-    deliver(app.maildir, message(1))
+    deliver(maildir(app), message(1))
     first, t1 = connect(factory, "127.0.0.31")
     take(t1)
     login(first, t1)
@@ -360,7 +355,7 @@ def test_idle_timeout(tmp_path):
 def test_timeout_mid_login_deletes_nothing_and_unlocks(tmp_path):
     pool = DeferredThreadPool()
     app = make_app(tmp_path, pool=pool)
-    deliver(app.maildir, message(1))
+    deliver(maildir(app), message(1))
     f = build_factory(app, "pop3")
     proto, t = connect(f)
     take(t)
@@ -370,7 +365,7 @@ def test_timeout_mid_login_deletes_nothing_and_unlocks(tmp_path):
     pool.run_all()                               # the check and the mailbox open finish late
     proto.connectionLost(None)
     from mailappliance.pop3.mailbox import open_session
-    box, msgs = open_session(app.maildir)        # not left locked
+    box, msgs = open_session(maildir(app))        # not left locked
     assert len(msgs) == 1
     box.unlock()
 
@@ -429,11 +424,9 @@ def test_build_factory_checks_tls_configuration(tmp_path):
 
 
 def test_graceful_stop_closes_idle_sessions_and_lets_quit_finish(tmp_path):
-    from mailappliance.drain import Drain
     pool = DeferredThreadPool()
     app = make_app(tmp_path, pool=pool)
-    app.drain = Drain(app.reactor)
-    names = [deliver(app.maildir, message(i), mtime=1_700_000_000 + i) for i in range(2)]
+    names = [deliver(maildir(app), message(i), mtime=1_700_000_000 + i) for i in range(2)]
     f = build_factory(app, "pop3")
     idle, ti = connect(f, "127.0.0.41")
     take(ti)
@@ -450,7 +443,7 @@ def test_graceful_stop_closes_idle_sessions_and_lets_quit_finish(tmp_path):
     assert not tq.disconnecting                      # busy in the QUIT update
     pool.run_all()
     assert take(tq) == b"+OK signing off\r\n" and tq.disconnecting
-    assert os.listdir(app.maildir / "cur") == [names[1] + ":2,"]
+    assert os.listdir(maildir(app) / "cur") == [names[1] + ":2,"]
     quitting.connectionLost(None)
     assert d.called
     late, tl = connect(f, "127.0.0.43")
@@ -461,7 +454,7 @@ def test_pipelined_retrs_wait_for_the_socket_to_drain(app, factory):
     """Thousands of pipelined RETRs of small messages do not build all answers in memory."""
     from mailappliance.pop3.protocol import OUTPUT_HIGH_WATER
     for i in range(60):
-        deliver(app.maildir, message(i, 10240), mtime=1_700_000_000 + i)
+        deliver(maildir(app), message(i, 10240), mtime=1_700_000_000 + i)
     proto, t = connect(factory)
     take(t)
     login(proto, t)
@@ -482,7 +475,7 @@ def test_pipelined_retrs_wait_for_the_socket_to_drain(app, factory):
 def test_idle_timeout_with_undrained_output_aborts(tmp_path):
     app = make_app(tmp_path)
     for i in range(40):
-        deliver(app.maildir, message(i, 10240), mtime=1_700_000_000 + i)
+        deliver(maildir(app), message(i, 10240), mtime=1_700_000_000 + i)
     f = build_factory(app, "pop3")
     proto, t = connect(f)
     take(t)
@@ -498,7 +491,7 @@ def test_top_of_a_big_message(app, factory, lines):
     """TOP stops reading the file once its lines are out: within the first chunk, or while
     streaming."""
     content = message(1, 3 * 1024 * 1024)
-    deliver(app.maildir, content)
+    deliver(maildir(app), content)
     proto, t = connect(factory)
     take(t)
     login(proto, t)

@@ -25,6 +25,7 @@ from mailappliance.smtp import replies
 from mailappliance.smtp.core import Auth, MailFrom, ServerConnection
 from mailappliance.smtp.service import build_factory
 from mailappliance.smtp.submission import SessionAuth
+from mailappliance.testing.app import build_test_app
 from mailappliance.users.auth import Authenticator
 from tests.adapters.test_smtp_protocol import PASSWORD, World, codes
 
@@ -268,11 +269,8 @@ def test_penalty_is_per_ip_across_connections_and_shared_with_pop3(tmp_path):
     assert second.take() == "235 2.7.0 ok, go ahead (#2.0.0)\r\n"
     # The table is the server's one table: POP3 (pop3/service.py) uses the same object.
     from mailappliance.pop3.service import _shared_for
-
-    class App:                                       # weak-referenceable, as the real App
-        reactor = w.reactor
-    app = App()
-    assert _shared_for(app).penalty is login_penalty.shared(app)
+    app = build_test_app(tmp_path / "app")
+    assert _shared_for(app).penalty is login_penalty.shared(app) is app.login_penalty
 
 
 def test_escaped_login_name_in_the_log(tmp_path):

@@ -9,7 +9,8 @@ from twisted.internet.address import IPv4Address
 
 from mailappliance import drain as dr
 from mailappliance.config import load_settings
-from mailappliance.service import AppService, Listener, build_app
+from mailappliance.service import AppService, Listener
+from mailappliance.testing.app import build_test_app
 
 
 class Session:
@@ -100,8 +101,7 @@ def test_close_raising_does_not_stop_the_drain():
 
 def test_app_service_stops_listeners_then_drains_then_the_rest_in_reverse(tmp_path):
     settings = load_settings(None, {"data": str(tmp_path / "var")}, cwd=tmp_path)
-    clock = task.Clock()
-    app = build_app(settings, clock)
+    app = build_test_app(settings=settings)
     order = []
 
     class Recorder(service.Service):
@@ -151,13 +151,12 @@ def test_app_service_stops_listeners_then_drains_then_the_rest_in_reverse(tmp_pa
 def test_app_service_does_not_wait_forever_for_a_wedged_part(tmp_path):
     from mailappliance.service import STOP_PHASE_TIMEOUT
     settings = load_settings(None, {"data": str(tmp_path / "var")}, cwd=tmp_path)
-    clock = task.Clock()
-    app = build_app(settings, clock)
+    app = build_test_app(settings=settings)
     top = AppService(app)
     app.stop_hooks.append(lambda: defer.Deferred())          # never fires
     top.startService()
     done = top.stopService()
     assert not done.called
-    clock.advance(STOP_PHASE_TIMEOUT)
+    app.reactor.advance(STOP_PHASE_TIMEOUT)
     assert done.called
     app.store.close()

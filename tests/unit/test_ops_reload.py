@@ -10,8 +10,7 @@ from twisted.internet import defer
 
 from mailappliance import reload as rl
 from mailappliance.config import load_settings
-from mailappliance.service import build_app
-from mailappliance.testing.threads import ThreadlessReactor
+from mailappliance.testing.app import build_test_app
 
 
 def sync(f, *a):
@@ -24,7 +23,7 @@ def setup(tmp_path):
     cfg.write_text('hostname = "one.test.com"\n[listen]\nsmtp = ["tcp:2525:interface=127.0.0.1"]\n')
     settings = load_settings(cfg, {"data": str(tmp_path / "var"), "bcrypt_cost": 4},
                              cwd=tmp_path)
-    app = build_app(settings, ThreadlessReactor())
+    app = build_test_app(settings=settings)
     yield app, cfg
     app.store.close()
 
@@ -32,11 +31,11 @@ def setup(tmp_path):
 def test_command_line_overrides_survive_a_reload(setup, tmp_path):
     app, cfg = setup
     cfg.write_text('hostname = "two.test.com"\ndata = "/elsewhere"\nbcrypt_cost = 5\n')
-    lines = rl.Reloader(app, run_blocking=sync).reload("test").result
+    lines = rl.Reloader(app.live, sync, app.stats).reload("test").result
     # --data from the command line beats the file, as at start-up
     assert app.settings.data == tmp_path / "var"
     assert app.settings.hostname == "two.test.com"
-    assert app.store.bcrypt_cost == 4     # the store follows only with reload.setup's hook
+    assert app.store.bcrypt_cost == 4     # --bcrypt_cost beats the file's 5 here too
     assert lines[0] == f"configuration reloaded from {cfg}"
 
 
@@ -45,7 +44,7 @@ def test_restart_only_settings_keep_their_values_and_are_named(setup):
     cfg.write_text('hostname = "one.test.com"\n[listen]\nsmtp = ["tcp:25"]\npop3 = []\n'
                    '[log]\ndirectory = "/tmp/elsewhere"\nkeep = 3\n[admin]\nsocket_mode = 432\n')
     old = app.settings
-    lines = rl.Reloader(app, run_blocking=sync).reload("test").result
+    lines = rl.Reloader(app.live, sync, app.stats).reload("test").result
     assert app.settings.listen == old.listen
     assert app.settings.log.directory == old.log.directory and app.settings.log.keep == 3
     assert app.settings.admin.socket_mode == 0o600
@@ -59,7 +58,7 @@ def test_a_bad_file_is_refused_and_nothing_changes(setup):
     app.reload_hooks.append(seen.append)
     old = app.settings
     cfg.write_text('hostname = "two.test.com"\n[smtp]\nbogus_key = 1\n')
-    d = rl.Reloader(app, run_blocking=sync).reload("test")
+    d = rl.Reloader(app.live, sync, app.stats).reload("test")
     failure = d.result
     d.addErrback(lambda f: None)
     assert isinstance(failure.value, rl.ReloadRefused)
@@ -71,7 +70,7 @@ def test_a_bad_file_is_refused_and_nothing_changes(setup):
 def test_a_missing_rules_file_is_refused(setup, tmp_path):
     app, cfg = setup
     cfg.write_text(f'[smtp]\nrules = "{tmp_path}/nope"\n')
-    d = rl.Reloader(app, run_blocking=sync).reload("test")
+    d = rl.Reloader(app.live, sync, app.stats).reload("test")
     f = d.result
     d.addErrback(lambda _: None)
     assert "cannot read rules file" in str(f.value)
@@ -88,7 +87,7 @@ def test_a_failing_hook_rolls_back_to_the_old_settings(setup):
             raise ValueError("cannot apply")
     app.reload_hooks.append(picky)
     cfg.write_text('hostname = "two.test.com"\n')
-    d = rl.Reloader(app, run_blocking=sync).reload("test")
+    d = rl.Reloader(app.live, sync, app.stats).reload("test")
     f = d.result
     d.addErrback(lambda _: None)
     assert "ValueError: cannot apply" in str(f.value)
@@ -104,7 +103,7 @@ def test_reloads_run_one_at_a_time(setup):
         d = defer.Deferred()
         gates.append((d, f, a))
         return d
-    r = rl.Reloader(app, run_blocking=slow)
+    r = rl.Reloader(app.live, slow, app.stats)
     first, second = r.reload("a"), r.reload("b")
     assert len(gates) == 1
     d, f, a = gates.pop()
@@ -129,7 +128,7 @@ class FakeSignals:
 def test_sighup_reloads_through_the_reactor_and_restores_the_old_handler(setup):
     app, cfg = setup
     signals = FakeSignals()
-    r = rl.Reloader(app, run_blocking=sync)
+    r = rl.Reloader(app.live, sync, app.stats)
     hup = rl.HangupService(r, app.reactor, signals=signals)
     hup.startService()
     cfg.write_text('hostname = "three.test.com"\n')

@@ -4,18 +4,19 @@ memory BIOs (pyOpenSSL server, Python ssl client): no sockets."""
 from __future__ import annotations
 
 import ssl
-from types import SimpleNamespace
+import dataclasses
 
 import pytest
 from OpenSSL import SSL
 
-from mailappliance.config import ConfigError
-from mailappliance.tls import TLSContext, setup
+from mailappliance.config import ConfigError, TLSSettings
+from mailappliance.testing.app import build_test_app
+from mailappliance.tls import TLSContext
 from tests.pop3_support import make_ca, make_cert
 
 
 def settings(cert, key):
-    return SimpleNamespace(cert=cert, key=key)
+    return TLSSettings(cert=cert, key=key)
 
 
 def handshake(tls: TLSContext, *, maximum=None, minimum=None, cafile=None,
@@ -135,23 +136,34 @@ def test_reload_switches_certificate_and_bad_reload_keeps_old(tmp_path):
     assert served_name() == "two.test.example"
 
 
-def test_setup_fills_app_tls_and_follows_reload(tmp_path, pair):
+def with_tls(app, cert, key):
+    return dataclasses.replace(app.settings, tls=TLSSettings(cert, key))
+
+
+def test_the_app_gets_tls_from_settings_and_follows_reload(tmp_path, pair):
     cert2, key2 = make_cert(tmp_path / "b", name="two.test.example")
-    app = SimpleNamespace(settings=SimpleNamespace(tls=settings(*pair)), tls=None,
-                          reload_hooks=[])
-    setup(app, None)
+    app = build_test_app(tmp_path / "data", tls=TLSSettings(*pair))
     assert isinstance(app.tls, TLSContext)
-    app.reload_hooks[0](SimpleNamespace(tls=settings(cert2, key2)))
+    app.reload(with_tls(app, cert2, key2))
     _, server = handshake(app.tls)
     assert cn(server) == "two.test.example"
     # A broken file on reload is refused (the reloader then rolls back) and the old
     # certificate stays in use.
     (tmp_path / "b" / "server.key").write_text("garbage")
     with pytest.raises(ConfigError):
-        app.reload_hooks[0](SimpleNamespace(tls=settings(cert2, tmp_path / "b" / "server.key")))
+        app.reload(with_tls(app, cert2, tmp_path / "b" / "server.key"))
     _, server = handshake(app.tls)
     assert cn(server) == "two.test.example"
-    none = SimpleNamespace(settings=SimpleNamespace(tls=settings(None, None)), tls="x",
-                           reload_hooks=[])
-    setup(none, None)
-    assert none.tls is None
+
+
+def test_without_tls_a_reload_can_switch_it_on_but_not_off(tmp_path, pair):
+    app = build_test_app(tmp_path / "data")
+    assert app.tls is None
+    app.reload(app.settings)                          # still no [tls]: nothing to do
+    assert app.tls is None
+    app.reload(with_tls(app, *pair))
+    _, server = handshake(app.tls)
+    assert cn(server) == "mx.test.example"
+    app.reload(with_tls(app, None, None))             # switching off needs a restart
+    _, server = handshake(app.tls)
+    assert cn(server) == "mx.test.example"
