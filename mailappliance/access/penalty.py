@@ -1,7 +1,8 @@
 """Per-client-IP login penalty, like Dovecot's auth penalty; a pure core (time comes in).
 
 Shared by every password check of one server (POP3 USER/PASS and APOP, SMTP AUTH): an address
-guessing passwords is one client whichever protocol or port it uses (`shared(app)`).
+guessing passwords is one client whichever protocol or port it uses (one table per server:
+`App.login_penalty`).
 
 Each failed login from an address raises its penalty one step: the failure is answered after
 2, 4, 8, then 15 seconds, and a further check from that address (another connection, say)
@@ -97,12 +98,3 @@ class LoginPenalty:
 
     def __len__(self) -> int:
         return len(self._records)
-
-
-def shared(app) -> LoginPenalty:
-    """The one penalty table of this server (created on first use, kept on the App)."""
-    table = getattr(app, "login_penalty", None)
-    if table is None:
-        table = LoginPenalty()
-        app.login_penalty = table
-    return table

@@ -2,4 +2,4 @@
 
 from mailappliance.access.penalty import (  # noqa: F401
     IPV6_MASK_BITS, MAX_TRACKED, PENALTY_INIT, PENALTY_MAX, PENALTY_MAX_STEPS, PENALTY_TIMEOUT,
-    LoginPenalty, penalty_key, penalty_seconds, shared)
+    LoginPenalty, penalty_key, penalty_seconds)

@@ -138,7 +138,7 @@ class SMTPServerProtocol(protocol.Protocol):
                           kind=factory.kind, ip=self.ip, line=decision.line)
             self.transport.loseConnection()
             return
-        drain = getattr(app, "drain", None)
+        drain = app.drain
         refusal = replies.SHUTTING_DOWN if drain is not None and drain.stopping \
             else factory.admit(self)
         if refusal is not None:
@@ -566,11 +566,11 @@ class _SessionView:
 
     @property
     def authenticator(self):
-        return getattr(self._proto.app, "authenticator", None)
+        return self._proto.app.authenticator
 
     @property
     def penalty(self) -> login_penalty.LoginPenalty:
-        return login_penalty.shared(self._proto.app)
+        return self._proto.app.login_penalty
 
     def may_relay(self) -> bool:
         return self._proto.relay_client().may_relay

@@ -6,7 +6,6 @@ the real queue injector, so "235", "535" and "250 ok" are checked against what h
 from __future__ import annotations
 
 import base64
-import dataclasses
 import sqlite3
 from types import SimpleNamespace
 
@@ -25,8 +24,6 @@ from mailappliance.smtp import replies
 from mailappliance.smtp.core import Auth, MailFrom, ServerConnection
 from mailappliance.smtp.service import build_factory
 from mailappliance.smtp.submission import SessionAuth
-from mailappliance.testing.app import build_test_app
-from mailappliance.users.auth import Authenticator
 from tests.adapters.test_smtp_protocol import PASSWORD, World, codes
 
 ALICE = "alice@test.com"
@@ -54,12 +51,9 @@ class Sub(World):
 
     def __init__(self, tmp_path, kind="submission", *, tls=True, submission_settings=None,
                  **smtp):
-        super().__init__(tmp_path, **smtp)
-        s = self.app.settings
-        self.app.settings = dataclasses.replace(
-            s, default_domain="test.com",
-            submission=submission_settings or SubmissionSettings())
-        self.app.authenticator = Authenticator(self.store, self.reactor, self.pool)
+        super().__init__(tmp_path, fields={
+            "default_domain": "test.com",
+            "submission": submission_settings or SubmissionSettings()}, **smtp)
         self.app.tls = SimpleNamespace(options=lambda: "tls-options") if tls else None
         self.store.add_user("bob@test.com", PASSWORD)
         self.store.add_alias("shared@test.com", ["bob@test.com"])
@@ -267,10 +261,9 @@ def test_penalty_is_per_ip_across_connections_and_shared_with_pop3(tmp_path):
     w.reactor.advance(login_penalty.PENALTY_INIT)
     assert first.take().startswith("535 ")
     assert second.take() == "235 2.7.0 ok, go ahead (#2.0.0)\r\n"
-    # The table is the server's one table: POP3 (pop3/service.py) uses the same object.
+    # The table is the server's one table: POP3 (pop3/service.py) on the same App uses it.
     from mailappliance.pop3.service import _shared_for
-    app = build_test_app(tmp_path / "app")
-    assert _shared_for(app).penalty is login_penalty.shared(app) is app.login_penalty
+    assert _shared_for(w.app).penalty is w.app.login_penalty
 
 
 def test_escaped_login_name_in_the_log(tmp_path):
@@ -297,7 +290,7 @@ def test_store_failure_is_454_without_penalty(tmp_path):
     c = w.connect("192.0.2.11")
     c.starttls()
     assert c.login() == "454 4.7.0 temporary authentication failure (#4.3.0)\r\n"
-    assert login_penalty.shared(w.app).steps("192.0.2.11", w.reactor.seconds()) == 0
+    assert w.app.login_penalty.steps("192.0.2.11", w.reactor.seconds()) == 0
 
 
 # --- relaying and the submission policy -------------------------------------------------------------

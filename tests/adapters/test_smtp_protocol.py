@@ -15,16 +15,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mailappliance.access.dnsbl import Refusal
-from mailappliance.access.relay import RelayGrants
 from mailappliance.access.rules import parse_rules
 from mailappliance.config import Settings, SMTPSettings
 from mailappliance.fileops import FileOps
-from mailappliance.queue.inject import Injector
 from mailappliance.queue.store import QueueStore
 from mailappliance.smtp import protocol as smtp_protocol
 from mailappliance.smtp.service import SMTPFactory, build_factory
+from mailappliance.testing.app import build_test_app
 from mailappliance.testing.threads import DeferredThreadPool, ImmediateThreadPool, ThreadlessReactor
-from mailappliance.users.store import UserStore
 
 HOST = "mx.test.com"
 PASSWORD = "s3cret-Password"
@@ -36,21 +34,24 @@ class FailingWrites(FileOps):
 
 
 class World:
-    def __init__(self, tmp_path, *, rules="", pool=None, ops=None, **smtp):
-        self.reactor = ThreadlessReactor()
+    """A real App (testing/app.py) on tmp_path with an SMTP listener's factory; `fields` are
+    further Settings fields, `smtp` SMTPSettings fields, `ops` the queue's file operations."""
+
+    def __init__(self, tmp_path, *, rules="", pool=None, ops=None, fields=None, **smtp):
         self.pool = pool or ImmediateThreadPool()
-        self.store = UserStore(tmp_path, bcrypt_cost=4)
+        settings = Settings(hostname=HOST, data=tmp_path, bcrypt_cost=4,
+                            smtp=dataclasses.replace(SMTPSettings(), **smtp),
+                            rules=parse_rules(rules, "tcp.smtp") if rules else None,
+                            **(fields or {}))
+        self.app = build_test_app(settings=settings, threadpool=self.pool,
+                                  queue_store=QueueStore(tmp_path / "queue", ops=ops))
+        self.reactor = self.app.reactor
+        self.store = self.app.store
+        self.queue = self.app.queue_store
+        self.injector = self.app.injector
         self.store.add_domain("test.com")
         self.store.add_user("alice@test.com", PASSWORD)
         self.store.add_alias("sales@test.com", ["alice@test.com"])
-        self.queue = QueueStore(tmp_path / "queue", ops=ops)
-        self.injector = Injector(self.queue, self.reactor, self.pool)
-        settings = Settings(hostname=HOST, data=tmp_path,
-                            smtp=dataclasses.replace(SMTPSettings(), **smtp),
-                            rules=parse_rules(rules, "tcp.smtp") if rules else None)
-        self.app = SimpleNamespace(settings=settings, reactor=self.reactor, store=self.store,
-                                   grants=RelayGrants(None, clock=self.reactor.seconds),
-                                   injector=self.injector, dnsbl=None, tls=None, stats={})
         self.factory = build_factory(self.app, "smtp")
 
     def connect(self, ip="127.0.0.5") -> "Client":
@@ -200,8 +201,7 @@ def test_rcpt_decisions_without_relay_permission(tmp_path, rcpt, reply):
 
 
 def test_bare_postmaster_means_the_default_domain(tmp_path):
-    w = World(tmp_path)
-    w.app.settings = dataclasses.replace(w.app.settings, default_domain="test.com")
+    w = World(tmp_path, fields={"default_domain": "test.com"})
     c = w.connect()
     c.take()
     out = c.chat(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nDATA\r\nhi\r\n.\r\n")
@@ -462,9 +462,8 @@ def test_factory_refuses_unknown_kind(tmp_path):
 # --- graceful stop (mailappliance/drain.py) ----------------------------------------------------
 
 def test_drain_closes_idle_sessions_and_lets_a_transfer_finish(tmp_path):
-    from mailappliance.drain import Drain
     w = World(tmp_path)
-    w.app.drain = drain = Drain(w.reactor)
+    drain = w.app.drain
     idle = w.connect("127.0.0.2")
     busy = w.connect("127.0.0.3")
     idle.take(), busy.take()
