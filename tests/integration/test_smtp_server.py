@@ -273,15 +273,13 @@ def test_deny_rule_closes_without_greeting(srv):
 
 
 def test_talking_before_the_delayed_greeting_is_refused(srv):
+    """GREETDELAY from the rules file is in force on the real server (without it the EHLO
+    would get the 220 and a 250). That a patient client gets its 220 once the delay is over
+    is timed with a clock in tests/adapters/test_smtp_protocol.py, not waited for here."""
     r = Raw(srv, "127.0.0.9")
     r.send(b"EHLO eager\r\n")
     assert r.reply() == "554 sorry, you talked before my greeting (#5.5.1)\r\n"
     assert r.closed_by_server()
-    patient = Raw(srv, "127.0.0.9")
-    started = time.monotonic()
-    assert patient.reply().startswith("220 ")
-    assert time.monotonic() - started >= 0.9
-    patient.close()
 
 
 def test_max_per_ip_gives_421_and_other_addresses_still_get_in(srv):
