@@ -11,15 +11,16 @@ touching the store, so Maildirs it creates belong to the user that delivers into
 
 Nothing here acts unless the process runs as root and the data directory belongs to someone
 else; an unprivileged server never changes ownership.
+
+No Twisted here: the `mailappliance` store commands and `mailappliance-sendmail` import this
+module without the server (the service that hands files over at start-up is
+mailappliance.service.AdoptService).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from twisted.application import service
-from twisted.logger import Logger
 
 
 def data_owner(data: Path) -> tuple[int, int] | None:
@@ -87,24 +88,6 @@ def adopt_tree(data: Path) -> list[Path]:
                         return changed
                     take(Path(dirpath) / name)
     return changed
-
-
-class AdoptService(service.Service):
-    """The last part make_service adds, so it runs last in privilegedStartService: after every
-    part built its files as root, before twistd drops privileges."""
-
-    log = Logger(namespace="mailappliance.privileges")
-
-    def __init__(self, data: Path) -> None:
-        self.data = data
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        changed = adopt_tree(self.data)
-        if changed:
-            owner = data_owner(self.data)
-            self.log.info("handed {n} files created as root to uid {uid} (owner of {data})",
-                          n=len(changed), uid=owner[0] if owner else "?", data=str(self.data))
 
 
 def drop_to_data_owner(data: Path) -> tuple[int, int] | None:

@@ -40,7 +40,7 @@ from mailappliance.config import Settings
 from mailappliance.drain import Drain
 from mailappliance.notify import NotifyService
 from mailappliance.pop3 import service as pop3_service
-from mailappliance.privileges import AdoptService
+from mailappliance.privileges import adopt_tree, data_owner
 from mailappliance.queue.service import build_queue
 from mailappliance.reload import HangupService, LiveSettings, Reloader, follow_bcrypt_cost
 from mailappliance.smtp import service as smtp_service
@@ -120,6 +120,24 @@ class ThreadPoolService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class AdoptService(service.Service):
+    """The last part make_service adds, so it runs last in privilegedStartService: after every
+    part built its files as root, before twistd drops privileges."""
+
+    log = Logger(namespace="mailappliance.privileges")
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        changed = adopt_tree(self.data)
+        if changed:
+            owner = data_owner(self.data)
+            self.log.info("handed {n} files created as root to uid {uid} (owner of {data})",
+                          n=len(changed), uid=owner[0] if owner else "?", data=str(self.data))
 
 
 class Listener(service.Service):

@@ -4,6 +4,8 @@ message landing in the real queue directory through QueueStore.inject."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import pytest
 
@@ -141,3 +143,20 @@ def test_default_sender_is_the_login_name_at_the_default_domain(tmp_path, monkey
     assert q.read_envelope(q.list_ids()[0]).sender.startswith("cronjob@")
     monkeypatch.setenv("LOGNAME", "bad name")
     assert sendmail._login_name() == f"uid-{__import__('os').getuid()}"
+
+
+def test_the_command_and_the_store_commands_load_no_twisted(tmp_path):
+    """mailappliance-sendmail and `mailappliance user ...` work on the stores without the
+    server's code: nothing of Twisted is imported on their way (fresh interpreter)."""
+    data = tmp_path / "var"
+    script = (
+        "import io, sys\n"
+        "from mailappliance import cli, sendmail\n"
+        f"a = cli.main(['--data', {str(data)!r}, 'domain', 'add', 'test.com'])\n"
+        f"b = sendmail.main(['--data', {str(data)!r}, 'r@test.com'],"
+        " stdin=io.BytesIO(b'Subject: x\\n\\nhi\\n'))\n"
+        "print(a, b, sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.split("\n")[-2] == "0 0 []", out
+    assert len(QueueStore(data / "queue").list_ids()) == 1
