@@ -18,6 +18,7 @@ from mailappliance.delivery.local import LocalDeliverer
 from mailappliance.delivery.remote import RemoteDeliverer, client_tls_options, make_is_me
 from mailappliance.queue.inject import Injector
 from mailappliance.queue.manager import QueueManager, make_classifier
+from mailappliance.queue.naming import queue_dir
 from mailappliance.queue.store import QueueStore
 
 if TYPE_CHECKING:
@@ -31,10 +32,6 @@ if TYPE_CHECKING:
 # capped below concurrency_local's maximum.
 DELIVERY_THREADS_MAX = 16
 SECONDS_PER_DAY = 86400
-
-
-def queue_dir(settings):
-    return settings.data / "queue"
 
 
 def postmaster_of(settings) -> str:
@@ -74,9 +71,9 @@ def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
     q = settings.queue
     pool = delivery_threads or ThreadPool(1, min(DELIVERY_THREADS_MAX, q.concurrency_local + 2),
                                           name="delivery")
-    local = LocalDeliverer(users, store, injector, reactor, pool,
+    local = LocalDeliverer(users, injector, reactor, pool,
                            hostname=settings.hostname, default_domain=settings.default_domain)
-    remote = RemoteDeliverer(reactor, resolver, store, pool, hostname=settings.hostname,
+    remote = RemoteDeliverer(reactor, resolver, pool, hostname=settings.hostname,
                              route_for=lambda domain: live.settings.route_for(domain),
                              connect_timeout=q.connect_timeout, reply_timeout=q.reply_timeout,
                              tls_options=client_tls_options(), is_me=make_is_me())
