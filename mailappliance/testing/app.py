@@ -4,13 +4,14 @@
     app = build_test_app(tmp_path, hostname="mx.test.example", default_domain="test.com")
     app = build_test_app(settings=load_settings(cfg, overrides), threadpool=DeferredThreadPool())
 
-Every part is the real one (user store, authenticator, relay grants on the reactor's clock, TLS
-from the settings' [tls], resolver, DNSBL checker, queue store, injector, queue manager, reloader, drain), put
-together by service.build_app with the reload hooks in the server's order. Left out are the
-parts that belong to a whole process: the instance lock, the log files (global observers),
-sd_notify, the privilege hand-over and the listeners (build them with a job's
-`build_factory(app, kind)`). Nothing is started: the queue manager does not scan, no thread
-runs, nothing listens, and the reactor is a MemoryReactorClock that only the test advances.
+Every part is the real one (user store, authenticator, relay grants on the reactor's clock,
+TLS from the settings' [tls], resolver, DNSBL checker, queue store, injector, queue manager,
+reloader, drain), put together by service.build_app with the reload hooks in the server's
+order. Left out are the parts that belong to a whole process: the instance lock, the log files
+(global observers), sd_notify, the privilege hand-over and the listeners (build them with a
+job's `build_factory(app, kind)`). Nothing is started: the queue manager does not scan, no
+thread runs, nothing listens, and the reactor is a MemoryReactorClock that only the test
+advances.
 
 Defaults fit unit tests: bcrypt cost 4 (the minimum), hostname mx.test.example and the data
 directory given.
@@ -38,9 +39,9 @@ def build_test_app(data: Path | None = None, *, settings: Settings | None = None
     """An App on `settings`, or on Settings(data=data, hostname=..., bcrypt_cost=4, **fields).
 
     reactor: a ThreadlessReactor (MemoryReactorClock whose callFromThread runs at once) unless
-    given; threadpool: an ImmediateThreadPool (runs each call inline) unless given, e.g. a
-    DeferredThreadPool to hold calls; deliveries use the same pool; queue_store: a QueueStore of the test's own (a clock,
-    failing file operations) instead of one in data/queue.
+    given. threadpool: an ImmediateThreadPool (runs each call inline) unless given, e.g. a
+    DeferredThreadPool to hold calls; deliveries use the same pool. queue_store: a QueueStore
+    of the test's own (a clock, failing file operations) instead of one in data/queue.
     """
     if settings is None:
         if data is None:
