@@ -8,11 +8,12 @@ needs another is built after it and gets it as an argument. Listening happens in
 privilegedStartService, so with twistd --uid/--gid every port is bound as root and no network
 input is read before the privilege drop.
 
-Start order (each part's services are started in it; stop runs the other way, see AppService):
-the thread pool; the instance lock (one server per data directory); logging (its files see every
-event after it); TLS; DNS; the DNSBL checker; the queue (delivery threads, manager); reload
-(SIGHUP); the drain (graceful stop); sd_notify; handing root-created files to the data owner;
-the listeners; readiness (data/run/ready.json).
+Build order, which is also the order their services start in (the stop runs the other way,
+see AppService): the user store, the thread pool, the authenticator and the relay grants; the
+instance lock (one server per data directory); logging (its files see every event after it);
+TLS; DNS; the DNSBL checker; the queue (delivery threads, manager); reload (SIGHUP); the drain
+(graceful stop); sd_notify; handing root-created files to the data owner; the listeners;
+readiness (data/run/ready.json).
 """
 
 from __future__ import annotations
