@@ -25,7 +25,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 if TYPE_CHECKING:
-    from mailappliance.service import App, ReadyService
+    from mailappliance.app import App, ReadyService
 
 # sd_watchdog_enabled(3): "it is recommended that a daemon sends a keep-alive notification
 # message to the service manager every half of the time returned here".

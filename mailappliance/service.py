@@ -18,10 +18,8 @@ readiness (data/run/ready.json).
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,9 +32,9 @@ from twisted.python.threadpool import ThreadPool
 from mailappliance import dns, instance, tls as tls_part
 from mailappliance import logging as log_part
 from mailappliance.access.dnsbl import DNSBLChecker
-from mailappliance.access.penalty import LoginPenalty
 from mailappliance.access.relay import RelayGrants
 from mailappliance.admin import service as admin_service
+from mailappliance.app import App, Listener, ReadyService
 from mailappliance.config import Settings
 from mailappliance.drain import Drain
 from mailappliance.notify import NotifyService
@@ -49,12 +47,8 @@ from mailappliance.users.auth import Authenticator
 from mailappliance.users.store import UserStore
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import (IProtocolFactory, IReactorTime,
-                                             IStreamServerEndpoint)
+    from twisted.internet.interfaces import (IProtocolFactory, IStreamServerEndpoint)
 
-    from mailappliance.dns import Resolver
-    from mailappliance.queue.inject import Injector
-    from mailappliance.queue.manager import QueueManager
     from mailappliance.queue.store import QueueStore
     from mailappliance.tls import TLSContext
 
@@ -63,51 +57,6 @@ if TYPE_CHECKING:
 # journal commits up to about 8 concurrent writers).
 THREADPOOL_MIN = 2
 THREADPOOL_MAX = 10
-
-
-@dataclass
-class App:
-    """What every listener's factory shares: the parts make_service built, all of them given
-    when the App is made. Afterwards only the configuration in force (`live`, changed by a
-    reload), `tls` (a reload may switch TLS on for a server started without it) and the lists
-    change."""
-
-    live: LiveSettings                  # the settings in force and their reload hooks
-    reactor: IReactorTime               # and IReactorCore, IReactorFromThreads: the reactor
-    store: UserStore                    # domains, users, aliases
-    threadpool: ThreadPool              # blocking work: bcrypt, SQLite, queue writes
-    authenticator: Authenticator        # SMTP AUTH and POP3 logins
-    grants: RelayGrants                 # POP-before-SMTP roaming relay
-    tls: TLSContext | None              # None without [tls]
-    resolver: Resolver
-    dnsbl: DNSBLChecker
-    queue_store: QueueStore
-    injector: Injector                  # the one door into the queue
-    queue_manager: QueueManager
-    delivery_threads: ThreadPool        # Maildir writes and remote reads (queue/service.py)
-    reloader: Reloader                  # SIGHUP and the admin `reload`
-    drain: Drain                        # graceful stop: sessions register with it
-    stats: dict[str, Any]               # counters for `stat` (mailappliance/stats.py)
-    started: float                      # time.time() when the tree was built
-    instance_lock: int | None = None    # data/run/lock's descriptor (None in tests)
-    # One login penalty table for SMTP AUTH and POP3 (access/penalty.py).
-    login_penalty: LoginPenalty = field(default_factory=LoginPenalty)
-    listeners: list[Listener] = field(default_factory=list)
-    # Run after every listener stopped accepting and before the other services stop; each may
-    # return a Deferred (its owner bounds the wait). See AppService.
-    stop_hooks: list[Callable[[], Any]] = field(default_factory=list)
-
-    @property
-    def settings(self) -> Settings:
-        return self.live.settings
-
-    @property
-    def reload_hooks(self) -> list[Callable[[Settings], None]]:
-        """Called with the new Settings after a successful reload, in the order added."""
-        return self.live.hooks
-
-    def reload(self, settings: Settings) -> None:
-        self.live.apply(settings)
 
 
 class ThreadPoolService(service.Service):
@@ -141,112 +90,23 @@ class AdoptService(service.Service):
                           n=len(changed), uid=owner[0] if owner else "?", data=str(self.data))
 
 
-class Listener(service.Service):
-    """Binds one endpoint in privilegedStartService and remembers the port it got."""
-
-    log = Logger()
-
-    def __init__(self, kind: str, description: str, endpoint, factory) -> None:
-        self.kind = kind
-        self.description = description
-        self.endpoint = endpoint
-        self.factory = factory
-        self.port = None
-        self.started_at: float | None = None
-        self.listening: defer.Deferred | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self.listening = self.endpoint.listen(self.factory)
-        self.listening.addCallback(self._bound)
-        self.listening.addErrback(self._failed)
-
-    def _bound(self, port):
-        self.port = port
-        self.started_at = time.time()
-        self.log.info("{kind}: listening on {where}", kind=self.kind, where=self.address_text())
-        return port
-
-    def _failed(self, failure):
-        self.log.failure("{kind}: cannot listen on {ep}", failure, kind=self.kind,
-                         ep=self.description)
-        return failure
-
-    def startService(self) -> None:
-        if self.listening is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            return defer.maybeDeferred(self.port.stopListening)
-        return None
-
-    def address_text(self) -> str:
-        if self.port is None:
-            return self.description
-        host = self.port.getHost()
-        if hasattr(host, "port"):
-            return f"{host.host}:{host.port}"
-        name = getattr(host, "name", None) or self.description
-        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-
-    def bound_port(self) -> int | str | None:
-        if self.port is None:
-            return None
-        host = self.port.getHost()
-        return getattr(host, "port", None) or str(getattr(host, "name", b""), "utf-8", "replace")
-
-
-class ReadyService(service.Service):
-    """Writes data/run/ready.json once every listener is bound; runs hooks (sd_notify, tests)."""
-
-    log = Logger()
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.waiters: list[Callable[[], Any]] = []   # extra readiness conditions (queue loaded)
-        self.on_ready: list[Callable[[App], None]] = []
-
-    def startService(self) -> None:
-        super().startService()
-        waits = [l.listening for l in self.app.listeners if l.listening is not None]
-        waits += [defer.maybeDeferred(w) for w in self.waiters]
-        d = defer.gatherResults(waits, consumeErrors=True)
-        d.addCallback(lambda _: self._ready())
-        d.addErrback(self._not_ready)
-
-    def _ready(self) -> None:
-        run = self.app.settings.data / "run"
-        run.mkdir(parents=True, exist_ok=True)
-        listen: dict[str, list] = {}
-        for l in self.app.listeners:
-            listen.setdefault(l.kind, []).append(l.bound_port())
-        payload = {"pid": os.getpid(), "listen": listen}
-        tmp = run / "ready.json.tmp"
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, run / "ready.json")
-        self.log.info("ready: {listen}", listen=json.dumps(listen))
-        for hook in self.on_ready:
-            hook(self.app)
-
-    def _not_ready(self, failure) -> None:
-        self.log.error("start-up failed: {why}", why=failure.getErrorMessage())
-        reactor = self.app.reactor
-        if reactor.running:
-            reactor.stop()
+def follow_tls_reload(app: App, settings: Settings) -> None:
+    """The reload hook of `app.tls`: a new certificate pair, or TLS switched on for a server
+    started without one (it cannot be switched off without a restart). Raises ConfigError (the
+    reloader then refuses the reload and restores the old settings); the certificate in use
+    stays until a new pair loads completely."""
+    if settings.tls.cert is None:
+        return          # TLS cannot be switched off without a restart; keep it
+    try:
+        if app.tls is None:
+            app.tls = tls_part.TLSContext(settings.tls)
         else:
-            # A listener failed in privilegedStartService, before the reactor runs: stop as
-            # soon as it does instead of serving without that listener.
-            reactor.callWhenRunning(reactor.stop)
+            app.tls.reload(settings.tls)
+    except tls_part.ConfigError as e:
+        tls_part.TLSContext.log.error("tls: reload failed, keeping the old certificate: {why}",
+                             why=str(e))
+        raise
 
-    def stopService(self):
-        super().stopService()
-        try:
-            (self.app.settings.data / "run" / "ready.json").unlink()
-        except OSError:
-            pass
 
 
 _grant_log = Logger(namespace="mailappliance.pop3")
@@ -361,7 +221,7 @@ def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, A
               reloader=reloader, drain=drain, stats=stats, started=started,
               instance_lock=instance_lock, stop_hooks=[drain.start])
     hooks = [] if follow_log is None else [follow_log]
-    hooks += [lambda new: tls_part.follow_reload(app, new), resolver.reload, dnsbl.reload,
+    hooks += [lambda new: follow_tls_reload(app, new), resolver.reload, dnsbl.reload,
               queue.follow, follow_bcrypt_cost(shared.store)]
     live.hooks.extend(hooks)
     return app

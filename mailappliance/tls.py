@@ -17,7 +17,6 @@ new certificate for every new connection without being rebuilt.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -27,8 +26,6 @@ from zope.interface import implementer
 
 from mailappliance.config import ConfigError
 
-if TYPE_CHECKING:
-    from mailappliance.service import App
 
 # RFC 8996 deprecates TLS 1.0 and 1.1; RFC 8314 section 4.1 asks for 1.2 or later.
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
@@ -109,19 +106,3 @@ def build_tls(settings) -> TLSContext | None:
     return TLSContext(settings.tls) if settings.tls.cert is not None else None
 
 
-def follow_reload(app: App, settings) -> None:
-    """The reload hook of `app.tls`: a new certificate pair, or TLS switched on for a server
-    started without one (it cannot be switched off without a restart). Raises ConfigError (the
-    reloader then refuses the reload and restores the old settings); the certificate in use
-    stays until a new pair loads completely."""
-    if settings.tls.cert is None:
-        return          # TLS cannot be switched off without a restart; keep it
-    try:
-        if app.tls is None:
-            app.tls = TLSContext(settings.tls)
-        else:
-            app.tls.reload(settings.tls)
-    except ConfigError as e:
-        TLSContext.log.error("tls: reload failed, keeping the old certificate: {why}",
-                             why=str(e))
-        raise

@@ -40,7 +40,7 @@ from mailappliance.privileges import data_owner
 from mailappliance.users.store import StoreError
 
 if TYPE_CHECKING:
-    from mailappliance.service import App
+    from mailappliance.app import App
 
 # At most this many admin connections at once: the admin socket is for an operator and a
 # few scripts, and each connection may hold a thread-pool job (bcrypt) at a time.

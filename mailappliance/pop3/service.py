@@ -24,7 +24,7 @@ from mailappliance.pop3.mailbox import open_session
 from mailappliance.pop3.protocol import POP3Factory
 
 if TYPE_CHECKING:
-    from mailappliance.service import App
+    from mailappliance.app import App
 
 log = Logger(namespace="mailappliance.pop3")
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from mailappliance.config import Settings
 from mailappliance.queue.store import QueueStore
-from mailappliance.service import App, build_app, build_shared
+from mailappliance.app import App
+from mailappliance.service import build_app, build_shared
 from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
 
 # The cheapest cost bcrypt accepts: hashing in tests takes about a millisecond.

@@ -8,7 +8,8 @@ import dataclasses
 import os
 
 from mailappliance.config import ListenSettings, LogSettings, Settings
-from mailappliance.service import LISTENER_KINDS, App, Listener, make_service
+from mailappliance.app import App, Listener
+from mailappliance.service import LISTENER_KINDS, make_service
 from mailappliance.testing.app import build_test_app
 from mailappliance.testing.threads import ThreadlessReactor
 

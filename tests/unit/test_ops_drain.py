@@ -9,7 +9,8 @@ from twisted.internet.address import IPv4Address
 
 from mailappliance import drain as dr
 from mailappliance.config import load_settings
-from mailappliance.service import AppService, Listener
+from mailappliance.app import Listener
+from mailappliance.service import AppService
 from mailappliance.testing.app import build_test_app
 
 

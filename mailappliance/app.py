@@ -1,0 +1,191 @@
+"""The App: the parts of one server that every listener's factory shares, declared with their
+types, and the two small services every tree has around its listeners (Listener, ReadyService).
+
+This module sits between the parts and the tree: it imports the parts' types (for annotations
+only) and the job services (smtp/pop3/admin `build_factory`, notify) import it; service.py,
+which builds everything, imports both. Nothing below imports it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailappliance.access.penalty import LoginPenalty
+from mailappliance.config import Settings
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.python.threadpool import ThreadPool
+
+    from mailappliance.access.dnsbl import DNSBLChecker
+    from mailappliance.access.relay import RelayGrants
+    from mailappliance.dns import Resolver
+    from mailappliance.drain import Drain
+    from mailappliance.queue.inject import Injector
+    from mailappliance.queue.manager import QueueManager
+    from mailappliance.queue.store import QueueStore
+    from mailappliance.reload import LiveSettings, Reloader
+    from mailappliance.tls import TLSContext
+    from mailappliance.users.auth import Authenticator
+    from mailappliance.users.store import UserStore
+
+
+@dataclass
+class App:
+    """What every listener's factory shares: the parts make_service built, all of them given
+    when the App is made. Afterwards only the configuration in force (`live`, changed by a
+    reload), `tls` (a reload may switch TLS on for a server started without it) and the lists
+    change."""
+
+    live: LiveSettings                  # the settings in force and their reload hooks
+    reactor: IReactorTime               # and IReactorCore, IReactorFromThreads: the reactor
+    store: UserStore                    # domains, users, aliases
+    threadpool: ThreadPool              # blocking work: bcrypt, SQLite, queue writes
+    authenticator: Authenticator        # SMTP AUTH and POP3 logins
+    grants: RelayGrants                 # POP-before-SMTP roaming relay
+    tls: TLSContext | None              # None without [tls]
+    resolver: Resolver
+    dnsbl: DNSBLChecker
+    queue_store: QueueStore
+    injector: Injector                  # the one door into the queue
+    queue_manager: QueueManager
+    delivery_threads: ThreadPool        # Maildir writes and remote reads (queue/service.py)
+    reloader: Reloader                  # SIGHUP and the admin `reload`
+    drain: Drain                        # graceful stop: sessions register with it
+    stats: dict[str, Any]               # counters for `stat` (mailappliance/stats.py)
+    started: float                      # time.time() when the tree was built
+    instance_lock: int | None = None    # data/run/lock's descriptor (None in tests)
+    # One login penalty table for SMTP AUTH and POP3 (access/penalty.py).
+    login_penalty: LoginPenalty = field(default_factory=LoginPenalty)
+    listeners: list[Listener] = field(default_factory=list)
+    # Run after every listener stopped accepting and before the other services stop; each may
+    # return a Deferred (its owner bounds the wait). See AppService.
+    stop_hooks: list[Callable[[], Any]] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.settings
+
+    @property
+    def reload_hooks(self) -> list[Callable[[Settings], None]]:
+        """Called with the new Settings after a successful reload, in the order added."""
+        return self.live.hooks
+
+    def reload(self, settings: Settings) -> None:
+        self.live.apply(settings)
+
+
+class Listener(service.Service):
+    """Binds one endpoint in privilegedStartService and remembers the port it got."""
+
+    log = Logger(namespace="mailappliance.service.Listener")   # the log's area: server
+
+    def __init__(self, kind: str, description: str, endpoint, factory) -> None:
+        self.kind = kind
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+        self.started_at: float | None = None
+        self.listening: defer.Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.listening = self.endpoint.listen(self.factory)
+        self.listening.addCallback(self._bound)
+        self.listening.addErrback(self._failed)
+
+    def _bound(self, port):
+        self.port = port
+        self.started_at = time.time()
+        self.log.info("{kind}: listening on {where}", kind=self.kind, where=self.address_text())
+        return port
+
+    def _failed(self, failure):
+        self.log.failure("{kind}: cannot listen on {ep}", failure, kind=self.kind,
+                         ep=self.description)
+        return failure
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return defer.maybeDeferred(self.port.stopListening)
+        return None
+
+    def address_text(self) -> str:
+        if self.port is None:
+            return self.description
+        host = self.port.getHost()
+        if hasattr(host, "port"):
+            return f"{host.host}:{host.port}"
+        name = getattr(host, "name", None) or self.description
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+
+    def bound_port(self) -> int | str | None:
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        return getattr(host, "port", None) or str(getattr(host, "name", b""), "utf-8", "replace")
+
+
+class ReadyService(service.Service):
+    """Writes data/run/ready.json once every listener is bound; runs hooks (sd_notify, tests)."""
+
+    log = Logger(namespace="mailappliance.service.ReadyService")
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.waiters: list[Callable[[], Any]] = []   # extra readiness conditions (queue loaded)
+        self.on_ready: list[Callable[[App], None]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        waits = [l.listening for l in self.app.listeners if l.listening is not None]
+        waits += [defer.maybeDeferred(w) for w in self.waiters]
+        d = defer.gatherResults(waits, consumeErrors=True)
+        d.addCallback(lambda _: self._ready())
+        d.addErrback(self._not_ready)
+
+    def _ready(self) -> None:
+        run = self.app.settings.data / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        listen: dict[str, list] = {}
+        for l in self.app.listeners:
+            listen.setdefault(l.kind, []).append(l.bound_port())
+        payload = {"pid": os.getpid(), "listen": listen}
+        tmp = run / "ready.json.tmp"
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, run / "ready.json")
+        self.log.info("ready: {listen}", listen=json.dumps(listen))
+        for hook in self.on_ready:
+            hook(self.app)
+
+    def _not_ready(self, failure) -> None:
+        self.log.error("start-up failed: {why}", why=failure.getErrorMessage())
+        reactor = self.app.reactor
+        if reactor.running:
+            reactor.stop()
+        else:
+            # A listener failed in privilegedStartService, before the reactor runs: stop as
+            # soon as it does instead of serving without that listener.
+            reactor.callWhenRunning(reactor.stop)
+
+    def stopService(self):
+        super().stopService()
+        try:
+            (self.app.settings.data / "run" / "ready.json").unlink()
+        except OSError:
+            pass
