@@ -5,7 +5,7 @@ check) and qmail-pop3d (the mailbox). This core is the popup and pop3d parts as 
 state machine; the password check and the mailbox are the adapter's job, requested through
 actions:
 
-    session = POP3Session(greeting_token="<1234.5678@mx.test.com>", ...)
+    session = POP3Session(hostname="mx.test.com", ...)
     session.start()                      # queues the greeting
     session.receive_data(bytes)          # whatever arrived
     action = session.next_action()       # Send / Authenticate / StartTLS / Retrieve / Update /
@@ -20,9 +20,10 @@ buffer (RFC 2449 PIPELINING) and are handled, in order, once the request is answ
 No sockets, no clock reads, no files: time and the mailbox listing come in as arguments.
 
 APOP is not offered. It needs the server to keep a cleartext-equivalent of every password (the
-MD5 input is the password itself), and the user store keeps bcrypt hashes only. The greeting
-still carries qmail-popup's `<unique@host>` token; APOP answers a clear -ERR saying why, and the
-CAPA IMPLEMENTATION line says the same.
+MD5 input is the password itself), and the user store keeps bcrypt hashes only. So the greeting
+carries no RFC 1939 `<timestamp>` (qmail-popup's `<pid.time@host>`): clients such as mpop, with
+their default `auth on`, pick APOP whenever the greeting has one. APOP answers a clear -ERR
+saying why, and the CAPA IMPLEMENTATION line says the same.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ MAX_PENDING_INPUT = 65536
 # --- reply texts: every wire string in one table -----------------------------------------------
 
 REPLIES: dict[str, str] = {
-    "greeting": "+OK {token}",                                        # qmail-popup
+    # No <timestamp>: it would announce APOP (RFC 1939 7), which is not offered.
+    "greeting": "+OK {hostname} POP3 server ready",
     "ok": "+OK",
     "user": "+OK",                                                    # qmail-popup: never tells
     "login": "+OK maildrop has {count} messages ({size} octets)",     # RFC 1939 5 example
@@ -64,6 +66,7 @@ REPLIES: dict[str, str] = {
     "user_first": "-ERR USER first",                                  # qmail-popup
     "auth_first": "-ERR authorization first",                         # qmail-popup
     "not_after_login": "-ERR already authenticated",
+    "stls_after_login": "-ERR STLS is only allowed before login (RFC 2595 4)",
     "tls_required": ("-ERR [AUTH] plaintext login disallowed on an unencrypted connection:"
                      " use STLS first"),
     "apop": ("-ERR APOP not supported: passwords are stored only as bcrypt hashes;"
@@ -221,9 +224,9 @@ def parse_number(arg: bytes) -> int | None:
 class POP3Session:
     """One POP3 connection's protocol state."""
 
-    def __init__(self, *, greeting_token: str, tls_available: bool = False,
+    def __init__(self, *, hostname: str = "localhost", tls_available: bool = False,
                  tls_active: bool = False, require_tls: bool = False) -> None:
-        self.greeting_token = greeting_token
+        self.hostname = hostname
         self.tls_available = tls_available
         self.tls_active = tls_active
         self.require_tls = require_tls
@@ -253,7 +256,7 @@ class POP3Session:
     # --- input and output ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._send(reply("greeting", token=self.greeting_token))
+        self._send(reply("greeting", hostname=self.hostname))
 
     def receive_data(self, data: bytes) -> None:
         if self.state != CLOSED:
@@ -348,6 +351,8 @@ class POP3Session:
                 self._bad("auth_first")
             elif name in (b"USER", b"PASS", b"APOP"):
                 self._bad("not_after_login")
+            elif name == b"STLS":
+                self._bad("stls_after_login")
             else:
                 self._bad("unimplemented")
             return

@@ -56,7 +56,6 @@ class POP3Factory(ServerFactory):
                  tls: Callable[[], Any] = lambda: None,
                  implicit_tls: bool = False, require_tls: bool = False,
                  timeout: float = DEFAULT_TIMEOUT,
-                 next_token: Callable[[], str] | None = None,
                  drain: Callable[[], Any] = lambda: None,
                  stats: dict | None = None, kind: str = "pop3") -> None:
         self.reactor = reactor
@@ -71,17 +70,8 @@ class POP3Factory(ServerFactory):
         self.require_tls = require_tls
         self.timeout = timeout
         self.drain = drain                  # callable: app.drain (graceful stop) or None
-        self._counter = 0
-        self._next_token = next_token
         self.stats = stats                  # app.stats: connections.<kind>.now/.total
         self.kind = kind
-
-    def greeting_token(self) -> str:
-        """qmail-popup's <pid.counter.time@host>: unique per connection."""
-        if self._next_token is not None:
-            return self._next_token()
-        self._counter += 1
-        return f"<{os.getpid()}.{self._counter}.{int(self.reactor.seconds())}@{self.hostname}>"
 
     def buildProtocol(self, addr):
         p = POP3ServerProtocol()
@@ -182,7 +172,7 @@ class POP3ServerProtocol(Protocol):
         self.ip = normalize_ip(str(getattr(peer, "host", "unknown")))
         tls = f.tls()
         self.session = core.POP3Session(
-            greeting_token=f.greeting_token(),
+            hostname=f.hostname,
             tls_available=tls is not None and not f.implicit_tls,
             tls_active=f.implicit_tls,
             require_tls=f.require_tls)

@@ -38,7 +38,6 @@ class _Shared:
 
     def __init__(self, app: App) -> None:
         self.penalty = app.login_penalty             # one table with SMTP AUTH
-        self.counter = 0
         self.factories: set[POP3Factory] = set()
         self.sweeper = task.LoopingCall(self._sweep, app)
         self.sweeper.clock = app.reactor
@@ -106,17 +105,12 @@ def build_factory(app: App, kind: str):
         log.info("roaming relay granted: rip={ip} user=<{user}> minutes={minutes}",
                  ip=ip, user=user.address, minutes=minutes)
 
-    def next_token() -> str:
-        import os
-        shared.counter += 1
-        return f"<{os.getpid()}.{shared.counter}.{int(reactor.seconds())}@{app.settings.hostname}>"
-
     factory = _ListenerFactory(
         reactor=reactor, hostname=settings.hostname, authenticate=authenticate,
         open_mailbox=open_mailbox, run_blocking=run_blocking, grant=grant,
         penalty=shared.penalty, tls=lambda: app.tls, implicit_tls=(kind == "pop3s"),
         require_tls=settings.pop3.require_tls, timeout=settings.pop3.timeout,
-        next_token=next_token, drain=lambda: app.drain,
+        drain=lambda: app.drain,
         stats=app.stats, kind=kind)
     factory.shared = shared
 

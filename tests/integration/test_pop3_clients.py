@@ -120,3 +120,26 @@ def test_mpop_keep_and_only_new_uses_stable_uidls(tls_server, certs, tmp_path):
     assert len(os.listdir(out / "new")) == MESSAGES          # fetched once, not twice
     md = maildir(tls_server)
     assert os.listdir(md / "new") == [] and len(os.listdir(md / "cur")) == MESSAGES
+
+
+@pytest.mark.parametrize("mode", ["stls", "pop3s"])
+def test_mpop_default_auth_on_logs_in(tls_server, certs, tmp_path, mode):
+    """mpop's default `auth on` picks APOP whenever the greeting carries an RFC 1939
+    <timestamp>; the greeting has none (APOP is not offered), so mpop uses USER/PASS."""
+    mpop = require_tool("mpop")
+    contents = fill(tls_server)
+    out = tmp_path / "Maildir"
+    for d in ("tmp", "new", "cur"):
+        (out / d).mkdir(parents=True)
+    port = tls_server.port("pop3s" if mode == "pop3s" else "pop3")
+    res = subprocess.run(
+        [mpop, "--host=localhost", f"--port={port}", "--user=test",
+         f"--passwordeval=echo '{PASSWORD}'", "--tls=on",
+         f"--tls-starttls={'on' if mode == 'stls' else 'off'}", f"--tls-trust-file={certs[0]}",
+         f"--delivery=maildir,{out}", "--keep=off", "--only-new=off",
+         f"--uidls-file={tmp_path / 'uidls'}", "--timeout=20"],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
+        env={**os.environ, "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_fetched_and_deleted(tls_server, [p.read_bytes() for p in (out / "new").iterdir()],
+                               contents)

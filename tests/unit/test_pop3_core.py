@@ -44,7 +44,7 @@ def talk(s: POP3Session, data: bytes) -> bytes:
 
 
 def new_session(**kw) -> POP3Session:
-    s = POP3Session(greeting_token="<123.1.1700000000@mx.test.example>", **kw)
+    s = POP3Session(hostname="mx.test.example", **kw)
     s.start()
     drain(s)
     return s
@@ -62,10 +62,13 @@ def logged_in(messages=MESSAGES, **kw) -> POP3Session:
 
 # --- AUTHORIZATION -------------------------------------------------------------------------
 
-def test_greeting_is_qmail_popup_style_with_unique_token():
-    s = POP3Session(greeting_token="<123.1.1700000000@mx.test.example>")
+def test_greeting_names_the_host_and_carries_no_apop_timestamp():
+    """APOP is not offered, so no RFC 1939 <timestamp>: mpop's `auth on` would pick APOP."""
+    s = POP3Session(hostname="mx.test.example")
     s.start()
-    assert drain(s) == [Send(b"+OK <123.1.1700000000@mx.test.example>\r\n"), NEED_DATA]
+    [greeting, _] = drain(s)
+    assert greeting == Send(b"+OK mx.test.example POP3 server ready\r\n")
+    assert b"<" not in greeting.data and b">" not in greeting.data
 
 
 def test_user_always_ok_and_pass_requests_check_with_raw_login_and_spaces_kept():
@@ -157,7 +160,7 @@ def test_user_pass_after_login_refused():
     s = logged_in()
     assert talk(s, b"USER x\r\n") == b"-ERR already authenticated\r\n"
     assert talk(s, b"PASS x\r\n") == b"-ERR already authenticated\r\n"
-    assert talk(s, b"STLS\r\n") == b"-ERR unimplemented\r\n"
+    assert talk(s, b"STLS\r\n") == b"-ERR STLS is only allowed before login (RFC 2595 4)\r\n"
 
 
 # --- CAPA and STLS -------------------------------------------------------------------------
