@@ -636,7 +636,7 @@ class QueueManager(service.Service):
         text = bounce_mod.bounce_message(
             hostname=self.hostname, sender=env.sender, recipient=b_rcpt, failures=failures,
             original=data, truncated=truncated, now=self.now(),
-            message_id="%d.%d.bounce" % (int(self.now()), env.qid))
+            message_id="%d.%d.bounce" % (int(self.now()), env.qid), arrival=env.birth)
         try:
             bqid = yield self.injector.inject(text, b_sender, [b_rcpt])
         except Exception as e:  # noqa: BLE001 - QueueWriteError: try again later

@@ -189,8 +189,10 @@ def test_failure_bounces_double_bounces_and_triple_bounce_is_dropped(tmp_path):
     assert b_sender == ""
     assert b"Hi. This is the qmail-send program at mail.test.com." in b_body
     assert (b"<nobody@test.com>:\nSorry, no mailbox here by that name. (#5.1.1)\n\n"
-            b"--- Below this line is a copy of the message.\n\n"
-            b"Return-Path: <alice@test.com>\nSubject: t\n\nhello\n") in b_body
+            b"--- Below this line is a copy of the message.\n") in b_body
+    assert b"\nFinal-Recipient: rfc822; nobody@test.com\nAction: failed\nStatus: 5.1.1\n" in b_body
+    assert b"Content-Type: message/rfc822\nContent-Transfer-Encoding: 7bit\n\n" \
+           b"Return-Path: <alice@test.com>\nSubject: t\n\nhello\n" in b_body
     (d_sender, d_body), = captured["postmaster@test.com"]
     assert d_sender == DOUBLE_BOUNCE_SENDER
     assert b"the bounce bounced!" in d_body and b"To: postmaster@test.com" in d_body

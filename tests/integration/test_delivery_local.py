@@ -3,6 +3,9 @@ messages injected by another process (trigger)."""
 
 from __future__ import annotations
 
+import email
+import email.policy
+
 import smtplib
 import time
 
@@ -59,8 +62,18 @@ def test_unknown_local_recipient_bounces_to_the_sender(server):
     assert b"Return-Path: <>\n" in data
     assert b"Subject: failure notice\n" in data
     assert b"Hi. This is the qmail-send program at mx.test.example." in data
-    assert (b"<nobody@test.com>:\nSorry, no mailbox here by that name. (#5.1.1)\n\n"
-            b"--- Below this line is a copy of the message.\n\n"
-            b"Return-Path: <test@test.com>\nSubject: lost\n\nwhere am I\n") in data
+    # An RFC 3464 report, as a mail program reads it: qmail's text, the status, the message.
+    report = email.message_from_bytes(data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    human, status, returned = report.iter_parts()
+    assert human.get_content().endswith(
+        "<nobody@test.com>:\nSorry, no mailbox here by that name. (#5.1.1)\n\n"
+        "--- Below this line is a copy of the message.\n")
+    _, rcpt = status.get_payload()
+    assert (rcpt["Final-Recipient"], rcpt["Action"], rcpt["Status"]) == (
+        "rfc822; nobody@test.com", "failed", "5.1.1")
+    [original] = returned.get_payload()
+    assert original["Return-Path"] == "<test@test.com>" and original["Subject"] == "lost"
+    assert original.get_content() == "where am I\n"
     wait_until(lambda: queue_ids(server) == [], what="the queue to empty")
     assert "bounce msg " in server.output()

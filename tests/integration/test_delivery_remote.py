@@ -82,6 +82,8 @@ def test_5xx_from_the_sink_bounces_to_the_sender(make_server, sink_factory):
     data = bounce.read_bytes()
     assert b"<bob@example.org>:\n127.0.0.1 does not like recipient.\nRemote host said: 5" in data
     assert b"Subject: failure notice" in data
+    # The RFC 3464 part names the remote server and its reply.
+    assert b"\nRemote-MTA: dns; 127.0.0.1\nDiagnostic-Code: smtp; 5" in data
     wait_until(lambda: queue_ids(srv) == [], what="the queue to empty")
 
 
