@@ -1,5 +1,7 @@
 """The `mailappliance` command: domains, users, aliases, and (through the admin protocol) the
-running server. Exit status: 0 success, 1 refused (one line on stderr), 2 usage error.
+running server. Exit status: 0 success, 1 refused (one line on stderr), 2 usage error, 78 no
+instance where it looked (mailappliance/locate.py: --config, --data, MAILAPPLIANCE_CONFIG,
+/etc/mailappliance/mailappliance.toml, ./var; only the commands in CREATING make a new one).
 
 Passwords are read from stdin (--password-stdin) or prompted without echo; never from argv.
 """
@@ -14,7 +16,10 @@ from typing import Sequence
 from mailappliance.config import ConfigError, Settings, load_settings
 from mailappliance.users.store import StoreError, UserStore
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+# The commands that may set up a new instance (create its data directory); every other one
+# refuses with EXIT_CONFIG where there is none (DESIGN.md section 2).
+CREATING = frozenset({("domain", "add"), ("user", "add"), ("alias", "add"), ("import", "qmail")})
 
 
 class Refused(Exception):
@@ -80,8 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
-    overrides = {"data": args.data} if args.data else {}
-    return load_settings(args.config, overrides)
+    """The instance's settings, found as locate.py says; NoInstance when a command that does
+    not create one finds none."""
+    from mailappliance.locate import locate, require_instance
+    creating = (args.area, getattr(args, "action", None)) in CREATING
+    found = locate(args.config, args.data, may_create=creating)
+    overrides = {"data": str(found.data)} if found.data else {}
+    settings = load_settings(found.config, overrides)
+    if not creating:
+        require_instance(settings.data, found)
+    return settings
 
 
 def read_password(from_stdin: bool, confirm: bool = True) -> str:
@@ -171,9 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = ["--data", args.data] if args.data else []
         extra += ["--config", args.config] if args.config else []
         return sendmail.main(extra + argv[split + 1:])
+    from mailappliance.locate import NoInstance
     try:
         try:
             settings = settings_for(args)
+        except NoInstance as e:
+            print(f"mailappliance: {e}", file=sys.stderr)
+            return EXIT_CONFIG
         except ConfigError as e:
             if args.area == "reload":
                 # The server parses the same file the same way; it would refuse it too.

@@ -67,6 +67,9 @@ class ListenSettings:
     admin: tuple[str, ...] = setting(ENDPOINTS, ("unix:var/admin.sock",),
                                      "admin protocol: a unix socket, or TCP on loopback with "
                                      "[admin] token_file", shown="unix:DATA/admin.sock")
+    inject: tuple[str, ...] = setting(ENDPOINTS, (), "local injection for every local user "
+                                      "(`mailappliance-sendmail`): unix sockets only, made mode "
+                                      "0666; the caller's uid is recorded (docs/OPERATIONS.md)")
 
 
 @dataclass(frozen=True)
@@ -418,11 +421,13 @@ def default_hostname() -> str:
 
 def load_settings(config: str | os.PathLike[str] | None = None,
                   overrides: Mapping[str, Any] | None = None,
-                  *, cwd: Path | None = None) -> Settings:
+                  *, cwd: Path | None = None, check_files: bool = True) -> Settings:
     """Build Settings from embedded defaults, the TOML file, then command-line overrides.
 
     `overrides` uses the dotted keys of the schema ("data", "hostname", "listen.smtp", ...), with
     values already in their final types (lists of endpoint strings, path strings).
+    `check_files=False` skips the files only the server reads (TLS, rules, admin token): the
+    sendmail command needs none of them and may run as a user who cannot read them.
     """
     cwd = cwd or Path.cwd()
     flat: dict[str, Any] = {}
@@ -474,9 +479,9 @@ def load_settings(config: str | os.PathLike[str] | None = None,
         raise _error(where, "tls", "cert and key must be given together")
     for name in ("cert", "key"):
         p = getattr(tls, name)
-        if p is not None and not p.is_file():
+        if check_files and p is not None and not p.is_file():
             raise _error(where, f"tls.{name}", f"file not found: {p}")
-    if tls.cert is not None:
+    if check_files and tls.cert is not None:
         _check_tls_files(where, tls.cert, tls.key)
     for kind in ("pop3s", "submissions"):
         if getattr(listen, kind) and not tls.enabled:
@@ -484,9 +489,13 @@ def load_settings(config: str | os.PathLike[str] | None = None,
     if sections.get("pop3", {}).get("require_tls") and not tls.enabled:
         raise _error(where, "pop3.require_tls", "needs a [tls] cert and key (for STLS)")
     rules = None
-    if smtp.rules is not None:
+    if check_files and smtp.rules is not None:
         rules = load_rules(smtp.rules)
-    if admin.token_file is not None and not admin.token_file.is_file():
+    for ep in listen.inject:
+        if not ep.startswith("unix:"):
+            raise _error(where, "listen.inject", f"{ep!r} is not a unix: endpoint (the "
+                         "caller's uid comes from the unix socket's peer credentials)")
+    if check_files and admin.token_file is not None and not admin.token_file.is_file():
         raise _error(where, "admin.token_file", f"file not found: {admin.token_file}")
     for ep in listen.admin:
         if ep.startswith(("tcp:", "tcp6:", "ssl:")):
@@ -519,12 +528,20 @@ def load_rules(path: Path) -> Rules:
 
 def _check_tls_files(where: str, cert: Path, key: Path) -> None:
     from OpenSSL import crypto
+    pems = {}
+    for name, path in (("cert", cert), ("key", key)):
+        # A file that cannot be read says why (permission denied), not "not a PEM ...".
+        try:
+            pems[name] = path.read_bytes()
+        except OSError as e:
+            raise _error(where, f"tls.{name}", f"cannot read {path}: {e.strerror or e}") \
+                from None
     try:
-        crypto.load_certificate(crypto.FILETYPE_PEM, cert.read_bytes())
+        crypto.load_certificate(crypto.FILETYPE_PEM, pems["cert"])
     except Exception:
         raise _error(where, "tls.cert", f"{cert} is not a PEM certificate") from None
     try:
-        crypto.load_privatekey(crypto.FILETYPE_PEM, key.read_bytes())
+        crypto.load_privatekey(crypto.FILETYPE_PEM, pems["key"])
     except Exception:
         raise _error(where, "tls.key", f"{key} is not a PEM private key") from None
 

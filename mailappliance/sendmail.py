@@ -30,12 +30,15 @@ import getpass
 import os
 import re
 import secrets
+import socket
 import sys
 import time
 from email.utils import formataddr, formatdate, getaddresses
-from typing import BinaryIO, Sequence, TextIO
+from pathlib import Path
+from typing import BinaryIO, Mapping, Sequence, TextIO
 
 from mailappliance.address import AddressError, parse_address
+from mailappliance.pickup import core as pickup
 
 EX_OK = 0
 EX_USAGE = 64
@@ -47,6 +50,12 @@ EX_CONFIG = 78
 # above any real header (Postfix's header_size_limit is 100 KiB).
 MAX_HEADER_BYTES = 1 << 20
 READ_CHUNK = 64 * 1024
+# The inject socket: seconds to connect and get the greeting (a local socket answers at once
+# unless the server is wedged), to get the reply after sending (the server's fsyncs; a
+# loaded disk takes seconds, not minutes), and to keep asking a server that says it is busy.
+CONNECT_TIMEOUT = 10.0
+REPLY_TIMEOUT = 120.0
+BUSY_WAIT = 60.0
 
 USAGE = ("usage: mailappliance-sendmail [--config FILE] [--data DIR] [-t] [-i] [-f SENDER] "
          "[-F NAME] [RECIPIENT...]")
@@ -214,8 +223,10 @@ def _field_value(field: bytes) -> str:
 
 
 def build_message(opts: Options, raw: bytes, *, sender: str, hostname: str, default_domain: str,
-                  uid: int, now: float, unique: str) -> tuple[bytes, list[str]]:
-    """The stored message and its recipients (a pure function; tested directly)."""
+                  uid: int, now: float, unique: str, user: str | None = None,
+                  via: str | None = None) -> tuple[bytes, list[str]]:
+    """The stored message and its recipients (a pure function; tested directly). `user` is
+    the login name of `uid` and `via` the way in ("the inject socket"), both for Received:."""
     fields, body = _split_header(raw)
     recipients = _split_addresses(opts.recipients, default_domain)
     if opts.extract:
@@ -224,7 +235,9 @@ def build_message(opts: Options, raw: bytes, *, sender: str, hostname: str, defa
     kept = [f for f in fields if _field_name(f) != "bcc"]
     names = {_field_name(f) for f in kept}
     date = formatdate(now, localtime=False)
-    added = [f"Received: (mailappliance-sendmail invoked by uid {uid}); {date}\n".encode()]
+    who = f"uid {uid}" + (f" ({user})" if user else "") + (f" via {via}" if via else "")
+    added = [f"Received: (mailappliance-sendmail invoked by {who}); {date}\n"
+             .encode("utf-8", "replace")]
     if "from" not in names:
         shown = sender or f"MAILER-DAEMON@{hostname}"
         added.append(("From: " + formataddr((opts.fullname or "", shown)) + "\n")
@@ -243,6 +256,27 @@ def build_message(opts: Options, raw: bytes, *, sender: str, hostname: str, defa
     return message, unique_rcpts
 
 
+def header_length(raw: bytes) -> int:
+    """Octets of `raw` that build_message treats as the header block (blank line included)."""
+    _fields, body = _split_header(raw)
+    return len(raw) - len(body)
+
+
+def default_sender(text: str, default_domain: str, given: bool = False,
+                   uid: int | None = None) -> str:
+    """The envelope sender: -f as given (`given`; "" and "<>" are the null sender), or the
+    login name of `uid` (uid-N when it is no usable address); bare names get the default
+    domain. UsageError for a bad -f."""
+    if given and text.strip() in ("", "<>"):
+        return ""
+    try:
+        return _qualify(text, default_domain)
+    except UsageError:
+        if given:
+            raise
+        return _qualify(f"uid-{os.getuid() if uid is None else uid}", default_domain)
+
+
 def _login_name() -> str:
     """$LOGNAME/$USER or the passwd entry, as qmail-inject; a uid without a name (containers)
     still gets a usable sender."""
@@ -257,11 +291,134 @@ def _login_name() -> str:
         return f"uid-{os.getuid()}"
 
 
+def _own_name() -> str | None:
+    import pwd
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except PermissionError:
+        return False
+    except OSError:
+        return True             # missing or broken: load_settings says what is wrong
+
+
+def can_write_queue(data: Path) -> bool:
+    """Whether this process may write the instance's queue itself (root, the server's user)."""
+    if os.geteuid() == 0:
+        return True
+    queue = data / "queue"
+    target = queue / "mess" if queue.is_dir() else data
+    return os.access(target, os.W_OK | os.X_OK)
+
+
+class Unreachable(Exception):
+    """The inject socket did not answer (not there, refused, no permission)."""
+
+
+def _connect(path: str, timeout: float) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise Unreachable(f"{path}: {e.strerror or e}") from None
+    return s
+
+
+def _read_line(s: socket.socket, buf: bytearray, limit: int) -> bytes:
+    while b"\n" not in buf:
+        if len(buf) > limit:
+            raise pickup.ProtocolError("reply line too long")
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            raise TimeoutError from None
+        if not data:
+            break
+        buf += data
+    nl = buf.find(b"\n")
+    if nl < 0:
+        line, buf[:] = bytes(buf), b""
+    else:
+        line = bytes(buf[:nl + 1])
+        del buf[:nl + 1]
+    return line
+
+
+def _greet(path: str) -> tuple[socket.socket, bytearray, int]:
+    """Connect and read the greeting -> (socket, leftover bytes, the server's databytes).
+    A busy server ("75 busy") is asked again, with growing pauses, for BUSY_WAIT seconds."""
+    deadline = time.monotonic() + BUSY_WAIT
+    pause = 0.05
+    while True:
+        s = _connect(path, CONNECT_TIMEOUT)
+        buf = bytearray()
+        try:
+            first = _read_line(s, buf, pickup.MAX_REPLY_LINE)
+            if not first:
+                raise Unreachable(f"{path}: the server closed the connection")
+            greeting = pickup.parse_greeting(first)
+        except TimeoutError:
+            s.close()
+            raise Unreachable(f"{path}: no greeting within {CONNECT_TIMEOUT:.0f} s") from None
+        except (pickup.ProtocolError, OSError) as e:
+            s.close()
+            raise Unreachable(f"{path}: {e}") from None
+        if isinstance(greeting, int):
+            return s, buf, greeting
+        s.close()
+        if greeting.code != pickup.EX_TEMPFAIL or time.monotonic() + pause > deadline:
+            raise _Answer(greeting.code, greeting.text)
+        time.sleep(pause)           # the server is busy: ask again a little later
+        pause = min(pause * 2, 1.0)
+
+
+class _Answer(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+def _send(s: socket.socket, buf: bytearray, opts: Options, raw: bytes) -> tuple[int, str]:
+    head = header_length(raw)
+    req = pickup.Request(opts.sender, tuple(opts.recipients), opts.extract, opts.fullname,
+                         head, len(raw))
+    try:
+        s.settimeout(REPLY_TIMEOUT)
+        try:
+            s.sendall(pickup.encode_request(req) + raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass                    # refused early: the reply is waiting to be read
+        line = _read_line(s, buf, pickup.MAX_REPLY_LINE)
+    except TimeoutError:
+        return EX_TEMPFAIL, f"no reply from the server within {REPLY_TIMEOUT:.0f} s"
+    except OSError as e:
+        return EX_TEMPFAIL, f"the inject socket failed: {e.strerror or e}"
+    finally:
+        s.close()
+    if not line:
+        return EX_TEMPFAIL, "the server closed the connection without a reply"
+    try:
+        reply = pickup.parse_reply(line)
+    except pickup.ProtocolError as e:
+        return EX_TEMPFAIL, str(e)
+    return reply.code, reply.text
+
+
 def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
-         stderr: TextIO | None = None) -> int:
+         stderr: TextIO | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stderr = stderr if stderr is not None else sys.stderr
+    environ = os.environ if environ is None else environ
 
     def fail(code: int, text: str) -> int:
         print(f"mailappliance-sendmail: {text}", file=stderr)
@@ -273,26 +430,90 @@ def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
         print(USAGE, file=stderr)
         return fail(EX_USAGE, str(e))
 
+    # 1. Which instance (DESIGN.md section 2); nothing is created here, ever.
     from mailappliance.config import ConfigError, load_settings
+    from mailappliance.locate import (DEFAULT_INJECT_SOCKET, ENV_INJECT, NO, NoInstance,
+                                      instance_state, locate)
+    env_socket = environ.get(ENV_INJECT, "")
+    settings = None
     try:
-        overrides = {"data": opts.data} if opts.data else {}
-        settings = load_settings(opts.config, overrides)
-    except ConfigError as e:
-        return fail(EX_CONFIG, str(e))
-    default_domain = settings.default_domain or settings.hostname
+        found = locate(opts.config, opts.data, environ=environ)
+    except NoInstance as e:
+        if not env_socket:
+            return fail(EX_CONFIG, str(e))
+        found = None
+    if found is not None and (found.config is None or _readable(found.config)):
+        try:
+            overrides = {"data": str(found.data)} if found.data else {}
+            settings = load_settings(found.config, overrides, check_files=False)
+        except ConfigError as e:
+            return fail(EX_CONFIG, str(e))
 
+    # 2. Which way in: the server's inject socket when it answers; the queue itself for a
+    #    caller who may write it (root, the server's user); otherwise exit 75 or 78.
+    if settings is not None:
+        sockets = [pickup.unix_path(e) for e in settings.listen.inject]
+        if not sockets and env_socket:
+            sockets = [env_socket]
+        state = instance_state(settings.data)
+        direct = state != NO and can_write_queue(settings.data)
+        where = f"the queue in {settings.data}"
+    else:
+        sockets = [env_socket or DEFAULT_INJECT_SOCKET]
+        state, direct = NO, False
+        where = ("the queue (the configuration " + str(found.config) + " is not readable)"
+                 if found is not None else "the queue")
+    uid = os.getuid()
+    unreachable = []
+    for path in sockets:
+        try:
+            s, buf, databytes = _greet(path)
+        except Unreachable as e:
+            unreachable.append(str(e))
+            continue
+        except _Answer as e:
+            return fail(e.code, e.text)
+        try:
+            raw = _read_message(stdin, opts.ignore_dots, databytes)
+        except OverflowError:
+            s.close()
+            return fail(EX_DATAERR, "message (or its header) is larger than databytes allows")
+        if not opts.recipients and not opts.extract:
+            s.close()
+            return fail(EX_USAGE, "no recipients (give them as arguments, or use -t)")
+        try:
+            header_length(raw)
+        except OverflowError:
+            s.close()
+            return fail(EX_DATAERR, "message (or its header) is larger than databytes allows")
+        code, text = _send(s, buf, opts, raw)
+        return EX_OK if code == EX_OK else fail(code, text)
+    if not direct:
+        if settings is not None and state == NO:
+            return fail(EX_CONFIG, f"no mailappliance instance in {settings.data} "
+                        f"(from {found.how})")
+        if not sockets:
+            return fail(EX_CONFIG, f"no [listen] inject socket in {found.how} and uid {uid} "
+                        f"may not write {where}")
+        return fail(EX_TEMPFAIL, f"the server is not running (cannot connect to "
+                    f"{'; '.join(unreachable)}) and uid {uid} may not write {where}; "
+                    "try again later")
+    return _inject_direct(opts, settings, stdin, fail)
+
+
+def _inject_direct(opts: Options, settings, stdin: BinaryIO, fail) -> int:
+    """The server is down (or has no inject socket): write the queue like qmail-queue."""
+    default_domain = settings.default_domain or settings.hostname
     try:
         if opts.sender is None:
-            sender = _qualify(_login_name(), default_domain)
-        elif opts.sender.strip() in ("", "<>"):
-            sender = ""
+            sender = default_sender(_login_name(), default_domain)
         else:
-            sender = _qualify(opts.sender, default_domain)
+            sender = default_sender(opts.sender, default_domain, given=True)
         raw = _read_message(stdin, opts.ignore_dots, settings.smtp.databytes)
         unique = f"{int(time.time())}.{os.getpid()}.{secrets.token_hex(4)}.mailappliance"
         message, recipients = build_message(
             opts, raw, sender=sender, hostname=settings.hostname, default_domain=default_domain,
-            uid=os.getuid(), now=time.time(), unique=unique)
+            uid=os.getuid(), now=time.time(), unique=unique, user=_own_name())
     except UsageError as e:
         return fail(EX_USAGE, str(e))
     except OverflowError:

@@ -38,6 +38,7 @@ from mailappliance.app import App, Listener, ReadyService
 from mailappliance.config import Settings
 from mailappliance.drain import Drain
 from mailappliance.notify import NotifyService
+from mailappliance.pickup import service as pickup_service
 from mailappliance.pop3 import service as pop3_service
 from mailappliance.privileges import adopt_tree, data_owner
 from mailappliance.queue.service import build_queue
@@ -253,6 +254,8 @@ LISTENER_KINDS: tuple[ListenerKind, ...] = (
     ListenerKind("pop3", pop3_service.build_factory),
     ListenerKind("pop3s", pop3_service.build_factory),
     ListenerKind("admin", admin_service.build_factory, admin_service.build_endpoint,
+                 one_factory=True),
+    ListenerKind("inject", pickup_service.build_factory, pickup_service.build_endpoint,
                  one_factory=True),
 )
 

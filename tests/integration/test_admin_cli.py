@@ -11,6 +11,7 @@ def test_stat_on_a_stopped_server_says_so_and_exits_1(make_server):
     srv = make_server()
     srv.root.mkdir(parents=True, exist_ok=True)
     srv._write_config()
+    srv.cli("domain", "add", "test.com")          # an instance, never started
     res = srv.cli("stat", check=False)
     assert res.returncode == 1
     assert res.stdout == ""

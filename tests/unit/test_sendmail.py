@@ -88,7 +88,16 @@ def test_read_message(stdin, dots, stored):
     assert sendmail._read_message(io.BytesIO(stdin), dots, 10_000) == stored
 
 
-def run(tmp_path, argv, stdin=b"Subject: t\n\nhello\n", **env):
+def instance(tmp_path):
+    """A data directory that holds an instance (the store commands' first step)."""
+    (tmp_path / "var").mkdir(exist_ok=True)
+    (tmp_path / "var" / "users.sqlite").touch()
+    return tmp_path / "var"
+
+
+def run(tmp_path, argv, stdin=b"Subject: t\n\nhello\n", make=True, **env):
+    if make:
+        instance(tmp_path)
     err = io.StringIO()
     code = sendmail.main(["--data", str(tmp_path / "var"), *argv], stdin=io.BytesIO(stdin),
                          stderr=err)
@@ -117,7 +126,6 @@ def test_main_null_sender(tmp_path):
 def test_main_exit_codes(tmp_path):
     assert run(tmp_path, [])[0] == 64                      # no recipients
     assert run(tmp_path, ["-Z"])[0] == 64
-    (tmp_path / "var").mkdir()
     (tmp_path / "var" / "queue").write_text("not a directory")
     code, err = run(tmp_path, ["r@test.com"])
     assert code == 75 and "qq write error" in err
@@ -129,7 +137,7 @@ def test_main_exit_codes(tmp_path):
 
 def test_main_refuses_message_over_databytes(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'data = "{tmp_path / "var"}"\n[smtp]\ndatabytes = 100\n')
+    cfg.write_text(f'data = "{instance(tmp_path)}"\n[smtp]\ndatabytes = 100\n')
     err = io.StringIO()
     code = sendmail.main(["--config", str(cfg), "r@test.com"],
                          stdin=io.BytesIO(b"x" * 500 + b"\n"), stderr=err)
