@@ -314,7 +314,10 @@ def can_write_queue(data: Path) -> bool:
     if os.geteuid() == 0:
         return True
     queue = data / "queue"
-    target = queue / "mess" if queue.is_dir() else data
+    try:
+        target = queue / "mess" if queue.is_dir() else data
+    except OSError:
+        return False            # the data directory is closed to this user
     return os.access(target, os.W_OK | os.X_OK)
 
 

@@ -100,7 +100,7 @@ class PickupProtocol(protocol.Protocol):
             return
         if drain is not None:
             self.drain = drain.register(self.close_now)
-        self.uid = peer_uid(self.transport)
+        self.uid = self.factory.peer_uid(self.transport)
         if self.uid is None:
             self._reply(core.EX_TEMPFAIL, "no peer credentials on this socket")
             return
@@ -319,6 +319,7 @@ class PickupFactory(protocol.ServerFactory):
         self.active: set[PickupProtocol] = set()
         self.max_connections = MAX_CONNECTIONS
         self.timeout = REQUEST_TIMEOUT
+        self.peer_uid = peer_uid            # tests hand in their own (StringTransport has none)
         if run_blocking is None:
             from twisted.internet.threads import deferToThreadPool
 
