@@ -48,6 +48,7 @@ def test_production_example_is_valid_and_listens_on_the_standard_ports(settings)
     assert settings.listen.pop3 == ("tcp:110",)
     assert settings.listen.pop3s == ("tcp:995",)
     assert settings.listen.admin == ("unix:/run/mailappliance/admin.sock",)
+    assert settings.listen.inject == ("unix:/run/mailappliance/inject.sock",)
     assert settings.tls.enabled
     assert settings.data == Path("/var/lib/mailappliance")
     assert settings.smtp.dnsbl == ("dnsbl.example.net",)
