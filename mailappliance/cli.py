@@ -13,6 +13,7 @@ import getpass
 import sys
 from typing import Sequence
 
+from mailappliance import __version__
 from mailappliance.config import ConfigError, Settings, load_settings
 from mailappliance.users.store import StoreError, UserStore
 
@@ -33,6 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mailappliance", description="administer a mailappliance instance")
+    p.add_argument("--version", action="version", version=f"mailappliance {__version__}")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--data", "-d", help="state directory of the instance (default ./var)")
     where.add_argument("--config", "-c", help="the instance's TOML configuration file")
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     ali.add_parser("del", help="delete an alias").add_argument("address")
     ali.add_parser("list", help="list aliases")
 
-    sub.add_parser("stat", help="services, uptime, connections, queue (server must run)")
+    st = sub.add_parser("stat", help="services, uptime, connections, queue (server must run)")
+    st.add_argument("--json", action="store_true", help="one JSON document")
     q = sub.add_parser("queue", help="the mail queue").add_subparsers(dest="action", required=True)
     q.add_parser("list", help="list queued messages")
     q.add_parser("flush", help="retry every deferred message now")

@@ -10,8 +10,8 @@ Keys (documented in docs/ARCHITECTURE.md):
     config_loaded              time.time() of the last successful (re)load of the config
 
 A protocol calls `connection_opened(app.stats, kind)` in connectionMade and
-`connection_closed(app.stats, kind)` in connectionLost; `stat` shows "connections not counted"
-for a kind whose protocol does not.
+`connection_closed(app.stats, kind)` in connectionLost; `stat` shows 0 for a kind that has had
+no connection yet.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class Refused(Exception):
 def command_line(args) -> str:
     area = args.area
     if area == "stat":
-        return "stat"
+        return "stat --json" if getattr(args, "json", False) else "stat"
     if area == "reload":
         return "reload"
     if area == "relay":

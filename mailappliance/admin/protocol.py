@@ -82,7 +82,8 @@ OPTION_METAVARS = {"--quota": "BYTES", "--postmaster": "ADDR"}
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("help",), summary="this list"),
-    CommandSpec(("stat",), summary="services, up-time, connections, queue, last errors"),
+    CommandSpec(("stat",), (), {"--json": None},
+                summary="services, up-time, connections, queue, last errors"),
     CommandSpec(("queue", "list"), summary="queued messages: id, age, sender, recipients"),
     CommandSpec(("queue", "flush"), summary="retry every deferred message now"),
     CommandSpec(("queue", "remove"), ("ID",), {"--bounce": None},

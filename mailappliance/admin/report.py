@@ -7,7 +7,7 @@ The wording follows qmailctl stat and qmail-qread where they have one ("messages
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 
@@ -55,6 +55,7 @@ class StatSnapshot:
     config_loaded: float | None = None
     rules: str | None = None                 # "N rules from FILE" or None
     extra: tuple[str, ...] = field(default_factory=tuple)
+    counters: dict = field(default_factory=dict)   # stat_counters(): what `extra` says, as numbers
 
 
 def format_stat(s: StatSnapshot, now: float) -> list[str]:
@@ -68,10 +69,7 @@ def format_stat(s: StatSnapshot, now: float) -> list[str]:
     for svc in s.services:
         up = ("up " + f"{int(now - svc.started_at)} seconds") if svc.started_at else "down"
         where = " ".join(svc.addresses) or "-"
-        if svc.connections_now is None:
-            conns = "connections not counted"
-        else:
-            conns = f"connections {svc.connections_now} now, {svc.connections_total or 0} total"
+        conns = f"connections {svc.connections_now or 0} now, {svc.connections_total or 0} total"
         lines.append(f"{svc.kind}: {up}, listening on {where}; {conns}")
     if s.queue is None:
         lines.append(f"queue: {s.queue_why or 'not running'}")
@@ -88,6 +86,59 @@ def format_stat(s: StatSnapshot, now: float) -> list[str]:
     else:
         lines.append("last errors: none")
     return lines
+
+
+# A string in `stat --json` is cut to this many characters: the admin protocol carries the
+# document one line per value, and cuts reply lines at protocol.MAX_REPLY_LINE (4096).
+JSON_STRING_MAX = 2000
+
+
+def _cut(text: str | None) -> str | None:
+    if text is None or len(text) <= JSON_STRING_MAX:
+        return text
+    return text[:JSON_STRING_MAX] + "..."
+
+
+def stat_json(s: StatSnapshot, now: float) -> dict:
+    """`stat --json`: the same facts as format_stat, as numbers (documented in
+    docs/MONITORING.md)."""
+    return {
+        "hostname": s.hostname,
+        "pid": s.pid,
+        "uptime_seconds": int(now - s.started),
+        "config": {"path": s.config_path,
+                   "loaded_seconds_ago": None if s.config_loaded is None
+                   else int(now - s.config_loaded)},
+        "rules": s.rules,
+        "services": [{"kind": svc.kind, "addresses": list(svc.addresses),
+                      "up_seconds": int(now - svc.started_at) if svc.started_at else None,
+                      "connections_now": svc.connections_now or 0,
+                      "connections_total": svc.connections_total or 0}
+                     for svc in s.services],
+        "queue": asdict(s.queue) if s.queue is not None else None,
+        "queue_why": s.queue_why or None,
+        "counters": s.counters,
+        "last_errors": [_cut(e) for e in s.last_errors],
+    }
+
+
+def stat_counters(injector: dict | None, manager: dict | None, resolver: dict | None) -> dict:
+    """Counters since start, by component, for `stat --json` and the metrics endpoint."""
+    out: dict = {}
+    if injector is not None:
+        out["queue"] = {"commits": injector.get("commits", 0),
+                        "group_commits": injector.get("dir_syncs", 0),
+                        "write_errors": injector.get("write_errors", 0)}
+    if manager is not None:
+        out["deliveries"] = {k: manager.get(k, 0) for k in
+                             ("success", "deferral", "failure", "bounces", "double_bounces",
+                              "triple_bounces")}
+    if resolver is not None:
+        out["dns"] = {"lookups": resolver.get("queries", 0),
+                      "cache_hits": resolver.get("cache_hits", 0),
+                      "timeouts": resolver.get("timeouts", 0),
+                      "failures": resolver.get("failures", 0)}
+    return out
 
 
 def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | None) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import grp
 import hmac
 import ipaddress
+import json
 import os
 import re
 import time
@@ -429,7 +430,14 @@ def cmd_stat(proto, cmd):
             config_loaded=app.stats.get("config_loaded"), rules=rules,
             extra=tuple(report.counter_lines(dict(app.injector.stats),
                                              dict(app.queue_manager.stats),
-                                             dict(app.resolver.stats))))
+                                             dict(app.resolver.stats))),
+            counters=report.stat_counters(dict(app.injector.stats),
+                                          dict(app.queue_manager.stats),
+                                          dict(app.resolver.stats)))
+        if cmd.options.get("--json"):
+            # One value a line (indent), so no reply line comes near MAX_REPLY_LINE.
+            return json.dumps(report.stat_json(snap, proto.factory.clock()),
+                              indent=1).splitlines()
         return report.format_stat(snap, proto.factory.clock())
 
     # The directory is counted in the pool; the manager's counters live on the reactor thread.

@@ -79,7 +79,7 @@ def test_the_table_covers_design_md_commands_and_help_lists_each_once():
     ("queue remove 1 --force", "queue remove: unknown option '--force'; usage: "
                                "queue remove ID [--bounce]"),
     ("queue remove 1 --bounce --bounce", "queue remove: option --bounce given twice"),
-    ("stat now", "stat: too many arguments; usage: stat"),
+    ("stat now", "stat: too many arguments; usage: stat [--json]"),
     ("user add", "user add: missing ADDR; usage: user add ADDR [--quota BYTES]"),
     ("user add a@b.c --quota", "user add: option --quota needs a value"),
     ("user add a@b.c --quota -5", "user add: --quota: expected a number of bytes"),

@@ -32,7 +32,7 @@ def test_stat_reads_like_qmailctl_stat():
         "rules: 3 rules from /etc/tcp.smtp",
         "smtp: up 3600 seconds, listening on 127.0.0.1:25 127.0.0.2:25; "
         "connections 2 now, 17 total",
-        "admin: up 60 seconds, listening on /var/admin.sock; connections not counted",
+        "admin: up 60 seconds, listening on /var/admin.sock; connections 0 now, 0 total",
         "messages in queue: 3",
         "messages in queue but not yet preprocessed: 1",
         "status: local 0/10 remote 1/20",
@@ -49,6 +49,29 @@ def test_stat_without_queue_rules_or_errors_says_so():
     assert "rules: none (nobody relays by IP)" in lines
     assert "queue: queue manager not built in" in lines
     assert lines[-1] == "last errors: none"
+
+
+def test_stat_json_holds_the_same_facts_as_numbers():
+    import json
+    counters = r.stat_counters({"commits": 90, "dir_syncs": 12}, {"success": 80}, None)
+    doc = r.stat_json(snapshot(counters=counters), NOW)
+    assert json.loads(json.dumps(doc)) == doc
+    assert doc["hostname"] == "mx.test.com" and doc["pid"] == 42
+    assert doc["uptime_seconds"] == 3600
+    assert doc["config"] == {"path": "/etc/m.toml", "loaded_seconds_ago": 10}
+    assert doc["services"] == [
+        {"kind": "smtp", "addresses": ["127.0.0.1:25", "127.0.0.2:25"], "up_seconds": 3600,
+         "connections_now": 2, "connections_total": 17},
+        {"kind": "admin", "addresses": ["/var/admin.sock"], "up_seconds": 60,
+         "connections_now": 0, "connections_total": 0}]
+    assert doc["queue"] == {"messages": 3, "unprocessed": 1, "local_busy": 0, "local_max": 10,
+                            "remote_busy": 1, "remote_max": 20}
+    assert doc["counters"]["queue"] == {"commits": 90, "group_commits": 12, "write_errors": 0}
+    assert doc["counters"]["deliveries"]["success"] == 80
+    assert "dns" not in doc["counters"]
+    assert doc["last_errors"] == ["2023-11-14T22:00:00.000000Z delivery: delivery 7: deferral: x"]
+    long = r.stat_json(snapshot(last_errors=("x" * 9000,)), NOW)["last_errors"][0]
+    assert len(long) == r.JSON_STRING_MAX + 3
 
 
 def test_counters_since_start():
