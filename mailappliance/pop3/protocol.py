@@ -389,7 +389,7 @@ class POP3ServerProtocol(Protocol):
         if user is None:
             delay = f.penalty.failed(self.ip, f.reactor.seconds())
             # One line per failure with the address and the escaped login, for fail2ban:
-            #   failregex = pop3: login failed: rip=<HOST> user=
+            #   failregex = ^\s*pop3: login failed: rip=<HOST> user=   (conf/fail2ban)
             self.log.warn("login failed: rip={ip} user=<{user}> tls={tls} delay={delay:g}s",
                           ip=self.ip, user=escape_login(login),
                           tls="yes" if self.session.tls_active else "no", delay=delay)
@@ -419,8 +419,8 @@ class POP3ServerProtocol(Protocol):
             return
         self.mailbox = box
         self.session.login_succeeded(messages)
-        self.log.info("login: user=<{user}> rip={ip} tls={tls} messages={count}",
-                      user=escape_login(self.user.address), ip=self.ip,
+        self.log.info("login ok: rip={ip} user=<{user}> tls={tls} messages={count}",
+                      ip=self.ip, user=escape_login(self.user.address),
                       tls="yes" if self.session.tls_active else "no", count=len(messages))
         self._resume()
 
@@ -522,8 +522,8 @@ class POP3ServerProtocol(Protocol):
 
     def _updated(self, failures: int, action: Update) -> None:
         self._updating = False
-        self.log.info("quit: user=<{user}> rip={ip} deleted={deleted} kept={kept}"
-                      " failures={failures}", user=escape_login(self.user.address), ip=self.ip,
+        self.log.info("quit: rip={ip} user=<{user}> deleted={deleted} kept={kept}"
+                      " failures={failures}", ip=self.ip, user=escape_login(self.user.address),
                       deleted=len(action.deleted), kept=len(action.kept), failures=failures)
         self._release_mailbox()
         if not self._closed:

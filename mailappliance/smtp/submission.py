@@ -203,7 +203,7 @@ class SessionAuth:
             delay = table.failed(ip, reactor.seconds())
             self.failures += 1
             # One line per failure, for fail2ban:
-            #   failregex = ^\S+ smtp: auth failed: rip=<HOST> user=
+            #   failregex = ^\s*smtp: auth failed: rip=<HOST> user=   (conf/fail2ban)
             self.log.warn("auth failed: rip={ip} user=<{user}> mech={mech} tls={tls} "
                           "delay={delay:g}s", ip=ip, user=escape_login(login),
                           mech=self.mechanism, tls=tls, delay=delay)
