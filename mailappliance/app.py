@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailappliance.access.penalty import LoginPenalty
 from mailappliance.config import Settings
+from mailappliance.startup import StartupFailed, fail_running, listen_error
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -102,6 +104,11 @@ class Listener(service.Service):
         self.listening = self.endpoint.listen(self.factory)
         self.listening.addCallback(self._bound)
         self.listening.addErrback(self._failed)
+        if self.listening.called and isinstance(self.listening.result, Failure):
+            # Failed at once (port in use): fail the start now, before anything else starts.
+            failure = self.listening.result
+            self.listening.addErrback(lambda _: None)
+            failure.raiseException()
 
     def _bound(self, port):
         self.port = port
@@ -110,9 +117,9 @@ class Listener(service.Service):
         return port
 
     def _failed(self, failure):
-        self.log.failure("{kind}: cannot listen on {ep}", failure, kind=self.kind,
-                         ep=self.description)
-        return failure
+        # Logged once, as the start-up failure (mailappliance.startup), not here.
+        raise StartupFailed(f"{self.kind}: cannot listen on {self.description}: "
+                            f"{listen_error(failure.value)}")
 
     def startService(self) -> None:
         if self.listening is None:
@@ -167,21 +174,19 @@ class ReadyService(service.Service):
             listen.setdefault(l.kind, []).append(l.bound_port())
         payload = {"pid": os.getpid(), "listen": listen}
         tmp = run / "ready.json.tmp"
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, run / "ready.json")
+        try:
+            tmp.write_text(json.dumps(payload))
+            os.replace(tmp, run / "ready.json")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)      # a full disk: no half-written file left behind
+            raise StartupFailed(f"cannot write {tmp}: {e.strerror or e}") from None
         self.log.info("ready: {listen}", listen=json.dumps(listen))
         for hook in self.on_ready:
             hook(self.app)
 
     def _not_ready(self, failure) -> None:
-        self.log.error("start-up failed: {why}", why=failure.getErrorMessage())
-        reactor = self.app.reactor
-        if reactor.running:
-            reactor.stop()
-        else:
-            # A listener failed in privilegedStartService, before the reactor runs: stop as
-            # soon as it does instead of serving without that listener.
-            reactor.callWhenRunning(reactor.stop)
+        # One line, stop (every port closes), exit status 1: mailappliance.startup.
+        fail_running(self.app.reactor, failure, self.app.settings.data)
 
     def stopService(self):
         super().stopService()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sqlite3
 import sys
 from typing import Sequence
 
@@ -188,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra += ["--config", args.config] if args.config else []
         return sendmail.main(extra + argv[split + 1:])
     from mailappliance.locate import NoInstance
+    settings = None
     try:
         try:
             settings = settings_for(args)
@@ -218,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return client.run(args, settings)
     except (StoreError, ConfigError, Refused) as e:
         print(f"mailappliance: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (OSError, sqlite3.Error) as e:
+        # A full disk, a file of the wrong owner: the file and the system's words, one line.
+        from mailappliance.datadir import describe
+        store = settings.data / "users.sqlite" if settings is not None else None
+        print(f"mailappliance: {describe(e, store)}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         print("mailappliance: interrupted", file=sys.stderr)

@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance import dns, instance, tls as tls_part
+from mailappliance import datadir, dns, instance, tls as tls_part
 from mailappliance import logging as log_part
 from mailappliance.access.dnsbl import DNSBLChecker
 from mailappliance.access.relay import RelayGrants
@@ -184,7 +184,7 @@ def build_shared(settings: Settings, reactor, threadpool: ThreadPool | None = No
     """`threadpool` and `grants_clock` are for tests (testing/app.py): an inline pool, and
     grants that expire on the test's reactor clock."""
     data = settings.data
-    data.mkdir(parents=True, exist_ok=True)
+    datadir.make_dir(data)                                 # 0700 if new (datadir.py)
     store = UserStore(data, settings.bcrypt_cost)
     pool = threadpool or ThreadPool(THREADPOOL_MIN, THREADPOOL_MAX, name="mailappliance")
     return Shared(store, pool, Authenticator(store, reactor, pool),

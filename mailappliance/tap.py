@@ -72,5 +72,8 @@ class Options(usage.Options):
 
 def makeService(options: Options):
     # Imported here: the options (and `twistd mailappliance --help`) need none of the tree.
+    # A start-up that cannot work ends in one line and exit status 1 (mailappliance.startup);
+    # twistd's own options (--uid, --gid, --pidfile) are the parent of ours.
     from mailappliance.service import make_service
-    return make_service(options.settings)
+    from mailappliance.startup import build_or_exit
+    return build_or_exit(options.settings, make_service, getattr(options, "parent", None))

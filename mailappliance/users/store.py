@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mailappliance import datadir
 from mailappliance.users import passwords
 
 # RFC 5321 4.5.3.1.1 / 4.5.3.1.2
@@ -155,8 +156,11 @@ class UserStore:
         self.path = self.data_dir / "users.sqlite"
         self.domains_dir = self.data_dir / "domains"
         self._local = threading.local()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.domains_dir.mkdir(exist_ok=True)
+        # Private to the server's user: the directory 0700 when made here, users.sqlite (and
+        # so its -wal and -shm) 0600, existing ones tightened (mailappliance/datadir.py).
+        datadir.make_dir(self.data_dir)
+        self.domains_dir.mkdir(exist_ok=True, mode=datadir.DIR_MODE)
+        datadir.private_store(self.data_dir)
         self.generation = _Generation(self.data_dir / "users.sqlite-gen", like=self.path,
                                       opener=opener)
         self._db().executescript(SCHEMA)
