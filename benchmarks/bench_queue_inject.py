@@ -1,6 +1,6 @@
 """Injection commits/s through the real Injector (thread pool, group commit) on this disk.
 
-    /work/venv/bin/python benchmarks/bench_queue_inject.py [--messages 4000] [--concurrency 20]
+    python benchmarks/bench_queue_inject.py [--messages 4000] [--concurrency 20]
         [--size 2048] [--threads 10] [--dir /var/tmp/...]
 
 Keeps `concurrency` commits in flight (like 20 SMTP sessions each waiting for its 250) and

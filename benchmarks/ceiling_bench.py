@@ -1,6 +1,6 @@
 """What issue 3's 2x target asks of this machine: the target next to the ceilings, same run.
 
-    /work/venv/bin/python benchmarks/ceiling_bench.py [--rounds 2] [--messages 4000]
+    python benchmarks/ceiling_bench.py [--rounds 2] [--messages 4000]
         [--sessions 20] [--size 2048] [--no-two] [--no-postfix] [--scratch /var/tmp]
         [--quiet-wait 60]
 

@@ -723,7 +723,7 @@ def py_spy_record(pid: int, seconds: int, out: Path) -> subprocess.Popen | None:
     """Start `py-spy record` on pid: folded stacks of every thread py-spy sees as active (no
     --idle; summarize_folded also drops the known waits: epoll, idle pool threads), so samples
     per thread / (seconds x rate) is that thread's active share, system calls such as fsync
-    included.  None if py-spy is missing (`/work/venv/bin/pip install py-spy`)."""
+    included.  None if py-spy is missing (`pip install py-spy`)."""
     if not os.access(PY_SPY, os.X_OK):
         return None
     return subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds),

@@ -1,6 +1,6 @@
 """DNSBL cost on the SMTP connection rate: two lists answering after 50 ms vs no lists.
 
-    /work/venv/bin/python benchmarks/dnsbl_bench.py [--concurrency 40] [--seconds 8]
+    python benchmarks/dnsbl_bench.py [--concurrency 40] [--seconds 8]
         [--delay 0.05] [--rounds 2] [--also 80,160] [--json FILE]
 
 What it does, all on loopback:

@@ -1,6 +1,6 @@
 """End-to-end delivery benchmark: accepted -> in Maildir/new, mailappliance vs a private Postfix.
 
-    /work/venv/bin/python benchmarks/e2e_bench.py [--messages 6000] [--senders 20]
+    python benchmarks/e2e_bench.py [--messages 6000] [--senders 20]
         [--size 2048] [--half-seconds 15] [--half-rate R] [--no-smtp-source]
         [--source-rounds 3] [--only ours|postfix] [--profile] [--scratch /var/tmp] [--keep] [--source HEAD|DIR]
 

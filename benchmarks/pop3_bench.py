@@ -1,6 +1,6 @@
 """POP3 retrieval: mailappliance against Dovecot's POP3 server, same Maildir, same run.
 
-    /work/venv/bin/python benchmarks/pop3_bench.py [--messages 1000] [--size 10240]
+    python benchmarks/pop3_bench.py [--messages 1000] [--size 10240]
         [--rounds 5] [--only ours|dovecot] [--source HEAD] [--keep]
 
 One session = connect, USER/PASS, LIST, RETR every message, DELE every message, QUIT (until

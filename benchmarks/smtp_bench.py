@@ -1,6 +1,6 @@
 """SMTP acceptance benchmark: mailappliance vs aiosmtpd (Maildir + fsync), same run, loopback.
 
-    /work/venv/bin/python benchmarks/smtp_bench.py [--scale 1.0] [--idle 1000] [--profile]
+    python benchmarks/smtp_bench.py [--scale 1.0] [--idle 1000] [--profile]
         [--pairs 3] [--only ours|aiosmtpd] [--aiosmtpd-executor N] [--scratch /var/tmp] [--keep]
         [--source HEAD|COMMIT|DIR]
 

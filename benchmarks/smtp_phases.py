@@ -1,6 +1,6 @@
 """Where an SMTP session's time goes: per-command reply latency, ours vs aiosmtpd, same run.
 
-    /work/venv/bin/python benchmarks/smtp_phases.py [--sessions 20] [--messages 3000]
+    python benchmarks/smtp_phases.py [--sessions 20] [--messages 3000]
         [--size 2048] [--only ours|aiosmtpd] [--rounds 1]
 
 A closed loop of `--sessions` asyncio clients sends `--messages` messages, a new connection

@@ -4,7 +4,7 @@ Never touches the system instance: everything (config, queue, data, log, mailbox
 one scratch folder and Postfix is started with ``postfix -c <scratch>/etc start``.  The
 master.cf has the smtpd on a private 127.0.0.1 port and only the services virtual delivery
 needs; there is no smtp or lmtp client service and every non-virtual transport is ``error:``,
-so nothing can leave the machine (notes in /work/shared/PEERS.md).
+so nothing can leave the machine (see benchmarks/README.md).
 
     inst = PostfixInstance(Path("/var/tmp/x"), port)
     inst.setup(); inst.start(); ... inst.maildir ... ; inst.stop()
@@ -25,7 +25,7 @@ from pathlib import Path
 
 POSTFIX = "/usr/sbin/postfix"
 DAEMON_DIRECTORY = "/usr/lib/postfix/sbin"
-# The uid/gid virtual(8) delivers as (PEERS.md: static:65534, i.e. nobody/nogroup).
+# The uid/gid virtual(8) delivers as (static:65534, i.e. nobody/nogroup).
 VIRTUAL_UID = 65534
 VIRTUAL_GID = 65534
 # Upper bounds for `postfix start` to accept connections and `postfix stop` to finish;
