@@ -16,7 +16,7 @@ from typing import Sequence
 
 from mailappliance import __version__
 from mailappliance.config import ConfigError, Settings, load_settings
-from mailappliance.users.store import StoreError, UserStore
+from mailappliance.users.store import StoreError, UserStore, alias_line
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 # The commands that may set up a new instance (create its data directory); every other one
@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     d_add.add_argument("name")
     d_add.add_argument("--postmaster", help="user that receives postmaster/abuse/mailer-daemon "
                        "(default: the first user added)")
-    dom.add_parser("del", help="delete a domain and its mailboxes").add_argument("name")
+    d_del = dom.add_parser("del", help="delete a domain and its mailboxes (refused while they "
+                           "hold mail, unless --force)")
+    d_del.add_argument("name")
+    d_del.add_argument("--force", action="store_true",
+                       help="delete the mail in its mailboxes too")
     dom.add_parser("list", help="list domains")
 
     usr = sub.add_parser("user", help="virtual users").add_subparsers(dest="action", required=True)
@@ -124,8 +128,9 @@ def _store_command(args: argparse.Namespace, store: UserStore, out) -> None:
             name = store.add_domain(args.name, args.postmaster)
             print(f"domain {name} added", file=out)
         elif action == "del":
-            store.del_domain(args.name)
-            print(f"domain {args.name.lower()} deleted", file=out)
+            removed = store.del_domain(args.name, force=args.force)
+            gone = f" with {removed} message{'s' * (removed != 1)}" if removed else ""
+            print(f"domain {args.name.lower()} deleted{gone}", file=out)
         else:
             for name in store.list_domains():
                 print(name, file=out)
@@ -153,8 +158,9 @@ def _store_command(args: argparse.Namespace, store: UserStore, out) -> None:
             store.del_alias(args.address)
             print(f"alias {args.address.lower()} deleted", file=out)
         else:
+            shadowed = store.shadowed_aliases()
             for address, targets in store.list_aliases():
-                print(f"{address} -> {' '.join(targets)}", file=out)
+                print(alias_line(address, targets, shadowed), file=out)
 
 
 STORE_AREAS = ("domain", "user", "alias")

@@ -92,7 +92,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("reload",), summary="re-read the configuration and rules files (like HUP)"),
     CommandSpec(("domain", "add"), ("NAME",), {"--postmaster": str},
                 summary="add a virtual domain"),
-    CommandSpec(("domain", "del"), ("NAME",), summary="delete a domain and its mailboxes"),
+    CommandSpec(("domain", "del"), ("NAME",), {"--force": None},
+                summary="delete a domain and its mailboxes (--force: even with mail in them)"),
     CommandSpec(("domain", "list"), summary="list domains"),
     CommandSpec(("user", "add"), ("ADDR",), {"--quota": _int_bytes}, secret="password",
                 summary="add a user with a Maildir"),
@@ -175,6 +176,7 @@ class AdminConnection:
         self.authenticated = not needs_token
         self.errors = 0
         self.closed = False
+        self.eof = False                # the client will send nothing more
 
     # -- input --------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -208,6 +210,13 @@ class AdminConnection:
             if line.endswith(b"\r"):
                 line = line[:-1]
             self._pending.append(line)
+
+    def end_of_input(self) -> None:
+        """The client half-closed (``printf 'stat' | socat - UNIX-CONNECT:...``): an
+        unterminated last line counts as a line; nothing more will come."""
+        if self._buf and not self._discarding and not self.closed:
+            self.receive_data(b"\n")
+        self.eof = True
 
     def buffered(self) -> int:
         """Bytes held (partial line plus lines not yet turned into events)."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -39,6 +40,7 @@ from mailappliance.admin.protocol import (NEED_DATA, AdminConnection, Command, I
 from mailappliance.config import ConfigError
 from mailappliance.privileges import data_owner
 from mailappliance.users.store import StoreError
+from zope.interface import implementer
 
 if TYPE_CHECKING:
     from mailappliance.app import App
@@ -167,7 +169,11 @@ def _is_loopback(addr) -> bool:
         return False
 
 
+@implementer(IHalfCloseableProtocol)
 class AdminProtocol(protocol.Protocol):
+    """Half-closeable: a client that shuts down its sending side after its commands still
+    gets every answer, then the connection closes (`printf 'stat\\n' | socat - UNIX-...`)."""
+
     log = Logger(namespace="mailappliance.admin.service")
 
     def __init__(self, factory: "AdminFactory", peer: str, needs_token: bool) -> None:
@@ -195,6 +201,17 @@ class AdminProtocol(protocol.Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    # -- IHalfCloseableProtocol ---------------------------------------------------------------
+    def readConnectionLost(self) -> None:
+        """EOF from the client: answer what was asked, then close (in _loop)."""
+        self.core.end_of_input()
+        self._run()
+
+    def writeConnectionLost(self) -> None:
+        """The client will not read any more: nothing left to answer."""
+        self.lost = True
+        self.transport.loseConnection()
 
     def _touch(self) -> None:
         reactor = self.factory.reactor
@@ -227,6 +244,8 @@ class AdminProtocol(protocol.Protocol):
         self.lost = True
 
     def _update_reading(self) -> None:
+        if self.core.eof:
+            return          # nothing more to read; resuming would report the EOF again
         want_pause = self.busy or self.write_paused
         if want_pause and not self.reading_paused:
             self.reading_paused = True
@@ -251,9 +270,11 @@ class AdminProtocol(protocol.Protocol):
             self._in_run = False
 
     def _loop(self) -> None:
+        drained = False
         while not (self.busy or self.write_paused or self.lost):
             event = self.core.next_event()
             if event is NEED_DATA:
+                drained = True
                 break
             if isinstance(event, Invalid):
                 self.log.info("{peer}: refused line: {why}", peer=self.peer, why=event.text)
@@ -264,7 +285,8 @@ class AdminProtocol(protocol.Protocol):
                 continue
             self._execute(event)
         self._update_reading()
-        if self.core.closed and not self.busy and not self.lost:
+        if (self.core.closed or (self.core.eof and drained)) and not self.busy \
+                and not self.lost:
             self.transport.loseConnection()
 
     def _execute(self, cmd: Command) -> None:
@@ -514,8 +536,9 @@ def cmd_domain_add(proto, cmd):
 
 def cmd_domain_del(proto, cmd):
     def f(s):
-        s.del_domain(cmd.args["NAME"])
-        return [f"domain {cmd.args['NAME'].lower()} deleted"]
+        removed = s.del_domain(cmd.args["NAME"], force=bool(cmd.options.get("--force")))
+        gone = f" with {removed} message{'s' * (removed != 1)}" if removed else ""
+        return [f"domain {cmd.args['NAME'].lower()} deleted{gone}"]
     return _store_call(proto, f)
 
 
@@ -566,7 +589,12 @@ def cmd_alias_del(proto, cmd):
 
 
 def cmd_alias_list(proto, cmd):
-    return _store_call(proto, lambda s: [f"{a} -> {' '.join(t)}" for a, t in s.list_aliases()])
+    from mailappliance.users.store import alias_line
+
+    def f(s):
+        shadowed = s.shadowed_aliases()
+        return [alias_line(a, t, shadowed) for a, t in s.list_aliases()]
+    return _store_call(proto, f)
 
 
 def cmd_relay_list(proto, cmd):

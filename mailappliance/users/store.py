@@ -217,19 +217,45 @@ class UserStore:
 
     def _set_role_aliases(self, db, domain: str, target: str) -> None:
         for role in ROLE_ALIASES:
+            # A role name that is a real mailbox keeps its mail: no alias shadows a user.
+            if db.execute("SELECT 1 FROM users WHERE domain=? AND local=?",
+                          (domain, role)).fetchone():
+                continue
             db.execute("INSERT OR IGNORE INTO aliases(domain, local, targets) VALUES (?,?,?)",
                        (domain, role, json.dumps([target])))
 
-    def del_domain(self, name: str) -> None:
+    def count_domain_mail(self, name: str) -> int:
+        """Messages in the Maildirs (new/ and cur/) of a domain's users: what `domain del`
+        would remove. Bounded by the mailboxes' size; a directory walk, no database."""
         domain = normalize_domain(name)
+        return _count_mail(self.domains_dir / domain)
+
+    def del_domain(self, name: str, force: bool = False) -> int:
+        """Delete a domain, its users, aliases and mailboxes; -> messages removed. Refused
+        while its mailboxes hold mail, unless `force` (vpopmail's vdeldomain never asked)."""
+        domain = normalize_domain(name)
+        if not self.has_domain(domain):
+            raise StoreError(f"no such domain: {domain}")
+        stored = _count_mail(self.domains_dir / domain)
+        if stored and not force:
+            raise StoreError(f"domain {domain} has {stored} message{'s' * (stored != 1)} in "
+                             f"its mailboxes; `domain del {domain} --force` deletes "
+                             f"{'them' if stored != 1 else 'it'} too")
         with self._db() as db:
             cur = db.execute("DELETE FROM domains WHERE name=?", (domain,))
             if cur.rowcount == 0:
                 raise StoreError(f"no such domain: {domain}")
             db.execute("DELETE FROM users WHERE domain=?", (domain,))
             db.execute("DELETE FROM aliases WHERE domain=?", (domain,))
-        # vpopmail's vdeldomain removes the mail too; the directory name is a validated label.
-        shutil.rmtree(self.domains_dir / domain, ignore_errors=True)
+        path = self.domains_dir / domain
+        if not force and _count_mail(path):
+            # Delivered between the count and the delete: the domain is gone (new mail for it
+            # bounces), its mail stays on disk for the operator rather than being lost.
+            raise StoreError(f"domain {domain} deleted, but mail arrived meanwhile: its "
+                             f"mailboxes stay in {path}")
+        # The directory name is a validated label: nothing outside domains/ is touched.
+        shutil.rmtree(path, ignore_errors=True)
+        return stored
 
     def list_domains(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT name FROM domains ORDER BY name")]
@@ -265,6 +291,14 @@ class UserStore:
             if db.execute("SELECT 1 FROM users WHERE domain=? AND local=?",
                           (domain, local)).fetchone():
                 raise StoreError(f"user {local}@{domain} already exists")
+            # One address, one meaning: a user would silently win over the alias in delivery
+            # while sender binding still honoured the alias.
+            alias = db.execute("SELECT targets FROM aliases WHERE domain=? AND local=?",
+                               (domain, local)).fetchone()
+            if alias:
+                raise StoreError(f"{local}@{domain} is an alias (-> "
+                                 f"{' '.join(json.loads(alias[0]))}); delete it first with "
+                                 f"`alias del {local}@{domain}`")
             db.execute("INSERT INTO users(domain, local, password_hash, quota, created) "
                        "VALUES (?,?,?,?,?)", (domain, local, hashed, quota, self.wallclock()))
             # The first user of a domain without a named postmaster receives the role aliases.
@@ -348,6 +382,10 @@ class UserStore:
         with self._db() as db:
             if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
                 raise StoreError(f"no such domain: {domain}")
+            if db.execute("SELECT 1 FROM users WHERE domain=? AND local=?",
+                          (domain, local)).fetchone():
+                raise StoreError(f"{local}@{domain} is a user; an alias of the same address "
+                                 "would never be used (delete the user first)")
             db.execute("INSERT INTO aliases(domain, local, targets) VALUES (?,?,?) "
                        "ON CONFLICT(domain, local) DO UPDATE SET targets=excluded.targets",
                        (domain, local, json.dumps(clean)))
@@ -367,8 +405,11 @@ class UserStore:
         db = self._db()
 
         def lookup() -> tuple[str, ...] | None:
-            row = db.execute("SELECT targets FROM aliases WHERE domain=? AND local=?",
-                             (domain, local)).fetchone()
+            # An alias shadowed by a user (made before collisions were refused) is not used:
+            # the user gets the mail, and nobody may send as the user through the alias.
+            row = db.execute("SELECT targets FROM aliases a WHERE domain=? AND local=? AND "
+                             "NOT EXISTS (SELECT 1 FROM users u WHERE u.domain=a.domain AND "
+                             "u.local=a.local)", (domain, local)).fetchone()
             return tuple(json.loads(row[0])) if row else None
         hit = db.cached(("a", local, domain), lookup)
         return list(hit) if hit is not None else None     # a copy: callers may change it
@@ -377,6 +418,13 @@ class UserStore:
         rows = self._db().execute("SELECT local, domain, targets FROM aliases "
                                   "ORDER BY domain, local")
         return [(f"{lo}@{d}", json.loads(t)) for lo, d, t in rows]
+
+    def shadowed_aliases(self) -> set[str]:
+        """Aliases that are also users (made before add_user and add_alias refused that):
+        never used; `alias list` marks them and `mailappliance check` reports them."""
+        rows = self._db().execute("SELECT a.local, a.domain FROM aliases a JOIN users u "
+                                  "ON u.domain=a.domain AND u.local=a.local")
+        return {f"{lo}@{d}" for lo, d in rows}
 
     # -- lookups for SMTP, delivery and POP3 --------------------------------------------------
     def lookup_recipient(self, address: str) -> str:
@@ -416,6 +464,41 @@ class UserStore:
             passwords.verify_password(password, self._dummy_hash)
             return None
         return user if passwords.verify_password(password, user.password_hash) else None
+
+
+def alias_line(address: str, targets, shadowed) -> str:
+    """One line of `alias list` (the command and the admin protocol); an alias that is also a
+    user (UserStore.shadowed_aliases) is marked as unused."""
+    line = f"{address} -> {' '.join(targets)}"
+    if address in shadowed:
+        line += f" (unused: {address} is a user, which gets its mail; `alias del {address}`)"
+    return line
+
+
+# Entries counted at most when counting a domain's mail: far above any small host's mailboxes;
+# it keeps `domain del` from walking a huge tree for minutes (any count refuses without --force).
+MAX_COUNT_ENTRIES = 10_000_000
+
+
+def _count_mail(domain_dir: Path) -> int:
+    """Files in <domain>/<user>/Maildir/{new,cur}."""
+    n = 0
+    try:
+        users = list(os.scandir(domain_dir))
+    except OSError:
+        return 0
+    for user in users:
+        for sub in ("new", "cur"):
+            try:
+                with os.scandir(os.path.join(user.path, "Maildir", sub)) as it:
+                    for entry in it:
+                        if not entry.name.startswith("."):
+                            n += 1
+                            if n >= MAX_COUNT_ENTRIES:
+                                return n
+            except OSError:
+                continue
+    return n
 
 
 class _Generation:
