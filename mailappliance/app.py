@@ -113,8 +113,13 @@ class Listener(service.Service):
     def _bound(self, port):
         self.port = port
         self.started_at = time.time()
-        self.log.info("{kind}: listening on {where}", kind=self.kind, where=self.address_text())
+        if self.running:              # bound late; else said in startService
+            self._say_listening()
         return port
+
+    def _say_listening(self) -> None:
+        # Said once the whole tree started, so a start that fails says only why (startup.py).
+        self.log.info("{kind}: listening on {where}", kind=self.kind, where=self.address_text())
 
     def _failed(self, failure):
         # Logged once, as the start-up failure (mailappliance.startup), not here.
@@ -125,6 +130,8 @@ class Listener(service.Service):
         if self.listening is None:
             self.privilegedStartService()
         super().startService()
+        if self.port is not None:
+            self._say_listening()
 
     def stopService(self):
         super().stopService()

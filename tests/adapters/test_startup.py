@@ -163,3 +163,23 @@ def test_ready_writes_the_file_when_all_is_well(tmp_path):
 def test_describe_gives_one_line(error, line):
     assert startup.describe(error) == line
     assert "\n" not in startup.describe(Failure(error))
+
+
+def test_running_thread_pools_are_stopped_so_the_process_can_exit(tmp_path):
+    """The original hang: an error after the thread pools started left their (non-daemon)
+    threads running, and the process never ended. Real pools here, stopped by the guard."""
+    from twisted.python.threadpool import ThreadPool
+
+    from mailappliance.service import ThreadPoolService
+    pools = [ThreadPool(1, 2, name="test-a"), ThreadPool(1, 2, name="test-b")]
+    top = service.MultiService()
+    for pool in pools:
+        ThreadPoolService(pool).setServiceParent(top)
+    Recorder("log", [], fail_on_start=PermissionError(errno.EACCES, "Permission denied",
+                                                      "/d/log")).setServiceParent(top)
+    guard = startup.StartupGuard(top, tmp_path)
+    with pytest.raises(SystemExit):
+        guard.startService()
+    for pool in pools:
+        assert not pool.started
+        assert not any(t.is_alive() for t in pool.threads)

@@ -29,6 +29,16 @@ SMALL_DISK = "4m"
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 
+def released_port() -> int:
+    """A port the kernel chose for us and we let go of: the server binds it before the one
+    that is in use, so the test can see it closed again afterwards."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def need_root(why: str) -> None:
     if os.geteuid() != 0:
         if IN_CI:
@@ -54,16 +64,17 @@ def failure_lines(out: str) -> list[str]:
             if "start-up failed" in l or l.startswith("mailappliance: ")]
 
 
-def assert_failed_clearly(rc: int, out: str, srv: ServerProcess, *expected: str) -> str:
-    """Exit 1, one line of ours naming `expected`, no traceback, nothing left listening, no
-    readiness file. Returns the line."""
+def assert_failed_clearly(rc: int, out: str, srv: ServerProcess, *expected: str,
+                          ports=()) -> str:
+    """Exit 1, one line of ours naming `expected`, no traceback, nothing left listening (the
+    `ports` given and any the log says were bound), no readiness file. Returns the line."""
     assert rc == 1, out
     lines = failure_lines(out)
     assert len(lines) == 1, out
     for text in expected:
         assert text in lines[0], out
     assert "Traceback" not in out, out
-    for port in LISTENING.findall(out):
+    for port in [*ports, *LISTENING.findall(out)]:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
     run = srv.data / "run"
@@ -107,17 +118,19 @@ def test_a_port_in_use_fails_in_one_line_with_status_1(make_server, notify):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
+    smtp = released_port()
     try:
         srv = make_server("[listen]\n"
-                          'smtp = ["tcp:0:interface=127.0.0.1"]\n'
+                          f'smtp = ["tcp:{smtp}:interface=127.0.0.1"]\n'
                           f'submission = ["tcp:{port}:interface=127.0.0.1"]\n'
                           'pop3 = ["tcp:0:interface=127.0.0.1"]\n')
         rc, out = run_to_exit(srv, env={"NOTIFY_SOCKET": str(notify.path)})
         line = assert_failed_clearly(rc, out, srv, "start-up failed",
                                      f"submission: cannot listen on tcp:{port}:",
-                                     "Address already in use")
+                                     "Address already in use", ports=[smtp])
         assert "critical" in line
-        assert LISTENING.findall(out), "the SMTP port was bound before the failure"
+        # The SMTP port was bound first, and is not claimed as served: no "listening on".
+        assert "listening on" not in out, out
         assert not any("READY=1" in m for m in notify.messages())
     finally:
         taken.close()
