@@ -35,8 +35,12 @@ def acquire(data: Path) -> int:
             os.close(fd)
         raise AlreadyRunning(f"mailappliance: another server (pid {other}) is running on "
                              f"{data}; stop it first") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:          # a full disk: name the file in the start-up failure's line
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     return fd
 
 

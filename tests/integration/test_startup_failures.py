@@ -250,7 +250,7 @@ def test_a_full_disk_at_a_later_start_fails_in_one_line_with_status_1(make_serve
     assert srv.stop() in (0, -15)
     fill(small_disk)
     rc, out = run_to_exit(srv, env={"NOTIFY_SOCKET": str(notify.path)})
-    line = assert_failed_clearly(rc, out, srv, "start-up failed")
+    line = assert_failed_clearly(rc, out, srv, "start-up failed", str(srv.data))
     assert "No space left on device" in line or "full" in line, line
     assert not any("READY=1" in m for m in notify.messages())
 
