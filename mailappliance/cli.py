@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("relay", help="POP-before-SMTP grants").add_subparsers(dest="action",
                                                                             required=True)
     r.add_parser("list", help="current grants")
+    from mailappliance.mailauth import command as dkim_command
+    dkim_command.add_parser(sub)
     sm = sub.add_parser("sendmail", help="sendmail-compatible injection", add_help=False)
     sm.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -219,6 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 store.close()
             return EXIT_OK
+        if args.area == "dkim":
+            # Keys are files in the data directory, written as its owner (0600, 0700).
+            from mailappliance.mailauth import command as dkim_command
+            from mailappliance.mailauth.keys import DKIMKeyError
+            from mailappliance.privileges import drop_to_data_owner
+            drop_to_data_owner(settings.data)
+            try:
+                return dkim_command.run(args, settings, sys.stdout, sys.stderr)
+            except DKIMKeyError as e:
+                raise Refused(str(e)) from None
         try:
             from mailappliance.admin import client
         except ModuleNotFoundError:

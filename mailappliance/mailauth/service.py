@@ -1,0 +1,327 @@
+"""The Twisted side of mail authentication: what the SMTP server and the injector call.
+
+    verifier = Verifier(app.resolver, reactor, app.threadpool, hostname, spf="tag", dkim="tag",
+                        dmarc="enforce")
+    spf = yield verifier.check_spf(client_ip, helo, mail_from)      # at MAIL FROM
+    refusal = verifier.spf_refusal(spf, client_ip)                    # Reply (550) or None
+    verdict = yield verifier.check_message(message, spf)             # after the final dot
+    verdict.action, verdict.reply, verdict.apply(message, linesep)   # accept/quarantine/reject
+
+    signer = Signer(KeyRegistry(data, report), reactor, app.threadpool)
+    fields = yield signer.sign(message, mail_from)                    # at injection: b"" or
+                                                                      # DKIM-Signature fields
+
+Every DNS question goes to the product's asynchronous resolver (`IResolver.query`, which
+caches answers for their TTLs and shares identical questions in flight); the pure cores
+(spf.py, dmarc.py, dkimverify.key_names) only say what to ask. Each check has an overall
+deadline (RFC 7208 section 4.6.4: at least 20 seconds) after which the question in flight is
+cancelled and every further one answered "temperror", so a silent DNS server costs a session
+time but never a thread, and never blocks another session. CPU work -- hashing, RSA, Ed25519
+-- runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Callable
+
+import dns.name
+import dns.rdatatype
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from mailappliance.dns import Answer, DNSError, DNSTemporaryError
+from mailappliance.mailauth import dkimverify, dmarc, spf
+from mailappliance.mailauth.keys import KeyRegistry
+from mailappliance.mailauth.lookup import NXDOMAIN, OK, TEMPERROR, Check, DNSResult, Lookup
+from mailappliance.mailauth.message import address_domain, from_domains, split_message
+from mailappliance.mailauth.results import (MODES_DKIM, MODES_DMARC, MODES_SPF, Verdict,
+                                            decide, spf_refusal)
+from mailappliance.mailauth.sign import sign_message, signing_domain
+
+# RFC 7208 section 4.6.4: an SPF evaluation MAY be cut off after at least 20 seconds.
+SPF_TIMEOUT = 20.0
+# The same bound for the DNS of one message's DKIM keys and DMARC records, which run in
+# parallel: the client is waiting for the reply to its final dot (RFC 5321 section 4.5.3.2.6
+# gives it 10 minutes, so 20 s is well inside).
+MESSAGE_DNS_TIMEOUT = 20.0
+
+
+class IVerifier(Interface):
+    """Checks of mail from the internet (not AUTH, RELAYCLIENT or roaming-grant clients)."""
+
+    def check_spf(client_ip, helo, mail_from):
+        """Deferred[SPFResult | None] (None when [verify] spf and dmarc are both off). Never
+        fails: DNS trouble is a temperror result."""
+
+    def spf_refusal(result, client_ip):
+        """Reply (550 5.7.23) to give MAIL FROM under spf = "enforce", else None."""
+
+    def check_message(message, spf_result):
+        """Deferred[Verdict] for the whole message (header and body, CRLF or LF lines).
+        Never fails: DNS trouble is temperror, which never refuses."""
+
+
+class ISigner(Interface):
+    def sign(message, mail_from, from_domain=None, linesep=None):
+        """Deferred[bytes]: DKIM-Signature fields to put on top of `message` (one per key of
+        the signing domain), or b"" when no key applies."""
+
+
+# --- driving the pure checks with the resolver --------------------------------------------------
+
+def to_result(answer: Answer) -> DNSResult:
+    """The resolver's Answer as the cores see it."""
+    if answer.nxdomain:
+        return DNSResult(NXDOMAIN)
+    rdtype = answer.rdtype
+    if rdtype == dns.rdatatype.TXT:
+        values: tuple[Any, ...] = tuple(answer.texts())
+    elif rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        values = tuple(answer.addresses())
+    elif rdtype == dns.rdatatype.MX:
+        values = tuple((int(r.preference), "." if r.exchange == dns.name.root
+                        else r.exchange.to_text(omit_final_dot=True).lower())
+                       for r in answer.records if r.rdtype == dns.rdatatype.MX)
+    elif rdtype == dns.rdatatype.PTR:
+        values = tuple(r.target.to_text(omit_final_dot=True).lower()
+                       for r in answer.records if r.rdtype == dns.rdatatype.PTR)
+    else:
+        values = tuple(answer.records)
+    return DNSResult(OK, values)
+
+
+class _Driver:
+    """Runs one check generator against the resolver until it returns, within `deadline`.
+
+    Answers that are already there (the resolver's cache) are fed in a loop, not by nested
+    callbacks, so a long chain of cached lookups cannot grow the stack.
+    """
+
+    def __init__(self, check: Check, resolver, reactor, timeout: float) -> None:
+        self.check = check
+        self.resolver = resolver
+        self.reactor = reactor
+        self.deadline = reactor.seconds() + timeout
+        self.result: Deferred = Deferred(lambda _d: self._cancel())
+        self.current: Deferred | None = None
+        self.timer = reactor.callLater(timeout, self._expired)
+        self.expired = False
+        self.queries = 0
+
+    def start(self) -> Deferred:
+        self._step(None, first=True)
+        return self.result
+
+    def _ask(self, lookup: Lookup) -> Deferred | DNSResult:
+        remaining = self.deadline - self.reactor.seconds()
+        if self.expired or remaining <= 0:
+            return DNSResult(TEMPERROR, reason="timeout")
+        self.queries += 1
+        try:
+            return self.resolver.query(lookup.name, lookup.rdtype, timeout=remaining)
+        except Exception as e:       # a resolver that raises instead of failing its Deferred
+            return DNSResult(TEMPERROR, reason=str(e))
+
+    def _step(self, value: DNSResult | None, first: bool = False) -> None:
+        while True:
+            try:
+                lookup = next(self.check) if first else self.check.send(value)
+            except StopIteration as stop:
+                self._finish(stop.value)
+                return
+            except Exception:
+                self._finish(Failure())
+                return
+            first = False
+            asked = self._ask(lookup)
+            if isinstance(asked, DNSResult):
+                value = asked
+                continue
+            # An answer that is there at once (the cache) is collected here, in this loop,
+            # rather than by a nested _step call.
+            box: list = []
+            self.current = asked
+            asked.addBoth(self._answered, box)
+            if box:
+                value = box[0]
+                continue
+            box.append(None)           # from now on, _answered resumes the check itself
+            return
+
+    def _answered(self, outcome, box: list) -> None:
+        self.current = None
+        value = self._convert(outcome)
+        if not box:
+            box.append(value)
+            return
+        if not self.result.called:
+            self._step(value)
+
+    @staticmethod
+    def _convert(outcome) -> DNSResult:
+        if isinstance(outcome, Answer):
+            return to_result(outcome)
+        if isinstance(outcome, Failure):
+            if outcome.check(DNSTemporaryError):
+                return DNSResult(TEMPERROR, reason=outcome.value.reason)
+            if outcome.check(DNSError):              # a name DNS cannot carry
+                return DNSResult(NXDOMAIN, reason=outcome.value.reason)
+            if outcome.check(defer.CancelledError):
+                return DNSResult(TEMPERROR, reason="timeout")
+            return DNSResult(TEMPERROR, reason=outcome.getErrorMessage())
+        return DNSResult(TEMPERROR, reason="unexpected answer")
+
+    def _expired(self) -> None:
+        self.timer = None
+        self.expired = True
+        if self.current is not None:
+            self.current.cancel()        # its errback feeds TEMPERROR and the check goes on
+
+    def _cancel(self) -> None:
+        self.expired = True
+        if self.current is not None:
+            self.current.cancel()
+
+    def _finish(self, outcome) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.check.close()
+        if not self.result.called:
+            if isinstance(outcome, Failure):
+                self.result.errback(outcome)
+            else:
+                self.result.callback(outcome)
+
+
+def run_check(check: Check, resolver, reactor, timeout: float) -> Deferred:
+    """Deferred[the check's return value]."""
+    return _Driver(check, resolver, reactor, timeout).start()
+
+
+# --- the verifier -------------------------------------------------------------------------------
+
+def _fetch_keys(names: list[str]) -> Check:
+    """Look up DKIM key records (TXT), returning {name: DNSResult}."""
+    out = {}
+    for name in names:
+        out[name] = yield Lookup(name, "TXT")
+    return out
+
+
+@implementer(IVerifier)
+class Verifier:
+    log = Logger(namespace="mailappliance.mailauth")
+
+    def __init__(self, resolver, reactor, threadpool, hostname: str, *, spf: str = "tag",
+                 dkim: str = "tag", dmarc: str = "enforce", rng: random.Random | None = None,
+                 spf_timeout: float = SPF_TIMEOUT,
+                 message_timeout: float = MESSAGE_DNS_TIMEOUT) -> None:
+        if spf not in MODES_SPF or dkim not in MODES_DKIM or dmarc not in MODES_DMARC:
+            raise ValueError(f"bad [verify] modes: spf={spf} dkim={dkim} dmarc={dmarc}")
+        self.resolver = resolver
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.hostname = hostname
+        self.spf_mode, self.dkim_mode, self.dmarc_mode = spf, dkim, dmarc
+        self.rng = rng or random.SystemRandom()
+        self.spf_timeout = spf_timeout
+        self.message_timeout = message_timeout
+
+    @property
+    def active(self) -> bool:
+        return (self.spf_mode, self.dkim_mode, self.dmarc_mode) != ("off", "off", "off")
+
+    def check_spf(self, client_ip: str, helo: str, mail_from: str) -> Deferred:
+        if self.spf_mode == "off":
+            return defer.succeed(None)
+        try:
+            check = spf.check(client_ip, mail_from, helo)
+        except ValueError:          # not an IP address (a unix-socket client): nothing to check
+            return defer.succeed(None)
+        d = run_check(check, self.resolver, self.reactor, self.spf_timeout)
+        d.addErrback(self._spf_bug, mail_from)
+        return d
+
+    def _spf_bug(self, failure: Failure, mail_from: str):
+        self.log.failure("SPF check of {sender} failed", failure, sender=mail_from)
+        domain = address_domain(mail_from)
+        return spf.SPFResult(spf.TEMPERROR_, "mailfrom", domain, mail_from, "internal error")
+
+    def spf_refusal(self, result, client_ip: str):
+        if result is None:
+            return None
+        return spf_refusal(result, self.spf_mode, client_ip)
+
+    def check_message(self, message: bytes, spf_result) -> Deferred:
+        d = defer.ensureDeferred(self._check_message(message, spf_result))
+        d.addErrback(self._message_bug, spf_result)
+        return d
+
+    def _message_bug(self, failure: Failure, spf_result):
+        self.log.failure("message authentication check failed", failure)
+        return decide(self.hostname, spf_result, None, None, "off")
+
+    async def _check_message(self, message: bytes, spf_result) -> Verdict:
+        fields, _ = split_message(message)
+        want_dkim = self.dkim_mode != "off"
+        want_dmarc = self.dmarc_mode != "off"
+        sigs = dkimverify.signatures(message) if want_dkim else []
+        domains, problem = from_domains(fields) if want_dmarc else ([], None)
+        keys_d = run_check(_fetch_keys(dkimverify.key_names(sigs)), self.resolver,
+                           self.reactor, self.message_timeout)
+        discovery = [run_check(dmarc.discover(domain), self.resolver, self.reactor,
+                               self.message_timeout) for domain in domains]
+        keys = await keys_d
+        dkim_results = None
+        if want_dkim:
+            dkim_results = await deferToThreadPool(self.reactor, self.threadpool,
+                                                   dkimverify.verify, message, sigs, keys) \
+                if sigs else []
+        dmarc_result = None
+        if want_dmarc:
+            discovered = [await d for d in discovery]
+            passes = [r.domain for r in dkim_results or () if r.result == "pass"]
+            spf_word = spf_result.result if spf_result is not None else "none"
+            spf_domain = spf_result.domain if spf_result is not None else ""
+            dmarc_result = dmarc.combine(domains, problem, discovered, spf_word, spf_domain,
+                                         passes, self.rng.random())
+        spf_shown = spf_result if self.spf_mode != "off" else None
+        return decide(self.hostname, spf_shown, dkim_results, dmarc_result, self.dmarc_mode)
+
+
+# --- the signer ---------------------------------------------------------------------------------
+
+@implementer(ISigner)
+class Signer:
+    """Signs at injection, in the thread pool: the key registry's directory check (one stat),
+    the canonicalisation and the signature (OpenSSL releases the GIL)."""
+
+    def __init__(self, registry: KeyRegistry, reactor, threadpool,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.clock = clock
+
+    def sign(self, message: bytes, mail_from: str, from_domain: str | None = None,
+             linesep: bytes | None = None) -> Deferred:
+        return deferToThreadPool(self.reactor, self.threadpool, self.sign_now, message,
+                                 mail_from, from_domain, linesep)
+
+    def sign_now(self, message: bytes, mail_from: str, from_domain: str | None = None,
+                 linesep: bytes | None = None) -> bytes:
+        """The blocking part (pool thread, or a tool without a reactor)."""
+        self.registry.refresh()
+        fields, _ = split_message(message)
+        domain = signing_domain(fields, mail_from, self.registry.has_keys, from_domain)
+        if domain is None:
+            return b""
+        return sign_message(message, self.registry.cached_keys(domain), int(self.clock()),
+                            linesep)
