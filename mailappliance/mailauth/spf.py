@@ -107,9 +107,9 @@ def _check_domain_spec(spec: str) -> None:
     if not spec:
         raise _PermError("empty domain-spec")
     _check_macro_string(spec)
-    if spec.endswith("}") or spec.endswith(("%%", "%_", "%-")):
-        return
     body = spec[:-1] if spec.endswith(".") else spec
+    if body.endswith("}") or body.endswith(("%%", "%_", "%-")):
+        return      # a macro at the end (a final dot after it is accepted, as pyspf does)
     if "." not in body:
         raise _PermError(f"{spec!r} is not a domain name")
     top = body.rsplit(".", 1)[1]
