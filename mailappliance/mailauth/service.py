@@ -242,10 +242,10 @@ class Verifier:
         if self.spf_mode == "off":
             return defer.succeed(None)
         try:
-            check = spf.check(client_ip, mail_from, helo)
+            spf.client_address(client_ip)
         except ValueError:          # not an IP address (a unix-socket client): nothing to check
             return defer.succeed(None)
-        d = run_check(check, self.resolver, self.reactor, self.spf_timeout)
+        d = run_check(spf.check(client_ip, mail_from, helo), self.resolver, self.reactor, self.spf_timeout)
         d.addErrback(self._spf_bug, mail_from)
         return d
 
