@@ -32,7 +32,11 @@ def default_selector(settings) -> str:
 def run(args: argparse.Namespace, settings, out: TextIO, err: TextIO) -> int:
     """Exit status; raises keys.DKIMKeyError (one line) for a refused request."""
     data = settings.data
-    if not data.is_dir():
+    try:
+        present = data.is_dir()
+    except OSError as e:
+        raise keys.DKIMKeyError(f"cannot reach the data directory {data}: {e.strerror}") from None
+    if not present:
         raise keys.DKIMKeyError(f"no instance at {data}: the data directory does not exist")
     if args.action == "keygen":
         selector = args.selector or default_selector(settings)
