@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from mailappliance.access.relay import RelayGrants
     from mailappliance.dns import Resolver
     from mailappliance.drain import Drain
+    from mailappliance.enddata import EndOfDataCheck
+    from mailappliance.mailauth.service import Signer, Verifier
     from mailappliance.queue.inject import Injector
     from mailappliance.queue.manager import QueueManager
     from mailappliance.queue.store import QueueStore
@@ -62,6 +64,10 @@ class App:
     delivery_threads: ThreadPool        # Maildir writes and remote reads (queue/service.py)
     reloader: Reloader                  # SIGHUP and the admin `reload`
     drain: Drain                        # graceful stop: sessions register with it
+    verifier: Verifier                  # SPF at MAIL FROM; DKIM, DMARC (mailauth/service.py)
+    signer: Signer                      # DKIM signing at injection (mailauth/service.py)
+    # The checks between a message's final dot and its commit, in order (enddata.py).
+    end_of_data: list[EndOfDataCheck]
     stats: dict[str, Any]               # counters for `stat` (mailappliance/stats.py)
     started: float                      # time.time() when the tree was built
     instance_lock: int | None = None    # data/run/lock's descriptor (None in tests)

@@ -37,10 +37,12 @@ INTEGER, BOOLEAN, STRING, PATH, STRINGS, ENDPOINTS, HOSTPORTS, ROUTES = (
 
 def setting(kind: str, default: Any = dataclasses.MISSING, doc: str = "", *,
             minimum: int | None = None, maximum: int | None = None,
-            shown: str | None = None) -> Any:
+            shown: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """A configuration key. `shown` is the default as the reference prints it, when the value
-    is computed at load time (the data directory, the host name) rather than fixed."""
-    meta = {"kind": kind, "doc": doc, "minimum": minimum, "maximum": maximum, "shown": shown}
+    is computed at load time (the data directory, the host name) rather than fixed. `choices`:
+    the only values a string key may take."""
+    meta = {"kind": kind, "doc": doc, "minimum": minimum, "maximum": maximum, "shown": shown,
+            "choices": choices}
     return field(default=default, metadata=meta)
 
 
@@ -161,6 +163,28 @@ class DNSSettings:
 
 
 @dataclass(frozen=True)
+class DKIMSettings:
+    sign: bool = setting(BOOLEAN, True, "sign outbound mail of local domains that have a key "
+                         "(DATA/dkim; docs/MAILAUTH.md)")
+    selector: str = setting(STRING, "mail", "selector `dkim keygen` uses when given none")
+
+
+# docs/MAILAUTH.md: off skips the lookups, tag adds Authentication-Results only, enforce refuses.
+VERIFY_SPF_MODES = ("off", "tag", "enforce")
+VERIFY_DKIM_MODES = ("off", "tag")
+VERIFY_DMARC_MODES = ("off", "tag", "enforce")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    spf: str = setting(STRING, "tag", "SPF at MAIL FROM; enforce: 550 5.7.23 on an SPF fail "
+                       "(-all)", choices=VERIFY_SPF_MODES)
+    dkim: str = setting(STRING, "tag", "DKIM signatures after DATA", choices=VERIFY_DKIM_MODES)
+    dmarc: str = setting(STRING, "enforce", "DMARC after DATA; enforce: p=reject gets 550 "
+                         "5.7.1, p=quarantine is delivered marked", choices=VERIFY_DMARC_MODES)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     rotate_bytes: int = setting(INTEGER, 1000000, "size at which current is rotated (multilog "
                                 "s1000000)", minimum=4096)
@@ -204,6 +228,11 @@ class Settings:
                                         "its subdomains) goes to that host instead of its MX; "
                                         "\"\" = every other domain", shown="{} (MX lookups)")
     dns: DNSSettings = section(DNSSettings, "DNS lookups (MX, addresses, DNSBLs).")
+    dkim: DKIMSettings = section(DKIMSettings, "DKIM signing of mail from AUTH and RELAYCLIENT "
+                                 "clients, the sendmail command and bounces; re-read on reload.")
+    verify: VerifySettings = section(VerifySettings, "Checks of mail from the internet (not "
+                                     "from AUTH, RELAYCLIENT or roaming-grant clients); "
+                                     "re-read on reload.")
     log: LogSettings = section(LogSettings, "The mail log: one line per event, rotated by size "
                                "like multilog.")
     admin: AdminSettings = section(AdminSettings, "Access to the admin protocol.")
@@ -241,6 +270,7 @@ class Key:
     minimum: int | None
     maximum: int | None
     shown: str | None
+    choices: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +293,8 @@ def _keys_of(cls: type, prefix: str) -> dict[str, Key | Section]:
         elif "kind" in meta:
             out[f.name] = Key(prefix + f.name, meta["kind"],
                               None if f.default is dataclasses.MISSING else f.default,
-                              meta["doc"], meta["minimum"], meta["maximum"], meta["shown"])
+                              meta["doc"], meta["minimum"], meta["maximum"], meta["shown"],
+                              meta.get("choices"))
     return out
 
 
@@ -272,6 +303,9 @@ SCHEMA: dict[str, Key | Section] = _keys_of(Settings, "")
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+# A DKIM selector: one or more DNS labels (RFC 6376 section 3.1), as mailauth/keys.py checks it.
+_SELECTOR = re.compile(r"(?=.{1,63}$)(?!-)[A-Za-z0-9_-]+(?<!-)(?:\.(?!-)[A-Za-z0-9_-]+(?<!-))*")
 
 ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl", "systemd"})
 
@@ -324,6 +358,8 @@ def _convert(file: str, key: str, spec: Key, value: Any, base: Path) -> Any:
     if kind == STRING:
         if not isinstance(value, str):
             raise _error(file, key, f"expected string, got {_type_name(value)}")
+        if spec.choices is not None and value not in spec.choices:
+            raise _error(file, key, f"must be one of {', '.join(spec.choices)}, got {value!r}")
         return value
     if kind == PATH:
         if not isinstance(value, str) or not value or "\0" in value:
@@ -488,6 +524,9 @@ def load_settings(config: str | os.PathLike[str] | None = None,
             raise _error(where, f"listen.{kind}", "needs a [tls] cert and key")
     if sections.get("pop3", {}).get("require_tls") and not tls.enabled:
         raise _error(where, "pop3.require_tls", "needs a [tls] cert and key (for STLS)")
+    if not _SELECTOR.fullmatch(parts["dkim"].selector):
+        raise _error(where, "dkim.selector", f"{parts['dkim'].selector!r} is not a DKIM selector "
+                     f"(DNS labels: letters, digits, '-', '_', '.')")
     rules = None
     if check_files and smtp.rules is not None:
         rules = load_rules(smtp.rules)
@@ -640,6 +679,8 @@ def _shown(spec: Key) -> str:
 
 
 def _limits(spec: Key) -> str:
+    if spec.choices is not None:
+        return "one of " + ", ".join(f"`{c}`" for c in spec.choices)
     if spec.minimum is not None and spec.maximum is not None:
         return f"{spec.minimum} to {spec.maximum}"
     if spec.minimum is not None:

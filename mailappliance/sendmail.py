@@ -15,6 +15,8 @@ programs (qmail-inject + qmail-queue's jobs), through the queue's one door.
   Date:, Message-ID:. A Received: line names the invoking uid, as qmail-queue's does.
 - Line ends are stored as LF; a CR that is not part of CRLF becomes LF, so the queue never holds
   a bare CR (DESIGN.md: smuggling).
+- With `[dkim] sign` on, a message whose From: or sender domain has a key under DATA/dkim is
+  DKIM-signed before it is queued (the server's signing core, docs/MAILAUTH.md).
 
 The message goes through `QueueStore.inject`, the same write + fsync + rename + directory fsync
 that SMTP's commit uses; exit status 0 means it is durable in the queue.
@@ -416,6 +418,23 @@ def _send(s: socket.socket, buf: bytearray, opts: Options, raw: bytes) -> tuple[
     return reply.code, reply.text
 
 
+def _signed(data, message: bytes, sender: str, warn) -> bytes:
+    """The message with DKIM-Signature fields on top when its From: or sender domain has a
+    key under DATA/dkim (docs/MAILAUTH.md), signed by the server's own signing core
+    (mailauth/sign.py, no Twisted), run here synchronously. Without a key directory nothing of
+    the cryptography is even imported. A failure to sign is one warning line; the message is
+    queued unsigned rather than lost."""
+    if not os.path.isdir(os.path.join(data, "dkim")):
+        return message
+    from mailappliance.mailauth.keys import KeyRegistry
+    from mailappliance.mailauth.sign import sign_with_registry
+    try:
+        return sign_with_registry(KeyRegistry(data), message, sender, int(time.time())) + message
+    except Exception as e:    # noqa: BLE001 - a signature is never worth losing the message
+        warn(f"warning: not DKIM-signed: {e}")
+        return message
+
+
 def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
          stderr: TextIO | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -532,6 +551,8 @@ def _inject_direct(opts: Options, settings, stdin: BinaryIO, fail) -> int:
         # Run as root (cron, a local daemon), write the queue as the server's user, so the
         # server that dropped to that user can read and remove what was injected.
         drop_to_data_owner(settings.data)
+        if settings.dkim.sign:
+            message = _signed(settings.data, message, sender, lambda text: fail(EX_OK, text))
         store = QueueStore(queue_dir(settings))
         store.inject(message, sender, recipients, f"local uid {uid}")
     except (QueueWriteError, OSError) as e:

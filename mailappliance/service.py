@@ -37,6 +37,8 @@ from mailappliance.admin import service as admin_service
 from mailappliance.app import App, Listener, ReadyService
 from mailappliance.config import Settings
 from mailappliance.drain import Drain
+from mailappliance.enddata import EndOfDataCheck
+from mailappliance.mailauth.service import MailAuth, build_mailauth
 from mailappliance.notify import NotifyService
 from mailappliance.pickup import service as pickup_service
 from mailappliance.pop3 import service as pop3_service
@@ -204,8 +206,10 @@ def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, A
     resolver = dns.build_resolver(settings, reactor)
     dnsbl = DNSBLChecker.from_settings(settings, resolver, reactor)
     live = LiveSettings(settings)
+    mailauth = build_mailauth(live, resolver, reactor, shared.threadpool)
     queue = build_queue(live, reactor, shared.threadpool, shared.store, resolver,
-                        store=queue_store, delivery_threads=delivery_threads)
+                        store=queue_store, delivery_threads=delivery_threads,
+                        signer=mailauth.signer)
     stats["queue"] = queue.manager.stats
     pool = shared.threadpool
 
@@ -219,13 +223,23 @@ def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, A
               authenticator=shared.authenticator, grants=shared.grants, tls=tls,
               resolver=resolver, dnsbl=dnsbl, queue_store=queue.store, injector=queue.injector,
               queue_manager=queue.manager, delivery_threads=queue.delivery_threads,
-              reloader=reloader, drain=drain, stats=stats, started=started,
+              reloader=reloader, drain=drain, verifier=mailauth.verifier,
+              signer=mailauth.signer, end_of_data=build_end_of_data(mailauth),
+              stats=stats, started=started,
               instance_lock=instance_lock, stop_hooks=[drain.start])
     hooks = [] if follow_log is None else [follow_log]
     hooks += [lambda new: follow_tls_reload(app, new), resolver.reload, dnsbl.reload,
-              queue.follow, follow_bcrypt_cost(shared.store)]
+              queue.follow, follow_bcrypt_cost(shared.store), mailauth.follow]
     live.hooks.extend(hooks)
     return app
+
+
+def build_end_of_data(mailauth: MailAuth) -> list[EndOfDataCheck]:
+    """The checks between a message's final dot and its queue commit, in the order they run
+    (enddata.py): verification of mail from the internet first (cheap, may refuse), then
+    content scanning (sees our Authentication-Results), signing of our users' mail last (it
+    signs the bytes queued; nothing after it may change them)."""
+    return [mailauth.verify_check, mailauth.sign_check]
 
 
 def plain_endpoint(app: App, kind: str, description: str, reactor) -> IStreamServerEndpoint:

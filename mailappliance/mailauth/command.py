@@ -25,8 +25,7 @@ def add_parser(sub) -> None:
 
 
 def default_selector(settings) -> str:
-    section = getattr(settings, "dkim", None)
-    return getattr(section, "selector", None) or DEFAULT_SELECTOR
+    return settings.dkim.selector or DEFAULT_SELECTOR
 
 
 def run(args: argparse.Namespace, settings, out: TextIO, err: TextIO) -> int:

@@ -307,15 +307,8 @@ class KeyRegistry:
     def refresh(self) -> bool:
         """Re-read the directory if it changed; True if it was read."""
         with self._lock:
-            try:
-                st = os.stat(self.directory)
-                token = (st.st_mtime_ns, st.st_ino)
-            except FileNotFoundError:
-                token = (0, 0)
-            except OSError as e:
-                token = (-1, e.errno or 0)
+            token, racy = self._look()
             now = self._clock()
-            racy = token[0] > 0 and now - token[0] / 1e9 < RACY_SECONDS
             if token == self._seen and not racy:
                 return False
             keys, problems = scan(self.data)
@@ -335,6 +328,27 @@ class KeyRegistry:
         for line in new:
             self._report(line)
         return True
+
+    def _look(self) -> tuple[tuple[int, int], bool]:
+        """The directory's (mtime, inode) and whether that mtime is too recent to trust."""
+        try:
+            st = os.stat(self.directory)
+            token = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            token = (0, 0)
+        except OSError as e:
+            token = (-1, e.errno or 0)
+        return token, token[0] > 0 and self._clock() - token[0] / 1e9 < RACY_SECONDS
+
+    def maybe_keys(self) -> bool:
+        """Might a message be signed? Cheap enough for the reactor thread (one stat, never a
+        scan): False only when the last scan found no key and the directory has not changed
+        since. Callers that would hold a message in memory for signing ask this first, so a
+        server without keys streams every message as it always did."""
+        if self._by_domain:
+            return True
+        token, racy = self._look()
+        return token != self._seen or racy
 
     def keys_for(self, domain: str) -> list[DKIMKey]:
         self.refresh()

@@ -23,7 +23,9 @@ time but never a thread, and never blocks another session. CPU work -- hashing, 
 from __future__ import annotations
 
 import random
+import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import dns.name
@@ -33,16 +35,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from mailappliance.dns import Answer, DNSError, DNSTemporaryError
+from mailappliance.enddata import Outcome, Transaction, accept, refuse
 from mailappliance.mailauth import dkimverify, dmarc, spf
 from mailappliance.mailauth.keys import KeyRegistry
 from mailappliance.mailauth.lookup import NXDOMAIN, OK, TEMPERROR, Check, DNSResult, Lookup
 from mailappliance.mailauth.message import address_domain, from_domains, split_message
 from mailappliance.mailauth.results import (MODES_DKIM, MODES_DMARC, MODES_SPF, Verdict,
                                             decide, spf_refusal)
-from mailappliance.mailauth.sign import sign_message, signing_domain
+from mailappliance.mailauth.sign import sign_with_registry
 
 # RFC 7208 section 4.6.4: an SPF evaluation MAY be cut off after at least 20 seconds.
 SPF_TIMEOUT = 20.0
@@ -54,6 +57,8 @@ MESSAGE_DNS_TIMEOUT = 20.0
 
 class IVerifier(Interface):
     """Checks of mail from the internet (not AUTH, RELAYCLIENT or roaming-grant clients)."""
+
+    active = Attribute("False when every [verify] mode is off: nothing to check at all")
 
     def check_spf(client_ip, helo, mail_from):
         """Deferred[SPFResult | None] (None when [verify] spf and dmarc are both off). Never
@@ -68,6 +73,9 @@ class IVerifier(Interface):
 
 
 class ISigner(Interface):
+    def maybe_keys():
+        """False when there is surely no key to sign with (cheap: one stat)."""
+
     def sign(message, mail_from, from_domain=None, linesep=None):
         """Deferred[bytes]: DKIM-Signature fields to put on top of `message` (one per key of
         the signing domain), or b"" when no key applies."""
@@ -223,16 +231,20 @@ class Verifier:
                  dkim: str = "tag", dmarc: str = "enforce", rng: random.Random | None = None,
                  spf_timeout: float = SPF_TIMEOUT,
                  message_timeout: float = MESSAGE_DNS_TIMEOUT) -> None:
-        if spf not in MODES_SPF or dkim not in MODES_DKIM or dmarc not in MODES_DMARC:
-            raise ValueError(f"bad [verify] modes: spf={spf} dkim={dkim} dmarc={dmarc}")
         self.resolver = resolver
         self.reactor = reactor
         self.threadpool = threadpool
         self.hostname = hostname
-        self.spf_mode, self.dkim_mode, self.dmarc_mode = spf, dkim, dmarc
+        self.set_modes(spf, dkim, dmarc)
         self.rng = rng or random.SystemRandom()
         self.spf_timeout = spf_timeout
         self.message_timeout = message_timeout
+
+    def set_modes(self, spf: str, dkim: str, dmarc: str) -> None:
+        """The [verify] modes (a reload changes them; checks already running keep theirs)."""
+        if spf not in MODES_SPF or dkim not in MODES_DKIM or dmarc not in MODES_DMARC:
+            raise ValueError(f"bad [verify] modes: spf={spf} dkim={dkim} dmarc={dmarc}")
+        self.spf_mode, self.dkim_mode, self.dmarc_mode = spf, dkim, dmarc
 
     @property
     def active(self) -> bool:
@@ -310,6 +322,10 @@ class Signer:
         self.threadpool = threadpool
         self.clock = clock
 
+    def maybe_keys(self) -> bool:
+        """False when there is surely nothing to sign with (KeyRegistry.maybe_keys)."""
+        return self.registry.maybe_keys()
+
     def sign(self, message: bytes, mail_from: str, from_domain: str | None = None,
              linesep: bytes | None = None) -> Deferred:
         return deferToThreadPool(self.reactor, self.threadpool, self.sign_now, message,
@@ -318,10 +334,103 @@ class Signer:
     def sign_now(self, message: bytes, mail_from: str, from_domain: str | None = None,
                  linesep: bytes | None = None) -> bytes:
         """The blocking part (pool thread, or a tool without a reactor)."""
-        self.registry.refresh()
-        fields, _ = split_message(message)
-        domain = signing_domain(fields, mail_from, self.registry.has_keys, from_domain)
-        if domain is None:
-            return b""
-        return sign_message(message, self.registry.cached_keys(domain), int(self.clock()),
-                            linesep)
+        return sign_with_registry(self.registry, message, mail_from, int(self.clock()),
+                                  from_domain, linesep)
+
+
+# --- the end-of-DATA checks (mailappliance/enddata.py) ------------------------------------------
+
+class VerifyCheck:
+    """DKIM and DMARC of mail from the internet, after the final dot: our
+    Authentication-Results on top (forged ones claiming our hostname removed), quarantine
+    marks, or 550 5.7.1 for a DMARC p=reject failure under dmarc = "enforce"."""
+
+    name = "mailauth"
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+
+    def wants(self, tx: Transaction) -> bool:
+        return self.verifier.active and not tx.trusted
+
+    def check(self, tx: Transaction, message: bytes) -> Deferred:
+        d = self.verifier.check_message(message, tx.spf)
+        d.addCallback(self._outcome, message)
+        return d
+
+    @staticmethod
+    def _outcome(verdict: Verdict, message: bytes) -> Outcome:
+        note = f"mailauth: {verdict.action} {verdict.log}"
+        if verdict.action == "reject":
+            return refuse(verdict.reply, note)
+        return accept(message=verdict.apply(message, b"\n"), note=note)
+
+
+class SignCheck:
+    """DKIM signing of mail from our own users (AUTH) and RELAYCLIENT / roaming clients, once,
+    before it is queued, while [dkim] sign is on. The fields go on top of what is queued."""
+
+    name = "dkim-sign"
+
+    def __init__(self, signer: ISigner, enabled: Callable[[], bool]) -> None:
+        self.signer = signer
+        self.enabled = enabled
+
+    def wants(self, tx: Transaction) -> bool:
+        return tx.trusted and self.enabled() and self.signer.maybe_keys()
+
+    def check(self, tx: Transaction, message: bytes) -> Deferred:
+        d = self.signer.sign(message, tx.sender, linesep=b"\n")
+        d.addCallback(lambda fields: accept(headers=fields, note=signed_note(fields)))
+        return d
+
+
+def signed_note(fields: bytes) -> str:
+    """"dkim-sign: d=example.com s=mail, d=example.com s=ed" for the log ("" when unsigned)."""
+    found = re.findall(rb"\bd=([^;\s]+);\s*s=([^;\s]+)", fields)
+    if not found:
+        return ""
+    return "dkim-sign: " + ", ".join(f"d={d.decode('ascii', 'replace')} "
+                                     f"s={sel.decode('ascii', 'replace')}" for d, sel in found)
+
+
+# --- building (service.py) ----------------------------------------------------------------------
+
+@dataclass
+class MailAuth:
+    """What make_service gets: the verifier, the signer over its key registry, and the
+    end-of-DATA checks of each (enddata.py); `follow` is the reload hook."""
+
+    verifier: Verifier
+    signer: Signer
+    verify_check: VerifyCheck
+    sign_check: SignCheck
+    follow: Callable[[Any], None]
+
+
+def build_mailauth(live, resolver, reactor, threadpool) -> MailAuth:
+    """`live`: reload.LiveSettings (the signing switch is read from it at each transaction).
+    The key registry is read once here, so every unusable key file is one log line at start-up
+    (and each new one later, once); the server starts anyway and signs with the other keys."""
+    settings = live.settings
+    v = settings.verify
+    verifier = Verifier(resolver, reactor, threadpool, settings.hostname, spf=v.spf,
+                        dkim=v.dkim, dmarc=v.dmarc)
+    registry = KeyRegistry(settings.data, report=_report_key_problem)
+    registry.refresh()
+    signer = Signer(registry, reactor, threadpool)
+
+    def follow(new) -> None:
+        nv = new.verify
+        verifier.set_modes(nv.spf, nv.dkim, nv.dmarc)
+        verifier.hostname = new.hostname
+
+    return MailAuth(verifier, signer, VerifyCheck(verifier),
+                    SignCheck(signer, lambda: live.settings.dkim.sign), follow)
+
+
+_key_log = Logger(namespace="mailappliance.mailauth")
+
+
+def _report_key_problem(line: str) -> None:
+    _key_log.error("dkim: unusable key file, not signing with it: {why}", why=line)

@@ -159,3 +159,17 @@ def sign_message(message: bytes, keys: Sequence[DKIMKey], now: int,
     fields, body_at = split_message(message)
     bh = body_hash(message[body_at:])
     return b"".join(sign_with(key, fields, bh, now, linesep) for key in keys)
+
+
+def sign_with_registry(registry, message: bytes, mail_from: str, now: int,
+                       from_domain: str | None = None, linesep: bytes | None = None) -> bytes:
+    """The signing core every path uses (the server's Signer in a pool thread, the sendmail
+    command in its own process): DKIM-Signature fields for `message` from the keys of its
+    signing domain in `registry` (keys.KeyRegistry, re-read when data/dkim changed), or b""
+    when no key applies. Blocking (one stat, perhaps a directory scan), no Twisted."""
+    registry.refresh()
+    fields, _ = split_message(message)
+    domain = signing_domain(fields, mail_from, registry.has_keys, from_domain)
+    if domain is None:
+        return b""
+    return sign_message(message, registry.cached_keys(domain), int(now), linesep)

@@ -29,6 +29,8 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
 from mailappliance import stats as stats_mod
+from mailappliance.enddata import HeldMessage
+from mailappliance.envelope import check_envelope
 from mailappliance.pickup import core
 from mailappliance.queue.inject import QueueWriteError
 
@@ -228,7 +230,10 @@ class PickupProtocol(protocol.Protocol):
             self._reply(core.EX_USAGE, "no recipients (give them as arguments, or use -t)")
             return False
         self.sender, self.recipients = sender, recipients
-        self.writer = self.app.injector.begin()
+        # DKIM (docs/MAILAUTH.md): a message that may be signed is held whole (at most
+        # databytes) and signed before its commit, as the SMTP session does for its users.
+        signing = settings.dkim.sign and self.app.signer.maybe_keys()
+        self.writer = HeldMessage() if signing else self.app.injector.begin()
         self.writer.write(prefix)
         return True
 
@@ -254,7 +259,10 @@ class PickupProtocol(protocol.Protocol):
         self.waiting = True
         origin = f"local uid {self.uid} ({self.name or '?'}) via inject"
         try:
-            d = writer.commit(self.sender, list(self.recipients), origin)
+            if isinstance(writer, HeldMessage):
+                d = self._sign_and_inject(writer.data(), origin)
+            else:
+                d = writer.commit(self.sender, list(self.recipients), origin)
         except ValueError as e:
             self.waiting = False
             self._reply(core.EX_USAGE, str(e))
@@ -264,6 +272,20 @@ class PickupProtocol(protocol.Protocol):
             self.timer = None                # queue's own error handling, not by the client
         d.addCallbacks(self._committed, self._commit_failed)
         d.addErrback(self._internal, "commit")
+
+    def _sign_and_inject(self, message: bytes, origin: str) -> defer.Deferred:
+        check_envelope(self.sender, list(self.recipients))       # ValueError: refused now
+        d = self.app.signer.sign(message, self.sender, linesep=b"\n")
+
+        def unsigned(failure):
+            self.log.failure("inject: uid {uid}: DKIM signing failed; queued unsigned",
+                             failure, uid=self.uid)
+            return b""
+
+        d.addErrback(unsigned)
+        d.addCallback(lambda fields: self.app.injector.inject(
+            fields + message, self.sender, list(self.recipients), origin))
+        return d
 
     def _committed(self, qid) -> None:
         self.waiting = False

@@ -140,8 +140,11 @@ class QueueManager(service.Service):
                  classify: Callable[[str], str], postmaster: str, hostname: str,
                  concurrency_local: int = 10, concurrency_remote: int = 20,
                  lifetime: float = schedule.DEFAULT_LIFETIME, use_trigger: bool = True,
-                 scan_interval: float = SCAN_INTERVAL) -> None:
+                 scan_interval: float = SCAN_INTERVAL,
+                 sign_bounce: Callable[[bytes], Any] | None = None) -> None:
         self.store = store
+        # DKIM: message -> Deferred[fields to put on top] or None (queue/service.py)
+        self.sign_bounce = sign_bounce
         self._loaded: list[defer.Deferred] = []
         self._first_scan_done = False
         self.local = local
@@ -637,6 +640,13 @@ class QueueManager(service.Service):
             hostname=self.hostname, sender=env.sender, recipient=b_rcpt, failures=failures,
             original=data, truncated=truncated, now=self.now(),
             message_id="%d.%d.bounce" % (int(self.now()), env.qid), arrival=env.birth)
+        if self.sign_bounce is not None:
+            try:
+                fields = yield self.sign_bounce(text)
+            except Exception:  # noqa: BLE001 - an unsigned bounce beats none
+                self.log.failure("cannot sign the bounce of msg {qid}", qid=env.qid)
+                fields = None
+            text = (fields or b"") + text
         try:
             bqid = yield self.injector.inject(text, b_sender, [b_rcpt])
         except Exception as e:  # noqa: BLE001 - QueueWriteError: try again later

@@ -53,14 +53,22 @@ class QueueParts:
 
 def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
                 resolver: ResolverBase, store: QueueStore | None = None,
-                delivery_threads: ThreadPool | None = None) -> QueueParts:
+                delivery_threads: ThreadPool | None = None, signer=None) -> QueueParts:
     """`live` gives the settings in force (routes are looked up in them at each delivery).
+    `signer` (mailauth's ISigner) signs bounces while `[dkim] sign` is on.
     For tests: `store`, a queue store of their own (clock, file operations), and
     `delivery_threads`, a pool instead of the delivery pool made here."""
     settings = live.settings
     if store is None:
         store = QueueStore(queue_dir(settings))
     manager: QueueManager | None = None
+
+    def sign_bounce(message: bytes):
+        """Deferred[DKIM-Signature fields] for a bounce (its From: MAILER-DAEMON@<hostname>
+        chooses the key; b"" without one), or None while [dkim] sign is off."""
+        if signer is None or not live.settings.dkim.sign:
+            return None
+        return signer.sign(message, "", linesep=b"\n")
 
     def on_commit(env) -> None:
         if manager is not None:
@@ -83,7 +91,8 @@ def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
                            postmaster=postmaster_of(settings), hostname=settings.hostname,
                            concurrency_local=q.concurrency_local,
                            concurrency_remote=q.concurrency_remote,
-                           lifetime=q.lifetime_days * SECONDS_PER_DAY)
+                           lifetime=q.lifetime_days * SECONDS_PER_DAY,
+                           sign_bounce=sign_bounce)
 
     def follow(new: Settings) -> None:
         nq = new.queue

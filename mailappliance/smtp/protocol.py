@@ -51,6 +51,7 @@ from mailappliance.access import relay_policy
 from mailappliance.access.relay import normalize_ip
 from mailappliance.access.rules import DEFAULT_ALLOW
 from mailappliance.address import classify
+from mailappliance import enddata
 from mailappliance.netwrite import write_now
 from mailappliance.queue.inject import QueueWriteError
 from mailappliance.smtp import replies
@@ -122,6 +123,9 @@ class SMTPServerProtocol(protocol.Protocol):
         self.drain = None              # drain.SessionHandle while registered
         self.auth: SessionAuth | None = None
         self._from_scan = None         # binding.FromScanner while an authenticated DATA runs
+        self._spf = None               # mailauth's SPF result of this transaction's MAIL FROM
+        self._tx: enddata.Transaction | None = None    # while end-of-data checks are due
+        self._checks: list = []        # the app.end_of_data checks this transaction wants
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -401,8 +405,31 @@ class SMTPServerProtocol(protocol.Protocol):
             return self.auth.decide(ev)
         return ev.reply
 
-    def _mail(self, ev: MailFrom) -> Reply:
-        return self.auth.mail_refusal(ev) or ev.reply
+    def _mail(self, ev: MailFrom) -> Reply | Deferred:
+        self._spf = None
+        refusal = self.auth.mail_refusal(ev)
+        if refusal is not None:
+            return refusal
+        reply = ev.reply
+        verifier = self.app.verifier
+        if reply.code != 250 or not verifier.active or not self.ip \
+                or self.relay_client().may_relay:
+            return reply
+        # SPF of the MAIL FROM domain (of the HELO name for <>), for mail from the internet.
+        mailbox = ev.sender
+        d = verifier.check_spf(self.ip, self.core.helo or "",
+                               str(mailbox) if mailbox is not None else "")
+        return d.addCallback(self._spf_checked, reply)
+
+    def _spf_checked(self, result, reply: Reply) -> Reply:
+        self._spf = result
+        refusal = self.app.verifier.spf_refusal(result, self.ip)
+        if refusal is not None:
+            self.log.info("smtp: {ip}: refused MAIL FROM: spf={result} {domain} ({why})",
+                          ip=self.ip, result=result.result, domain=result.domain,
+                          why=result.reason)
+            return refusal
+        return reply
 
     def _rcpt(self, ev: RcptTo) -> Reply:
         dest = classify(ev.path)
@@ -439,7 +466,22 @@ class SMTPServerProtocol(protocol.Protocol):
         if injector is None:
             return replies.QQ_TEMPORARY
         core = self.core
-        self._writer = writer = injector.begin()
+        client = self.relay_client()
+        tx = enddata.Transaction(
+            sender=str(core.sender) if core.sender is not None else "",
+            recipients=tuple(str(r) for r in core.recipients), client_ip=self.ip,
+            helo=core.helo or "", listener=self.factory.kind,
+            authenticated=client.authenticated,
+            relay_client=client.relayclient or client.granted, spf=self._spf,
+            hostname=self.app.settings.hostname)
+        self._checks = enddata.wanted(self.app.end_of_data, tx)
+        if self._checks:
+            # The checks need the whole message: it is held in memory (at most databytes).
+            self._tx = tx
+            self._writer = writer = enddata.HeldMessage()
+        else:
+            self._tx = None
+            self._writer = writer = injector.begin()
         protocol_name = "ESMTP" if core.extended else "SMTP"   # RFC 3848 names
         if core.tls:
             protocol_name = "ESMTPS"
@@ -466,8 +508,34 @@ class SMTPServerProtocol(protocol.Protocol):
             if refusal is not None:
                 writer.abort()
                 return refusal
+        checks, self._checks = self._checks, []
+        tx, self._tx = self._tx, None
+        if checks:
+            # The end-of-data hook point (enddata.py): every check, then the commit.
+            d = enddata.run_checks(checks, tx, writer.data())
+            writer.abort()           # the checks have the bytes now
+            return d.addCallback(self._checked, ev)
         try:
             d = writer.commit(ev.sender, list(ev.recipients), self.ip or None)
+        except ValueError as e:
+            self.log.error("smtp: {ip}: envelope refused by the queue: {why}", ip=self.ip,
+                           why=str(e))
+            return replies.QQ_TEMPORARY
+        return d.addCallbacks(self._committed, self._commit_failed)
+
+    def _checked(self, result: enddata.Result, ev: MessageEnd) -> Reply | Deferred:
+        for note in result.notes:
+            self.log.info("smtp: {ip}: {note}", ip=self.ip, note=note)
+        if result.reply is not None:
+            return result.reply
+        if self._lost:
+            # It never saw a 250 and will send again: queue nothing.
+            self.log.info("smtp: {ip}: client gone during the end-of-data checks; nothing "
+                          "queued", ip=self.ip)
+            return replies.QQ_TEMPORARY
+        try:
+            d = self.app.injector.inject(result.message, ev.sender, list(ev.recipients),
+                                         self.ip or None)
         except ValueError as e:
             self.log.error("smtp: {ip}: envelope refused by the queue: {why}", ip=self.ip,
                            why=str(e))

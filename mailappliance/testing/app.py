@@ -13,8 +13,10 @@ job's `build_factory(app, kind)`). Nothing is started: the queue manager does no
 thread runs, nothing listens, and the reactor is a MemoryReactorClock that only the test
 advances.
 
-Defaults fit unit tests: bcrypt cost 4 (the minimum), hostname mx.test.example and the data
-directory given.
+Defaults fit unit tests: bcrypt cost 4 (the minimum), hostname mx.test.example, the data
+directory given, and `[verify]` all off (VERIFY_OFF): with the product's default, every MAIL
+FROM from an untrusted test client would ask DNS for SPF (and wait forever on the test's
+reactor). Tests of verification set [verify] themselves and a resolver that answers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mailappliance.config import Settings
+from mailappliance.config import Settings, VerifySettings
 from mailappliance.queue.store import QueueStore
 from mailappliance.app import App
 from mailappliance.service import build_app, build_shared
@@ -32,6 +34,7 @@ from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
 # The cheapest cost bcrypt accepts: hashing in tests takes about a millisecond.
 TEST_BCRYPT_COST = 4
 TEST_HOSTNAME = "mx.test.example"        # RFC 2606 name
+VERIFY_OFF = VerifySettings(spf="off", dkim="off", dmarc="off")
 
 
 def build_test_app(data: Path | None = None, *, settings: Settings | None = None,
@@ -49,6 +52,7 @@ def build_test_app(data: Path | None = None, *, settings: Settings | None = None
             raise TypeError("build_test_app needs a data directory or settings")
         fields.setdefault("hostname", TEST_HOSTNAME)
         fields.setdefault("bcrypt_cost", TEST_BCRYPT_COST)
+        fields.setdefault("verify", VERIFY_OFF)
         settings = Settings(data=Path(data), **fields)
     elif data is not None or fields:
         raise TypeError("build_test_app: give settings or data and fields, not both")

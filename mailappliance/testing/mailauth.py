@@ -21,6 +21,8 @@ from mailappliance.mailauth.spf import SPFResult
 
 @implementer(IVerifier)
 class FakeVerifier:
+    active = True
+
     def __init__(self, spf: SPFResult | None = None, *, spf_mode: str = "tag",
                  action: str = "accept", hostname: str = "mx.test", hold: bool = False) -> None:
         self.spf = spf
@@ -49,6 +51,8 @@ class FakeVerifier:
 
     def check_message(self, message, spf_result):
         self.messages.append(message)
+        if self.action == "fail":            # a check that breaks: its Deferred fails
+            return defer.fail(RuntimeError("verifier broke"))
         disposition = {"accept": "none"}.get(self.action, self.action)
         dmarc = DMARCResult("fail" if self.action != "accept" else "pass", "example.test",
                             disposition, disposition)
@@ -57,10 +61,20 @@ class FakeVerifier:
 
 @implementer(ISigner)
 class FakeSigner:
-    def __init__(self, fields: bytes = b"") -> None:
+    def __init__(self, fields: bytes = b"", hold: bool = False) -> None:
         self.fields = fields
+        self.hold = hold
         self.calls: list[tuple[bytes, str]] = []
+        self.pending: list[defer.Deferred] = []
+
+    def maybe_keys(self):
+        return True
 
     def sign(self, message, mail_from, from_domain=None, linesep=None):
         self.calls.append((message, mail_from))
-        return defer.succeed(self.fields)
+        if not self.hold:
+            return defer.succeed(self.fields)
+        d = defer.Deferred()
+        d.value = self.fields
+        self.pending.append(d)
+        return d

@@ -21,7 +21,7 @@ from mailappliance.fileops import FileOps
 from mailappliance.queue.store import QueueStore
 from mailappliance.smtp import protocol as smtp_protocol
 from mailappliance.smtp.service import SMTPFactory, build_factory
-from mailappliance.testing.app import build_test_app
+from mailappliance.testing.app import VERIFY_OFF, build_test_app
 from mailappliance.testing.threads import DeferredThreadPool, ImmediateThreadPool, ThreadlessReactor
 
 HOST = "mx.test.com"
@@ -35,9 +35,11 @@ class FailingWrites(FileOps):
 
 class World:
     """A real App (testing/app.py) on tmp_path with an SMTP listener's factory; `fields` are
-    further Settings fields, `smtp` SMTPSettings fields, `ops` the queue's file operations."""
+    further Settings fields ([verify] off unless given), `smtp` SMTPSettings fields, `ops` the
+    queue's file operations."""
 
     def __init__(self, tmp_path, *, rules="", pool=None, ops=None, fields=None, **smtp):
+        fields = {"verify": VERIFY_OFF, **(fields or {})}
         self.pool = pool or ImmediateThreadPool()
         settings = Settings(hostname=HOST, data=tmp_path, bcrypt_cost=4,
                             smtp=dataclasses.replace(SMTPSettings(), **smtp),
