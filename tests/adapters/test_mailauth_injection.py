@@ -98,6 +98,7 @@ def test_internet_mail_is_never_signed(tmp_path):
 def test_sendmail_signs_synchronously_with_the_same_core(tmp_path):
     data = tmp_path / "var"
     data.mkdir()
+    (data / "users.sqlite").touch()            # an instance (sendmail writes no other's queue)
     key = keys.generate(data, "test.com", "mail", "rsa")
     err = io.StringIO()
     code = sendmail.main(["--data", str(data), "-f", "cron@test.com", "r@remote.example"],
@@ -113,6 +114,7 @@ def test_sendmail_signs_synchronously_with_the_same_core(tmp_path):
 def test_sendmail_with_a_key_still_loads_no_twisted(tmp_path):
     data = tmp_path / "var"
     data.mkdir()
+    (data / "users.sqlite").touch()            # an instance (sendmail writes no other's queue)
     keys.generate(data, "test.com", "mail", "ed25519")
     script = (
         "import io, sys\n"
@@ -125,3 +127,27 @@ def test_sendmail_with_a_key_still_loads_no_twisted(tmp_path):
     assert out.split("\n")[-2] == "0 []", out
     q = QueueStore(data / "queue")
     assert q.read_message(q.read_envelope(q.list_ids()[0])).startswith(b"DKIM-Signature:")
+
+
+def test_inject_socket_mail_is_signed_once_and_streams_when_no_key_exists(tmp_path):
+    from mailappliance.enddata import HeldMessage
+    from mailappliance.queue.inject import MessageWriter
+    from tests.adapters.test_pickup_service import connect, make, reply, request
+    app, factory = make(tmp_path)
+    proto, t = connect(factory)
+    data = request(b"Subject: before\n\nno key yet\n")
+    proto.dataReceived(data[:-3])
+    assert isinstance(proto.writer, MessageWriter)      # no key anywhere: streamed as before
+    proto.dataReceived(data[-3:])
+    assert reply(t)[0] == 0
+    key = keys.generate(tmp_path / "var", "test.com", "mail", "ed25519")
+    proto, t = connect(factory)
+    data = request(b"Subject: after\n\nsigned\n")
+    proto.dataReceived(data[:-3])
+    assert isinstance(proto.writer, HeldMessage)        # the new key is seen at once
+    proto.dataReceived(data[-3:])
+    code, text = reply(t)
+    assert code == 0, text
+    stored = app.queue_store.read_message(app.queue_store.read_envelope(int(text.split()[-1])))
+    assert stored.count(b"DKIM-Signature:") == 1
+    assert verifies(stored, key) == [True]
