@@ -44,6 +44,7 @@ def record_of(output: str) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
+    (data / "users.sqlite").touch()           # an instance (commands never invent one)
     rsa_name, rsa_txt = record_of(cli(data, "dkim", "keygen", "signed.test").stdout)
     ed_name, ed_txt = record_of(cli(data, "dkim", "keygen", "signed.test", "--selector", "ed",
                                     "--algorithm", "ed25519").stdout)
@@ -103,7 +104,7 @@ def test_keygen_refuses_existing_selector_and_missing_instance(published, tmp_pa
     res = cli(data, "dkim", "keygen", "signed.test", check=False)
     assert res.returncode == 1 and "exists already" in res.stderr and res.stderr.count("\n") == 1
     res = cli(tmp_path / "nothing", "dkim", "keygen", "x.test", check=False)
-    assert res.returncode == 1 and "no instance" in res.stderr
+    assert res.returncode == 78 and "no mailappliance instance" in res.stderr   # EX_CONFIG
     assert not (tmp_path / "nothing").exists()
 
 
@@ -114,6 +115,8 @@ def test_keygen_as_root_writes_as_the_data_owner():
     os.chmod(root, 0o755)
     data = root / "data"
     data.mkdir()
+    (data / "users.sqlite").touch()
+    os.chown(data / "users.sqlite", nobody.pw_uid, nobody.pw_gid)
     os.chown(data, nobody.pw_uid, nobody.pw_gid)
     try:
         cli(data, "dkim", "keygen", "owned.test", "--algorithm", "ed25519")
