@@ -97,21 +97,55 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def owner_problem(data: Path, uid: int) -> str | None:
-    """None if a server running as `uid` may use the data directory `data` (it belongs to
-    `uid`, or does not exist yet); else the one line that says what is wrong and what to do."""
+def _groups(uid: int, gid: int | None) -> set[int]:
+    """The groups a process of `uid` has after twistd's switch (initgroups)."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return {gid} if gid is not None else set()
+    primary = entry.pw_gid if gid is None else gid
+    try:
+        return set(os.getgrouplist(entry.pw_name, primary))
+    except OSError:
+        return {primary}
+
+
+def _may_enter(st: os.stat_result, uid: int, groups: set[int]) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def owner_problem(data: Path, uid: int, gid: int | None = None) -> str | None:
+    """None if a server running as `uid` (group `gid`) may use the data directory `data`: it
+    belongs to `uid` (or does not exist yet) and every directory above it lets that user in.
+    Else the one line that says what is wrong and what to do."""
+    data = Path(data)
+    user = _user_name(uid)
     try:
         st = os.stat(data)
     except FileNotFoundError:
-        return None
+        st = None
     except OSError as e:
         return f"data directory {data}: {e.strerror}"
-    if st.st_uid == uid:
-        return None
-    owner, user = _user_name(st.st_uid), _user_name(uid)
-    return (f"data directory {data} belongs to {owner} (uid {st.st_uid}), not to {user} "
-            f"(uid {uid}) that the server runs as (--uid); the server does not change the "
-            f"owner of a directory it finds: chown -R {user}: {data}")
+    if st is not None and st.st_uid != uid:
+        owner = _user_name(st.st_uid)
+        return (f"data directory {data} belongs to {owner} (uid {st.st_uid}), not to {user} "
+                f"(uid {uid}) that the server runs as (--uid); the server does not change the "
+                f"owner of a directory it finds: chown -R {user}: {data}")
+    groups = _groups(uid, gid)
+    for parent in reversed(Path(os.path.abspath(data)).parents):
+        try:
+            pst = os.stat(parent)
+        except OSError:
+            break                     # a missing parent: made with the data directory
+        if not _may_enter(pst, uid, groups):
+            return (f"data directory {data}: {user} (uid {uid}) that the server runs as "
+                    f"(--uid) may not enter {parent} (mode {stat.S_IMODE(pst.st_mode):04o}, "
+                    f"owner {_user_name(pst.st_uid)}); let it in or move the data directory")
+    return None
 
 
 def _no_space(path: Path) -> bool:

@@ -98,14 +98,14 @@ def prepare_data_directory(data: Path, uid: int | None, gid: int | None) -> None
     another owner, and make a missing one (mode 0700) for that user; else make a missing one
     for ourselves."""
     if uid is not None and uid != 0 and os.geteuid() == 0:
-        problem = datadir.owner_problem(data, uid)
-        if problem is not None:
-            raise StartupFailed(problem)
         if gid is None:            # twistd's own rule: the user's primary group
             try:
                 gid = pwd.getpwuid(uid).pw_gid
             except KeyError:
                 gid = os.getegid()
+        problem = datadir.owner_problem(data, uid, gid)
+        if problem is not None:
+            raise StartupFailed(problem)
         datadir.make_dir(data, owner=(uid, gid))
     else:
         datadir.make_dir(data)

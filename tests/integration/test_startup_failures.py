@@ -189,6 +189,18 @@ def test_uid_with_no_data_directory_makes_a_private_one_for_that_user(unprivileg
         srv.stop()
 
 
+# --- an error after the thread pools started --------------------------------------------
+
+def test_an_error_after_the_threads_started_ends_the_process_in_one_line(make_server):
+    """Found while starting (after the thread pools run, before the reactor does): the
+    process still ends, at once, with one line (it used to hang on the pools' threads)."""
+    srv = make_server()
+    srv.data.mkdir(parents=True)
+    (srv.data / "log").write_text("not a directory\n")
+    rc, out = run_to_exit(srv)
+    assert_failed_clearly(rc, out, srv, "start-up failed", f"{srv.data / 'log'}: File exists")
+
+
 # --- a full disk -------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -72,7 +72,7 @@ def test_tighten_leaves_symlinks_and_directories_alone(tmp_path):
 def test_owner_problem(tmp_path):
     me = os.geteuid()
     assert datadir.owner_problem(tmp_path, me) is None
-    assert datadir.owner_problem(tmp_path / "missing", me + 1) is None
+    assert datadir.owner_problem(tmp_path / "missing", me) is None
     line = datadir.owner_problem(tmp_path, me + 1)
     assert f"data directory {tmp_path} belongs to " in line
     assert f"(uid {me})" in line and f"(uid {me + 1})" in line
@@ -92,3 +92,17 @@ def test_owner_problem(tmp_path):
 ])
 def test_describe(error, store, line):
     assert datadir.describe(error, store) == line
+
+
+def test_owner_problem_names_a_directory_above_that_the_user_may_not_enter(tmp_path):
+    me = os.geteuid()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o600)            # no search permission, even for its owner
+    try:
+        line = datadir.owner_problem(locked / "var", me)
+    finally:
+        os.chmod(locked, 0o700)
+    assert line is not None and f"data directory {locked / 'var'}" in line
+    if me == 0:                        # root may stat through it: the check itself speaks
+        assert f"may not enter {locked} (mode 0600, owner root)" in line
