@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_parser("list", help="current grants")
     from mailappliance.mailauth import command as dkim_command
     dkim_command.add_parser(sub)
+    ck = sub.add_parser("check", help="offline configuration test: exit 0, or 1 with one line "
+                        "per problem")
+    ck.add_argument("--user", help="the user the server runs as (twistd --uid); default: the "
+                    "owner of the data directory")
     sm = sub.add_parser("sendmail", help="sendmail-compatible injection", add_help=False)
     sm.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -105,6 +109,31 @@ def settings_for(args: argparse.Namespace) -> Settings:
     if not creating:
         require_instance(settings.data, found)
     return settings
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """`mailappliance check` (mailappliance/check.py): needs a configuration or a data
+    directory to look at, not a working instance; every problem is one line on stderr."""
+    from mailappliance import check
+    from mailappliance.locate import NoInstance, locate
+    try:
+        found = locate(args.config, args.data)
+    except NoInstance as e:
+        print(f"mailappliance: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        overrides = {"data": str(found.data)} if found.data else {}
+        settings = load_settings(found.config, overrides, check_files=False)
+        user, problems = check.run(settings, args.user)
+    except ConfigError as e:
+        print(f"mailappliance: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    for line in problems:
+        print(f"mailappliance: {line}", file=sys.stderr)
+    if problems:
+        return EXIT_REFUSED
+    print(f"{found.how}: no problems found (data {settings.data}, server user {user})")
+    return EXIT_OK
 
 
 def read_password(from_stdin: bool, confirm: bool = True) -> str:
@@ -196,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = ["--data", args.data] if args.data else []
         extra += ["--config", args.config] if args.config else []
         return sendmail.main(extra + argv[split + 1:])
+    if args.area == "check":
+        return run_check(args)
     from mailappliance.locate import NoInstance
     settings = None
     try:
