@@ -197,6 +197,23 @@ def _store_command(args: argparse.Namespace, store: UserStore, out) -> None:
 STORE_AREAS = ("domain", "user", "alias")
 
 
+def _describe_change(args: argparse.Namespace) -> str | None:
+    """The change a store command makes, for the log (never a password); None for a list."""
+    area, action = args.area, args.action
+    if action == "list":
+        return None
+    words = [area, action, getattr(args, "name", None) or getattr(args, "address", "")]
+    if area == "alias" and action == "add":
+        words += list(args.targets)
+    if getattr(args, "postmaster", None):
+        words += ["--postmaster", args.postmaster]
+    if getattr(args, "quota", 0):
+        words += ["--quota", str(args.quota)]
+    if getattr(args, "force", False):
+        words.append("--force")
+    return " ".join(words)
+
+
 def _sendmail_split(argv: list[str]) -> int | None:
     """Index of a "sendmail" subcommand that follows only global options, else None."""
     i = 0
@@ -244,13 +261,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Store commands always work directly on the store (the server, if running, sees
             # each change at once). Run as root, act as the data directory's owner, so the
             # Maildirs and SQLite files created here belong to the user the server runs as.
+            from mailappliance import audit
             from mailappliance.privileges import drop_to_data_owner
+            who = audit.caller()              # the real caller, before the switch
             drop_to_data_owner(settings.data)
             store = UserStore(settings.data, settings.bcrypt_cost)
+            change = _describe_change(args)
             try:
                 _store_command(args, store, sys.stdout)
+            except StoreError as e:
+                if change:
+                    audit.record(settings, f"{who}: {change}: refused: {e}")
+                raise
             finally:
                 store.close()
+            if change:
+                audit.record(settings, f"{who}: {change}: ok")
             return EXIT_OK
         if args.area == "dkim":
             # Keys are files in the data directory, written as its owner (0600, 0700).

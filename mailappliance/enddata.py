@@ -146,12 +146,12 @@ async def _run(checks: list[EndOfDataCheck], tx: Transaction, message: bytes) ->
             if isinstance(outcome, Deferred):
                 outcome = await outcome
         except Exception:
-            log.failure("smtp: {ip}: end-of-data check {name} failed", Failure(),
+            log.failure("end-of-data check {name} failed: rip={ip}", Failure(),
                         ip=tx.client_ip, name=c.name)
             result.reply = CHECK_FAILED
             return result
         if not isinstance(outcome, Outcome):
-            log.error("smtp: {ip}: end-of-data check {name} gave {o!r}", ip=tx.client_ip,
+            log.error("end-of-data check {name} gave {o!r}: rip={ip}", ip=tx.client_ip,
                       name=c.name, o=outcome)
             result.reply = CHECK_FAILED
             return result

@@ -107,6 +107,21 @@ _JOURNAL_PRIORITY = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4,
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+# Twisted's own port lines ("SMTPFactory starting on 25", "(TCP Port 25 Closed)"), logged
+# through its legacy log.msg whatever a factory's `noisy` says: the service logs its own
+# "<kind>: listening on <address>" line instead, so the mail log leaves them out.
+_CHATTER = re.compile(r"\A(?:.+ starting on \S.*|\((?:\w+ )?Port \S.* Closed\))\Z")
+
+
+def is_chatter(event: dict) -> bool:
+    """Twisted's port start/stop lines (see _CHATTER); factories and protocols of ours set
+    `noisy = False` for the "Starting factory" ones."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    message = event.get("message")
+    return (isinstance(message, tuple) and len(message) == 1 and isinstance(message[0], str)
+            and _CHATTER.match(message[0]) is not None)
+
 
 # --- pure formatting -------------------------------------------------------------------------
 
@@ -477,6 +492,7 @@ class FileLogObserver:
         self.started = False
         self.early: Deque[str] = collections.deque(maxlen=EARLY_BUFFER_LINES)
         self.early_dropped = 0
+        self._early_events: Deque[dict] = collections.deque(maxlen=EARLY_BUFFER_LINES)
         self.reactor = reactor
         # Lines waiting for the flush (deque: append and popleft are safe across threads).
         self.pending: Deque[str] = collections.deque()
@@ -486,6 +502,14 @@ class FileLogObserver:
 
     def __call__(self, event: dict) -> None:
         try:
+            if is_chatter(event):
+                return
+            if not self.started:
+                # twistd replays the events it buffered before its logging began: an event
+                # seen before start is written once.
+                if any(e is event for e in self._early_events):
+                    return
+                self._early_events.append(event)
             when = format_time(event.get("log_time") or time.time())
             lines = [f"{when} {area}: {text}" for area, text in event_lines(event)]
             if is_error(event):
@@ -570,6 +594,7 @@ class FileLogObserver:
 
     def start(self) -> None:
         self.started = True
+        self._early_events.clear()
         self._io_thread = threading.get_ident()
         if self.early_dropped:
             self.log.write_line(f"{format_time(time.time())} {DEFAULT_AREA}: "
@@ -607,6 +632,8 @@ class JournalObserver:
 
     def __call__(self, event: dict) -> None:
         try:
+            if is_chatter(event):
+                return
             stream = self.stream or sys.stdout
             area = area_of(event)
             if self.files_active() and area != DEFAULT_AREA and not is_error(event):

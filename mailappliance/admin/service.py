@@ -20,7 +20,10 @@ import hmac
 import ipaddress
 import json
 import os
+import pwd
 import re
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +162,22 @@ def build_endpoint(app: App, kind: str, description: str, reactor):
 
 # --- the protocol ------------------------------------------------------------------------------
 
+def unix_peer(transport) -> str:
+    """Who is on the other end of a unix socket, for the log: ``unix uid=0(root)``, from the
+    kernel's SO_PEERCRED (not something the client says)."""
+    try:
+        raw = transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", raw)
+    except (AttributeError, OSError, struct.error):
+        return "unix"
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "?"
+    return f"unix uid={uid}({name})"
+
+
 def _is_loopback(addr) -> bool:
     host = getattr(addr, "host", None)
     if not host:
@@ -189,6 +208,8 @@ class AdminProtocol(protocol.Protocol):
 
     # -- connection -------------------------------------------------------------------------
     def connectionMade(self) -> None:
+        if self.peer == "unix":
+            self.peer = unix_peer(self.transport)
         self.factory.active.add(self)
         stats_mod.connection_opened(self.factory.app.stats, "admin")
         self.transport.registerProducer(self, True)
@@ -291,15 +312,17 @@ class AdminProtocol(protocol.Protocol):
 
     def _execute(self, cmd: Command) -> None:
         handler = HANDLERS[cmd.name]
-        if cmd.name not in QUIET:
-            self.log.info("{peer}: {command}", peer=self.peer, command=cmd.describe())
         self.busy = True
         d = defer.maybeDeferred(handler, self, cmd)
-        d.addCallbacks(self._reply, self._refused, errbackArgs=(cmd,))
+        d.addCallbacks(self._reply, self._refused, callbackArgs=(cmd,), errbackArgs=(cmd,))
         d.addErrback(self._crashed, cmd)
         d.addBoth(self._done)
 
-    def _reply(self, lines) -> None:
+    def _reply(self, lines, cmd: Command) -> None:
+        # Logged once it is done, with who asked (the socket peer's uid, or the TCP peer),
+        # in the same order as a refusal: "<who>: <command>: ok" / ": refused: <why>".
+        if cmd.name not in QUIET:
+            self.log.info("{peer}: {command}: ok", peer=self.peer, command=cmd.describe())
         if not self.lost:
             self.transport.write(encode_reply(lines))
 
@@ -346,7 +369,7 @@ class AdminFactory(protocol.ServerFactory):
         try:
             self.token = read_token(settings.admin.token_file)
         except ConfigError as e:
-            self.log.error("admin: keeping the old token: {why}", why=str(e))
+            self.log.error("keeping the old token: {why}", why=str(e))
 
     def buildProtocol(self, addr):
         if isinstance(addr, UNIXAddress):

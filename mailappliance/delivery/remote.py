@@ -243,6 +243,7 @@ class _SMTPClientProtocol(Protocol):
 
 
 class _Factory(ClientFactory):
+    noisy = False         # no "Starting factory" lines per delivery in the mail log
     def __init__(self, proto: _SMTPClientProtocol) -> None:
         self.proto = proto
 

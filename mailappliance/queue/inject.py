@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from mailappliance.batching import Batcher
 from mailappliance.envelope import Envelope, check_envelope
+from mailappliance.queue.naming import message_name
 from mailappliance.queue.store import QueueStore, QueueWriteError, TmpMessage
 
 __all__ = ["Injector", "MessageWriter", "QueueWriteError"]
@@ -54,6 +55,7 @@ class MessageWriter:
         self._error: BaseException | None = None
         self._done = False
         self.size = 0
+        self.name: str | None = None               # after commit: the id the log shows
 
     @property
     def pending_bytes(self) -> int:
@@ -138,6 +140,8 @@ class MessageWriter:
             self._injector.stats["write_errors"] += 1
             raise _as_write_error(e)
         self._injector._committed(qid, env)
+        # The id the SMTP 250 shows, the same as the log's (naming.message_name).
+        self.name = message_name(qid, env.token)
         return qid
 
     def abort(self) -> None:

@@ -60,7 +60,7 @@ from mailappliance.envelope import (
     DEFERRAL, DELIVERED, FAILED, FAILURE, SUCCESS, TODO, CorruptEntry, Envelope, Result,
     deferral, failure)
 from mailappliance.queue import bounce as bounce_mod
-from mailappliance.queue import schedule
+from mailappliance.queue import naming, schedule
 from mailappliance.queue.schedule import LOCAL, REMOTE
 from mailappliance.queue.store import QueueStore
 
@@ -125,6 +125,7 @@ class Job:
 
 
 class _Trigger(DatagramProtocol):
+    noisy = False         # no "Starting protocol" line in the mail log
     def __init__(self, manager: "QueueManager") -> None:
         self.manager = manager
 
@@ -276,7 +277,7 @@ class QueueManager(service.Service):
         except Exception as e:  # noqa: BLE001 - the store is unreadable: take the slow path
             env.data = None
             self.log.warn("classifying msg {qid} failed ({why}); reading it again",
-                          qid=env.qid, why=str(e))
+                          qid=_name(env), why=str(e))
             self._pickup(env.qid)
             return
         # Its bytes stay in memory for the first deliveries (capped; released below).
@@ -385,9 +386,13 @@ class QueueManager(service.Service):
         job = Job(env, channels)
         self.jobs[qid] = job
         self.stats["messages_seen"] += 1
-        self.log.info("new msg {qid}", qid=qid)
+        if env.received_from:
+            self.log.info("new msg {qid}: {trace}", qid=_name(env),
+                          trace=logsafe_address(env.received_from))
+        else:
+            self.log.info("new msg {qid}", qid=_name(env))
         self.log.info("info msg {qid}: bytes {size} from <{sender}> qp {qp} uid {uid}",
-                      qid=qid, size=env.size, sender=logsafe_address(env.sender),
+                      qid=_name(env), size=env.size, sender=logsafe_address(env.sender),
                       qp=env.qp, uid=env.uid)
         now = self.now()
         # A deferred message keeps its schedule across a restart (mtime = next try).  The
@@ -486,7 +491,7 @@ class QueueManager(service.Service):
             dnos.append(dno)
             self.stats["deliveries"] += 1
             self.log.info("starting delivery {d}: msg {qid} to {channel} {rcpt}", d=dno,
-                          qid=env.qid, channel=channel,
+                          qid=_name(env), channel=channel,
                           rcpt=logsafe_address(env.recipients[i].address))
         self._log_status()
         started = self.now()
@@ -502,7 +507,7 @@ class QueueManager(service.Service):
     def _attempt_done(self, results, job: Job, channel: str, unit: list[int], dnos: list[int],
                       started: float):
         if isinstance(results, Failure):
-            self.log.failure("delivery of msg {qid} raised", results, qid=job.qid)
+            self.log.failure("delivery of msg {qid} raised", results, qid=_name(job.env))
             results = [deferral(TEXT_INTERNAL)] * len(unit)
         if len(results) != len(unit):
             self.log.error("deliverer returned {n} results for {m} recipients",
@@ -579,11 +584,11 @@ class QueueManager(service.Service):
             # Not recorded: everything in this unit stays to do (a delivered recipient may
             # get a duplicate, never a loss).
             self.log.error("cannot record delivery results of msg {qid}: {why}",
-                           qid=job.qid, why=result.getErrorMessage())
+                           qid=_name(job.env), why=result.getErrorMessage())
             next_try = schedule.next_attempt(job.env.birth, self.now(), channel,
                                              self.lifetime)
         if done_all and not isinstance(result, Failure):
-            self.log.info("end msg {qid}", qid=job.qid)
+            self.log.info("end msg {qid}", qid=_name(job.env))
             self._forget(job.qid)
             self._pump()
             return
@@ -613,7 +618,7 @@ class QueueManager(service.Service):
                 self.reactor.callLater(BOUNCE_RETRY, self._retry_finish, env.qid)
                 return
         yield self._defer(self.store.remove, env.qid)
-        self.log.info("end msg {qid}", qid=env.qid)
+        self.log.info("end msg {qid}", qid=_name(env))
         self._forget(env.qid)
 
     def _retry_finish(self, qid: int) -> None:
@@ -627,13 +632,13 @@ class QueueManager(service.Service):
         target = bounce_mod.bounce_envelope(env.sender, self.postmaster)
         if target is None:
             self.stats["triple_bounces"] += 1
-            self.log.warn("triple bounce: discarding bounce/{qid}", qid=env.qid)
+            self.log.warn("triple bounce: discarding bounce/{qid}", qid=_name(env))
             return True
         b_sender, b_rcpt = target
         try:
             failures, original = yield self._defer(self._bounce_material, env)
         except Exception as e:  # noqa: BLE001
-            self.log.error("cannot read msg {qid} to bounce it: {why}", qid=env.qid, why=str(e))
+            self.log.error("cannot read msg {qid} to bounce it: {why}", qid=_name(env), why=str(e))
             return False
         data, truncated = original
         text = bounce_mod.bounce_message(
@@ -651,10 +656,10 @@ class QueueManager(service.Service):
             bqid = yield self.injector.inject(text, b_sender, [b_rcpt])
         except Exception as e:  # noqa: BLE001 - QueueWriteError: try again later
             self.log.error("unable to inject bounce of msg {qid}: {why}; will try again",
-                           qid=env.qid, why=str(e))
+                           qid=_name(env), why=str(e))
             return False
         self.stats["double_bounces" if b_sender else "bounces"] += 1
-        self.log.info("bounce msg {qid} qp {qp}", qid=env.qid, qp=bqid)
+        self.log.info("bounce msg {qid} qp {qp}", qid=_name(env), qp=bqid)
         return True
 
     def _bounce_material(self, env: Envelope):
@@ -696,7 +701,7 @@ class QueueManager(service.Service):
             self._finish(job)
         else:
             yield self._defer(self.store.remove, qid)
-            self.log.info("end msg {qid}", qid=qid)
+            self.log.info("end msg {qid}", qid=_name(job.env))
             self._forget(qid)
         return True
 
@@ -713,6 +718,11 @@ class QueueManager(service.Service):
 
     def _bug(self, f: Failure, what: str) -> None:
         self.log.failure("queue manager: unexpected error in {what}", f, what=what)
+
+
+def _name(env: Envelope) -> str:
+    """The message's id in the log (queue/naming.py message_name: never reused)."""
+    return naming.message_name(env.qid, env.token)
 
 
 def _domain(address: str) -> str:

@@ -23,6 +23,7 @@ import itertools
 import os
 import random
 import threading
+import zlib
 
 from mailappliance.fileops import process_id
 
@@ -68,6 +69,26 @@ def token_bits() -> int:
 
 
 os.register_at_fork(after_in_child=_ids.clear)
+
+
+def message_name(qid: int, token: str) -> str:
+    """The id the log and the SMTP ``250 ok`` show: ``<inode>.<8 hex digits>``.
+
+    An inode number is reused as soon as a finished message's file is gone, so the number
+    alone would name several messages in one log; the hex part is the CRC-32 of the message's
+    token (its tmp/ name: time, pid, sequence, random bits), which tells two messages with the
+    same inode apart. The admin commands take either form; the long one never names a later
+    message that reused the number."""
+    return "%d.%08x" % (qid, zlib.crc32(token.encode("utf-8", "surrogateescape")))
+
+
+def parse_message_name(text: str) -> tuple[int, str | None]:
+    """``N`` or ``N.hhhhhhhh`` -> (N, the hex part or None); ValueError otherwise."""
+    number, dot, check = text.partition(".")
+    if not number.isdigit() or len(number) > 20 or (dot and (
+            len(check) != 8 or any(c not in "0123456789abcdef" for c in check))):
+        raise ValueError("a queue id is a number, or number.hex as the log shows it")
+    return int(number), (check if dot else None)
 
 
 def tmp_shard() -> int:

@@ -59,6 +59,7 @@ from mailappliance.smtp.core import (
     CLOSED_EVENT, NEED_DATA, PAUSED, Auth, AuthResponse, DataChunk, DataStart, MailFrom,
     MessageEnd, RcptTo, ServerConnection, StartTLS, received_header)
 from mailappliance.smtp.submission import SessionAuth
+from mailappliance.smtp.trace import MessageIdScanner, trace_text
 from mailappliance.smtp.replies import Reply
 
 # Pipelined input waiting while a decision is pending: above this, stop reading the socket until
@@ -126,6 +127,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self._spf = None               # mailauth's SPF result of this transaction's MAIL FROM
         self._tx: enddata.Transaction | None = None    # while end-of-data checks are due
         self._checks: list = []        # the app.end_of_data checks this transaction wants
+        self._mid_scan: MessageIdScanner | None = None   # while DATA runs: the Message-ID
+        self._connected_at: float | None = None          # a session (not a refusal) started
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -157,6 +160,9 @@ class SMTPServerProtocol(protocol.Protocol):
             env.setdefault("RELAYCLIENT", "")
             env.setdefault("RBLSMTPD", "")
         self.env = env
+        self._connected_at = app.reactor.seconds()
+        # One connect and one disconnect line per session (docs/MONITORING.md).
+        self.log.info("connect: rip={ip} kind={kind}", ip=self.ip, kind=factory.kind)
         smtp = settings.smtp
         hostname = settings.hostname
         implicit_tls = factory.kind == "submissions"
@@ -228,6 +234,11 @@ class SMTPServerProtocol(protocol.Protocol):
         if self.drain is not None:
             self.drain.done()
             self.drain = None
+        if self._connected_at is not None:
+            self.log.info("disconnect: rip={ip} kind={kind} messages={n} seconds={t:.1f}",
+                          ip=self.ip, kind=self.factory.kind, n=self.messages,
+                          t=max(0.0, self.app.reactor.seconds() - self._connected_at))
+            self._connected_at = None
 
     def close_now(self) -> None:
         """Graceful stop (mailappliance/drain.py): pending replies, then 421, then close."""
@@ -249,7 +260,7 @@ class SMTPServerProtocol(protocol.Protocol):
             self._timer = self.app.reactor.callLater(self.app.settings.smtp.timeout,
                                                      self._timed_out)
             return
-        self.log.info("smtp: {ip}: timeout", ip=self.ip)
+        self.log.info("timeout: rip={ip}", ip=self.ip)
         self.transport.write(core.close_with(replies.TIMEOUT))
         self._close()
 
@@ -285,6 +296,9 @@ class SMTPServerProtocol(protocol.Protocol):
                 scan = self._from_scan
                 if scan is not None and not scan.done:
                     scan.feed(ev.data)
+                mid = self._mid_scan
+                if mid is not None and not mid.done:
+                    mid.feed(ev.data)
                 if writer.pending_bytes > MAX_WRITER_BACKLOG:
                     self._wait_for_writer()
                 continue
@@ -359,9 +373,9 @@ class SMTPServerProtocol(protocol.Protocol):
         if isinstance(result, Reply):
             return result
         if isinstance(result, Failure):
-            self.log.failure("smtp: {ip}: internal error", result, ip=self.ip)
+            self.log.failure("internal error: rip={ip}", result, ip=self.ip)
         else:
-            self.log.error("smtp: {ip}: decision gave {r!r}", ip=self.ip, r=result)
+            self.log.error("internal error: rip={ip} decision gave {r!r}", ip=self.ip, r=result)
         return TEMPORARY_FAILURE
 
     def _writer_ok(self) -> bool:
@@ -425,7 +439,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._spf = result
         refusal = self.app.verifier.spf_refusal(result, self.ip)
         if refusal is not None:
-            self.log.info("smtp: {ip}: refused MAIL FROM: spf={result} {domain} ({why})",
+            self.log.info("refused mail from: rip={ip}: spf={result} {domain} ({why})",
                           ip=self.ip, result=result.result, domain=result.domain,
                           why=result.reason)
             return refusal
@@ -443,11 +457,11 @@ class SMTPServerProtocol(protocol.Protocol):
                 local = relay_policy.UNKNOWN if store.has_domain(dest.domain) \
                     else relay_policy.REMOTE
         except (sqlite3.Error, OSError) as e:
-            self.log.error("smtp: {ip}: recipient lookup failed: {why}", ip=self.ip, why=str(e))
+            self.log.error("recipient lookup failed: rip={ip}: {why}", ip=self.ip, why=str(e))
             return replies.LOOKUP_FAILED
         verdict = relay_policy.decide(dest, local, self.relay_client())
         if not verdict.accept:
-            self.log.info("smtp: {ip}: refused RCPT {rcpt}: {why} ({tricks})", ip=self.ip,
+            self.log.info("refused rcpt: rip={ip} rcpt=<{rcpt}>: {why} ({tricks})", ip=self.ip,
                           rcpt=str(ev.recipient), why=verdict.why,
                           tricks=",".join(sorted(dest.tricks)) or "-")
         return replies.rcpt_reply(verdict)
@@ -491,68 +505,77 @@ class SMTPServerProtocol(protocol.Protocol):
                                      hostname=self.app.settings.hostname,
                                      when=self.app.reactor.seconds(), protocol=protocol_name))
         self._from_scan = self.auth.from_scanner()
+        self._mid_scan = MessageIdScanner()
         return ev.reply
 
     def _message_end(self, ev: MessageEnd) -> Reply | Deferred:
         writer, self._writer = self._writer, None
         scan, self._from_scan = self._from_scan, None
+        mid, self._mid_scan = self._mid_scan, None
         if writer is None:
             return ev.reply or replies.QQ_TEMPORARY
         if ev.reply is not None:
             writer.abort()
             if ev.reply.code == 451:
-                self.log.info("smtp: {ip}: {text}", ip=self.ip, text=ev.reply.text)
+                self.log.info("refused message: rip={ip}: {text}", ip=self.ip, text=ev.reply.text)
             return ev.reply
         if scan is not None:
             refusal = self.auth.from_refusal(scan.finish())
             if refusal is not None:
                 writer.abort()
                 return refusal
+        user = self.auth.user
+        trace = trace_text(self.ip, self.core.helo, user.address if user is not None else None,
+                           mid.message_id if mid is not None else None)
         checks, self._checks = self._checks, []
         tx, self._tx = self._tx, None
         if checks:
             # The end-of-data hook point (enddata.py): every check, then the commit.
             d = enddata.run_checks(checks, tx, writer.data())
             writer.abort()           # the checks have the bytes now
-            return d.addCallback(self._checked, ev)
+            return d.addCallback(self._checked, ev, trace)
         try:
-            d = writer.commit(ev.sender, list(ev.recipients), self.ip or None)
+            d = writer.commit(ev.sender, list(ev.recipients), trace)
         except ValueError as e:
-            self.log.error("smtp: {ip}: envelope refused by the queue: {why}", ip=self.ip,
+            self.log.error("envelope refused by the queue: rip={ip}: {why}", ip=self.ip,
                            why=str(e))
             return replies.QQ_TEMPORARY
-        return d.addCallbacks(self._committed, self._commit_failed)
+        return d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(writer,))
 
-    def _checked(self, result: enddata.Result, ev: MessageEnd) -> Reply | Deferred:
+    def _checked(self, result: enddata.Result, ev: MessageEnd, trace: str | None = None
+                 ) -> Reply | Deferred:
         for note in result.notes:
-            self.log.info("smtp: {ip}: {note}", ip=self.ip, note=note)
+            self.log.info("check: rip={ip}: {note}", ip=self.ip, note=note)
         if result.reply is not None:
             return result.reply
         if self._lost:
             # It never saw a 250 and will send again: queue nothing.
-            self.log.info("smtp: {ip}: client gone during the end-of-data checks; nothing "
+            self.log.info("client gone during the end-of-data checks: rip={ip}; nothing "
                           "queued", ip=self.ip)
             return replies.QQ_TEMPORARY
+        writer = self.app.injector.begin()
+        writer.write(result.message)
         try:
-            d = self.app.injector.inject(result.message, ev.sender, list(ev.recipients),
-                                         self.ip or None)
+            d = writer.commit(ev.sender, list(ev.recipients), trace or self.ip or None)
         except ValueError as e:
-            self.log.error("smtp: {ip}: envelope refused by the queue: {why}", ip=self.ip,
+            self.log.error("envelope refused by the queue: rip={ip}: {why}", ip=self.ip,
                            why=str(e))
             return replies.QQ_TEMPORARY
-        return d.addCallbacks(self._committed, self._commit_failed)
+        return d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(writer,))
 
-    def _committed(self, qid) -> Reply:
+    def _committed(self, qid, writer=None) -> Reply:
         self.messages += 1
         self.factory.count_message()
-        return replies.queued(int(self.app.reactor.seconds()), str(qid))
+        # The id the log shows (queue/naming.py message_name), never reused between messages.
+        name = getattr(writer, "name", None) or str(qid)
+        return replies.queued(int(self.app.reactor.seconds()), name)
 
     def _commit_failed(self, failure: Failure) -> Reply:
         if failure.check(QueueWriteError):
-            self.log.error("smtp: {ip}: qq write error: {why}", ip=self.ip,
+            self.log.error("qq write error: rip={ip}: {why}", ip=self.ip,
                            why=failure.getErrorMessage())
             return replies.QQ_WRITE_ERROR
-        self.log.failure("smtp: {ip}: commit failed", failure, ip=self.ip)
+        self.log.failure("commit failed: rip={ip}", failure, ip=self.ip)
         return replies.QQ_TEMPORARY
 
     # --- DNSBL (rblsmtpd) ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ _BACKLOG_TYPES = ("tcp:", "tcp6:", "ssl:")
 
 class SMTPFactory(protocol.ServerFactory):
     log = Logger(namespace="mailappliance.smtp")
+    noisy = False         # no "Starting factory" lines in the mail log
     protocol = SMTPServerProtocol
 
     def __init__(self, app, kind: str) -> None:

@@ -242,7 +242,7 @@ class SessionAuth:
         try:
             ok = may_send_as(sender, self.user.address, session.get_alias)
         except (sqlite3.Error, OSError) as e:
-            self.log.error("smtp: {ip}: alias lookup failed: {why}", ip=session.ip, why=str(e))
+            self.log.error("alias lookup failed: rip={ip}: {why}", ip=session.ip, why=str(e))
             return replies.SENDER_LOOKUP_FAILED
         if ok:
             return None
@@ -268,7 +268,7 @@ class SessionAuth:
             try:
                 ok = may_send_as(address, user.address, session.get_alias)
             except (sqlite3.Error, OSError) as e:
-                self.log.error("smtp: {ip}: alias lookup failed: {why}", ip=session.ip,
+                self.log.error("alias lookup failed: rip={ip}: {why}", ip=session.ip,
                                why=str(e))
                 return replies.SENDER_LOOKUP_FAILED
             if not ok:

@@ -9,6 +9,8 @@ import errno
 from types import SimpleNamespace
 
 import pytest
+
+from mailappliance.queue import naming
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
@@ -113,7 +115,9 @@ def test_message_to_local_user_is_queued_with_received_header_before_250(tmp_pat
     reply = c.chat(b"Subject: hi\r\n\r\n..dot\r\n.\r\n")
     ((sender, rcpts, message),) = w.queued()
     qid = w.queue.list_ids()[0]
-    assert reply == f"250 ok 0 qp {qid}\r\n"
+    env = w.queue.read_envelope(qid)
+    assert reply == f"250 ok 0 qp {naming.message_name(qid, env.token)}\r\n"
+    assert env.received_from == "rip=127.0.0.5 helo=client.example auth=- message-id=-"
     assert (sender, rcpts) == ("bob@remote.example", ["alice@test.com"])
     assert message == (b"Received: from unknown (HELO client.example) (127.0.0.5)\n"
                        b"  by mx.test.com with SMTP; Thu, 01 Jan 1970 00:00:00 -0000\n"

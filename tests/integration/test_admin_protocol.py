@@ -68,7 +68,7 @@ def test_every_command_over_the_socket(server):
     assert by[16] == (True, ["domain example.net deleted"])
     assert by[17] == (True, ["bye"])
     # the password went nowhere: not in any log, not on the server's output
-    text = wait_for_log(server, "admin: unix: user add joe@example.net --quota 100000")
+    text = wait_for_log(server, "user add joe@example.net --quota 100000: ok")
     assert PASSWORD not in text and PASSWORD not in server.output()
 
 
