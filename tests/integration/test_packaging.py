@@ -37,6 +37,9 @@ def test_non_editable_install_ships_the_plugin(tmp_path):
     assert (new_site / "mailappliance" / "config.py").is_file()
     assert (venv / "bin" / "mailappliance").exists()
     assert (venv / "bin" / "mailappliance-sendmail").exists()
+    # where conf/mailappliance.service's Documentation= points (PREFIX/share/doc/...)
+    for page in ("OPERATIONS.md", "README.rst", "CONFIGURATION.md"):
+        assert (venv / "share" / "doc" / "mailappliance" / page).is_file(), page
 
     # An unwritable dropin.cache must not break discovery: make it a directory, which no
     # process (root included) can overwrite with the cache file.

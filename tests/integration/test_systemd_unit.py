@@ -17,6 +17,7 @@ from tests.conftest import require_tool
 CONF = Path(__file__).resolve().parents[2] / "conf"
 UNIT = CONF / "mailappliance.service"
 INSTALLED_TWISTD = "/opt/mailappliance/bin/twistd"
+INSTALLED_COMMAND = "/opt/mailappliance/bin/mailappliance"
 
 
 def unit_values() -> dict[str, list[str]]:
@@ -40,12 +41,22 @@ def local_twistd() -> str:
     return found
 
 
+def local_command() -> str:
+    here = Path(sys.executable).parent / "mailappliance"
+    if here.exists():
+        return str(here)
+    found = shutil.which("mailappliance")
+    assert found, "the mailappliance command is not installed next to the test interpreter"
+    return found
+
+
 def verify(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
     tool = require_tool("systemd-analyze")
     unit = tmp_path / "mailappliance.service"
-    # Only the install path of twistd differs from the shipped file: verify checks that
-    # ExecStart's program exists and is executable.
-    unit.write_text(text.replace(INSTALLED_TWISTD, local_twistd()))
+    # Only the install path of the programs differs from the shipped file: verify checks that
+    # ExecStart's and ExecReload's programs exist and are executable.
+    unit.write_text(text.replace(INSTALLED_TWISTD, local_twistd())
+                    .replace(INSTALLED_COMMAND, local_command()))
     return subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
 
@@ -67,7 +78,17 @@ def test_the_unit_asks_for_what_the_issue_requires():
     assert v["Type"] == ["notify"] and v["NotifyAccess"] == ["main"]
     assert v["Restart"] == ["always"]
     assert v["WatchdogSec"] == ["60s"]
-    assert v["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # the command (exit 1 on a refused reload), on the same configuration as ExecStart
+    assert v["ExecReload"] == [f"{INSTALLED_COMMAND} --config "
+                               "/etc/mailappliance/mailappliance.toml reload"]
+    # socket_group members and every user's sendmail must reach the sockets in it
+    assert v["RuntimeDirectoryMode"] == ["0755"]
+    assert v["ProtectProc"] == ["invisible"] and v["ProcSubset"] == ["pid"]
+    assert v["Documentation"]
+    # the restart comment says what the settings do
+    text = UNIT.read_text()
+    assert "5 s after" in text and v["RestartSec"] == ["5s"]
+    assert v["StartLimitBurst"] == ["5"] and v["StartLimitIntervalSec"] == ["300s"]
     assert v["NoNewPrivileges"] == ["yes"]
     assert v["ProtectSystem"] == ["strict"]
     assert v["ReadWritePaths"] == ["/var/lib/mailappliance"]
@@ -117,3 +138,28 @@ def test_configparser_reads_the_unit_the_same_way(key):
     cp.optionxform = str
     cp.read_string(UNIT.read_text())
     assert cp["Service"][key] == unit_values()[key][0]
+
+
+def test_systemd_analyze_security_finds_no_proc_exposure(tmp_path):
+    """`systemd-analyze security` no longer flags /proc (ProtectProc=, ProcSubset=), and the
+    overall exposure stays "OK" or better."""
+    tool = require_tool("systemd-analyze")
+    unit = tmp_path / "mailappliance.service"
+    unit.write_text(UNIT.read_text().replace(INSTALLED_TWISTD, local_twistd())
+                    .replace(INSTALLED_COMMAND, local_command()))
+    res = subprocess.run([tool, "security", "--offline=yes", "--no-pager", str(unit)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    flagged = [line.split()[1] for line in res.stdout.splitlines()
+               if line.startswith("\u2717")]
+    assert "ProtectProc=" not in flagged and "ProcSubset=" not in flagged, res.stdout
+    level = res.stdout.strip().splitlines()[-1]
+    exposure = float(level.split(":")[1].split()[0])
+    assert exposure <= 3.0, level
+
+
+def test_exec_reload_is_a_command_line_the_cli_accepts():
+    from mailappliance.cli import build_parser
+    argv = shlex.split(unit_values()["ExecReload"][0])
+    args = build_parser().parse_args(argv[1:])
+    assert args.area == "reload" and args.config == "/etc/mailappliance/mailappliance.toml"
