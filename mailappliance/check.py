@@ -7,8 +7,8 @@ problem, what would go wrong:
 - the TLS certificate and key: each readable by the server's user (a reload runs after the
   privilege drop), each parsable, and the key belonging to the certificate;
 - the admin token file, the admin socket group;
-- the data directory: it exists, belongs to the server's user, other users cannot look into
-  it, the user store's files are private, and no entry at its top belongs to someone else;
+- the data directory: it exists, belongs to the server's user, no other user may look into
+  it (0700), the user store's files are private, and no entry at its top belongs to someone else;
 - listeners that would clash: two endpoints on the same port and an overlapping address, or
   the same unix socket path twice; an inject socket whose directory other users cannot enter;
 - aliases that are also users (made before such collisions were refused; never used).
@@ -214,7 +214,7 @@ def check_data(settings: Settings, user: ServerUser) -> list[str]:
     try:
         st = os.stat(data)
     except FileNotFoundError:
-        return [f"data: {data} does not exist (install -d -o {user.name} -m 0750 {data})"]
+        return [f"data: {data} does not exist (install -d -o {user.name} -m 0700 {data})"]
     except OSError as e:
         return [f"data: {data}: {e.strerror}"]
     problems = []
@@ -224,9 +224,9 @@ def check_data(settings: Settings, user: ServerUser) -> list[str]:
         problems.append(f"data: {data} belongs to {_name(st.st_uid)} (uid {st.st_uid}), not "
                         f"to {user} that the server runs as; chown -R {user.name}: {data}")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o007:
-        problems.append(f"data: {data} is mode {mode:04o}: every local user can look into "
-                        f"the queue and mailboxes; chmod o-rwx {data}")
+    if mode & 0o077:
+        problems.append(f"data: {data} is mode {mode:04o}: other users can look into the "
+                        f"queue, the mailboxes and the password hashes; chmod 0700 {data}")
     try:
         entries = list(os.scandir(data))
     except OSError as e:

@@ -21,7 +21,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 def setup_instance(root: Path, user) -> Path:
     """A production-like instance under `root`: conf/ files, TLS key 0640 root:<user's group>,
-    data directory 0750 owned by the user, made with the real command."""
+    data directory 0700 owned by the user, made with the real command."""
     etc = root / "etc"
     etc.mkdir()
     os.chmod(etc, 0o755)
@@ -32,7 +32,7 @@ def setup_instance(root: Path, user) -> Path:
     shutil.copy(CONF / "tcp.smtp", etc / "tcp.smtp")
     os.chmod(etc / "tcp.smtp", 0o644)
     data = root / "data"
-    data.mkdir(mode=0o750)
+    data.mkdir(mode=0o700)
     os.chown(data, user.pw_uid, user.pw_gid)
     text = (CONF / "mailappliance.toml").read_text()
     text = text.replace("/etc/mailappliance", str(etc)).replace("/var/lib/mailappliance",
@@ -92,7 +92,7 @@ def test_a_sound_configuration_passes_and_each_problem_is_one_line(nobody):  # n
     expected_starts = [
         f"tls.key: {etc / 'key.pem'} is not readable by nobody (uid 65534) (mode 0600",
         f"tls.key: {etc / 'key.pem'} does not match the certificate {etc / 'cert.pem'}",
-        f"data: {data} is mode 0755: every local user can look into",
+        f"data: {data} is mode 0755: other users can look into",
         "listen.smtp 'tcp:25' and listen.submission 'tcp:25:interface=127.0.0.1': both want "
         "port 25",
         "users: alias test@example.com is also a user and is never used",
