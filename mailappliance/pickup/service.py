@@ -83,7 +83,8 @@ class PickupProtocol(protocol.Protocol):
         self.sender = ""
         self.recipients: list[str] = []
         self.paused = False
-        self.waiting = False            # the name lookup or the commit is in flight
+        self.waiting = False            # the name lookup, the writer or the commit is busy
+        self.committing = False         # the message is complete and being committed
         self.lost = False
         self.replied = False
         self.timer = None
@@ -142,7 +143,7 @@ class PickupProtocol(protocol.Protocol):
     def close_now(self) -> None:
         """Graceful stop: a message not yet committed is refused with 75 (never acknowledged,
         so the client may retry; nothing is lost)."""
-        if not self.replied and not self.waiting:
+        if not self.replied and not self.committing:
             self._reply(core.EX_TEMPFAIL, "the server is stopping; try again")
         elif self.replied and not self.lost:
             self.transport.loseConnection()
@@ -256,7 +257,7 @@ class PickupProtocol(protocol.Protocol):
 
     def _commit(self) -> None:
         writer, self.writer = self.writer, None
-        self.waiting = True
+        self.waiting = self.committing = True
         origin = f"local uid {self.uid} ({self.name or '?'}) via inject"
         try:
             if isinstance(writer, HeldMessage):

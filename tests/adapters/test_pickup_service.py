@@ -137,3 +137,21 @@ def test_no_peer_credentials_is_a_temporary_refusal(tmp_path):
     factory.peer_uid = lambda transport: None
     proto, t = connect(factory)
     assert core.parse_reply(t.value()).code == 75
+
+
+def test_graceful_stop_refuses_what_is_not_committed_and_lets_a_commit_finish(tmp_path):
+    app, factory = make(tmp_path)
+    idle, t_idle = connect(factory)                 # greeted, nothing sent yet
+    busy, t_busy = connect(factory)
+    busy.dataReceived(request(b"Subject: x\n\nhalf a message that goes on\n")[:-10])
+    d = app.drain.start()
+    assert core.parse_reply(t_idle.value().split(b"\n")[1]).code == 75
+    assert not t_busy.disconnecting                 # in the middle of its message: it may finish
+    app.reactor.advance(app.drain.timeout)
+    code, text = reply(t_busy)
+    assert code == 75 and "stopping" in text        # never acknowledged: the client retries
+    for p in (idle, busy):
+        p.connectionLost(None)
+    assert app.queue_store.list_ids() == [] and d.called
+    late, t_late = connect(factory)                 # a connection during the stop
+    assert core.parse_reply(t_late.value()).code == 75

@@ -221,3 +221,48 @@ def test_admin_commands_find_the_instance_the_same_way(tmp_path):
     assert cli("domain", "list", cwd=other).returncode == 78
     res = cli("domain", "list", cwd=other, extra={"MAILAPPLIANCE_CONFIG": str(cfg)})
     assert (res.returncode, res.stdout) == (0, "test.com\n"), res.stderr
+
+
+def test_sendmail_asks_a_busy_server_again(tmp_path):
+    """A server at its connection limit answers "75 busy" instead of its greeting; the
+    command asks again (here the second try is greeted and the message accepted). A stand-in
+    server on a unix socket, so the test needs no 33 stuck clients."""
+    import io
+    import threading
+    from mailappliance import sendmail as sm
+    from mailappliance.pickup import core
+    sock_path = str(tmp_path / "inject.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(4)
+    seen = []
+
+    def serve():
+        for n in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                if n == 0:
+                    conn.sendall(core.encode_reply(75, "busy: 32 injections in progress"))
+                    continue
+                conn.sendall(core.greeting(1000))
+                data = b""
+                while b"\n" not in data:
+                    data += conn.recv(4096)
+                line, rest = data.split(b"\n", 1)
+                req = core.parse_request(line)
+                while len(rest) < req.size:
+                    rest += conn.recv(4096)
+                seen.append((req, rest))
+                conn.sendall(core.encode_reply(0, "queued as 42"))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    err = io.StringIO()
+    code = sm.main(["-f", "cron@test.com", "a@test.com"], stdin=io.BytesIO(b"Subject: x\n\nhi\n"),
+                   stderr=err, environ={"MAILAPPLIANCE_INJECT": sock_path})
+    thread.join(SENDMAIL_TIMEOUT)
+    listener.close()
+    assert (code, err.getvalue()) == (0, "")
+    [(req, body)] = seen
+    assert req.sender == "cron@test.com" and req.recipients == ("a@test.com",)
+    assert body == b"Subject: x\n\nhi\n" and req.head == len(b"Subject: x\n\n")
