@@ -18,13 +18,13 @@ import os
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailappliance import stats
-from mailappliance.netwrite import write_now
+from mailappliance.netwrite import REPLY_FLUSH_BYTES, write_now
 from mailappliance.access.relay import normalize_ip
 from mailappliance.pop3 import core
 from mailappliance.pop3.core import (
@@ -35,11 +35,6 @@ from mailappliance.pop3.penalty import LoginPenalty
 
 # RFC 1939 section 3: an inactivity autologout timer of at least 10 minutes.
 DEFAULT_TIMEOUT = 600
-# Replies produced in one go before the session waits for the socket to drain. A client that
-# pipelines thousands of RETRs of small messages would otherwise make the server build all
-# the answers in memory at once; with this bound a session holds about this much output plus
-# one message (larger messages stream, READ_CHUNK at a time). Twice Twisted's SEND_LIMIT.
-OUTPUT_HIGH_WATER = 256 * 1024
 
 
 class POP3Factory(ServerFactory):
@@ -122,25 +117,15 @@ class _MessageSender:
             os.close(fd)
 
 
-@implementer(IPullProducer)
-class _OutputGate:
-    """Registered while the session waits for its output to drain (OUTPUT_HIGH_WATER); the
-    transport's next request for data resumes command processing."""
-
-    def __init__(self, proto: "POP3ServerProtocol") -> None:
-        self.proto = proto
-        self.registering = False
-
-    def resumeProducing(self) -> None:
-        if self.registering:
-            return       # FileDescriptor.registerProducer asks at once; wait for the drain
-        self.proto._output_drained()
-
-    def stopProducing(self) -> None:
-        pass
-
-
+@implementer(IPushProducer)
 class POP3ServerProtocol(Protocol):
+    """One POP3 session. Between RETR streams it is its transport's streaming producer: while
+    the client leaves more than the transport's buffer of replies unread, the session answers
+    nothing, and once core.MAX_PENDING_INPUT waits unanswered it reads nothing either
+    (netwrite.REPLY_FLUSH_BYTES, docs/LIMITS.md; reading goes on until then because a TLS layer
+    pauses its producer while its handshake is pending). A streamed message is the transport's
+    pull producer instead, one chunk per drain."""
+
     log = Logger(namespace="mailappliance.pop3")
 
     factory: POP3Factory
@@ -160,7 +145,8 @@ class POP3ServerProtocol(Protocol):
         self._updating = False
         self._in_pump = False
         self._drain = None                  # drain.SessionHandle while registered
-        self._gate: _OutputGate | None = None
+        self._out_paused = False            # the client has not read our replies
+        self._registered = False            # we are the transport's producer
 
     # --- connection life ------------------------------------------------------------------
 
@@ -186,6 +172,7 @@ class POP3ServerProtocol(Protocol):
                 self.transport.loseConnection()
                 return
             self._drain = drain.register(self.close_now)
+        self._register()
         self.session.start()
         self._pump()
 
@@ -199,7 +186,12 @@ class POP3ServerProtocol(Protocol):
         if self._sender is not None:
             self._sender.close()
             self._sender = None
+            self.transport.unregisterProducer()
             self.transport.abortConnection()
+            return
+        if self._out_paused:
+            self._unregister()
+            self.transport.abortConnection()      # the client reads nothing: no -ERR gets out
             return
         self.transport.write(core.reply("shutting_down"))
         self._close_transport()
@@ -221,7 +213,6 @@ class POP3ServerProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._pending_call = None
-        self._gate = None
         if self._sender is not None:
             self._sender.close()
             self._sender = None
@@ -252,14 +243,14 @@ class POP3ServerProtocol(Protocol):
             return
         self.log.info("timeout: rip={ip} user=<{user}>", ip=self.ip,
                       user=escape_login(self.session.login or ""))
-        if self._sender is not None or self._gate is not None:
+        if self._sender is not None or self._out_paused:
             # Stuck with a full socket buffer (mid-message or behind pipelined answers): no
             # -ERR can get through.
             if self._sender is not None:
                 self._sender.close()
                 self._sender = None
-            self._gate = None
             self._closed = True
+            self._unregister()
             self.transport.abortConnection()
             return
         self.session.timed_out()
@@ -268,8 +259,11 @@ class POP3ServerProtocol(Protocol):
     # --- the action loop ------------------------------------------------------------------
 
     def _pump(self) -> None:
-        if self._in_pump or self._gate is not None:
-            return            # re-entered from a synchronous completion, or waiting to drain
+        if self._in_pump:
+            return            # re-entered from a synchronous completion
+        if self._out_paused:
+            self._flow_control()          # waiting to drain: bound what we read meanwhile
+            return
         self._in_pump = True
         out: list[bytes] = []
         size = 0
@@ -300,39 +294,48 @@ class POP3ServerProtocol(Protocol):
                     self._close_transport()
                 else:
                     raise AssertionError(f"unknown POP3 action {action!r}")
-                if size >= OUTPUT_HIGH_WATER and not self._closed:
-                    # Queued, not sent at once: the gate below waits for the transport to ask
-                    # for more, which it does only after writing out a buffer of its own.
-                    self.transport.writeSequence(out)
-                    out.clear()
-                    self._wait_for_drain()
-                    break
+                if size >= REPLY_FLUSH_BYTES and not self._closed:
+                    # Hand a long pass's replies over now: the transport pauses us when the
+                    # client has not read what it already has, and resumes us when it has.
+                    self._flush(out)
+                    size = 0
+                    if self._out_paused:
+                        break
             self._flush(out)
             self._flow_control()
         finally:
             self._in_pump = False
 
-    def _wait_for_drain(self) -> None:
-        gate = self._gate = _OutputGate(self)
-        gate.registering = True
-        try:
-            self.transport.registerProducer(gate, False)
-        finally:
-            gate.registering = False
+    # --- IPushProducer: the transport says when the client stops reading our replies ---------
 
-    def _output_drained(self) -> None:
-        if self._gate is None:
+    def pauseProducing(self) -> None:
+        self._out_paused = True
+
+    def resumeProducing(self) -> None:
+        if not self._out_paused:
             return
-        self._gate = None
-        self.transport.unregisterProducer()
+        self._out_paused = False
         self._activity()          # the client is reading: not idle
         self._resume()
 
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
+
+    def _register(self) -> None:
+        self._out_paused = False
+        self._registered = True
+        self.transport.registerProducer(self, True)
+
+    def _unregister(self) -> None:
+        # A transport with a producer closes only once it is unregistered; a stream replaces us.
+        if self._registered:
+            self._registered = False
+            self._out_paused = False
+            self.transport.unregisterProducer()
+
     def _close_transport(self) -> None:
         self._closed = True
-        if self._gate is not None:
-            self._gate = None
-            self.transport.unregisterProducer()
+        self._unregister()
         self.transport.loseConnection()
 
     def _flush(self, out: list[bytes]) -> None:
@@ -344,11 +347,11 @@ class POP3ServerProtocol(Protocol):
     def _flow_control(self) -> None:
         if self._closed:
             return
-        backlog = self.session.pending_input
-        if not self._reading_paused and backlog > core.MAX_PENDING_INPUT:
+        want = self.session.pending_input > core.MAX_PENDING_INPUT
+        if want and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()
-        elif self._reading_paused and backlog <= core.MAX_PENDING_INPUT:
+        elif not want and self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
 
@@ -441,6 +444,7 @@ class POP3ServerProtocol(Protocol):
         tls = self.factory.tls()
         if tls is None:       # certificate removed by a reload between CAPA and STLS
             self._closed = True
+            self._unregister()
             self.transport.abortConnection()
             return
         self.transport.startTLS(tls.options())
@@ -483,6 +487,7 @@ class POP3ServerProtocol(Protocol):
             self.session.retrieve_done()
             return True
         self._flush(out)
+        self._unregister()
         self._sender = _MessageSender(self, fd, encoder)
         # A pull producer may be run at once by registerProducer (and finish a short tail).
         self.transport.registerProducer(self._sender, False)
@@ -491,6 +496,7 @@ class POP3ServerProtocol(Protocol):
     def _stream_finished(self, tail: bytes) -> None:
         self._sender = None
         self.transport.unregisterProducer()
+        self._register()          # the stream drained: nothing of ours waits unsent
         self.transport.write(tail)
         self.session.retrieve_done()
         self._resume()

@@ -40,7 +40,7 @@ import typing
 from typing import Any, Mapping
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,7 +52,7 @@ from mailappliance.access.relay import normalize_ip
 from mailappliance.access.rules import DEFAULT_ALLOW
 from mailappliance.address import classify
 from mailappliance import enddata
-from mailappliance.netwrite import write_now
+from mailappliance.netwrite import REPLY_FLUSH_BYTES, write_now
 from mailappliance.queue.inject import QueueWriteError
 from mailappliance.smtp import replies
 from mailappliance.smtp.core import (
@@ -96,8 +96,14 @@ class Listener(typing.Protocol):
         """One more message accepted on this listener."""
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class SMTPServerProtocol(protocol.Protocol):
+    """One SMTP session. It is its transport's streaming producer for its whole life: while the
+    client leaves more than the transport's buffer of replies unread, the session answers
+    nothing, and once MAX_PIPELINED_INPUT waits unanswered it reads nothing either
+    (netwrite.REPLY_FLUSH_BYTES, docs/LIMITS.md). Reading goes on until then because a TLS
+    layer pauses its producer while its handshake is pending: it needs the client's bytes."""
+
     log = Logger(namespace="mailappliance.smtp")
 
     def __init__(self, factory: Listener) -> None:
@@ -115,7 +121,10 @@ class SMTPServerProtocol(protocol.Protocol):
         self._timer = None
         self._greet_timer = None
         self._writer = None
-        self._paused = False
+        self._paused = False           # reading stopped: pipelined input or the writer's backlog
+        self._out_paused = False       # answering stopped: the client does not read our replies
+        self._registered = False       # we are the transport's producer
+        self._out_bytes = 0            # bytes in self._out
         self._backlog_timer = None
         self._lost = False
         self._rbl: Any = None          # None: no refusal; Refusal; or _UNSET while pending
@@ -176,6 +185,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self.auth.configure()
         if drain is not None:
             self.drain = drain.register(self.close_now)
+        self.transport.registerProducer(self, True)
+        self._registered = True
         self._start_dnsbl()
         self._timer = app.reactor.callLater(smtp.timeout, self._timed_out)
         delay = _greetdelay(env)
@@ -203,7 +214,7 @@ class SMTPServerProtocol(protocol.Protocol):
             # Spoke before the greeting (qmail greetdelay / Postfix postscreen pregreet test).
             self._greet_timer.cancel()
             self._greet_timer = None
-        if self._waiting:
+        if self._waiting or self._out_paused:
             if core.buffered > MAX_PIPELINED_INPUT:
                 self._pause()
             return
@@ -247,6 +258,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         pending = b"".join(self._out)
         self._out.clear()
+        self._out_bytes = 0
         self.transport.write(pending + core.close_with(replies.SHUTTING_DOWN))
         self._close()
 
@@ -261,6 +273,11 @@ class SMTPServerProtocol(protocol.Protocol):
                                                      self._timed_out)
             return
         self.log.info("timeout: rip={ip}", ip=self.ip)
+        if self._out_paused:
+            # Replies unread for the whole timeout: a 421 could not get through either.
+            core.close_with(replies.TIMEOUT)
+            self._abort()
+            return
         self.transport.write(core.close_with(replies.TIMEOUT))
         self._close()
 
@@ -268,7 +285,21 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        self._unregister()
         self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._unregister()
+        self.transport.abortConnection()
+
+    def _unregister(self) -> None:
+        # A transport with a producer closes only once it is unregistered.
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
 
     def _pause(self) -> None:
         if not self._paused:
@@ -281,12 +312,28 @@ class SMTPServerProtocol(protocol.Protocol):
             if not self._lost:
                 self.transport.resumeProducing()
 
+    # --- IPushProducer: the transport says when the client stops reading our replies ---------
+
+    def pauseProducing(self) -> None:
+        self._out_paused = True
+
+    def resumeProducing(self) -> None:
+        if not self._out_paused:
+            return
+        self._out_paused = False
+        core = self.core
+        if not self._lost and core is not None and not core.closed and not self._waiting:
+            self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
+
     # --- the event loop -----------------------------------------------------------------------
 
     def _pump(self) -> None:
         core = self.core
         out = self._out
-        while not self._waiting:
+        while not self._waiting and not self._out_paused:
             ev = core.next_event()
             if ev is NEED_DATA or ev is PAUSED or ev is CLOSED_EVENT:
                 break
@@ -319,13 +366,21 @@ class SMTPServerProtocol(protocol.Protocol):
             self._send(ev, result)
             if core.closed:
                 break
+            if self._out_bytes >= REPLY_FLUSH_BYTES and not self._lost:
+                # Hand a long pass's replies over now: the transport pauses us (the loop's
+                # condition) when the client has not read what it already has.
+                data = b"".join(out)
+                out.clear()
+                self._out_bytes = 0
+                self._write(data)
         if out:
             self._out = []
+            self._out_bytes = 0
             if not self._lost:
                 self._write(b"".join(out))
         if core.closed and not self._lost:
             self._close()
-        elif not self._waiting and self._paused and self._writer_ok():
+        elif not self._waiting and not self._out_paused and self._paused and self._writer_ok():
             self._resume()
 
     def _write(self, data: bytes) -> None:
@@ -346,7 +401,9 @@ class SMTPServerProtocol(protocol.Protocol):
         return None
 
     def _send(self, ev, reply: Reply) -> None:
-        self._out.append(self.core.send(reply))
+        data = self.core.send(reply)
+        self._out.append(data)
+        self._out_bytes += len(data)
         handle = self.drain
         if handle is not None:
             t = type(ev)
@@ -364,6 +421,7 @@ class SMTPServerProtocol(protocol.Protocol):
         transaction; the client must say EHLO again."""
         out = b"".join(self._out)
         self._out.clear()
+        self._out_bytes = 0
         if out:
             self._write(out)
         self.transport.startTLS(self.app.tls.options())
@@ -393,7 +451,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._lost:
             return
         if self._writer_ok():
-            if not self._waiting:
+            if not self._waiting and not self._out_paused:
                 self._resume()
         else:
             self._backlog_timer = self.app.reactor.callLater(WRITER_BACKLOG_POLL,

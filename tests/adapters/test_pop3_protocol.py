@@ -19,6 +19,7 @@ from mailappliance.pop3.protocol import POP3ServerProtocol
 from mailappliance.pop3.service import build_factory
 from mailappliance.testing.app import build_test_app
 from mailappliance.testing.threads import DeferredThreadPool, ThreadlessReactor
+from mailappliance.testing.transport import BufferedStringTransport
 from tests.pop3_support import deliver, make_cert, message
 
 PASSWORD = "Passw0rd!"
@@ -450,26 +451,51 @@ def test_graceful_stop_closes_idle_sessions_and_lets_quit_finish(tmp_path):
     assert take(tl) == b"-ERR [SYS/TEMP] server shutting down\r\n" and tl.disconnecting
 
 
-def test_pipelined_retrs_wait_for_the_socket_to_drain(app, factory):
-    """Thousands of pipelined RETRs of small messages do not build all answers in memory."""
-    from mailappliance.pop3.protocol import OUTPUT_HIGH_WATER
+def test_pipelined_retrs_wait_for_the_client_to_read(app, factory):
+    """Thousands of pipelined RETRs of small messages do not build all answers in memory: the
+    session answers only while the client reads (at most the transport's buffer plus one flush
+    of replies wait unsent)."""
+    from mailappliance.netwrite import REPLY_FLUSH_BYTES
     for i in range(60):
         deliver(maildir(app), message(i, 10240), mtime=1_700_000_000 + i)
-    proto, t = connect(factory)
-    take(t)
+    proto, t = connect(factory, transport_class=BufferedStringTransport)
+    t.drain()
     login(proto, t)
-    take(t)
+    t.drain()
     proto.dataReceived(b"".join(b"RETR %d\r\n" % (i % 60 + 1) for i in range(600)) + b"NOOP\r\n")
-    bursts = []
-    for _ in range(1000):
-        bursts.append(len(take(t)))
-        if t.producer is None:
-            break
-        t.producer.resumeProducing()          # the socket drained
+    bursts = [t.unsent]
+    while t.producerPaused:
+        t.drain()                                               # the client reads
+        bursts.append(t.unsent)
+    assert t.producerState == "producing"
     assert len(bursts) > 10                                      # it did wait, repeatedly
-    assert max(bursts) < OUTPUT_HIGH_WATER + 2 * 11000           # bounded per burst
-    assert sum(bursts) > 600 * 10240
-    assert say(proto, t, b"STAT\r\n") == b"+OK 60 %d\r\n" % (60 * 10240)
+    assert max(bursts) <= t.bufferSize + REPLY_FLUSH_BYTES + 2 * 11000   # bounded
+    t.drain()
+    assert t.drained > 600 * 10240
+    proto.dataReceived(b"STAT\r\n")
+    assert t.drain() == b"+OK 60 %d\r\n" % (60 * 10240)
+
+
+def test_noop_flood_from_a_client_that_never_reads_is_bounded(app, factory):
+    """The issue-18 case the per-pass bound missed: many small answers over many reads. The
+    session stops answering, then stops reading once its input backlog is full; the client
+    reading everything starts it again."""
+    proto, t = connect(factory, transport_class=BufferedStringTransport)
+    login(proto, t)
+    t.drain()
+    for _ in range(200):
+        proto.dataReceived(b"NOOP\r\n" * 10000)
+        if t.producerState == "paused":
+            break
+    assert t.producerPaused and t.producerState == "paused"
+    assert t.unsent <= t.bufferSize + 64 * 1024
+    held = proto.session.pending_input
+    proto.dataReceived(b"NOOP\r\n" * 100)        # TLS may still hand over decrypted bytes
+    assert t.unsent <= t.bufferSize + 64 * 1024 and proto.session.pending_input > held
+    t.drain()
+    while t.producerPaused:
+        t.drain()
+    assert t.producerState == "producing" and proto.session.pending_input < 10
 
 
 def test_idle_timeout_with_undrained_output_aborts(tmp_path):
@@ -477,11 +503,10 @@ def test_idle_timeout_with_undrained_output_aborts(tmp_path):
     for i in range(40):
         deliver(maildir(app), message(i, 10240), mtime=1_700_000_000 + i)
     f = build_factory(app, "pop3")
-    proto, t = connect(f)
-    take(t)
+    proto, t = connect(f, transport_class=BufferedStringTransport)
     login(proto, t)
     proto.dataReceived(b"".join(b"RETR %d\r\n" % (i + 1) for i in range(40)))
-    assert t.producer is not None                  # waiting for the client to read
+    assert t.producerPaused                        # waiting for the client to read
     app.reactor.advance(600)
     assert t.disconnected                           # aborted: no -ERR could get through
 

@@ -630,3 +630,52 @@ def test_slow_disk_pauses_reading_until_the_writer_drains(tmp_path):
     pool.run_all()
     assert codes(c.take()) == [250]
     assert len(w.queued()[0][2]) > sent * 999
+
+
+# --- a client that never reads (docs/LIMITS.md) -------------------------------------------------
+
+def test_client_that_never_reads_gets_no_more_answers_and_is_no_longer_read(tmp_path):
+    """Pipelined EHLOs from a client that reads nothing: the session answers until the
+    transport's buffer is full (plus one flush), then answers nothing and, once its input
+    backlog is full too, stops reading; when the client reads, it goes on where it stopped."""
+    from mailappliance.netwrite import REPLY_FLUSH_BYTES
+    from mailappliance.testing.transport import BufferedStringTransport
+    w = World(tmp_path)
+    addr = IPv4Address("TCP", "127.0.0.5", 40000)
+    proto = w.factory.buildProtocol(addr)
+    t = BufferedStringTransport(peerAddress=addr)
+    proto.makeConnection(t)
+    assert t.producer is proto and t.streaming
+    burst = b"EHLO x\r\n" * 8192                        # one 64 KiB read
+    proto.dataReceived(burst)
+    assert t.producerPaused and t.producerState == "producing"
+    assert t.unsent <= t.bufferSize + REPLY_FLUSH_BYTES + 512
+    answered = t.unsent
+    sent = 1
+    while t.producerState == "producing":              # the reactor reads only while asked
+        proto.dataReceived(burst)
+        sent += 1
+    assert t.unsent == answered                         # nothing more answered
+    assert sent <= 3                                    # and soon no longer read
+    assert proto.core.buffered <= smtp_protocol.MAX_PIPELINED_INPUT + 2 * len(burst)
+    total = 0
+    while t.producerPaused or t.unsent:
+        total += t.drain().count(b"250 ")              # the client reads, a bit at a time
+    assert total == sent * 8192                         # every command answered, in the end
+    assert t.producerState == "producing"
+    proto.dataReceived(b"QUIT\r\n")
+    assert t.drain().startswith(b"221 ") and t.disconnecting and t.producer is None
+
+
+def test_timeout_with_unread_replies_aborts(tmp_path):
+    """A 421 cannot reach a client that reads nothing: the timeout drops the connection."""
+    from mailappliance.testing.transport import BufferedStringTransport
+    w = World(tmp_path)
+    addr = IPv4Address("TCP", "127.0.0.5", 40000)
+    proto = w.factory.buildProtocol(addr)
+    t = BufferedStringTransport(peerAddress=addr)
+    proto.makeConnection(t)
+    proto.dataReceived(b"EHLO x\r\n" * 8192)
+    assert t.producerPaused
+    w.reactor.advance(w.app.settings.smtp.timeout)
+    assert t.disconnected and t.producer is None
