@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from mailappliance import stats
 from mailappliance.netwrite import REPLY_FLUSH_BYTES, write_now
+from mailappliance.access.checkslot import CheckSlot
 from mailappliance.access.relay import normalize_ip
 from mailappliance.pop3 import core
 from mailappliance.pop3.core import (
@@ -139,6 +140,7 @@ class POP3ServerProtocol(Protocol):
         self._timer = None
         self._last_activity = 0.0
         self._pending_call = None
+        self._slot: CheckSlot | None = None   # the password check's turn (access/checkslot.py)
         self._closed = False
         self._lost = False
         self._reading_paused = False
@@ -213,6 +215,8 @@ class POP3ServerProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._pending_call = None
+        if self._slot is not None:
+            self._slot.abandon()          # a check already running releases its turn itself
         if self._sender is not None:
             self._sender.close()
             self._sender = None
@@ -363,16 +367,18 @@ class POP3ServerProtocol(Protocol):
     # --- AUTHORIZATION ----------------------------------------------------------------------
 
     def _authenticate(self, action: Authenticate) -> None:
+        # One check per address at a time, after its penalty (access/penalty.py's turns).
         f = self.factory
-        wait = f.penalty.wait_before_check(self.ip, f.reactor.seconds())
-        if wait > 0:
-            self._pending_call = f.reactor.callLater(wait, self._check_password, action)
-        else:
-            self._check_password(action)
+        self._slot = CheckSlot(f.penalty, f.reactor, self.ip)
+        self._slot.wait().addCallback(lambda _: self._check_password(action))
+
+    def _release(self, ok: bool | None) -> float:
+        slot, self._slot = self._slot, None
+        return 0.0 if slot is None else slot.release(ok)
 
     def _check_password(self, action: Authenticate) -> None:
-        self._pending_call = None
         if self._closed:
+            self._release(None)
             return
         d = defer.maybeDeferred(self.factory.authenticate, action.login, action.password)
         d.addCallback(self._password_checked, action.login)
@@ -381,6 +387,7 @@ class POP3ServerProtocol(Protocol):
     def _password_error(self, failure, login: str) -> None:
         # The user store failed (disk, database): not the client's fault, so no penalty, but
         # no access either.
+        self._release(None)
         self.log.failure("password check failed: rip={ip} user=<{user}>", failure,
                          ip=self.ip, user=escape_login(login))
         if not self._closed:
@@ -390,7 +397,7 @@ class POP3ServerProtocol(Protocol):
     def _password_checked(self, user, login: str) -> None:
         f = self.factory
         if user is None:
-            delay = f.penalty.failed(self.ip, f.reactor.seconds())
+            delay = self._release(False)
             # One line per failure with the address and the escaped login, for fail2ban:
             #   failregex = ^\s*pop3: login failed: rip=<HOST> user=   (conf/fail2ban)
             self.log.warn("login failed: rip={ip} user=<{user}> tls={tls} delay={delay:g}s",
@@ -400,7 +407,7 @@ class POP3ServerProtocol(Protocol):
                 return
             self._pending_call = f.reactor.callLater(delay, self._answer_failure)
             return
-        f.penalty.succeeded(self.ip)
+        self._release(True)
         if self._closed:
             return
         self.user = user

@@ -239,6 +239,8 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        if self.auth is not None:
+            self.auth.connection_lost()
         if self.counted:
             self.factory.release(self)
             self.counted = False

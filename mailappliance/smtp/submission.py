@@ -45,6 +45,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mailappliance.access.checkslot import CheckSlot
 from mailappliance.access.penalty import LoginPenalty
 from mailappliance.config import Settings
 from mailappliance.pop3.core import escape_login
@@ -112,7 +113,8 @@ class SessionView(Protocol):
 class SessionAuth:
     log = Logger(namespace="mailappliance.smtp")
 
-    __slots__ = ("session", "kind", "offered", "exchange", "mechanism", "failures", "user")
+    __slots__ = ("session", "kind", "offered", "exchange", "mechanism", "failures", "user",
+                 "_slot")
 
     def __init__(self, session: SessionView) -> None:
         self.session = session
@@ -123,6 +125,7 @@ class SessionAuth:
         self.mechanism = ""
         self.failures = 0
         self.user = None                  # users.store.User once authenticated
+        self._slot: CheckSlot | None = None   # the password check's turn (access/checkslot.py)
 
     # --- what the session offers ---------------------------------------------------------------
 
@@ -141,6 +144,15 @@ class SessionAuth:
         return (self.kind in SUBMISSION_KINDS
                 and self.session.settings.submission.auth_plaintext_loopback
                 and _is_loopback(self.session.ip))
+
+    def connection_lost(self) -> None:
+        """A check still waiting for its turn leaves the queue (one running releases it)."""
+        if self._slot is not None:
+            self._slot.abandon()
+
+    def _release(self, ok: bool | None) -> float:
+        slot, self._slot = self._slot, None
+        return 0.0 if slot is None else slot.release(ok)
 
     def tls_started(self) -> None:
         """The 220 to STARTTLS is out: what follows is encrypted, so AUTH is offered."""
@@ -184,11 +196,10 @@ class SessionAuth:
             def check():
                 return session.authenticator.authenticate(creds.login, creds.password,
                                                           default_domain)
-        wait = table.wait_before_check(ip, reactor.seconds())
-        if wait > 0:
-            d = task.deferLater(reactor, wait, check)
-        else:
-            d = defer.maybeDeferred(check)
+        # One check per address at a time, after its penalty (access/penalty.py's turns).
+        self._slot = CheckSlot(table, reactor, ip)
+        d = self._slot.wait()
+        d.addCallback(lambda _: check())
         d.addCallbacks(self._checked, self._check_failed,
                        callbackArgs=(creds.login,), errbackArgs=(creds.login,))
         return d
@@ -197,10 +208,9 @@ class SessionAuth:
         session = self.session
         ip = session.ip
         reactor = session.reactor
-        table = session.penalty
         tls = "yes" if session.core.tls else "no"
         if user is None:
-            delay = table.failed(ip, reactor.seconds())
+            delay = self._release(False)
             self.failures += 1
             # One line per failure, for fail2ban:
             #   failregex = ^\s*smtp: auth failed: rip=<HOST> user=   (conf/fail2ban)
@@ -210,7 +220,7 @@ class SessionAuth:
             reply = (replies.AUTH_TOO_MANY_FAILURES if self.failures >= MAX_AUTH_FAILURES
                      else replies.AUTH_FAILED)
             return task.deferLater(reactor, delay, lambda: reply)
-        table.succeeded(ip)
+        self._release(True)
         self.user = user
         self.log.info("auth ok: rip={ip} user=<{user}> mech={mech} tls={tls}", ip=ip,
                       user=escape_login(user.address), mech=self.mechanism, tls=tls)
@@ -218,6 +228,7 @@ class SessionAuth:
 
     def _check_failed(self, failure, login: str) -> Reply:
         # The user store failed (disk, database): not the client's fault, no penalty.
+        self._release(None)
         self.log.failure("auth: password check failed: rip={ip} user=<{user}>", failure,
                          ip=self.session.ip, user=escape_login(login))
         return replies.AUTH_TEMPORARY

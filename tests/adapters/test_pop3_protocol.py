@@ -534,3 +534,45 @@ def test_top_of_a_big_message(app, factory, lines):
     want = head + b"\n\n" + b"".join(line + b"\n" for line in body_lines)
     assert wire == (b"+OK top of message follows\r\n" + want.replace(b"\n", b"\r\n")
                     + b".\r\n+OK\r\n")
+
+
+def test_parallel_connections_from_one_address_get_the_checks_of_one(app, factory):
+    """Ten connections from one address guessing at once, each guessing again as soon as it is
+    answered (and reconnecting when closed): the checks take turns, as one connection's would
+    (docs/LIMITS.md). Before the turns, every waiting connection checked when the penalty
+    ended: ten times the guesses."""
+    reactor = app.reactor
+    checks: list[float] = []
+    real = factory.authenticate
+
+    def counting(login_name, password):
+        checks.append(reactor.seconds())
+        return real(login_name, password)
+
+    factory.authenticate = counting
+    start = reactor.seconds()
+
+    def guess():
+        proto, t = connect(factory, "127.0.0.30")
+        take(t)
+        login(proto, t, b"test", b"wrong-password1")
+        return proto, t
+
+    conns = [guess() for _ in range(10)]
+    while reactor.seconds() < start + 60:
+        reactor.advance(0.5)
+        for i, (proto, t) in enumerate(conns):
+            answer = t.value()
+            if not answer:
+                continue
+            assert answer.startswith(b"-ERR authorization failed")
+            take(t)
+            if t.disconnecting:                     # closed after 3 failures: reconnect
+                proto.connectionLost(None)
+                conns[i] = guess()
+            else:
+                login(proto, t, b"test", b"wrong-password1")
+    times = [c - start for c in checks]
+    assert len([s for s in times if s < 20]) <= 4, times   # 0, 2, 6, 14 (one connection's)
+    assert len(times) <= 7, times                            # ... 29, 44, 59: 4 a minute
+    assert len(set(times)) == len(times)                     # never two at the same moment

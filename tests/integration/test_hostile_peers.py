@@ -99,6 +99,7 @@ def measure_growth(server, port: int, prelude: list[bytes], command: bytes,
         before = rss(server.proc.pid)
         sent = flood(s, command, limit)
         after = rss(server.proc.pid)
+        print(f"{command!r}: sent {sent} bytes, server RSS {before} -> {after}")
         return after - before, sent
     finally:
         s.close()
@@ -122,3 +123,80 @@ def test_pop3_client_that_never_reads_costs_bounded_memory(server):
                                   b"STAT\r\n", POP3_FLOOD_BYTES)
     assert growth < RSS_GROWTH_BOUND, (growth, sent)
     assert sent < POP3_FLOOD_BYTES, "the server read everything: no flow control"
+
+
+# --- brute force: parallel connections from one address -----------------------------------------
+
+GUESSERS = 10
+# One connection's schedule (docs/LIMITS.md, access/penalty.py): the k-th check from an address
+# starts at least this long after its first (2, 4, 8 s penalties, bcrypt time on top).
+ONE_CONNECTION_SCHEDULE = (0.0, 2.0, 6.0, 14.0)
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z pop3: login failed: rip=(\S+) ",
+                      re.M)
+
+
+def failure_times(text: str, ip: str) -> list[float]:
+    return [datetime.fromisoformat(stamp).timestamp()
+            for stamp, rip in LOG_TIME.findall(text) if rip == ip]
+
+
+class Guessers:
+    """GUESSERS threads, each a poplib client from `ip` that guesses a wrong password again as
+    soon as it is answered, and reconnects when the server closes it."""
+
+    def __init__(self, server, ip: str) -> None:
+        self.server, self.ip = server, ip
+        self.stopping = False
+        self.clients: set = set()
+
+    def _run(self) -> None:
+        from tests.integration.test_pop3_server import POP3From
+        while not self.stopping:
+            try:
+                p = POP3From("127.0.0.1", self.server.port("pop3"), self.ip, timeout=120)
+            except OSError:
+                continue
+            self.clients.add(p)
+            try:
+                while not self.stopping:
+                    p.user("test")
+                    try:
+                        p.pass_("wrong-Passw0rd!")
+                    except poplib.error_proto:
+                        pass
+            except (OSError, EOFError, poplib.error_proto):
+                pass
+            finally:
+                self.clients.discard(p)
+                p.close()
+
+    def __enter__(self) -> "Guessers":
+        self.pool = ThreadPoolExecutor(GUESSERS)
+        self.futures = [self.pool.submit(self._run) for _ in range(GUESSERS)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping = True
+        for p in list(self.clients):
+            try:
+                p.sock.shutdown(socket.SHUT_RDWR)     # unblock a client waiting for its turn
+            except OSError:
+                pass
+        self.pool.shutdown(wait=True)
+
+
+def test_parallel_connections_from_one_address_get_the_checks_of_one(server):
+    """Ten poplib connections from one address guessing at once: the log's own clock shows the
+    checks one connection would get (at most the k-th by its k-th schedule point), not ten at
+    each penalty's end (issue 18: 20 checks in 20 s)."""
+    ip = "127.0.0.40"
+    with Guessers(server, ip):
+        wait_for_log(server, *[f"rip={ip} user=<test> tls=no delay={d}s"
+                               for d in ("2", "4", "8", "15")], timeout=60)
+    times = failure_times(wait_for_log(server, f"rip={ip}"), ip)
+    offsets = [t - times[0] for t in times]
+    assert len(offsets) >= len(ONE_CONNECTION_SCHEDULE)
+    for k, earliest in enumerate(ONE_CONNECTION_SCHEDULE):
+        assert offsets[k] >= earliest, offsets
+    within = [o for o in offsets if o < ONE_CONNECTION_SCHEDULE[-1]]
+    assert len(within) <= len(ONE_CONNECTION_SCHEDULE) - 1, offsets
