@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "per problem")
     ck.add_argument("--user", help="the user the server runs as (twistd --uid); default: the "
                     "owner of the data directory")
+    imp = sub.add_parser("import", help="import another mail host").add_subparsers(
+        dest="action", required=True)
+    iq = imp.add_parser("qmail", help="carry over a qmail + vpopmail host (docs/MIGRATION.md)")
+    iq.add_argument("--qmail", default="/var/qmail", help="qmail's directory (/var/qmail)")
+    iq.add_argument("--vpopmail", default="/home/vpopmail",
+                    help="vpopmail's directory (/home/vpopmail)")
+    iq.add_argument("--tcp-rules", help="the tcprules source of tcp.smtp (/etc/tcp.smtp)")
+    iq.add_argument("--link", action="store_true",
+                    help="hard-link the Maildirs instead of moving them (same file system)")
+    iq.add_argument("--dry-run", action="store_true", help="print the report, change nothing")
     sm = sub.add_parser("sendmail", help="sendmail-compatible injection", add_help=False)
     sm.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -180,7 +190,8 @@ def _store_command(args: argparse.Namespace, store: UserStore, out) -> None:
         else:
             for user in store.list_users(args.domain):
                 quota = f" quota={user.quota}" if user.quota else ""
-                print(f"{user.address}{quota}", file=out)
+                disabled = " disabled" if user.disabled else ""
+                print(f"{user.address}{quota}{disabled}", file=out)
     elif area == "alias":
         if action == "add":
             store.add_alias(args.address, args.targets)
@@ -257,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The server parses the same file the same way; it would refuse it too.
                 raise Refused(f"reload refused: {e}; the old configuration stays in force")
             raise
+        if args.area == "import":
+            # Runs as the invoking user (root, to read vpopmail's files and move them); what it
+            # creates in the data directory goes to that directory's owner (migrate/execute.py).
+            from mailappliance.migrate import command
+            return command.run(args, settings)
         if args.area in STORE_AREAS:
             # Store commands always work directly on the store (the server, if running, sees
             # each change at once). Run as root, act as the data directory's owner, so the

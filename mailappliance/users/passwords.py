@@ -1,8 +1,16 @@
-"""Password hashing (bcrypt only) and the password policy of `user add` / `user passwd`."""
+"""Password hashing (bcrypt only) and the password policy of `user add` / `user passwd`.
+
+Stored hashes are bcrypt, except for two kinds the importer writes (`mailappliance import
+qmail`): vpopmail's crypt(3) hashes, verified by users/legacy.py until the first successful
+login replaces them (`needs_rehash`), and a disabled account, `DISABLED_PREFIX` followed by
+the hash that could not be verified, which no password matches.
+"""
 
 from __future__ import annotations
 
 import bcrypt
+
+from mailappliance.users import legacy
 
 DEFAULT_COST = 12
 # bcrypt reads at most 72 bytes; longer passwords would be silently truncated, so refuse them.
@@ -32,9 +40,26 @@ def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
     return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=cost)).decode("ascii")
 
 
+# A stored hash starting with this never verifies (as `usermod -L` marks /etc/shadow).
+DISABLED_PREFIX = "!"
+
+
+def is_disabled(hashed: str) -> bool:
+    return not hashed or hashed.startswith(DISABLED_PREFIX)
+
+
+def needs_rehash(hashed: str) -> bool:
+    """A legacy crypt(3) hash that a successful login should replace with bcrypt."""
+    return legacy.identify(hashed) not in (None, "bcrypt")
+
+
 def verify_password(password: str, hashed: str) -> bool:
+    if is_disabled(hashed):
+        return False
+    if not hashed.startswith("$2"):
+        return legacy.verify(password, hashed)
     pw = password.encode("utf-8")
-    if len(pw) > MAX_PASSWORD_BYTES or not hashed:
+    if len(pw) > MAX_PASSWORD_BYTES:
         return False
     try:
         return bcrypt.checkpw(pw, hashed.encode("ascii"))

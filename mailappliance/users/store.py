@@ -82,6 +82,11 @@ class User:
     def address(self) -> str:
         return f"{self.local}@{self.domain}"
 
+    @property
+    def disabled(self) -> bool:
+        """No password can log in (an imported hash that could not be verified)."""
+        return passwords.is_disabled(self.password_hash)
+
 
 def normalize_domain(name: str) -> str:
     """Lower-case, IDNA-encoded, validated domain name; raises StoreError."""
@@ -273,17 +278,24 @@ class UserStore:
         return db.cached(("d", name), lookup)
 
     # -- users -------------------------------------------------------------------------------
-    def add_user(self, address: str, password: str, quota: int = 0) -> User:
+    def add_user(self, address: str, password: str | None, quota: int = 0, *,
+                 password_hash: str | None = None) -> User:
+        """Add a user with `password` (policy checked, bcrypt-hashed), or with a
+        `password_hash` kept as it is (the importer: a vpopmail crypt(3) hash, or a disabled
+        one; passwords.py says which kinds verify)."""
         local, domain = split_address(address)
         if local in ROLE_ALIASES:
             # A role name may still be a real mailbox: the alias then points at it.
             pass
-        why = passwords.check_policy(password)
-        if why:
-            raise StoreError(why)
+        if password_hash is None:
+            why = passwords.check_policy(password)
+            if why:
+                raise StoreError(why)
+        elif not password_hash or password is not None:
+            raise StoreError("give a password or a non-empty password hash, not both")
         if not isinstance(quota, int) or quota < 0:
             raise StoreError("quota must be a number of bytes, 0 for none")
-        hashed = passwords.hash_password(password, self.bcrypt_cost)
+        hashed = password_hash or passwords.hash_password(password, self.bcrypt_cost)
         maildir = self.maildir_for(local, domain)
         with self._db() as db:
             if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
@@ -463,7 +475,28 @@ class UserStore:
                 self._dummy_hash = passwords.hash_password("dummy-password-1!", self.bcrypt_cost)
             passwords.verify_password(password, self._dummy_hash)
             return None
-        return user if passwords.verify_password(password, user.password_hash) else None
+        if not passwords.verify_password(password, user.password_hash):
+            return None
+        if passwords.needs_rehash(user.password_hash) and \
+                len(password.encode("utf-8")) <= passwords.MAX_PASSWORD_BYTES:
+            user = self._rehash(user, password)
+        return user
+
+    def _rehash(self, user: User, password: str) -> User:
+        """Replace an imported crypt(3) hash with bcrypt after a login proved the password.
+        Only if the hash is still the one just verified (a `user passwd` in between wins);
+        a failure leaves the old hash, and the next login tries again."""
+        hashed = passwords.hash_password(password, self.bcrypt_cost)
+        try:
+            with self._db() as db:
+                cur = db.execute("UPDATE users SET password_hash=? WHERE domain=? AND local=? "
+                                 "AND password_hash=?",
+                                 (hashed, user.domain, user.local, user.password_hash))
+                if cur.rowcount != 1:
+                    return user
+        except sqlite3.Error:
+            return user
+        return User(user.local, user.domain, user.quota, user.maildir, hashed)
 
 
 def alias_line(address: str, targets, shadowed) -> str:
