@@ -131,12 +131,17 @@ def run(args, settings: Settings, out=None, err=None) -> int:
     if not args.dry_run:
         os.sync()      # one flush for every link, rename and row, before the report says done
     notes += outcome.notes
-    files = report.Files(config_path, config_reused, rules_copy, rules_reused, toml_text)
+    try:
+        owned_by_root = os.stat(data).st_uid == 0
+    except OSError:
+        owned_by_root = True
+    files = report.Files(config_path, config_reused, rules_copy, rules_reused, toml_text,
+                         owned_by_root)
     out.write(report.render(plan, outcome, files, notes, data))
     out.flush()
     errors = sum(1 for n in notes if n.kind == "error")
     if errors:
-        print(f"mailappliance: import {'check ' if args.dry_run else ''}found {errors} errors "
-              "(listed in the report)", file=err)
+        print(f"mailappliance: import {'check ' if args.dry_run else ''}found {errors} "
+              f"error{'' if errors == 1 else 's'} (listed in the report)", file=err)
         return 1
     return 0

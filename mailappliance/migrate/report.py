@@ -27,17 +27,24 @@ class Files:
     rules: Path | None
     rules_reused: bool
     toml: str
+    data_owned_by_root: bool = True
 
 
 def _n(number: int) -> str:
     return f"{number:,}"
 
 
+def _count(number: int, word: str) -> str:
+    return f"{number:,} {word}{'' if number == 1 else 's'}"
+
+
 def _mail(stats: MailStats | None) -> str:
     if stats is None:
         return ""
     count = stats.messages + stats.present
-    text = f"{_n(count)} message{'s' if count != 1 else ''}, {_n(stats.bytes)} bytes"
+    if not count and not stats.present:
+        return "no mail"
+    text = f"{_count(count, 'message')}, {_n(stats.bytes)} bytes"
     if stats.present:
         text += f" ({_n(stats.present)} already in place)"
     return text
@@ -89,12 +96,13 @@ def render(plan: Plan, outcome: Outcome, files: Files, notes: list[Note], data: 
     w("")
     w("Mail")
     t = outcome.total
-    w(f"  {_n(t.messages)} messages, {_n(t.bytes)} bytes {verb}{action}"
+    w(f"  {_count(t.messages, 'message')}, {_n(t.bytes)} bytes {verb}{action}"
       + (f"; {_n(t.present)} already in place" if t.present else ""))
     if t.other_files:
         w(f"  {_n(t.other_files)} other Maildir files (maildirsize, folder state) {verb}{action}")
     if t.tmp_left:
-        w(f"  {_n(t.tmp_left)} unfinished deliveries in tmp/ left in the old tree")
+        w(f"  {_count(t.tmp_left, 'unfinished delivery')} in tmp/ left in the old tree"
+          .replace("deliverys", "deliveries"))
     w("  file names kept: POP3 UIDLs stay the same; new/, cur/ and flags keep their meaning")
     w("")
     w("Configuration")
@@ -112,7 +120,8 @@ def render(plan: Plan, outcome: Outcome, files: Files, notes: list[Note], data: 
         r = plan.rules
         how = ("already there" if files.rules_reused
                else ("would be copied to" if dry else "copied to"))
-        w(f"  {plan.rules_source}: {r.rules} rules, {len(r.refused)} lines commented out; "
+        w(f"  {plan.rules_source}: {_count(r.rules, 'rule')}, "
+          f"{_count(len(r.refused), 'line')} commented out; "
           f"{how} {files.rules}")
     w("")
     for kind, title in SECTIONS:
@@ -127,9 +136,10 @@ def render(plan: Plan, outcome: Outcome, files: Files, notes: list[Note], data: 
     counts = {k: sum(1 for v in getattr(outcome, k).values() if v in ("added", "set"))
               for k in ("domains", "users", "aliases")}
     disabled = sum(1 for u in users if u.kind == "disabled")
-    w(f"Summary: {counts['domains']} domains, {counts['users']} users "
-      f"({disabled} disabled), {counts['aliases']} aliases {'to add' if dry else 'added'}; "
-      f"{_n(t.messages)} messages {verb}{action}; {errors} errors")
+    w(f"Summary: {_count(counts['domains'], 'domain')}, {_count(counts['users'], 'user')} "
+      f"({disabled} disabled), {_count(counts['aliases'], 'alias')} "
+      f"{'to add' if dry else 'added'}; {_count(t.messages, 'message')} {verb}{action}; "
+      f"{_count(errors, 'error')}".replace("aliass", "aliases"))
     w("")
     w("What you must still do")
     for i, step in enumerate(todo(plan, outcome, files, notes, data), 1):
@@ -144,16 +154,16 @@ def todo(plan: Plan, outcome: Outcome, files: Files, notes: list[Note], data: Pa
         steps.append("Run the same command without --dry-run to import.")
     errors = sum(1 for n in notes if n.kind == "error")
     if errors:
-        steps.append(f"Fix the {errors} errors listed above and run the import again: it "
+        steps.append(f"Fix the {_count(errors, 'error')} listed above and run the import again: it "
                      "goes on where it stopped and duplicates no user and no message.")
     disabled = [u.address for u in plan.users if u.kind == "disabled"]
     if disabled:
         shown = ", ".join(disabled[:5]) + (", ..." if len(disabled) > 5 else "")
-        steps.append(f"Set a password for the {len(disabled)} disabled users ({shown}): "
+        steps.append(f"Set a password for the {_count(len(disabled), 'disabled user')} ({shown}): "
                      "`mailappliance user passwd ADDRESS`.")
     skipped = sum(1 for n in notes if n.kind == "skipped")
     if skipped:
-        steps.append(f"Decide about the {skipped} items not carried over (program deliveries, "
+        steps.append(f"Decide about the {_count(skipped, 'item')} not carried over (program deliveries, "
                      "per-user forwards, catch-alls): `mailappliance alias add` where an alias "
                      "will do.")
     if files.config is not None:
@@ -167,8 +177,10 @@ def todo(plan: Plan, outcome: Outcome, files: Files, notes: list[Note], data: Pa
     steps.append("Start mailappliance: install conf/mailappliance.service as "
                  "/etc/systemd/system/mailappliance.service, `systemctl enable --now "
                  "mailappliance`; `mailappliance stat` shows it running.")
-    steps.append(f"Make the data directory belong to the server's user if it does not "
-                 f"(`chown -R mailappliance: {data}`): the server never changes it itself.")
+    if files.data_owned_by_root:
+        steps.append(f"Make the data directory belong to the server's user (`chown -R "
+                     f"mailappliance: {data}`): the server never changes the owner of a data "
+                     "directory it finds.")
     steps.append("DNS: keep the MX and A records if this host keeps its address; otherwise "
                  "point them (and the PTR record and SPF) at it. `mailappliance dkim keygen "
                  "DOMAIN` prints the DKIM TXT record to publish for each domain.")

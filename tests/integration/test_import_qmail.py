@@ -89,7 +89,7 @@ def imported(tmp_path_factory):
     srv._write_config()
     res = import_cmd(srv.config_path, tree, "--link")
     assert res.returncode == 1, res.stdout + res.stderr     # the malformed vpasswd line
-    assert "mailappliance: import found 1 errors" in res.stderr
+    assert "mailappliance: import found 1 error " in res.stderr
     srv.report = res.stdout
     srv.tree = tree
     # The server's configuration takes the checked copy of tcp.smtp the import wrote.

@@ -181,7 +181,7 @@ def test_link_import_keeps_names_inodes_and_mtimes_and_leaves_the_old_tree(tree,
     before = snapshot(tree.vpopmail)
     data = tmp_path / "data"
     rc, report, err = run_import(tree, data, link=True)
-    assert rc == 1 and "1 errors" in err          # the malformed vpasswd line
+    assert rc == 1 and "found 1 error " in err          # the malformed vpasswd line
     assert snapshot(tree.vpopmail).keys() == before.keys()
     alice = sample_user(tree, "alice@example.com")
     src = tree.user_dir("example.com", alice) / "Maildir"
@@ -334,3 +334,39 @@ def test_report_sections_and_what_remains_to_do(tree, tmp_path):
     assert "mailappliance user passwd" in todo and "DNS" in todo and "svc -d" in todo
     assert "systemctl enable" in todo and report.rstrip().endswith(todo.rstrip())
     assert PASSWORD not in report and "Clear-text9" not in report
+
+
+def test_bad_sources_refuse_with_one_line_and_write_nothing(tree, tmp_path):
+    data = tmp_path / "data"
+    args = argparse.Namespace(qmail=str(tmp_path / "no-qmail"), vpopmail=str(tree.vpopmail),
+                              tcp_rules=None, link=False, dry_run=False)
+    settings = load_settings(None, {"data": str(data)})
+    out, err = io.StringIO(), io.StringIO()
+    assert command.run(args, settings, out, err) == 1
+    assert err.getvalue().count("\n") == 1 and "--qmail" in err.getvalue()
+    args.qmail, args.tcp_rules = str(tree.qmail), str(tmp_path / "no-rules")
+    err = io.StringIO()
+    assert command.run(args, settings, out, err) == 1
+    assert err.getvalue() == f"mailappliance: --tcp-rules {tmp_path / 'no-rules'}: no such file\n"
+    assert out.getvalue() == "" and not data.exists()
+
+
+def test_a_half_finished_cross_device_copy_is_completed_not_duplicated(tree, tmp_path):
+    """The state a kill leaves between giving the copy its name and removing the old file."""
+    import tempfile
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a second file system (/dev/shm)")
+    data = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="import-test-")) / "var"
+    try:
+        heidi = sample_user(tree, "heidi@example.net")
+        m = heidi.messages[0]
+        src = tree.user_dir("example.net", heidi) / "Maildir" / m.folder / m.name
+        dst = data / "domains/example.net/heidi/Maildir" / m.folder / m.name
+        dst.parent.mkdir(parents=True)
+        shutil.copy2(src, dst)
+        rc, report, _ = run_import(tree, data)
+        assert not src.exists() and dst.exists()
+        assert "(1 already in place)" in report
+        assert sorted(os.listdir(dst.parent)) == [m.name]
+    finally:
+        shutil.rmtree(data.parent)
