@@ -119,7 +119,8 @@ class ReadOnlyStore:
 class Importer:
     def __init__(self, store, data: Path, *, link: bool, dry_run: bool,
                  owner: tuple[int, int] | None = None, kill_after: int | None = None,
-                 bcrypt_cost: int = passwords.DEFAULT_COST, hash_threads: int | None = None) -> None:
+                 bcrypt_cost: int = passwords.DEFAULT_COST,
+                 hash_threads: int | None = None) -> None:
         self.store = store
         self.data = data
         self.link = link

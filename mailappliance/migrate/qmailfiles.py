@@ -369,7 +369,8 @@ def check_rules(text: str, source: str) -> RulesCheck:
                                   "recipient; mailappliance only notes that the client may relay"))
     for name, number in unknown_vars.items():
         notes.append(Note("info", at(source, number),
-                          f"variable {name} is kept in the copy but has no effect in mailappliance"))
+                          f"variable {name} is kept in the copy but has no effect in "
+                          "mailappliance"))
     body = "\n".join(out_lines)
     return RulesCheck(body + ("\n" if body else ""), count, tuple(refused), tuple(notes))
 

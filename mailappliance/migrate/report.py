@@ -163,9 +163,9 @@ def todo(plan: Plan, outcome: Outcome, files: Files, notes: list[Note], data: Pa
                      "`mailappliance user passwd ADDRESS`.")
     skipped = sum(1 for n in notes if n.kind == "skipped")
     if skipped:
-        steps.append(f"Decide about the {_count(skipped, 'item')} not carried over (program deliveries, "
-                     "per-user forwards, catch-alls): `mailappliance alias add` where an alias "
-                     "will do.")
+        steps.append(f"Decide about the {_count(skipped, 'item')} not carried over (program "
+                     "deliveries, per-user forwards, catch-alls): `mailappliance alias add` "
+                     "where an alias will do.")
     if files.config is not None:
         steps.append(f"Review {files.config} and install it as "
                      "/etc/mailappliance/mailappliance.toml (the systemd unit's --config).")

@@ -3,7 +3,7 @@
 Where things are, as qmail and vpopmail lay them out:
 
     QMAIL/control/{me,defaultdomain,rcpthosts,morercpthosts,locals,virtualdomains,...}
-    QMAIL/users/assign              +example.com-:example.com:89:89:/home/vpopmail/domains/example.com:-::
+    QMAIL/users/assign              +example.com-:example.com:89:89:/home/vpopmail/domains/...
     QMAIL/alias/.qmail-*            aliases of the host's system users (not carried over)
     VPOPMAIL/etc/defaultdomain      vpopmail's default login domain
     VPOPMAIL/domains/D/vpasswd      the users (vpasswd.cdb is built from it)

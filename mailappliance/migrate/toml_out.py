@@ -54,7 +54,7 @@ def render(control: ControlValues, data: Path, rules_copy: Path | None,
                               f"default domain {dd} is not an imported domain: "
                               "default_domain left out (logins must then name their domain)"))
     lines += ["",
-              "[listen]                  # qmail's ports; 127.0.0.1-only defaults without this table",
+              "[listen]                                    # qmail's ports (default: 127.0.0.1)",
               'smtp = ["tcp:25"]',
               'submission = ["tcp:587"]',
               'pop3 = ["tcp:110"]',
@@ -65,8 +65,8 @@ def render(control: ControlValues, data: Path, rules_copy: Path | None,
     if control.databytes:
         lines.append(_kv("databytes", str(control.databytes), "control/databytes"))
     elif control.databytes == 0:
-        notes.append(Note("info", f"{control.control_dir}/databytes", "0 (no limit in qmail): mailappliance "
-                          "keeps its default databytes = 10485760"))
+        notes.append(Note("info", f"{control.control_dir}/databytes", "0 (no limit in qmail): "
+                          "mailappliance keeps its default databytes = 10485760"))
     if control.timeoutsmtpd:
         lines.append(_kv("timeout", str(control.timeoutsmtpd), "control/timeoutsmtpd"))
     lines += ["", "[queue]"]
@@ -104,7 +104,7 @@ def render(control: ControlValues, data: Path, rules_copy: Path | None,
 def _routes(control: ControlValues, notes: list[Note]) -> list[str]:
     if not control.routes:
         return []
-    out = ["", "[routes]                  # control/smtproutes"]
+    out = ["", f"{'[routes]':<44}# control/smtproutes"]
     seen: set[str] = set()
     default = next((r for r in control.routes if r.domain == ""), None)
     subdomain_note = False

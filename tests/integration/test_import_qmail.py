@@ -25,7 +25,7 @@ from mailappliance.migrate.execute import KILL_AFTER_ENV
 from mailappliance.users import legacy
 from tests.integration.server import ServerProcess
 from tests.qmail_tree import (
-    PASSWORD, Msg, TDomain, TUser, sample_tree, sample_user, uidls, write_tree)
+    PASSWORD, Msg, TDomain, TUser, sample_tree, uidls, write_tree)
 
 pytestmark = pytest.mark.integration
 

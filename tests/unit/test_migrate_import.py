@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailappliance.config import load_settings
-from mailappliance.migrate import command, execute, source, toml_out
+from mailappliance.migrate import command, source, toml_out
 from mailappliance.users import passwords
 from mailappliance.users.store import UserStore
 from tests.qmail_tree import (
@@ -65,7 +65,8 @@ def test_plan_reads_domains_users_hash_kinds_quotas_and_aliases(tree):
     assert users["erin@example.com"].password_hash == "" and users["erin@example.com"].clear
     assert users["frank@example.com"].password_hash.startswith(passwords.DISABLED_PREFIX)
     # Paths of the old host (/home/vpopmail/...) are found under --vpopmail, hashed dirs too.
-    assert users["grace@example.com"].maildir == tree.vpopmail / "domains/example.com/0/grace/Maildir"
+    assert users["grace@example.com"].maildir == \
+        tree.vpopmail / "domains/example.com/0/grace/Maildir"
     assert plan.domains[0].postmaster == "postmaster@example.com"
     assert {a.address: a.targets for a in plan.aliases} == {
         "sales@example.com": ["alice@example.com", "bob@example.com"],
@@ -217,7 +218,8 @@ def test_move_import_empties_the_old_maildirs_except_tmp(tree, tmp_path):
             left = sorted(p.name for p in md.rglob("*") if p.is_file())
             assert left == sorted(m.name for m in u.messages if m.folder == "tmp")
             dst = data / "domains" / d.name / u.name / "Maildir"
-            names = sorted(p.name.split(":")[0] for s in ("new", "cur") for p in (dst / s).iterdir())
+            names = sorted(p.name.split(":")[0] for s in ("new", "cur")
+                           for p in (dst / s).iterdir())
             assert names == uidls(u)
 
 
