@@ -240,8 +240,9 @@ class Importer:
                        "message names are longer than POP3's 70-character UIDL: those UIDLs "
                        "change, and the client downloads those messages again")
         if stats.tmp_left:
+            what = "delivery" if stats.tmp_left == 1 else "deliveries"
             self._note("info", str(user.maildir / "tmp"), f"{user.address}: {stats.tmp_left} "
-                       "unfinished deliveries in tmp/ left in the old tree")
+                       f"unfinished {what} in tmp/ left in the old tree")
 
 
 class _Walk:
