@@ -40,7 +40,7 @@ from mailappliance.migrate.source import Plan, PlannedUser
 from mailappliance.pop3.mailbox import uid_for
 from mailappliance.privileges import adopt
 from mailappliance.users import passwords
-from mailappliance.users.store import StoreError, User, UserStore
+from mailappliance.users.store import ROLE_ALIASES, StoreError, User, UserStore
 
 MAILDIR_SUBDIRS = ("tmp", "new", "cur")
 # The environment variable of the interruption tests: kill -9 this process after that many
@@ -144,9 +144,13 @@ class Importer:
     # -- the whole plan ---------------------------------------------------------------------
     def run(self, plan: Plan) -> Outcome:
         for domain in plan.domains:
-            self._domain(domain.name, domain.postmaster)
-        self._users([u for d in plan.domains for u in d.users
-                     if self.outcome.domains.get(d.name)])
+            self._domain(domain.name)
+        # Role names first, postmaster first of all: the store gives the role aliases
+        # (postmaster, abuse, mailer-daemon) to a domain's first user, and an address is a
+        # user or an alias, never both (see _user).
+        order = {name: i for i, name in enumerate(ROLE_ALIASES)}
+        self._users([u for d in plan.domains if self.outcome.domains.get(d.name)
+                     for u in sorted(d.users, key=lambda u: order.get(u.local, len(order)))])
         for alias in plan.aliases:
             self._alias(alias.address, alias.targets, alias.where)
         for user in plan.users:
@@ -154,7 +158,7 @@ class Importer:
                 self._mailbox(user)
         return self.outcome
 
-    def _domain(self, name: str, postmaster: str | None) -> None:
+    def _domain(self, name: str) -> None:
         if self.store.has_domain(name):
             self.outcome.domains[name] = "present"
             return
@@ -162,7 +166,7 @@ class Importer:
             self.outcome.domains[name] = "added"
             return
         try:
-            self.store.add_domain(name, postmaster)
+            self.store.add_domain(name)
         except StoreError as e:
             self._note("error", name, f"domain not added: {e}")
             return
@@ -193,6 +197,10 @@ class Importer:
         for u in todo:
             hashed = hashes.get(u.address) or u.password_hash
             try:
+                if u.local in ROLE_ALIASES and self.store.get_alias(u.address) is not None:
+                    # The role alias the store made for the domain's first user: vpopmail
+                    # had a real mailbox of that name, which keeps its mail and password.
+                    self.store.del_alias(u.address)
                 user = self.store.add_user(u.address, None, u.quota, password_hash=hashed)
             except StoreError as e:
                 self._note("error", u.where, f"{u.address}: not added: {e}")

@@ -92,7 +92,6 @@ class PlannedAlias:
 class PlannedDomain:
     name: str
     directory: Path
-    postmaster: str | None
     users: list[PlannedUser] = field(default_factory=list)
     aliases: list[PlannedAlias] = field(default_factory=list)
 
@@ -333,11 +332,11 @@ def _read_domain(name: str, directory: Path, notes: list[Note]) -> PlannedDomain
             notes.append(Note("error", str(vpasswd), f"missing{cdb}: users of {name} not "
                               "imported (users kept in MySQL or LDAP? export them to vpasswd "
                               "with vpopmail's vconvert first)"))
-        return PlannedDomain(name, directory, None)
+        return PlannedDomain(name, directory)
     vusers, more = qf.parse_vpasswd(text, str(vpasswd))
     notes.extend(more)
     old_home = _old_domain_home(vusers, directory)
-    domain = PlannedDomain(name, directory, None)
+    domain = PlannedDomain(name, directory)
     homes: dict[Path, str] = {}
     for v in vusers:
         user = _plan_user(v, name, directory, old_home, str(vpasswd), notes)
@@ -345,8 +344,6 @@ def _read_domain(name: str, directory: Path, notes: list[Note]) -> PlannedDomain
             domain.users.append(user)
             if user.maildir is not None:
                 homes[user.maildir] = user.local
-    if any(u.local == "postmaster" for u in domain.users):
-        domain.postmaster = f"postmaster@{name}"
     users = {u.local: u for u in domain.users}
     for u in domain.users:
         _read_user_dotqmail(u, notes)

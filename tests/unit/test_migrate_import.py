@@ -67,7 +67,6 @@ def test_plan_reads_domains_users_hash_kinds_quotas_and_aliases(tree):
     # Paths of the old host (/home/vpopmail/...) are found under --vpopmail, hashed dirs too.
     assert users["grace@example.com"].maildir == \
         tree.vpopmail / "domains/example.com/0/grace/Maildir"
-    assert plan.domains[0].postmaster == "postmaster@example.com"
     assert {a.address: a.targets for a in plan.aliases} == {
         "sales@example.com": ["alice@example.com", "bob@example.com"],
         "info@example.com": ["carol@example.com"],
@@ -203,7 +202,10 @@ def test_link_import_keeps_names_inodes_and_mtimes_and_leaves_the_old_tree(tree,
         assert store.get_user("alice@example.com").password_hash == \
             tree.domain_dir("example.com").joinpath("vpasswd").read_text().split("\n")[1].split(":")[1]
         assert store.get_alias("sales@example.com") == ["alice@example.com", "bob@example.com"]
-        assert store.get_alias("postmaster@example.net") == ["postmaster@example.net"]
+        # The role aliases go to the postmaster user, not to the first user in vpasswd order.
+        assert store.get_alias("postmaster@example.net") is None
+        assert store.get_alias("abuse@example.net") == ["postmaster@example.net"]
+        assert store.get_alias("abuse@example.com") == ["postmaster@example.com"]
     finally:
         store.close()
     assert "Clear-text9" not in (data / "users.sqlite").read_bytes().decode("latin-1")
@@ -372,3 +374,23 @@ def test_a_half_finished_cross_device_copy_is_completed_not_duplicated(tree, tmp
         assert sorted(os.listdir(dst.parent)) == [m.name]
     finally:
         shutil.rmtree(data.parent)
+
+
+def test_role_named_users_keep_their_mailboxes(tmp_path):
+    """vpopmail domains may have real abuse@ and mailer-daemon@ mailboxes: they are imported as
+    users (an address is a user or an alias, never both), the other role names as aliases."""
+    t = write_tree(tmp_path / "src", [TDomain("example.com", [
+        TUser("zed"), TUser("abuse", messages=[Msg("new", "1700000000.1.host")]),
+        TUser("postmaster")])], control={"me": "mx.example.com\n"}, tcp_rules=":allow\n")
+    rc, report, _ = run_import(t, tmp_path / "data", link=True)
+    assert rc == 0, report
+    store = UserStore(tmp_path / "data")
+    try:
+        assert {u.local for u in store.list_users()} == {"zed", "abuse", "postmaster"}
+        assert store.get_alias("abuse@example.com") is None
+        assert store.get_alias("mailer-daemon@example.com") == ["postmaster@example.com"]
+        assert store.check_password("abuse@example.com", PASSWORD) is not None
+    finally:
+        store.close()
+    rc, report, _ = run_import(t, tmp_path / "data", link=True)
+    assert rc == 0 and "0 users (0 disabled)" in report
