@@ -51,7 +51,20 @@ def command_line(args) -> str:
         return f"relay {args.action}"
     if area == "queue":
         if args.action == "remove":
-            return f"queue remove {args.id}" + (" --bounce" if args.bounce else "")
+            return "queue remove " + " ".join(args.id) + (" --bounce" if args.bounce else "")
+        if args.action == "show":
+            return f"queue show {args.id}"
+        if args.action == "flush":
+            return "queue flush" + (f" {args.target}" if args.target else "")
+        if args.action == "list":
+            line = "queue list"
+            if args.json:
+                line += " --json"
+            if args.limit:
+                line += f" --limit {args.limit}"
+            if args.after:
+                line += f" --after {args.after}"
+            return line
         return f"queue {args.action}"
     raise ValueError(f"{area} is not an admin protocol command")
 
@@ -159,10 +172,65 @@ def _commands(lines: list[str]):
         yield line
 
 
+def _group_json(lines: list[str]) -> tuple[list[dict], dict]:
+    """`queue list --json` on the wire (one object per recipient, then the page's totals)
+    -> one object per message, and the totals."""
+    messages: list[dict] = []
+    page: dict = {}
+    for line in lines:
+        record = json.loads(line)
+        if "total" in record:
+            page = record
+            continue
+        rcpt = {k: record.pop(k) for k in ("address", "state", "attempts", "last_try",
+                                            "last_error")}
+        if not messages or messages[-1]["id"] != record["id"]:
+            record["recipients"] = []
+            messages.append(record)
+        messages[-1]["recipients"].append(rcpt)
+    return messages, page
+
+
+def _queue_list(args, settings, out: TextIO) -> int:
+    """queue list: one page, or with --all every page in turn (each page one request, so
+    memory stays one page however large the queue)."""
+    after = args.after
+    while True:
+        args.after = after
+        [(ok, lines)] = request(settings, [command_line(args)])
+        if not ok:
+            raise Refused(lines[0][len("error:"):].strip() if lines else "refused")
+        if args.json:
+            messages, page = _group_json(lines)
+            for m in messages:
+                print(json.dumps(m), file=out)
+            nxt = page.get("next_after")
+        else:
+            more = [l for l in lines if l.startswith("... ") and " --after " in l]
+            nxt = more[0].rsplit(" ", 1)[1] if more else None
+            body = lines if not args.all else [
+                l for l in lines if not (nxt and l in more) and not (
+                    nxt and l.endswith(" messages") and l.split()[0].isdigit())]
+            for line in body:
+                print(line, file=out)
+        if not args.all or not nxt:
+            return EXIT_OK
+        after = str(nxt)
+
+
 def run(args, settings, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Entry from cli.py for stat, queue, reload and relay."""
     out = out or sys.stdout
     err = err or sys.stderr
+    if args.area == "queue" and args.action == "list":
+        try:
+            return _queue_list(args, settings, out)
+        except (NotRunning, Refused) as e:
+            print(f"mailappliance: {e}", file=err)
+            return EXIT_REFUSED
+        except OSError as e:
+            print(f"mailappliance: admin connection failed: {e.strerror or e}", file=err)
+            return EXIT_REFUSED
     try:
         [(ok, lines)] = request(settings, [command_line(args)])
     except (NotRunning, Refused) as e:

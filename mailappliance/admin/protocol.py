@@ -32,6 +32,11 @@ MAX_WORDS = 110
 MAX_REPLY_LINES = 10_000
 # Replies of more than this many characters per line are cut (a line is one record).
 MAX_REPLY_LINE = 4096
+# `queue list` pages hold at most this many messages (--limit): a page is read from the queue
+# directory in one pass and answered in one reply block (MAX_REPLY_LINES).
+QUEUE_PAGE_MAX = 10_000
+# Messages a `queue remove` line may name (a shell's command line, not a bulk interface).
+QUEUE_REMOVE_MAX = 100
 # After this many refused lines in a row the connection is closed (qmail-smtpd's errors
 # limit in spirit): a client spraying garbage does not get served forever.
 MAX_ERRORS = 20
@@ -47,9 +52,27 @@ def _int_bytes(text: str) -> int:
 
 
 def _queue_id(text: str) -> str:
-    if not text.isdigit() or len(text) > 20:
-        raise ValueError("a queue id is a number")
+    """A queue id as the log shows it (``N.hhhhhhhh``) or its number alone."""
+    number, dot, check = text.partition(".")
+    if not number.isdigit() or len(number) > 20 or (dot and (
+            len(check) != 8 or any(c not in "0123456789abcdef" for c in check))):
+        raise ValueError("a queue id is a number, or number.hex as the log shows it")
     return text
+
+
+def _page_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= QUEUE_PAGE_MAX:
+        raise ValueError(f"expected a number from 1 to {QUEUE_PAGE_MAX}")
+    return int(text)
+
+
+def _flush_target(text: str) -> str:
+    if text.startswith("@"):
+        domain = text[1:]
+        if not domain or len(domain) > 255 or any(c.isspace() for c in domain):
+            raise ValueError("expected @DOMAIN")
+        return text
+    return _queue_id(text)
 
 
 @dataclass(frozen=True)
@@ -78,16 +101,23 @@ class CommandSpec:
         return self.summary
 
 
-OPTION_METAVARS = {"--quota": "BYTES", "--postmaster": "ADDR"}
+OPTION_METAVARS = {"--quota": "BYTES", "--postmaster": "ADDR", "--limit": "N", "--after": "ID"}
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("help",), summary="this list"),
     CommandSpec(("stat",), (), {"--json": None},
                 summary="services, up-time, connections, queue, last errors"),
-    CommandSpec(("queue", "list"), summary="queued messages: id, age, sender, recipients"),
-    CommandSpec(("queue", "flush"), summary="retry every deferred message now"),
-    CommandSpec(("queue", "remove"), ("ID",), {"--bounce": None},
-                summary="remove a message; --bounce returns it to the sender first",
+    CommandSpec(("queue", "list"), (), {"--json": None, "--limit": _page_size,
+                                        "--after": _queue_id},
+                summary="queued messages: id, age, sender; per recipient state, attempts, "
+                        "last error"),
+    CommandSpec(("queue", "show"), ("ID",), summary="envelope, states and header of a message",
+                convert={"ID": _queue_id}),
+    CommandSpec(("queue", "flush"), ("[TARGET]",),
+                summary="retry deferred recipients now: all, message ID, or @DOMAIN",
+                convert={"TARGET": _flush_target}),
+    CommandSpec(("queue", "remove"), ("ID...",), {"--bounce": None},
+                summary="remove messages; --bounce returns them to the sender first",
                 convert={"ID": _queue_id}),
     CommandSpec(("reload",), summary="re-read the configuration and rules files (like HUP)"),
     CommandSpec(("domain", "add"), ("NAME",), {"--postmaster": str},
@@ -325,13 +355,26 @@ def parse_arguments(spec: CommandSpec, words: list[str]) -> Command | Invalid:
             values = positional[n:]
             if not values:
                 return Invalid(f"{spec.name}: missing {key}; usage: {spec.usage()}")
+            conv = spec.convert.get(key)
+            if conv is not None:
+                try:
+                    values = [conv(v) for v in values]
+                except ValueError as e:
+                    return Invalid(f"{spec.name}: {key}: {e}")
             args[key] = values
             positional = positional[:n]
             break
         if name.startswith("["):
             key = name[1:-1]
             if n < len(positional):
-                args[key] = positional[n]
+                value = positional[n]
+                conv = spec.convert.get(key)
+                if conv is not None:
+                    try:
+                        value = conv(value)
+                    except ValueError as e:
+                        return Invalid(f"{spec.name}: {key}: {e}")
+                args[key] = value
             continue
         if n >= len(positional):
             return Invalid(f"{spec.name}: missing {name}; usage: {spec.usage()}")

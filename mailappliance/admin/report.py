@@ -162,34 +162,116 @@ def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | 
     return lines
 
 
-_STATE_WORDS = {"todo": "todo", "done": "done", "failed": "failed"}
+def recipient_state(info, delivering: bool) -> str:
+    """What `queue list` calls a recipient: queued (not tried yet), deferred (tried, waiting
+    for its next try), delivering (an attempt in flight), done, failed (bounce pending)."""
+    if info.state == "todo":
+        if delivering:
+            return "delivering"
+        return "deferred" if info.attempts else "queued"
+    return info.state
 
 
-def format_queue(entries: Iterable, now: float, limit: int) -> list[str]:
-    """qmail-qread for our queue: one line per message, one indented line per recipient.
+def _when(t: float | None, now: float) -> str:
+    return "-" if t is None else f"{duration(now - t)} ago"
 
-    `entries` are queue/store.py QueueEntry objects (qid, birth, size, sender, recipients as
-    (address, state), next_try)."""
+
+def _one_line(text: str) -> str:
+    return " / ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def format_queue_page(entries: Iterable, now: float, total: int, more: int,
+                      delivering: dict | None = None,
+                      max_lines: int = 10_000) -> list[str]:
+    """`queue list`: per message a line (its log id, arrival, age, size, sender, next try),
+    per recipient a line (state, address, attempts and when the last was), and for a
+    deferred or failed recipient the text of its last error (remote host and its reply, or
+    the connect error). Stops before `max_lines`; the last lines say how many messages there
+    are and how to get the next page."""
+    delivering = delivering or {}
     lines: list[str] = []
-    count = 0
+    last_qid = None
     shown = 0
+    entries = list(entries)
     for e in entries:
-        count += 1
-        if shown >= limit:
-            continue
-        shown += 1
+        block = []
         when = time.strftime("%d %b %Y %H:%M:%S GMT", time.gmtime(e.birth))
         if e.next_try and e.next_try > now:
             nxt = f"next try in {duration(e.next_try - now)}"
         else:
             nxt = "next try now"
-        lines.append(f"{e.qid}  {when}  age {duration(now - e.birth)}  {e.size} bytes  "
-                     f"from <{e.sender}>  {nxt}")
-        for address, state in e.recipients:
-            lines.append(f"  {_STATE_WORDS.get(state, state)}  {address}")
-    if count > shown:
-        lines.append(f"... {count - shown} more messages not shown")
-    lines.append(f"{count} messages")
+        block.append(f"{e.name or e.qid}  {when}  age {duration(now - e.birth)}  {e.size} bytes"
+                     f"  from <{e.sender}>  {nxt}")
+        busy = delivering.get(e.qid, frozenset())
+        for r in e.details:
+            state = recipient_state(r, r.index in busy)
+            tries = f"  attempts {r.attempts}, last {_when(r.last_try, now)}" if r.attempts else ""
+            block.append(f"  {state}  {r.address}{tries}")
+            if r.state == "failed" and r.failure:
+                block.append(f"      error: {_one_line(r.failure)}")
+            elif r.state == "todo" and r.last_error:
+                block.append(f"      last error: {_one_line(r.last_error)}")
+        if lines and len(lines) + len(block) + 2 > max_lines:
+            break
+        lines.extend(block)
+        last_qid = e.qid
+        shown += 1
+    more += len(entries) - shown
+    if more:
+        lines.append(f"... {more} more messages: queue list --after {last_qid}")
+    lines.append(f"{total} messages")
+    return lines
+
+
+def queue_json_lines(entries: Iterable, now: float, total: int, more: int,
+                     delivering: dict | None = None) -> list[str]:
+    """`queue list --json` on the wire: one JSON object per recipient (so no line grows with
+    the number of recipients), then {"total", "more", "next_after"}; the command groups them
+    into one object per message (docs/MONITORING.md)."""
+    import json
+    delivering = delivering or {}
+    out = []
+    last = None
+    for e in entries:
+        busy = delivering.get(e.qid, frozenset())
+        for r in e.details:
+            out.append(json.dumps({
+                "id": e.name or str(e.qid), "queue_id": e.qid, "arrival": e.birth,
+                "size": e.size, "sender": e.sender, "next_try": e.next_try or None,
+                "received_from": _cut(e.received_from),
+                "address": r.address, "state": recipient_state(r, r.index in busy),
+                "attempts": r.attempts, "last_try": r.last_try,
+                "last_error": _cut(r.failure if r.state == "failed" else r.last_error)},
+                ensure_ascii=True))
+        last = e.qid
+    out.append(json.dumps({"total": total, "more": more,
+                           "next_after": last if more else None}))
+    return out
+
+
+def format_show(e, now: float, header: bytes, delivering: frozenset = frozenset()) -> list[str]:
+    """`queue show ID` (postcat -q): envelope, each recipient's state, the header."""
+    lines = [f"id: {e.name or e.qid}",
+             f"queue file: mess/{e.qid}",
+             f"arrival: {time.strftime('%d %b %Y %H:%M:%S GMT', time.gmtime(e.birth))} "
+             f"(age {duration(now - e.birth)})",
+             f"size: {e.size} bytes",
+             f"sender: <{e.sender}>",
+             f"received from: {e.received_from or '-'}",
+             "next try: " + (f"in {duration(e.next_try - now)}" if e.next_try and e.next_try > now
+                             else "now"),
+             "recipients:"]
+    for r in e.details:
+        state = recipient_state(r, r.index in delivering)
+        tries = f"  attempts {r.attempts}, last {_when(r.last_try, now)}" if r.attempts else ""
+        lines.append(f"  {state}  {r.address}{tries}")
+        if r.state == "failed" and r.failure:
+            lines.append(f"      error: {_one_line(r.failure)}")
+        elif r.state == "todo" and r.last_error:
+            lines.append(f"      last error: {_one_line(r.last_error)}")
+    lines.append("header:")
+    text = header.decode("utf-8", "replace")
+    lines.extend("  " + line for line in text.splitlines())
     return lines
 
 

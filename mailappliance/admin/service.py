@@ -40,8 +40,11 @@ from mailappliance.access.relay import normalize_ip
 from mailappliance.admin import report
 from mailappliance.admin.protocol import (NEED_DATA, AdminConnection, Command, Invalid,
                                           encode_error, encode_reply, help_lines)
+from mailappliance.admin.protocol import QUEUE_REMOVE_MAX
 from mailappliance.config import ConfigError
+from mailappliance.envelope import CorruptEntry
 from mailappliance.privileges import data_owner
+from mailappliance.queue.naming import parse_message_name
 from mailappliance.users.store import StoreError
 from zope.interface import implementer
 
@@ -54,7 +57,8 @@ MAX_CONNECTIONS = 10
 # Seconds without input (or without the client reading our output) before we hang up; the
 # RFC 1939 POP3 minimum, 10 minutes, is plenty for a person at `socat`.
 IDLE_TIMEOUT = 600.0
-# `queue list` shows at most this many messages (the reply block stays bounded).
+# `queue list` shows this many messages a page unless --limit says otherwise (the reply block
+# stays bounded; protocol.QUEUE_PAGE_MAX is the most a page may hold).
 QUEUE_LIST_LIMIT = 1000
 # The token file holds one line; anything longer than this is not a token file.
 MAX_TOKEN_FILE = 4096
@@ -508,33 +512,133 @@ def queue_facts(app: App, messages: int) -> QueueFacts:
         s.get("remote_max", q.concurrency_remote)))
 
 
+def _delivering(app: App, entries) -> dict:
+    """qid -> indices with a delivery in flight (the manager's view, reactor thread)."""
+    manager = app.queue_manager
+    out = {}
+    for e in entries:
+        busy = manager.in_delivery(e.qid)
+        if busy:
+            out[e.qid] = busy
+    return out
+
+
 def cmd_queue_list(proto, cmd):
-    d = _blocking(proto, proto.factory.app.queue_store.entries)
-    d.addCallback(lambda entries: report.format_queue(entries, proto.factory.clock(),
-                                                      QUEUE_LIST_LIMIT))
+    app = proto.factory.app
+    limit = int(cmd.options.get("--limit", QUEUE_LIST_LIMIT))
+    after = cmd.options.get("--after")
+    after_qid = parse_message_name(after)[0] if after else None
+    d = _blocking(proto, app.queue_store.entries_page, after_qid, limit)
+
+    def show(page):
+        entries, total, more = page
+        now = proto.factory.clock()
+        busy = _delivering(app, entries)
+        if cmd.options.get("--json"):
+            return report.queue_json_lines(entries, now, total, more, busy)
+        return report.format_queue_page(entries, now, total, more, busy)
+    d.addCallback(show)
     return d
+
+
+def _resolve(app: App, text: str):
+    """Blocking: the queue entry an id names (N or N.hex), or None when there is none (or
+    the number now belongs to another message than N.hex named)."""
+    qid, check = parse_message_name(text)
+    try:
+        entry = app.queue_store.entry(qid)
+    except (OSError, CorruptEntry):
+        return None
+    if check is not None and entry.name != f"{qid}.{check}":
+        return None
+    return entry
+
+
+def cmd_queue_show(proto, cmd):
+    app = proto.factory.app
+    text = cmd.args["ID"]
+
+    def work():
+        entry = _resolve(app, text)
+        if entry is None:
+            return None, b""
+        try:
+            env = app.queue_store.read_envelope(entry.qid)
+            return entry, app.queue_store.header(env)
+        except (OSError, CorruptEntry):
+            return None, b""
+
+    def show(result):
+        entry, header = result
+        if entry is None:
+            raise CommandRefused(f"message {text}: unknown (not in the queue)")
+        return report.format_show(entry, proto.factory.clock(), header,
+                                  app.queue_manager.in_delivery(entry.qid))
+    return _blocking(proto, work).addCallback(show)
 
 
 def cmd_queue_flush(proto, cmd):
-    manager = proto.factory.app.queue_manager
-    d = defer.maybeDeferred(manager.flush)
-    d.addCallback(lambda n: [f"{n} deferred messages scheduled for delivery now"])
-    return d
+    app = proto.factory.app
+    manager = app.queue_manager
+    target = cmd.args.get("TARGET")
+    if target is None:
+        d = defer.maybeDeferred(manager.flush)
+        d.addCallback(lambda n: [f"{n} deferred messages scheduled for delivery now"])
+        return d
+    if target.startswith("@"):
+        domain = target[1:].lower()
+        d = defer.maybeDeferred(manager.flush, None, domain)
+        d.addCallback(lambda n: [f"{n} deferred messages with recipients at {domain} "
+                                 "scheduled for delivery now"])
+        return d
+
+    def flush_one(entry):
+        if entry is None:
+            raise CommandRefused(f"message {target}: unknown (not in the queue)")
+        n = manager.flush(entry.qid)
+        if not n:
+            return [f"message {entry.name}: nothing deferred to retry"]
+        return [f"message {entry.name} scheduled for delivery now"]
+    return _blocking(proto, _resolve, app, target).addCallback(flush_one)
 
 
+@defer.inlineCallbacks
 def cmd_queue_remove(proto, cmd):
-    manager = proto.factory.app.queue_manager
-    qid = int(cmd.args["ID"])
+    app = proto.factory.app
+    manager = app.queue_manager
+    ids = list(cmd.args["ID"])
     bounce = bool(cmd.options.get("--bounce"))
-    d = defer.maybeDeferred(manager.remove, qid, bounce)
-
-    def done(result):
-        if result is False:
-            raise CommandRefused(f"message {qid}: not in the queue, or a delivery of it is "
-                                 "in progress (try again in a moment)")
-        return [f"message {qid} {'bounced to its sender and ' if bounce else ''}removed"]
-    d.addCallback(done)
-    return d
+    if len(ids) > QUEUE_REMOVE_MAX:
+        raise CommandRefused(f"queue remove: at most {QUEUE_REMOVE_MAX} ids at a time")
+    for text in ids:
+        try:
+            parse_message_name(text)
+        except ValueError as e:
+            raise CommandRefused(f"queue remove: {text}: {e}") from None
+    lines, refused = [], []
+    for text in ids:
+        entry = yield _blocking(proto, _resolve, app, text)
+        if entry is None:
+            refused.append(f"message {text}: unknown (not in the queue)")
+            continue
+        if manager.in_delivery(entry.qid):
+            refused.append(f"message {entry.name}: a delivery of it is in progress; "
+                           "try again when it ends")
+            continue
+        ok = yield manager.remove(entry.qid, bounce)
+        if not ok:
+            if manager.in_delivery(entry.qid):
+                refused.append(f"message {entry.name}: a delivery of it is in progress; "
+                               "try again when it ends")
+            else:
+                refused.append(f"message {text}: unknown (not in the queue)")
+            continue
+        lines.append(f"message {entry.name} {'bounced to its sender and ' if bounce else ''}"
+                     "removed")
+    if refused:
+        # Refused as a whole reply (exit 1), saying what was done before.
+        raise CommandRefused("; ".join(refused + lines))
+    return lines
 
 
 def cmd_reload(proto, cmd):
@@ -629,6 +733,7 @@ HANDLERS: dict[str, Callable[[AdminProtocol, Command], Any]] = {
     "help": cmd_help,
     "stat": cmd_stat,
     "queue list": cmd_queue_list,
+    "queue show": cmd_queue_show,
     "queue flush": cmd_queue_flush,
     "queue remove": cmd_queue_remove,
     "reload": cmd_reload,

@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Callable
 
 from twisted.internet import defer, error
@@ -58,6 +59,9 @@ T_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1
 T_LOOP = ("Sorry. Although I'm listed as a best-preference MX or A for that host,\n"
           "it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)")
 T_TIMEOUT = "Connected to {host} but the connection timed out. (#4.4.2)"
+# The list of unreachable addresses appended to T_NO_CONNECTION is cut to this many characters
+# (MAX_ADDRESSES addresses with their errors fit easily).
+UNREACHABLE_TEXT_MAX = 900
 
 
 def local_addresses() -> set[str]:
@@ -295,6 +299,7 @@ class RemoteDeliverer:
                 return [deferral(f"Unable to read the queued message: {e} (#4.3.0)")] \
                     * len(rcpts)
         last: list[Result] | None = None
+        unreachable: list[str] = []          # "ip:port: why" of each address not reached
         for ip, port, name in targets[:MAX_ADDRESSES]:
             core = ClientCore(helo=self.hostname, sender=env.sender, recipients=rcpts,
                               size=env.size, host=ip,
@@ -304,12 +309,20 @@ class RemoteDeliverer:
             except Exception as e:  # noqa: BLE001 - connection refused, timeout, unreachable
                 self.log.info("remote: cannot connect to {ip}:{port}: {why}", ip=ip,
                               port=port, why=_why(e))
+                unreachable.append(f"{ip}:{port}: {connect_error_text(e, self.connect_timeout)}")
                 continue
             results = [r or deferral(T_NO_CONNECTION) for r in core.results]
             if not core.try_next_host:
                 return results
             last = results
-        return last or [deferral(T_NO_CONNECTION)] * len(rcpts)
+        if last is None:
+            # qmail's text, then which hosts were tried and what each connect said, so the
+            # log and `queue list` show why without a second grep.
+            text = T_NO_CONNECTION
+            if unreachable:
+                text += "\n" + "; ".join(unreachable)[:UNREACHABLE_TEXT_MAX]
+            return [deferral(text)] * len(rcpts)
+        return last
 
     def _attempt(self, ip: str, port: int, core: ClientCore, env: Envelope,
                  messages: IMessageSource, preloaded: bytes | None,
@@ -374,6 +387,20 @@ class RemoteDeliverer:
         except DNSError:
             return [], False
         return list(ips), False
+
+
+def connect_error_text(e: BaseException, timeout: float) -> str:
+    """A failed connect in an operator's words: ``Connection refused (errno 111)``,
+    ``no answer within 60 s``."""
+    if isinstance(e, error.TimeoutError):
+        return f"no answer within {timeout:g} s"
+    number = getattr(e, "osError", None)
+    if isinstance(number, int):
+        try:
+            return f"{os.strerror(number)} (errno {number})"
+        except ValueError:
+            pass
+    return _why(e)
 
 
 def _why(e: BaseException) -> str:

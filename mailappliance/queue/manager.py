@@ -442,11 +442,19 @@ class QueueManager(service.Service):
         self._arm()
         self._pump()
 
-    def flush(self) -> int:
-        """Retry every deferred recipient now (mailappliance queue flush); -> messages."""
+    def flush(self, qid: int | None = None, domain: str | None = None) -> int:
+        """Retry deferred recipients now (mailappliance queue flush): all, those of message
+        `qid`, or those at `domain`; -> messages."""
         now = self.now()
         n = 0
-        for job in list(self.jobs.values()):
+        jobs = list(self.jobs.values()) if qid is None else \
+            [j for j in (self.jobs.get(qid),) if j is not None]
+        domain = domain.lower().rstrip(".") if domain else None
+        for job in jobs:
+            if domain is not None and not any(
+                    _domain(job.env.recipients[i].address) == domain
+                    for ch in (LOCAL, REMOTE) for i in job.todo(ch)):
+                continue
             due = [ch for ch in (LOCAL, REMOTE) if job.todo(ch)]
             for ch in due:
                 job.next_try[ch] = now
@@ -574,6 +582,14 @@ class QueueManager(service.Service):
         for i, res in final:
             if res.status == FAILURE:
                 self.store.add_failure(env, i, res.text)
+        # What `queue list` shows: attempts, last try and text (no fsync; information only).
+        deferred = [(i, res.text) for i, res in final if res.status == DEFERRAL]
+        if deferred:
+            try:
+                self.store.record_deferrals(env, deferred)
+            except OSError as e:
+                self.log.warn("cannot record the deferral of msg {qid}: {why}",
+                              qid=_name(env), why=e.strerror or str(e))
         self.store.mark(env, [(i, DELIVERED) for i, res in final if res.status == SUCCESS])
         if next_try is not None:
             self.store.set_next_try(env.qid, next_try)
@@ -672,6 +688,17 @@ class QueueManager(service.Service):
         with self.store.open_message(env) as reader:
             data = reader.read(bounce_mod.BOUNCE_MAX_COPY + 1)
         return failures, (data, len(data) > bounce_mod.BOUNCE_MAX_COPY)
+
+    # -- admin: small queries ---------------------------------------------------------------------
+    def in_delivery(self, qid: int) -> frozenset[int]:
+        """Indices of msg `qid`'s recipients with an attempt in flight (or all of them while
+        it is being bounced and removed); empty when none or unknown."""
+        job = self.jobs.get(qid)
+        if job is None:
+            return frozenset()
+        if job.finishing:
+            return frozenset(r.index for r in job.env.recipients)
+        return frozenset(job.busy)
 
     # -- admin: remove ----------------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -5,6 +5,7 @@ Layout under ``<data>/queue`` (queue/store.py, its only writer, describes each p
     tmp/<k>/<time>.<pid>.<seq>.<rand>   an injection in progress; k is the writer thread's shard
     mess/<N>                           a committed message; N is its inode number
     bounce/<N>                         failure reports of message N
+    defer/<N>                          per recipient: attempts, last try and last deferral text
     corrupt/<N>.<time>                 entries that could not be parsed, moved aside
     trigger                            unix datagram socket of the running manager
 
@@ -28,6 +29,7 @@ import zlib
 from mailappliance.fileops import process_id
 
 TMP, MESS, BOUNCE, CORRUPT = "tmp", "mess", "bounce", "corrupt"
+DEFER = "defer"
 TRIGGER = "trigger"
 # tmp/ subdirectories, one per concurrent writer thread (more than the thread pool's size):
 # concurrent creates and fsyncs in one directory contend (measured here: 8 writers reach

@@ -14,6 +14,8 @@ Layout under ``<data>/queue``::
     bounce/<N>                      failure reports of message N, appended before the
                                     recipient is marked failed (qmail's bounce/ directory)
     corrupt/<N>                     entries that could not be parsed, moved aside with a log line
+    defer/<N>                       what `queue list` shows of deferred recipients: attempts, last
+                                    try, last deferral text (qmail keeps none; Postfix's defer/)
     trigger                         unix datagram socket of the running manager (qmail's
                                     lock/trigger): injectors poke it, delivery starts at once
 
@@ -59,7 +61,7 @@ from mailappliance.envelope import (
     encode_bounce_record, encode_envelope, make_trailer, parse_trailer, status_positions)
 from mailappliance.fileops import FileOps, write_all
 from mailappliance.queue import naming
-from mailappliance.queue.naming import BOUNCE, CORRUPT, MESS, TMP, TMP_SPLIT, TRIGGER
+from mailappliance.queue.naming import BOUNCE, CORRUPT, DEFER, MESS, TMP, TMP_SPLIT, TRIGGER
 
 # --- limits ----------------------------------------------------------------------------------
 
@@ -72,6 +74,13 @@ KEEP_DATA_MAX = 64 * 1024
 KEEP_DATA_TOTAL = 16 * 1024 * 1024
 # Bytes read at a time when handing a message to a deliverer.
 READ_CHUNK = 64 * 1024
+# A defer/<N> file holds one record per deferred recipient (at most MAX_RECIPIENTS-ish of
+# them, each text cut to DEFER_TEXT_MAX); reading stops at this size, which no real file
+# reaches (1,000 recipients x 1 KB).
+DEFER_FILE_MAX = 4 * 1024 * 1024
+DEFER_TEXT_MAX = 1000
+# `queue show` shows at most this much of a message's header.
+SHOW_HEADER_MAX = 64 * 1024
 
 
 class QueueWriteError(Exception):
@@ -244,6 +253,18 @@ class MessageReader:
 
 
 @dataclass
+class RecipientInfo:
+    """One recipient as `queue list` and `queue show` describe it."""
+    index: int
+    address: str
+    state: str                       # "todo", "done" or "failed"
+    attempts: int = 0                # deferred attempts so far (defer/<N>)
+    last_try: float | None = None    # time of the last deferred attempt
+    last_error: str | None = None    # its text: host and reply, or the connection error
+    failure: str | None = None       # for a failed recipient: the text its bounce will carry
+
+
+@dataclass
 class QueueEntry:
     """What `list` shows to the admin."""
     qid: int
@@ -252,6 +273,9 @@ class QueueEntry:
     sender: str
     recipients: list[tuple[str, str]] = field(default_factory=list)  # (address, state)
     next_try: float = 0.0
+    name: str = ""                                   # naming.message_name: the log's id
+    details: list[RecipientInfo] = field(default_factory=list)
+    received_from: str | None = None
 
 
 @implementer(IMessageSource)
@@ -266,7 +290,9 @@ class QueueStore:
         self.bounce_dir = os.path.join(self.dir, BOUNCE)
         self.corrupt_dir = os.path.join(self.dir, CORRUPT)
         self.trigger_path = os.path.join(self.dir, TRIGGER)
-        for d in (self.dir, self.tmp_dir, self.mess_dir, self.bounce_dir, self.corrupt_dir):
+        self.defer_dir = os.path.join(self.dir, DEFER)
+        for d in (self.dir, self.tmp_dir, self.mess_dir, self.bounce_dir, self.corrupt_dir,
+                  self.defer_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self.tmp_dirs = [os.path.join(self.tmp_dir, str(k)) for k in range(TMP_SPLIT)]
         for d in self.tmp_dirs:
@@ -503,7 +529,7 @@ class QueueStore:
         message's token and is therefore ignored by any later message with the same id
         (and removed by `cleanup` once it has no message).  `bounce_file=False` (the
         envelope's flag) skips the second unlink for a message known to have none."""
-        self.remove_many([(qid, bounce_file)])
+        self.remove_many([(qid, bounce_file)])     # (bounce_file also covers defer/<N>)
 
     def remove_many(self, items: list[tuple[int, bool]]) -> None:
         """`remove` for many (qid, bounce_file) pairs in one FileOps.unlink_many call;
@@ -511,6 +537,7 @@ class QueueStore:
         a file already gone (after trying every removal)."""
         paths = [self.message_path(qid) for qid, _ in items]
         paths += [os.path.join(self.bounce_dir, str(int(qid))) for qid, bf in items if bf]
+        paths += [os.path.join(self.defer_dir, str(int(qid))) for qid, bf in items if bf]
         for e in self.ops.unlink_many(paths):
             if e is not None and not isinstance(e, FileNotFoundError):
                 raise e
@@ -536,9 +563,11 @@ class QueueStore:
             if stat.S_ISREG(st.st_mode) and st.st_mtime + TMP_MAX_AGE < now:
                 self._unlink_quietly(path)
                 removed.append(path)
-        for name in os.listdir(self.bounce_dir):
+        side = [(self.bounce_dir, n) for n in os.listdir(self.bounce_dir)]
+        side += [(self.defer_dir, n) for n in os.listdir(self.defer_dir)]
+        for directory, name in side:
             if name.isdigit() and not os.path.exists(os.path.join(self.mess_dir, name)):
-                path = os.path.join(self.bounce_dir, name)
+                path = os.path.join(directory, name)
                 try:
                     st = os.lstat(path)
                 except FileNotFoundError:
@@ -558,6 +587,113 @@ class QueueStore:
             except FileNotFoundError:
                 continue
         return sorted(out)
+
+    # -- deferrals (what `queue list` shows) -----------------------------------------------------
+    def record_deferrals(self, env: Envelope, items: list[tuple[int, str]],
+                         when: float | None = None) -> None:
+        """Count one more deferred attempt for each (index, text) and keep its text and time.
+
+        Information only, so no fsync: the file is rewritten (tmp + rename) and a crash may
+        lose the last counts. Marks `env.bounce_file` so that removal also unlinks it."""
+        if not items:
+            return
+        when = self.clock() if when is None else when
+        known = self.deferrals(env)
+        for index, text in items:
+            attempts = known.get(index, (0, None, None))[0] + 1
+            known[index] = (attempts, when, text[:DEFER_TEXT_MAX])
+        raw = b"".join(
+            encode_bounce_record(env.token, i, env.recipients[i].address,
+                                 "%d %d %s" % (n, int(t or 0), text))
+            for i, (n, t, text) in sorted(known.items()))
+        env.bounce_file = True
+        path = os.path.join(self.defer_dir, str(env.qid))
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                     0o600)
+        try:
+            write_all(self.ops, fd, raw)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+
+    def deferrals(self, env: Envelope) -> dict[int, tuple[int, float | None, str]]:
+        """index -> (attempts, time of the last, its text) for this message (its token)."""
+        try:
+            with open(os.path.join(self.defer_dir, str(env.qid)), "rb") as f:
+                raw = f.read(DEFER_FILE_MAX)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for index, (_addr, value) in decode_bounce_records(raw, env.token).items():
+            n, _, rest = value.partition(" ")
+            t, _, text = rest.partition(" ")
+            try:
+                out[index] = (int(n), float(t) or None, text)
+            except ValueError:
+                continue
+        return out
+
+    def page_ids(self, after: int | None, limit: int) -> tuple[list[int], int, int]:
+        """The `limit` smallest ids above `after`, how many messages there are in all, and how
+        many come after the page: one pass over mess/, memory for `limit` ids only (a queue
+        of a million messages is listed page by page)."""
+        import heapq
+        total = 0
+
+        def ids():
+            nonlocal total
+            with os.scandir(self.mess_dir) as it:
+                for e in it:
+                    if e.name.isdigit():
+                        total += 1
+                        n = int(e.name)
+                        if after is None or n > after:
+                            yield n
+        count_after = 0
+
+        def counted():
+            nonlocal count_after
+            for n in ids():
+                count_after += 1
+                yield n
+        page = heapq.nsmallest(limit, counted())
+        return page, total, count_after - len(page)
+
+    def entry(self, qid: int, deferrals: bool = True) -> QueueEntry:
+        """One message for `queue list`/`queue show`; OSError/CorruptEntry when it is gone
+        or damaged."""
+        env = self.read_envelope(qid)
+        nxt = self.next_try(qid)
+        defer = self.deferrals(env) if deferrals else {}
+        failed = self.failures(env) if any(r.state == FAILED for r in env.recipients) else {}
+        words = {TODO: "todo", DELIVERED: "done", FAILED: "failed"}
+        details = []
+        for r in env.recipients:
+            n, t, text = defer.get(r.index, (0, None, None))
+            details.append(RecipientInfo(r.index, r.address, words[r.state], n, t, text,
+                                         failed.get(r.index, (None, None))[1]))
+        return QueueEntry(qid, env.birth, env.size, env.sender,
+                          [(d.address, d.state) for d in details], nxt,
+                          naming.message_name(qid, env.token), details, env.received_from)
+
+    def entries_page(self, after: int | None, limit: int) -> tuple[list[QueueEntry], int, int]:
+        """(entries of one page, messages in all, messages after the page): `queue list`."""
+        ids, total, rest = self.page_ids(after, limit)
+        out = []
+        for qid in ids:
+            try:
+                out.append(self.entry(qid))
+            except (OSError, CorruptEntry):
+                continue
+        return out, total, rest
+
+    def header(self, env: Envelope, limit: int = SHOW_HEADER_MAX) -> bytes:
+        """The message's header section (without the blank line), at most `limit` bytes."""
+        with self.open_message(env) as r:
+            data = r.read(limit)
+        end = data.find(b"\n\n")
+        return data if end < 0 else data[:end + 1]
 
     def entries(self) -> list[QueueEntry]:
         """Every message, for `mailappliance queue list` (qmail-qread)."""

@@ -116,9 +116,12 @@ def test_no_host_reachable_is_a_deferral(tmp_path):
     w.deliver()
     for n in range(2):
         _, f, _p, _t = w.connection(n)
-        f.clientConnectionFailed(None, Failure(error.TimeoutError()))
+        f.clientConnectionFailed(None, Failure(
+            error.TimeoutError() if n == 0 else error.ConnectionRefusedError(111, "refused")))
     assert [r.status for r in w.result()] == [DEFERRAL, DEFERRAL]
-    assert w.result()[0].text == rm.T_NO_CONNECTION
+    # qmail's text, then each address tried and what its connect said (host and errno).
+    assert w.result()[0].text == (rm.T_NO_CONNECTION + "\n192.0.2.1:25: no answer within 60 s; "
+                                  "192.0.2.2:25: Connection refused (errno 111)")
 
 
 def test_greeting_421_tries_the_next_mx(tmp_path):

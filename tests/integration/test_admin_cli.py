@@ -70,7 +70,7 @@ def test_queue_relay_reload_commands(server):
     assert server.cli("relay", "list").stdout == "0 grants\n"
     res = server.cli("queue", "remove", "424242", check=False)
     assert res.returncode == 1
-    assert res.stderr.startswith("mailappliance: message 424242: not in the queue")
+    assert res.stderr == "mailappliance: message 424242: unknown (not in the queue)\n"
     res = server.cli("reload")
     assert res.stdout.splitlines()[0] == f"configuration reloaded from {server.config_path}"
 

@@ -60,8 +60,7 @@ def test_every_command_over_the_socket(server):
     assert by[9] == (True, ["0 grants"])
     assert by[10] == (True, ["0 messages"])
     assert by[11][0] is True and by[11][1][0].endswith("scheduled for delivery now")
-    assert by[12] == (False, ["error: message 999999: not in the queue, or a delivery of it "
-                              "is in progress (try again in a moment)"])
+    assert by[12] == (False, ["error: message 999999: unknown (not in the queue)"])
     assert by[13][0] is True and by[13][1][0].startswith("configuration reloaded from ")
     assert by[14] == (True, ["alias sales@example.net deleted"])
     assert by[15] == (True, ["user joe@example.net deleted"])
@@ -89,7 +88,8 @@ def test_malformed_input_gets_clear_errors_and_the_session_survives(server):
                             "help\n", count=6)
     assert replies[0] == (False, ["error: unknown command 'frobnicate'; try help"])
     assert replies[1] == (False, ["error: user: expected one of add, del, list, passwd"])
-    assert replies[2] == (False, ["error: queue remove: ID: a queue id is a number"])
+    assert replies[2] == (False, ["error: queue remove: ID: a queue id is a number, or "
+                                  "number.hex as the log shows it"])
     assert replies[3] == (False, ["error: unknown command 'stat'; try help"]) or \
         replies[3][0] is False
     assert replies[4] == (False, ["error: control characters in command line"])

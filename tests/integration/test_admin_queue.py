@@ -3,6 +3,8 @@ deferred, shows in stat and queue list, is retried by flush and bounced by remov
 
 from __future__ import annotations
 
+import json
+import re
 import smtplib
 import socket
 
@@ -57,7 +59,12 @@ def test_deferred_message_in_stat_list_flush_and_remove_with_bounce(stuck):
     [qid] = queue_ids(stuck)
     [(ok, qlines)] = admin(stuck, "queue list\n")
     assert "from <test@test.com>" in qlines[0] and "next try in " in qlines[0]
-    assert qlines[1:] == ["  todo  far@example.org", "1 messages"]
+    # Each recipient: its state, attempts, when, and the last error with host and errno.
+    assert re.fullmatch(r"  deferred  far@example\.org  attempts 1, last \S+ ago", qlines[1])
+    assert re.fullmatch(r"      last error: Sorry, I wasn't able to establish an SMTP "
+                        r"connection\. \(#4\.4\.1\) / 127\.0\.0\.1:\d+: Connection refused "
+                        r"\(errno 111\)", qlines[2]), qlines[2]
+    assert qlines[3:] == ["1 messages"]
 
     [(ok, flushed)] = admin(stuck, "queue flush\n")
     assert ok and flushed == ["1 deferred messages scheduled for delivery now"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mailappliance.admin import report as r
-from mailappliance.queue.store import QueueEntry
+from mailappliance.queue.store import QueueEntry, RecipientInfo
 
 NOW = 1_700_000_000.0
 
@@ -91,23 +91,60 @@ def test_counters_since_start():
         "deliveries since start: 1 success, 0 deferral, 0 failure; 0 bounces"
 
 
-def test_queue_list_one_line_per_message_and_per_recipient_with_limit():
-    entries = [QueueEntry(100 + i, NOW - 600, 2048, "a@test.com",
-                          [("b@example.org", "todo"), ("c@test.com", "done")],
-                          NOW + 300 if i else NOW - 5) for i in range(3)]
-    lines = r.format_queue(entries, NOW, limit=2)
+def _entry(qid, details, next_try):
+    return QueueEntry(qid, NOW - 600, 2048, "a@test.com", [], next_try, f"{qid}.0000abcd",
+                      details)
+
+
+def test_queue_page_per_recipient_state_attempts_last_error_and_next_page():
+    details = [RecipientInfo(0, "b@example.org", "todo", 2, NOW - 65,
+                             "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+                             "192.0.2.1:25: Connection refused (errno 111)"),
+               RecipientInfo(1, "c@test.com", "done"),
+               RecipientInfo(2, "d@test.com", "todo"),
+               RecipientInfo(3, "e@example.net", "failed", failure="192.0.2.9 does not like "
+                             "recipient.\nRemote host said: 550 no such user"),
+               RecipientInfo(4, "f@example.org", "todo", 1, NOW - 5, "x")]
+    entries = [_entry(100, details, NOW + 300), _entry(101, details[:1], NOW - 5)]
+    lines = r.format_queue_page(entries, NOW, total=7, more=5, delivering={100: {4}})
     assert lines == [
-        "100  14 Nov 2023 22:03:20 GMT  age 10m00s  2048 bytes  from <a@test.com>  next try now",
-        "  todo  b@example.org",
-        "  done  c@test.com",
-        "101  14 Nov 2023 22:03:20 GMT  age 10m00s  2048 bytes  from <a@test.com>  "
+        "100.0000abcd  14 Nov 2023 22:03:20 GMT  age 10m00s  2048 bytes  from <a@test.com>  "
         "next try in 5m00s",
-        "  todo  b@example.org",
+        "  deferred  b@example.org  attempts 2, last 1m05s ago",
+        "      last error: Sorry, I wasn't able to establish an SMTP connection. (#4.4.1) / "
+        "192.0.2.1:25: Connection refused (errno 111)",
         "  done  c@test.com",
-        "... 1 more messages not shown",
-        "3 messages",
+        "  queued  d@test.com",
+        "  failed  e@example.net",
+        "      error: 192.0.2.9 does not like recipient. / Remote host said: 550 no such user",
+        "  delivering  f@example.org  attempts 1, last 5s ago",
+        "      last error: x",
+        "101.0000abcd  14 Nov 2023 22:03:20 GMT  age 10m00s  2048 bytes  from <a@test.com>  "
+        "next try now",
+        "  deferred  b@example.org  attempts 2, last 1m05s ago",
+        "      last error: Sorry, I wasn't able to establish an SMTP connection. (#4.4.1) / "
+        "192.0.2.1:25: Connection refused (errno 111)",
+        "... 5 more messages: queue list --after 101",
+        "7 messages",
     ]
-    assert r.format_queue([], NOW, 10) == ["0 messages"]
+    assert r.format_queue_page([], NOW, 0, 0) == ["0 messages"]
+    # A page never grows past max_lines: it stops early and the next page starts there.
+    cut = r.format_queue_page(entries, NOW, total=7, more=5, max_lines=12)
+    assert cut[-2:] == ["... 6 more messages: queue list --after 100", "7 messages"]
+
+
+def test_queue_json_is_one_bounded_line_per_recipient_then_the_totals():
+    import json
+    long = RecipientInfo(0, "b@example.org", "todo", 1, NOW, "y" * 5000)
+    lines = r.queue_json_lines([_entry(100, [long, RecipientInfo(1, "c@test.com", "done")],
+                                       NOW)], NOW, total=3, more=2)
+    assert all(len(l) < 4096 for l in lines)
+    first, second, totals = map(json.loads, lines)
+    assert first["id"] == second["id"] == "100.0000abcd"
+    assert (first["state"], first["attempts"], len(first["last_error"])) == (
+        "deferred", 1, r.JSON_STRING_MAX + 3)
+    assert second["state"] == "done" and second["last_error"] is None
+    assert totals == {"total": 3, "more": 2, "next_after": 100}
 
 
 def test_grants_list():
