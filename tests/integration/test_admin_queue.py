@@ -57,8 +57,13 @@ def test_deferred_message_in_stat_list_flush_and_remove_with_bounce(stuck):
     assert any(l.startswith("status: local 0/10 remote ") for l in lines)
 
     [qid] = queue_ids(stuck)
-    [(ok, qlines)] = admin(stuck, "queue list\n")
-    assert "from <test@test.com>" in qlines[0] and "next try in " in qlines[0]
+
+    def recorded():
+        # The deferral's log line comes first; its record and next try a moment later.
+        [(ok, qlines)] = admin(stuck, "queue list\n")
+        return "next try in " in qlines[0] and "attempts 1" in qlines[1] and qlines
+    qlines = wait_for(recorded, what="the deferral recorded")
+    assert "from <test@test.com>" in qlines[0]
     # Each recipient: its state, attempts, when, and the last error with host and errno.
     assert re.fullmatch(r"  deferred  far@example\.org  attempts 1, last \S+ ago", qlines[1])
     assert re.fullmatch(r"      last error: Sorry, I wasn't able to establish an SMTP "
