@@ -266,3 +266,47 @@ def test_sendmail_asks_a_busy_server_again(tmp_path):
     [(req, body)] = seen
     assert req.sender == "cron@test.com" and req.recipients == ("a@test.com",)
     assert body == b"Subject: x\n\nhi\n" and req.head == len(b"Subject: x\n\n")
+
+
+def test_inject_under_a_privilege_drop_and_a_config_without_a_socket(nobody, monkeypatch):
+    """Started as root with --uid nobody (the production way): the socket is bound as root
+    before the drop and still names its callers (here `daemon`), and the dropped server writes
+    the queue. A readable configuration without [listen] inject leaves a user who may not write
+    the queue no way in: exit 78 naming the missing key."""
+    from tests.integration import server as server_mod
+    user, python, env, root = nobody
+    caller = pwd.getpwnam("daemon")
+    monkeypatch.setattr(server_mod, "TWISTD", [python, *server_mod.TWISTD[1:]])
+    sock = root / "run" / "inject.sock"
+    srv = ServerProcess(root / "srv", 'default_domain = "test.com"\n[listen]\n'
+                        'smtp = ["tcp:0:interface=127.0.0.1"]\nsubmission = []\npop3 = []\n'
+                        f'inject = ["unix:{sock}"]\n', env=env,
+                        twistd_args=[f"--uid={user.pw_uid}", f"--gid={user.pw_gid}"])
+    srv.root.mkdir()
+    os.chmod(srv.root, 0o755)
+    srv.data.mkdir(mode=0o700)
+    os.chown(srv.data, user.pw_uid, user.pw_gid)
+    srv._write_config()
+    os.chmod(srv.config_path, 0o644)
+    srv.cli("domain", "add", "test.com")
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
+    try:
+        srv.start()
+        marker = f"under-uid-{time.monotonic_ns()}"
+        res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
+                       user=caller.pw_uid, input=f"Subject: d\n\n{marker}\n".encode())
+        assert (res.returncode, res.stderr) == (0, b""), res.stderr
+        data = delivered(srv, marker)
+        assert b"invoked by uid 1 (daemon) via the inject socket" in data
+        new = srv.data / "domains" / "test.com" / "test" / "Maildir" / "new"
+        assert all(os.stat(p).st_uid == user.pw_uid for p in new.iterdir())
+        assert os.stat(srv.data / "queue" / "mess").st_uid == user.pw_uid
+    finally:
+        srv.stop()
+    plain = srv.config_path.read_text().replace(f'inject = ["unix:{sock}"]\n', "")
+    srv.config_path.write_text(plain)
+    res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
+                   user=caller.pw_uid)
+    assert res.returncode == 78, res.stderr
+    assert b"no [listen] inject socket in --config" in res.stderr
+    assert res.stderr.count(b"\n") == 1
