@@ -220,6 +220,16 @@ def check_data(settings: Settings, user: ServerUser) -> list[str]:
     problems = []
     if not stat.S_ISDIR(st.st_mode):
         return [f"data: {data} is not a directory"]
+    for parent in list(Path(os.path.abspath(data)).parents)[::-1]:
+        try:
+            pst = os.stat(parent)
+        except OSError:
+            break
+        if not _allowed(pst, user, EXEC):
+            problems.append(f"data: {user} may not enter {parent} (mode "
+                            f"{stat.S_IMODE(pst.st_mode):04o}, owner {_name(pst.st_uid)}) "
+                            f"above the data directory; let it in or move the data directory")
+            break
     if st.st_uid != user.uid and user.uid != 0:      # root hands what it makes to the owner
         problems.append(f"data: {data} belongs to {_name(st.st_uid)} (uid {st.st_uid}), not "
                         f"to {user} that the server runs as; chown -R {user.name}: {data}")

@@ -103,6 +103,13 @@ def test_a_sound_configuration_passes_and_each_problem_is_one_line(nobody):  # n
     assert len(rules) == 1, got
     assert len(got) == len(expected_starts) + 1, got
 
+    # A directory above the data directory that the server's user may not enter.
+    os.chmod(root, 0o700)
+    got = problems(cli(cfg, "check", check=False))
+    assert any(line.startswith(f"data: nobody (uid 65534) may not enter {root} (mode 0700")
+               for line in got), got
+    os.chmod(root, 0o755)
+
     # What `mailappliance domain add` run as root before the first start makes: a data
     # directory root owns, for a server that runs as nobody. Named, with the fix.
     os.chown(data, 0, 0)
