@@ -72,6 +72,10 @@ class ListenSettings:
     inject: tuple[str, ...] = setting(ENDPOINTS, (), "local injection for every local user "
                                       "(`mailappliance-sendmail`): unix sockets only, made mode "
                                       "0666; the caller's uid is recorded (docs/OPERATIONS.md)")
+    metrics: tuple[str, ...] = setting(ENDPOINTS, (), "Prometheus text at /metrics "
+                                       "(docs/MONITORING.md): loopback TCP (interface=127.0.0.1 "
+                                       "or ::1) or unix sockets, unless [metrics] allow_public",
+                                       shown="[] (off)")
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,13 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    allow_public: bool = setting(BOOLEAN, False, "let [listen] metrics listen on a non-loopback "
+                                 "address; the metrics then answer anyone who reaches the port "
+                                 "(no authentication): put a firewall in front")
+
+
+@dataclass(frozen=True)
 class Settings:
     hostname: str = setting(STRING, doc="greeting and Received: name (qmail's me)",
                             shown="the machine's name (socket.getfqdn())")
@@ -236,6 +247,8 @@ class Settings:
     log: LogSettings = section(LogSettings, "The mail log: one line per event, rotated by size "
                                "like multilog.")
     admin: AdminSettings = section(AdminSettings, "Access to the admin protocol.")
+    metrics: MetricsSettings = section(MetricsSettings, "The Prometheus endpoint, [listen] "
+                                       "metrics.")
     rules: Rules | None = None
     # How these settings were made, so a reload (SIGHUP, `mailappliance reload`) can apply the
     # same command-line overrides, relative to the same directory, to the re-read file.
@@ -536,6 +549,14 @@ def load_settings(config: str | os.PathLike[str] | None = None,
                          "caller's uid comes from the unix socket's peer credentials)")
     if check_files and admin.token_file is not None and not admin.token_file.is_file():
         raise _error(where, "admin.token_file", f"file not found: {admin.token_file}")
+    for ep in listen.metrics:
+        # Never on a public address by default: the counters tell an outsider how busy the
+        # server is, how many logins fail, how large the queue is.
+        if not ep.startswith("unix:") and not _loopback_endpoint(ep) and \
+                not parts["metrics"].allow_public:
+            raise _error(where, "listen.metrics",
+                         f"{ep!r} is not on a loopback address: set interface=127.0.0.1 (or "
+                         "::1), or [metrics] allow_public = true with a firewall in front")
     for ep in listen.admin:
         if ep.startswith(("tcp:", "tcp6:", "ssl:")):
             if admin.token_file is None:
@@ -586,7 +607,7 @@ def _check_tls_files(where: str, cert: Path, key: Path) -> None:
 
 
 def _loopback_endpoint(ep: str) -> bool:
-    m = re.search(r"(?:^|:)interface=([^:]+)", ep)
+    m = re.search(r"(?:^|:)interface=((?:\\.|[^:\\])+)", ep)   # "\:" escapes a colon (::1)
     if not m:
         return False
     iface = m.group(1).replace("\\", "")

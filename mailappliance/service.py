@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance import datadir, dns, instance, tls as tls_part
+from mailappliance import datadir, dns, instance, metrics, tls as tls_part
 from mailappliance import logging as log_part
 from mailappliance.access.dnsbl import DNSBLChecker
 from mailappliance.access.relay import RelayGrants
@@ -271,6 +271,7 @@ LISTENER_KINDS: tuple[ListenerKind, ...] = (
                  one_factory=True),
     ListenerKind("inject", pickup_service.build_factory, pickup_service.build_endpoint,
                  one_factory=True),
+    ListenerKind("metrics", metrics.build_factory, one_factory=True),
 )
 
 

@@ -50,6 +50,10 @@ class Options(usage.Options):
         """admin protocol endpoint (repeatable)"""
         self._add_endpoint("admin", value)
 
+    def opt_metrics(self, value: str) -> None:
+        """Prometheus /metrics endpoint (repeatable; loopback only unless allowed)"""
+        self._add_endpoint("metrics", value)
+
     def overrides(self) -> dict:
         out: dict = {}
         if self["data"]:

@@ -16,6 +16,7 @@ new certificate for every new connection without being rebuilt.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 from OpenSSL import SSL, crypto
@@ -81,6 +82,18 @@ class TLSContext:
             raise ConfigError("tls: cert and key must be given together")
         self.settings = tls_settings
         self._options = load_certificate_options(tls_settings.cert, tls_settings.key)
+        # Server handshakes completed (STARTTLS, STLS, implicit TLS), for the metrics.
+        self.handshakes = 0
+        self._counted: weakref.WeakSet = weakref.WeakSet()   # connections already counted
+        self._count_handshakes(self._options)
+
+    def _count_handshakes(self, options) -> None:
+        def info(conn, where, _ret) -> None:
+            # TLS 1.3 may report HANDSHAKE_DONE again (session tickets): once per connection.
+            if where & SSL.SSL_CB_HANDSHAKE_DONE and conn not in self._counted:
+                self._counted.add(conn)
+                self.handshakes += 1
+        options.getContext().set_info_callback(info)
 
     def options(self) -> "TLSContext":
         return self
@@ -96,7 +109,9 @@ class TLSContext:
         new = tls_settings or self.settings
         if new.cert is None or new.key is None:
             raise ConfigError("tls: cert and key must be given together")
-        self._options = load_certificate_options(new.cert, new.key)
+        options = load_certificate_options(new.cert, new.key)
+        self._count_handshakes(options)
+        self._options = options
         self.settings = new
         self.log.info("tls: loaded certificate {cert}", cert=str(new.cert))
 

@@ -690,6 +690,10 @@ class QueueManager(service.Service):
         return failures, (data, len(data) > bounce_mod.BOUNCE_MAX_COPY)
 
     # -- admin: small queries ---------------------------------------------------------------------
+    def oldest_birth(self) -> float | None:
+        """Arrival time of the oldest message the manager holds (metrics' queue age)."""
+        return min((job.env.birth for job in self.jobs.values()), default=None)
+
     def in_delivery(self, qid: int) -> frozenset[int]:
         """Indices of msg `qid`'s recipients with an attempt in flight (or all of them while
         it is being bounced and removed); empty when none or unknown."""

@@ -1,0 +1,231 @@
+"""Prometheus metrics at ``/metrics`` on the ``[listen] metrics`` endpoints (off by default).
+
+The same facts as ``mailappliance stat``, as the maintained client library's text format
+(prometheus_client's generate_latest), served by twisted.web on the reactor. Every name and
+what it counts is in docs/MONITORING.md:
+
+    mailappliance_up                                    1 while serving
+    mailappliance_start_time_seconds                    when the server started
+    mailappliance_connections_total{kind}               accepted since start, per listener kind
+    mailappliance_connections_open{kind}                open now
+    mailappliance_messages_committed_total              messages the queue committed (250 ok)
+    mailappliance_queue_write_errors_total              commits that failed (451 qq write error)
+    mailappliance_deliveries_total{result}              success | deferral | failure
+    mailappliance_bounces_total{kind}                   bounce | double | triple (discarded)
+    mailappliance_queue_messages                        messages in the queue directory
+    mailappliance_queue_oldest_message_age_seconds      age of the oldest message being handled
+    mailappliance_deliveries_in_progress{channel}       local | remote, with their limits in
+    mailappliance_delivery_slots{channel}
+    mailappliance_dns_lookups_total, ..._dns_cache_hits_total, ..._dns_timeouts_total,
+    mailappliance_dns_failures_total
+    mailappliance_failed_logins_total{protocol}         smtp (AUTH) | pop3: the fail2ban lines
+    mailappliance_tls_handshakes_total                  server handshakes completed
+
+Counting costs nothing new on the hot paths: the collector reads the counters `stat` reads,
+when scraped. Failed logins are counted by a log observer (the one line per failure that
+fail2ban reads is the event); the queue is counted in the thread pool, as `stat` does.
+
+Never on a public address by default: config.py refuses a non-loopback TCP endpoint unless
+``[metrics] allow_public = true``. A scrape is a plain GET of /metrics; anything else is 404,
+and requests are not logged (a scrape every 15 s would fill the mail log).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, globalLogPublisher
+from twisted.web import http, resource, server
+
+from mailappliance import stats as stats_mod
+
+if TYPE_CHECKING:
+    from mailappliance.app import App
+
+PREFIX = "mailappliance"
+# Log formats whose events are failed logins (smtp/submission.py, pop3/protocol.py).
+FAILED_LOGIN_FORMATS = {"auth failed: ": "smtp", "login failed: ": "pop3"}
+
+
+class FailedLogins:
+    """A log observer counting the failed-login events per protocol."""
+
+    def __init__(self) -> None:
+        self.counts = {"smtp": 0, "pop3": 0}
+
+    def __call__(self, event: dict) -> None:
+        fmt = event.get("log_format")
+        if type(fmt) is str and fmt[:6] in ("auth f", "login "):
+            for prefix, protocol in FAILED_LOGIN_FORMATS.items():
+                if fmt.startswith(prefix):
+                    self.counts[protocol] += 1
+
+
+class AppCollector:
+    """A prometheus_client collector over the App's counters; `queue_messages` is set by the
+    resource (counted in a thread) just before each generate_latest."""
+
+    def __init__(self, app: App, failed_logins: FailedLogins) -> None:
+        self.app = app
+        self.failed_logins = failed_logins
+        self.queue_messages: int | None = None
+
+    def collect(self):
+        app = self.app
+        now = app.reactor.seconds()
+        up = GaugeMetricFamily(f"{PREFIX}_up", "1 while the server serves")
+        up.add_metric([], 1)
+        yield up
+        start = GaugeMetricFamily(f"{PREFIX}_start_time_seconds",
+                                  "UNIX time the server started")
+        start.add_metric([], app.started)
+        yield start
+
+        total = CounterMetricFamily(f"{PREFIX}_connections", "connections accepted since start",
+                                    labels=["kind"])
+        open_ = GaugeMetricFamily(f"{PREFIX}_connections_open", "connections open now",
+                                  labels=["kind"])
+        kinds = list(dict.fromkeys(l.kind for l in app.listeners))
+        for kind in kinds:
+            n_now, n_total = stats_mod.connections(app.stats, kind)
+            total.add_metric([kind], n_total or 0)
+            open_.add_metric([kind], n_now or 0)
+        yield total
+        yield open_
+
+        inj = dict(app.injector.stats) if app.injector is not None else {}
+        c = CounterMetricFamily(f"{PREFIX}_messages_committed",
+                                "messages committed to the queue (each got its 250 ok)")
+        c.add_metric([], inj.get("commits", 0))
+        yield c
+        c = CounterMetricFamily(f"{PREFIX}_queue_write_errors",
+                                "queue commits that failed (451 qq write error)")
+        c.add_metric([], inj.get("write_errors", 0))
+        yield c
+
+        manager = app.queue_manager
+        ms = dict(manager.stats) if manager is not None else {}
+        c = CounterMetricFamily(f"{PREFIX}_deliveries", "delivery attempts by result",
+                                labels=["result"])
+        for result in ("success", "deferral", "failure"):
+            c.add_metric([result], ms.get(result, 0))
+        yield c
+        c = CounterMetricFamily(f"{PREFIX}_bounces", "bounces injected (triple: discarded)",
+                                labels=["kind"])
+        for kind, key in (("bounce", "bounces"), ("double", "double_bounces"),
+                          ("triple", "triple_bounces")):
+            c.add_metric([kind], ms.get(key, 0))
+        yield c
+
+        g = GaugeMetricFamily(f"{PREFIX}_queue_messages", "messages in the queue directory")
+        if self.queue_messages is not None:
+            g.add_metric([], self.queue_messages)
+        yield g
+        g = GaugeMetricFamily(f"{PREFIX}_queue_oldest_message_age_seconds",
+                              "age of the oldest message the queue manager holds (0: none)")
+        oldest = manager.oldest_birth() if manager is not None else None
+        g.add_metric([], max(0.0, now - oldest) if oldest is not None else 0.0)
+        yield g
+        if manager is not None:
+            status = manager.status()
+            busy = GaugeMetricFamily(f"{PREFIX}_deliveries_in_progress",
+                                     "deliveries running now", labels=["channel"])
+            slots = GaugeMetricFamily(f"{PREFIX}_delivery_slots",
+                                      "concurrency_local / concurrency_remote",
+                                      labels=["channel"])
+            for channel in ("local", "remote"):
+                busy.add_metric([channel], status.get(f"{channel}_busy", 0))
+                slots.add_metric([channel], status.get(f"{channel}_max", 0))
+            yield busy
+            yield slots
+
+        rs = dict(app.resolver.stats) if app.resolver is not None else {}
+        for name, key, text in (("dns_lookups", "queries", "DNS lookups"),
+                                ("dns_cache_hits", "cache_hits", "DNS lookups from the cache"),
+                                ("dns_timeouts", "timeouts", "DNS lookups that timed out"),
+                                ("dns_failures", "failures", "DNS lookups that failed")):
+            c = CounterMetricFamily(f"{PREFIX}_{name}", text)
+            c.add_metric([], rs.get(key, 0))
+            yield c
+
+        c = CounterMetricFamily(f"{PREFIX}_failed_logins",
+                                "failed SMTP AUTH and POP3 logins (the lines fail2ban reads)",
+                                labels=["protocol"])
+        for protocol, n in self.failed_logins.counts.items():
+            c.add_metric([protocol], n)
+        yield c
+        c = CounterMetricFamily(f"{PREFIX}_tls_handshakes",
+                                "server TLS handshakes completed (STARTTLS, STLS, implicit TLS)")
+        c.add_metric([], getattr(app.tls, "handshakes", 0) if app.tls is not None else 0)
+        yield c
+
+
+class MetricsResource(resource.Resource):
+    """GET /metrics: the queue counted in the pool, then the registry's text."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, app: App, collector: AppCollector) -> None:
+        super().__init__()
+        self.app = app
+        self.collector = collector
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+
+    def render_GET(self, request):
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"not found: metrics are at /metrics\n"
+        d = deferToThreadPool(self.app.reactor, self.app.threadpool,
+                              lambda: len(self.app.queue_store.list_ids()))
+
+        def write(count):
+            self.collector.queue_messages = count
+            body = generate_latest(self.registry)
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            request.write(body)
+            request.finish()
+
+        def failed(f):
+            self.log.failure("metrics: scrape failed", f)
+            request.setResponseCode(500)
+            request.finish()
+        d.addCallback(write)
+        d.addErrback(failed)
+        return server.NOT_DONE_YET
+
+
+class _CountedChannel(http.HTTPChannel):
+    """Counts its connection in app.stats, as every listener does (`stat`, the metrics)."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        stats_mod.connection_opened(self.site.app.stats, "metrics")
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        stats_mod.connection_closed(self.site.app.stats, "metrics")
+
+
+class _QuietSite(server.Site):
+    noisy = False
+    protocol = _CountedChannel
+
+    def log(self, request) -> None:
+        """No access log: scrapes every few seconds would fill the mail log."""
+
+
+def build_factory(app: App, kind: str) -> server.Site:
+    """The metrics listeners' factory (service.LISTENER_KINDS; one shared by all of them)."""
+    failed = FailedLogins()
+    globalLogPublisher.addObserver(failed)
+    app.stop_hooks.append(lambda: globalLogPublisher.removeObserver(failed))
+    site = _QuietSite(MetricsResource(app, AppCollector(app, failed)))
+    site.app = app
+    site.displayTracebacks = False
+    return site
