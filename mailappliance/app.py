@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from mailappliance.access.penalty import LoginPenalty
 from mailappliance.config import Settings
+from mailappliance.descriptors import DescriptorBudget
 from mailappliance.startup import StartupFailed, fail_running, listen_error
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class App:
     instance_lock: int | None = None    # data/run/lock's descriptor (None in tests)
     # One login penalty table for SMTP AUTH and POP3 (access/penalty.py).
     login_penalty: LoginPenalty = field(default_factory=LoginPenalty)
+    # RLIMIT_NOFILE, the reserve and each network listener's share (descriptors.py).
+    descriptors: DescriptorBudget = field(default_factory=DescriptorBudget)
     listeners: list[Listener] = field(default_factory=list)
     # Run after every listener stopped accepting and before the other services stop; each may
     # return a Deferred (its owner bounds the wait). See AppService.

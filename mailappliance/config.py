@@ -125,6 +125,10 @@ class SubmissionSettings:
                                             "127.0.0.0/8 and ::1")
     sender_binding: bool = setting(BOOLEAN, True, "MAIL FROM and From: must be the login's "
                                    "address or one of its aliases")
+    max_connections: int = setting(INTEGER, 40, "simultaneous connections per submission "
+                                   "endpoint", minimum=1)
+    max_per_ip: int = setting(INTEGER, 10, "simultaneous submission connections from one "
+                              "address", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,10 @@ class POP3Settings:
                            minimum=600)
     require_tls: bool = setting(BOOLEAN, False, "refuse USER/PASS before STLS on the plain "
                                 "port; needs [tls]")
+    max_connections: int = setting(INTEGER, 40, "simultaneous connections per pop3 or pop3s "
+                                   "endpoint", minimum=1)
+    max_per_ip: int = setting(INTEGER, 10, "simultaneous POP3 connections from one address",
+                              minimum=1)
 
 
 @dataclass(frozen=True)
@@ -205,6 +213,10 @@ class AdminSettings:
                                        "(mode 0660 then)")
     token_file: Path | None = setting(PATH, None, "file holding the token a TCP admin endpoint "
                                       "requires")
+    max_connections: int = setting(INTEGER, 10, "simultaneous admin connections, all "
+                                   "endpoints together", minimum=1)
+    max_per_ip: int = setting(INTEGER, 10, "simultaneous admin connections from one address "
+                              "(TCP endpoints)", minimum=1)
 
 
 @dataclass(frozen=True)

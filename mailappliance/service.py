@@ -36,6 +36,7 @@ from mailappliance.access.relay import RelayGrants
 from mailappliance.admin import service as admin_service
 from mailappliance.app import App, Listener, ReadyService
 from mailappliance.config import Settings
+from mailappliance.descriptors import describe_plan
 from mailappliance.drain import Drain
 from mailappliance.enddata import EndOfDataCheck
 from mailappliance.mailauth.service import MailAuth, build_mailauth
@@ -113,6 +114,7 @@ def follow_tls_reload(app: App, settings: Settings) -> None:
 
 
 _grant_log = Logger(namespace="mailappliance.pop3")
+_descriptor_log = Logger(namespace="mailappliance.service")
 
 
 def _log_grant_change(event: str, ip: str) -> None:
@@ -289,6 +291,9 @@ def build_listeners(app: App) -> list[Listener]:
             listener = Listener(kind.name, description, endpoint, factory)
             app.listeners.append(listener)
             made.append(listener)
+    plan = app.descriptors.plan(app.settings)      # each listener's share of RLIMIT_NOFILE
+    (_descriptor_log.info if plan.fits else _descriptor_log.warn)("{text}",
+                                                                  text=describe_plan(plan))
     return made
 
 

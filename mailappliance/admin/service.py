@@ -51,8 +51,10 @@ from zope.interface import implementer
 if TYPE_CHECKING:
     from mailappliance.app import App
 
-# At most this many admin connections at once: the admin socket is for an operator and a
-# few scripts, and each connection may hold a thread-pool job (bcrypt) at a time.
+# At most this many admin connections at once ([admin] max_connections; this is its default):
+# the admin socket is for an operator and a few scripts, and each connection may hold a
+# thread-pool job (bcrypt) at a time. descriptors.py keeps them out of the network listeners'
+# shares, so a flood on SMTP or POP3 never shuts the operator out.
 MAX_CONNECTIONS = 10
 # Seconds without input (or without the client reading our output) before we hang up; the
 # RFC 1939 POP3 minimum, 10 minutes, is plenty for a person at `socat`.
@@ -202,6 +204,7 @@ class AdminProtocol(protocol.Protocol):
     def __init__(self, factory: "AdminFactory", peer: str, needs_token: bool) -> None:
         self.factory = factory
         self.peer = peer
+        self.host = peer.rsplit(":", 1)[0]       # "unix" for the unix socket
         self.core = AdminConnection(needs_token=needs_token)
         self.busy = False
         self.write_paused = False
@@ -351,6 +354,17 @@ class AdminProtocol(protocol.Protocol):
             self._run()
 
 
+class _Refusal(protocol.Protocol):
+    """Over a connection limit: one error reply, then close."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def connectionMade(self) -> None:
+        self.transport.write(encode_error(self.why))
+        self.transport.loseConnection()
+
+
 class AdminFactory(protocol.ServerFactory):
     log = Logger(namespace="mailappliance.admin.service")
     noisy = False
@@ -361,7 +375,6 @@ class AdminFactory(protocol.ServerFactory):
         self.reactor = reactor or app.reactor
         self.clock = clock
         self.idle_timeout = IDLE_TIMEOUT
-        self.max_connections = MAX_CONNECTIONS
         self.active: set[AdminProtocol] = set()
         self.token = read_token(app.settings.admin.token_file)
         if run_blocking is None:
@@ -384,10 +397,17 @@ class AdminFactory(protocol.ServerFactory):
                               host=getattr(addr, "host", "?"))
                 return None
             peer, needs_token = f"{addr.host}:{addr.port}", True
-        if len(self.active) >= self.max_connections:
-            self.log.warn("refused admin connection from {peer}: {n} already open",
-                          peer=peer, n=len(self.active))
-            return None
+        limits = self.app.settings.admin
+        why = None
+        if len(self.active) >= limits.max_connections:
+            why = "too many admin connections, try again later"
+        elif not isinstance(addr, UNIXAddress) and sum(
+                1 for p in self.active if p.host == addr.host) >= limits.max_per_ip:
+            why = "too many admin connections from your address"
+        if why is not None:
+            self.log.warn("refused admin connection from {peer}: {why} ({n} open)",
+                          peer=peer, why=why, n=len(self.active))
+            return _Refusal(why)
         p = AdminProtocol(self, peer, needs_token)
         p.factory = self
         return p

@@ -102,6 +102,10 @@ REPLIES: dict[str, str] = {
     "update_failed": "-ERR [SYS/TEMP] some deleted messages were not removed",
     "timeout": "-ERR autologout: idle for too long",
     "shutting_down": "-ERR [SYS/TEMP] server shutting down",
+    # Connection limits ([pop3] max_per_ip, max_connections; descriptors.py's share).
+    "too_many_from_ip": "-ERR [SYS/TEMP] too many connections from your address",
+    "too_many_connections": "-ERR [SYS/TEMP] too many connections, try again later",
+    "out_of_descriptors": "-ERR [SYS/TEMP] server out of connection slots, try again later",
 }
 
 CAPA_IMPLEMENTATION = "IMPLEMENTATION mailappliance (no APOP: passwords are stored as bcrypt hashes)"

@@ -53,7 +53,8 @@ class POP3Factory(ServerFactory):
                  implicit_tls: bool = False, require_tls: bool = False,
                  timeout: float = DEFAULT_TIMEOUT,
                  drain: Callable[[], Any] = lambda: None,
-                 stats: dict | None = None, kind: str = "pop3") -> None:
+                 stats: dict | None = None, kind: str = "pop3",
+                 limits: Callable[[], tuple[int, int, int]] | None = None) -> None:
         self.reactor = reactor
         self.hostname = hostname
         self.authenticate = authenticate
@@ -68,6 +69,34 @@ class POP3Factory(ServerFactory):
         self.drain = drain                  # callable: app.drain (graceful stop) or None
         self.stats = stats                  # app.stats: connections.<kind>.now/.total
         self.kind = kind
+        # () -> (max_per_ip, max_connections, descriptor share), read at every connection so
+        # a reload applies to the next client; None: no limits (tests of other things).
+        self.limits = limits
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> str | None:
+        """Take a connection slot for `ip`, or the reply key saying why not (then close): the
+        per-address limit first, so a flood from one address is told so, as SMTP does."""
+        if self.limits is not None:
+            max_per_ip, max_connections, share = self.limits()
+            if self.per_ip.get(ip, 0) >= max_per_ip:
+                return "too_many_from_ip"
+            if self.connections >= max_connections:
+                return "too_many_connections"
+            if self.connections >= share:
+                return "out_of_descriptors"
+        self.connections += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.connections -= 1
+        left = self.per_ip.get(ip, 1) - 1
+        if left > 0:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
 
     def buildProtocol(self, addr):
         p = POP3ServerProtocol()
@@ -148,6 +177,7 @@ class POP3ServerProtocol(Protocol):
         self._in_pump = False
         self._drain = None                  # drain.SessionHandle while registered
         self._out_paused = False            # the client has not read our replies
+        self._counted = False               # holds a connection slot of the factory
         self._registered = False            # we are the transport's producer
 
     # --- connection life ------------------------------------------------------------------
@@ -158,6 +188,15 @@ class POP3ServerProtocol(Protocol):
             stats.connection_opened(f.stats, f.kind)
         peer = self.transport.getPeer()
         self.ip = normalize_ip(str(getattr(peer, "host", "unknown")))
+        refusal = f.admit(self.ip)
+        if refusal is not None:
+            self.log.warn("connection refused: rip={ip} port={kind}: {text}", kind=f.kind,
+                          ip=self.ip, text=core.REPLIES[refusal])
+            self._closed = True
+            self.transport.write(core.reply(refusal))
+            self.transport.loseConnection()
+            return
+        self._counted = True
         tls = f.tls()
         self.session = core.POP3Session(
             hostname=f.hostname,
@@ -211,6 +250,9 @@ class POP3ServerProtocol(Protocol):
         self._lost = self._closed = True
         if self.factory.stats is not None:
             stats.connection_closed(self.factory.stats, self.factory.kind)
+        if self._counted:
+            self._counted = False
+            self.factory.release(self.ip)
         for call in (self._timer, self._pending_call):
             if call is not None and call.active():
                 call.cancel()

@@ -105,13 +105,17 @@ def build_factory(app: App, kind: str):
         log.info("roaming relay granted: rip={ip} user=<{user}> minutes={minutes}",
                  ip=ip, user=user.address, minutes=minutes)
 
+    def limits() -> tuple[int, int, int]:
+        s = app.settings
+        return s.pop3.max_per_ip, s.pop3.max_connections, app.descriptors.share(s, kind)
+
     factory = _ListenerFactory(
         reactor=reactor, hostname=settings.hostname, authenticate=authenticate,
         open_mailbox=open_mailbox, run_blocking=run_blocking, grant=grant,
         penalty=shared.penalty, tls=lambda: app.tls, implicit_tls=(kind == "pop3s"),
         require_tls=settings.pop3.require_tls, timeout=settings.pop3.timeout,
         drain=lambda: app.drain,
-        stats=app.stats, kind=kind)
+        stats=app.stats, kind=kind, limits=limits)
     factory.shared = shared
 
     def on_reload(new_settings) -> None:

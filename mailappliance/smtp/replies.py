@@ -66,6 +66,9 @@ def ehlo(hostname: str, keywords: list[str]) -> Reply:
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "sorry, too many connections, try again later (#4.3.2)")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "sorry, too many connections from your address (#4.7.0)")
+# descriptors.py: this listener's share of the process's open files is taken.
+OUT_OF_DESCRIPTORS = Reply(421, "4.3.2", "sorry, the server is out of connection slots, try "
+                                         "again later (#4.3.2)")
 SHUTTING_DOWN = Reply(421, "4.3.2", "sorry, the server is shutting down (#4.3.2)")
 TIMEOUT = Reply(451, "4.4.2", "timeout (#4.4.2)")                              # qmail exact
 PREGREET = Reply(554, "5.5.1", "sorry, you talked before my greeting (#5.5.1)")

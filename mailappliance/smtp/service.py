@@ -2,7 +2,10 @@
 
 Each listening endpoint gets its own factory and so its own connection counters, as each port
 had its own tcpserver (`-c` for max_connections; max_per_ip as tcpserver's per-IP limit patches
-and Postfix's smtpd_client_connection_count_limit). The limits are read from `app.settings` at
+and Postfix's smtpd_client_connection_count_limit): [smtp] for port 25, [submission] for
+submission and submissions. The per-address limit is checked first, so a flood from one
+address is told so; past max_connections, or past the endpoint's share of the process's
+descriptors (descriptors.py), the client gets 421. The limits are read from `app.settings` at
 every connection, so a reload applies them to the next client.
 """
 
@@ -44,13 +47,16 @@ class SMTPFactory(protocol.ServerFactory):
 
     def admit(self, proto: SMTPServerProtocol) -> Reply | None:
         """Take a connection slot for `proto`, or say why not (421 and close)."""
-        limits = self.app.settings.smtp
-        if self.connections >= limits.max_connections:
-            return replies.TOO_MANY_CONNECTIONS
+        settings = self.app.settings
+        limits = settings.smtp if self.kind == "smtp" else settings.submission
         ip = proto.ip
         held = self.per_ip.get(ip, 0)
         if held >= limits.max_per_ip:
             return replies.TOO_MANY_FROM_IP
+        if self.connections >= limits.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self.connections >= self.app.descriptors.share(settings, self.kind):
+            return replies.OUT_OF_DESCRIPTORS
         self.connections += 1
         self.per_ip[ip] = held + 1
         proto.counted = True

@@ -161,10 +161,14 @@ def test_connections_are_counted_in_stats(app):
 def test_connection_limit(app):
     factory = adm.build_factory(app, "admin")
     protos = [connect(factory)[0] for _ in range(adm.MAX_CONNECTIONS)]
-    assert all(protos)
-    assert factory.buildProtocol(UNIXAddress(b"x")) is None
+    assert all(isinstance(p, adm.AdminProtocol) for p in protos)
+    refused = factory.buildProtocol(UNIXAddress(b"x"))
+    tr = StringTransport()
+    refused.makeConnection(tr)
+    assert tr.value() == adm.encode_error("too many admin connections, try again later")
+    assert tr.disconnecting
     protos[0].connectionLost(None)
-    assert factory.buildProtocol(UNIXAddress(b"x")) is not None
+    assert isinstance(factory.buildProtocol(UNIXAddress(b"x")), adm.AdminProtocol)
 
 
 def test_quit_replies_and_closes(app):
@@ -313,3 +317,19 @@ def test_thousands_of_pipelined_commands_in_one_read_all_get_replies(app):
     proto, tr = connect(adm.build_factory(app, "admin"))
     out = talk(proto, tr, "relay list\n" * 5000)
     assert len(out) == 5000 and all(ok for ok, _ in out)
+
+
+def test_per_address_limit_on_tcp_endpoints(tmp_path):
+    import dataclasses
+    s = plain_settings(tmp_path)
+    app = build_test_app(settings=dataclasses.replace(
+        s, admin=dataclasses.replace(s.admin, max_per_ip=2)))
+    factory = adm.build_factory(app, "admin")
+    mine = [connect(factory, IPv4Address("TCP", "127.0.0.1", 5000 + i))[0] for i in range(2)]
+    assert all(isinstance(p, adm.AdminProtocol) for p in mine)
+    refused = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5002))
+    assert isinstance(refused, adm._Refusal) and "your address" in refused.why
+    other = factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 5003))
+    assert isinstance(other, adm.AdminProtocol)
+    assert isinstance(factory.buildProtocol(UNIXAddress(b"x")), adm.AdminProtocol)
+    app.store.close()

@@ -576,3 +576,31 @@ def test_parallel_connections_from_one_address_get_the_checks_of_one(app, factor
     assert len([s for s in times if s < 20]) <= 4, times   # 0, 2, 6, 14 (one connection's)
     assert len(times) <= 7, times                            # ... 29, 44, 59: 4 a minute
     assert len(set(times)) == len(times)                     # never two at the same moment
+
+
+def test_connection_limits_per_address_per_endpoint_and_descriptor_share(tmp_path):
+    """[pop3] max_per_ip and max_connections, then the endpoint's share of RLIMIT_NOFILE
+    (descriptors.py): each refusal is one -ERR [SYS/TEMP] line and a close; a slot frees
+    when its connection ends."""
+    import dataclasses
+    from mailappliance.descriptors import DescriptorBudget, reserve_for
+    app = make_app(tmp_path)
+    app.live.apply(dataclasses.replace(app.settings, pop3=dataclasses.replace(
+        app.settings.pop3, max_per_ip=2, max_connections=3)))
+    f = build_factory(app, "pop3")
+    a1, ta1 = connect(f, "127.0.0.2")
+    a2, _ = connect(f, "127.0.0.2")
+    a3, ta3 = connect(f, "127.0.0.2")
+    assert take(ta3) == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
+    assert ta3.disconnecting
+    a3.connectionLost(None)
+    b1, tb1 = connect(f, "127.0.0.3")
+    assert take(tb1).startswith(b"+OK ")
+    c1, tc1 = connect(f, "127.0.0.4")
+    assert take(tc1) == b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
+    c1.connectionLost(None)
+    a1.connectionLost(None)
+    assert f.connections == 2 and f.per_ip == {"127.0.0.2": 1, "127.0.0.3": 1}
+    app.descriptors = DescriptorBudget(limit=reserve_for(app.settings) + 2)
+    d1, td1 = connect(f, "127.0.0.5")
+    assert take(td1) == b"-ERR [SYS/TEMP] server out of connection slots, try again later\r\n"

@@ -297,6 +297,25 @@ def test_max_per_ip_gives_421(tmp_path):
     assert w.connect("127.0.0.3").take().startswith("220 ")
 
 
+def test_descriptor_share_gives_421_and_submission_has_its_own_limits(tmp_path):
+    """Past the endpoint's share of RLIMIT_NOFILE (descriptors.py) a client gets 421, not an
+    accept() that fails with EMFILE; submission counts against [submission], not [smtp]."""
+    from mailappliance.config import SubmissionSettings
+    from mailappliance.descriptors import DescriptorBudget, reserve_for
+    w = World(tmp_path, fields={"submission": SubmissionSettings(max_per_ip=1)})
+    w.app.descriptors = DescriptorBudget(limit=reserve_for(w.app.settings) + 3)
+    assert w.app.descriptors.share(w.app.settings, "smtp") == 1   # 3 left for 2 x 40 (+ 40)
+    first = w.connect("127.0.0.2")
+    assert first.take().startswith("220 ")
+    c = w.connect("127.0.0.3")
+    assert c.take() == ("421 sorry, the server is out of connection slots, try again later"
+                        " (#4.3.2)\r\n") and c.closed
+    sub = build_factory(w.app, "submission")
+    one = Client(sub, "127.0.0.4")
+    assert one.take().startswith("220 ")
+    assert Client(sub, "127.0.0.4").take().startswith("421 sorry, too many connections from")
+
+
 def test_idle_client_gets_451_timeout_and_is_closed(tmp_path):
     w = World(tmp_path, timeout=30)
     c = w.connect()

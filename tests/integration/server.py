@@ -22,7 +22,7 @@ class ServerProcess:
 
     def __init__(self, root: Path, config: str = "", hostname: str = "mx.test.example",
                  extra_args: list[str] | None = None, env: dict | None = None,
-                 twistd_args: list[str] | None = None) -> None:
+                 twistd_args: list[str] | None = None, preexec_fn=None) -> None:
         self.root = Path(root)
         self.data = self.root / "var"
         self.config_text = config
@@ -31,6 +31,7 @@ class ServerProcess:
         # twistd's own options (before the plugin name): --uid/--gid, --logger, ...
         self.twistd_args = twistd_args or []
         self.env = env
+        self.preexec_fn = preexec_fn        # run in the child before twistd (setrlimit, ...)
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, list] = {}
         self.config_path = self.root / "mailappliance.toml"
@@ -76,7 +77,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", *self.twistd_args, "mailappliance", "-c", str(self.config_path),
              *self.extra_args],
-            cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -200,3 +200,54 @@ def test_parallel_connections_from_one_address_get_the_checks_of_one(server):
         assert offsets[k] >= earliest, offsets
     within = [o for o in offsets if o < ONE_CONNECTION_SCHEDULE[-1]]
     assert len(within) <= len(ONE_CONNECTION_SCHEDULE) - 1, offsets
+
+
+# --- descriptors: a flood on one service ---------------------------------------------------------
+
+# The server's open-file limit in this test: the issue's 256, where 300 POP3 connections from
+# one address took every descriptor and SMTP from another address got no greeting.
+LOWERED_NOFILE = 256
+FLOOD_CONNECTIONS = 300
+
+
+def test_pop3_descriptor_flood_leaves_smtp_and_admin_working(make_server):
+    """300 POP3 connections from one address against a server limited to 256 descriptors, with
+    POP3's own limits set out of the way: POP3 gets its share of what the reserve leaves
+    (descriptors.py) and refuses the rest with -ERR [SYS/TEMP]; SMTP from another address still
+    greets, the admin socket still answers, and nothing in the log says EMFILE."""
+    from tests.integration.opstools import admin
+
+    def lower_nofile():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (LOWERED_NOFILE, LOWERED_NOFILE))
+
+    srv = make_server('[pop3]\nmax_per_ip = 1000\nmax_connections = 1000\n',
+                      preexec_fn=lower_nofile)
+    srv.start()
+    flood_sockets = []
+    greetings = []
+    try:
+        for _ in range(FLOOD_CONNECTIONS):
+            s = socket.create_connection(("127.0.0.1", srv.port("pop3")), timeout=IO_TIMEOUT,
+                                         source_address=("127.0.0.1", 0))
+            flood_sockets.append(s)
+        greetings = [read_line(s) for s in flood_sockets]
+        open_now = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        assert open_now < LOWERED_NOFILE - 64, open_now       # the reserve is still there
+        smtp = socket.create_connection(("127.0.0.1", srv.port("smtp")), timeout=IO_TIMEOUT,
+                                        source_address=("127.0.0.2", 0))
+        with smtp:
+            assert read_line(smtp).startswith(b"220 ")
+        ok, lines = admin(srv, "stat\n")[0]
+        assert ok, lines
+    finally:
+        for s in flood_sockets:
+            s.close()
+    admitted = [g for g in greetings if g.startswith(b"+OK ")]
+    refused = [g for g in greetings if g == b"-ERR [SYS/TEMP] server out of connection slots,"
+                                             b" try again later\r\n"]
+    assert len(admitted) + len(refused) == FLOOD_CONNECTIONS, set(greetings) - set(admitted)
+    assert 0 < len(admitted) < LOWERED_NOFILE // 2 and refused
+    log = wait_for_log(srv, "descriptors: limit 256, reserve ")
+    assert "EMFILE" not in log and "Too many open files" not in log
+    assert ("pop3: connection refused: rip=127.0.0.1 port=pop3: -ERR [SYS/TEMP] server out of"
+            " connection slots") in log
