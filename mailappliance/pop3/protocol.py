@@ -165,6 +165,7 @@ class POP3ServerProtocol(Protocol):
         self.ip = "unknown"
         self.mailbox = None
         self.user = None
+        self._connected_at: float | None = None   # a session started (connect line written)
         self._sender: _MessageSender | None = None
         self._timer = None
         self._last_activity = 0.0
@@ -214,6 +215,9 @@ class POP3ServerProtocol(Protocol):
                 return
             self._drain = drain.register(self.close_now)
         self._register()
+        # One connect and one disconnect line per session, as SMTP (docs/MONITORING.md).
+        self._connected_at = f.reactor.seconds()
+        self.log.info("connect: rip={ip} kind={kind}", ip=self.ip, kind=f.kind)
         self.session.start()
         self._pump()
 
@@ -267,6 +271,12 @@ class POP3ServerProtocol(Protocol):
         if self._drain is not None:
             self._drain.done()
             self._drain = None
+        started, self._connected_at = self._connected_at, None
+        if started is not None:
+            user = self.user.address if self.user is not None else ""
+            self.log.info("disconnect: rip={ip} kind={kind} user=<{user}> seconds={t:.1f}",
+                          ip=self.ip, kind=self.factory.kind, user=escape_login(user),
+                          t=max(0.0, self.factory.reactor.seconds() - started))
 
     def _release_mailbox(self) -> None:
         box, self.mailbox = self.mailbox, None
@@ -479,11 +489,11 @@ class POP3ServerProtocol(Protocol):
     def _mailbox_failed(self, failure) -> None:
         busy = failure.check(MailboxBusy) is not None
         if busy:
-            self.log.info("mailbox in use: user=<{user}> rip={ip}",
-                          user=escape_login(self.user.address), ip=self.ip)
+            self.log.info("mailbox in use: rip={ip} user=<{user}>",
+                          ip=self.ip, user=escape_login(self.user.address))
         else:
-            self.log.failure("cannot open mailbox: user=<{user}> rip={ip}", failure,
-                             user=escape_login(self.user.address), ip=self.ip)
+            self.log.failure("cannot open mailbox: rip={ip} user=<{user}>", failure,
+                             ip=self.ip, user=escape_login(self.user.address))
         self.user = None
         if not self._closed:
             self.session.mailbox_unavailable(in_use=busy)

@@ -92,3 +92,19 @@ def test_every_administrative_change_names_who_made_it(server):
     server.cli("queue", "remove", "12345", check=False)
     wait_for(lambda: f"admin: unix {me}: queue remove 12345: refused: " in log_text(server),
              what="the queue removal line")
+
+
+def test_pop3_sessions_have_one_connect_and_one_disconnect_line(server):
+    import poplib
+    p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=30)
+    p.user("test@test.com")
+    p.pass_(PASSWORD)
+    p.quit()
+    text = wait_for(lambda: "pop3: disconnect: " in log_text(server) and log_text(server),
+                    what="the disconnect line")
+    lines = [l.split(" ", 1)[1] for l in text.splitlines() if " pop3: " in l]
+    assert [l for l in lines if "connect: " in l] == [
+        "pop3: connect: rip=127.0.0.1 kind=pop3",
+        next(l for l in lines if l.startswith("pop3: disconnect: "))]
+    assert re.fullmatch(r"pop3: disconnect: rip=127\.0\.0\.1 kind=pop3 user=<test@test\.com> "
+                        r"seconds=\d+\.\d", lines[-1]), lines

@@ -434,3 +434,20 @@ def test_logging_service_cuts_twistds_stdout_copy_to_health_while_files_run(tmp_
     assert "delivery: new msg 2" in text and "delivery: delivery 1: deferral: busy" in text
     assert twistd_observer in publisher._observers
     assert not any(isinstance(o, malog.HealthOnly) for o in publisher._observers)
+
+
+def test_twisted_port_chatter_is_left_out_of_the_mail_log():
+    """Twisted's legacy "X starting on N" / "(TCP Port N Closed)" lines, logged whatever a
+    factory's `noisy` says, never reach the files or the journal; our own lines do."""
+    from twisted.logger import LogLevel
+    chatter = ["SMTPFactory starting on 25", "(TCP Port 25 Closed)",
+               "<class 'mailappliance.queue.manager._Trigger'> starting on '/var/q/trigger'",
+               "(UNIX Port /run/admin.sock Closed)", "(Port '/var/q/trigger' Closed)"]
+    for text in chatter:
+        event = {"log_namespace": "log_legacy", "message": (text,), "log_format": "{log_text}",
+                 "log_text": text, "log_level": LogLevel.info}
+        assert malog.is_chatter(event), text
+    assert not malog.is_chatter({"log_namespace": "log_legacy",
+                                 "message": ("Received SIGTERM, shutting down.",)})
+    assert not malog.is_chatter({"log_namespace": "mailappliance.smtp",
+                                 "message": ("x starting on y",)})
