@@ -284,7 +284,8 @@ class AdminProtocol(protocol.Protocol):
 
     # -- input ---------------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        self._touch()
+        # No _touch() here: bytes that do not complete a command earn no time (deadline.py);
+        # each command does, in _loop.
         self.core.receive_data(data)
         self._run()
 
@@ -304,6 +305,7 @@ class AdminProtocol(protocol.Protocol):
             if event is NEED_DATA:
                 drained = True
                 break
+            self._touch()
             if isinstance(event, Invalid):
                 self.log.info("{peer}: refused line: {why}", peer=self.peer, why=event.text)
                 self.transport.write(encode_error(event.text))

@@ -27,6 +27,7 @@ from mailappliance import stats
 from mailappliance.netwrite import REPLY_FLUSH_BYTES, write_now
 from mailappliance.access.checkslot import CheckSlot
 from mailappliance.access.relay import normalize_ip
+from mailappliance.deadline import POP3_SESSION_LIFETIME, Deadline
 from mailappliance.pop3 import core
 from mailappliance.pop3.core import (
     NEED_DATA, PAUSED, Authenticate, Close, MessageEncoder, Retrieve, Send, StartTLS, Update,
@@ -130,7 +131,7 @@ class _MessageSender:
                         break
                     continue          # a lone held-back CR: read on, a pull producer must write
                 transport.write(out)
-                self.proto._activity()
+                self.proto._moved(len(out))   # the reader keeps up: time at MIN_DATA_RATE
                 return
             break
         if self.fd is None:
@@ -168,7 +169,7 @@ class POP3ServerProtocol(Protocol):
         self._connected_at: float | None = None   # a session started (connect line written)
         self._sender: _MessageSender | None = None
         self._timer = None
-        self._last_activity = 0.0
+        self._deadline: Deadline | None = None   # per request and per session (deadline.py)
         self._pending_call = None
         self._slot: CheckSlot | None = None   # the password check's turn (access/checkslot.py)
         self._closed = False
@@ -204,7 +205,8 @@ class POP3ServerProtocol(Protocol):
             tls_available=tls is not None and not f.implicit_tls,
             tls_active=f.implicit_tls,
             require_tls=f.require_tls)
-        self._last_activity = f.reactor.seconds()
+        # One lazy timer: bytes that do not complete a command earn no time (deadline.py).
+        self._deadline = Deadline(f.timeout, f.reactor.seconds(), POP3_SESSION_LIFETIME)
         self._timer = f.reactor.callLater(f.timeout, self._check_idle)
         drain = f.drain()
         if drain is not None:
@@ -244,7 +246,6 @@ class POP3ServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._activity()
         self.session.receive_data(data)
         self._pump()
 
@@ -286,19 +287,27 @@ class POP3ServerProtocol(Protocol):
     # --- idle timeout: one timer, re-armed lazily -------------------------------------------
 
     def _activity(self) -> None:
-        self._last_activity = self.factory.reactor.seconds()
+        """A request was handled: the next one has [pop3] timeout from now."""
+        self._deadline.request_done(self.factory.reactor.seconds(), self.factory.timeout)
+
+    def _moved(self, nbytes: int) -> None:
+        """Output the client read: time at deadline.MIN_DATA_RATE, never past the timeout."""
+        self._deadline.moved(self.factory.reactor.seconds(), nbytes)
 
     def _check_idle(self) -> None:
         self._timer = None
         if self._closed:
             return
         f = self.factory
-        idle = f.reactor.seconds() - self._last_activity
-        if idle < f.timeout:
-            self._timer = f.reactor.callLater(f.timeout - idle, self._check_idle)
+        now = f.reactor.seconds()
+        deadline = self._deadline
+        if not deadline.expired(now):
+            self._timer = f.reactor.callLater(deadline.remaining(now), self._check_idle)
             return
-        self.log.info("timeout: rip={ip} user=<{user}>", ip=self.ip,
-                      user=escape_login(self.session.login or ""))
+        self.log.info("timeout: rip={ip} user=<{user}>{why}", ip=self.ip,
+                      user=escape_login(self.session.login or ""),
+                      why=(f": session older than {POP3_SESSION_LIFETIME} s"
+                           if deadline.over_lifetime(now) else ""))
         if self._sender is not None or self._out_paused:
             # Stuck with a full socket buffer (mid-message or behind pipelined answers): no
             # -ERR can get through.
@@ -323,6 +332,7 @@ class POP3ServerProtocol(Protocol):
         self._in_pump = True
         out: list[bytes] = []
         size = 0
+        acted = False
         try:
             session = self.session
             while not self._closed:
@@ -336,6 +346,7 @@ class POP3ServerProtocol(Protocol):
                 elif kind is Retrieve:
                     before = len(out)
                     if not self._retrieve(action, out):
+                        acted = True
                         break         # streaming: resumes from _stream_finished
                     size += sum(len(b) for b in out[before:])
                 elif kind is Authenticate:
@@ -350,6 +361,7 @@ class POP3ServerProtocol(Protocol):
                     self._close_transport()
                 else:
                     raise AssertionError(f"unknown POP3 action {action!r}")
+                acted = True
                 if size >= REPLY_FLUSH_BYTES and not self._closed:
                     # Hand a long pass's replies over now: the transport pauses us when the
                     # client has not read what it already has, and resumes us when it has.
@@ -357,6 +369,8 @@ class POP3ServerProtocol(Protocol):
                     size = 0
                     if self._out_paused:
                         break
+            if acted:
+                self._activity()      # a request was handled: the next one's time starts
             self._flush(out)
             self._flow_control()
         finally:
@@ -371,7 +385,8 @@ class POP3ServerProtocol(Protocol):
         if not self._out_paused:
             return
         self._out_paused = False
-        self._activity()          # the client is reading: not idle
+        # The client read the transport's whole buffer (FileDescriptor.bufferSize).
+        self._moved(65536)
         self._resume()
 
     def stopProducing(self) -> None:

@@ -51,6 +51,7 @@ from mailappliance.access import relay_policy
 from mailappliance.access.relay import normalize_ip
 from mailappliance.access.rules import DEFAULT_ALLOW
 from mailappliance.address import classify
+from mailappliance.deadline import SMTP_SESSION_LIFETIME, Deadline
 from mailappliance import enddata
 from mailappliance.netwrite import REPLY_FLUSH_BYTES, write_now
 from mailappliance.queue.inject import QueueWriteError
@@ -119,6 +120,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._sync_result: Any = _UNSET
         self._pending_ev = None
         self._timer = None
+        self._deadline: Deadline | None = None   # per request and per session (deadline.py)
         self._greet_timer = None
         self._writer = None
         self._paused = False           # reading stopped: pipelined input or the writer's backlog
@@ -188,6 +190,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self.transport.registerProducer(self, True)
         self._registered = True
         self._start_dnsbl()
+        # One lazy timer: bytes that do not complete a command earn no time (deadline.py).
+        self._deadline = Deadline(smtp.timeout, app.reactor.seconds(), SMTP_SESSION_LIFETIME)
         self._timer = app.reactor.callLater(smtp.timeout, self._timed_out)
         delay = _greetdelay(env)
         if delay > 0:
@@ -207,8 +211,6 @@ class SMTPServerProtocol(protocol.Protocol):
         core = self.core
         if core is None or core.closed:
             return
-        if self._timer is not None:
-            self._timer.reset(self.app.settings.smtp.timeout)
         core.receive_data(data)
         if self._greet_timer is not None:
             # Spoke before the greeting (qmail greetdelay / Postfix postscreen pregreet test).
@@ -269,12 +271,21 @@ class SMTPServerProtocol(protocol.Protocol):
         core = self.core
         if core is None or core.closed or self._lost:
             return
-        if self._waiting:
+        reactor = self.app.reactor
+        now = reactor.seconds()
+        deadline = self._deadline
+        if self._waiting and not deadline.over_lifetime(now):
             # We are the slow one (a commit in progress): the client is not idle.
-            self._timer = self.app.reactor.callLater(self.app.settings.smtp.timeout,
-                                                     self._timed_out)
+            self._timer = reactor.callLater(self.app.settings.smtp.timeout, self._timed_out)
             return
-        self.log.info("timeout: rip={ip}", ip=self.ip)
+        if not deadline.expired(now):
+            self._timer = reactor.callLater(deadline.remaining(now), self._timed_out)
+            return
+        if deadline.over_lifetime(now):
+            self.log.info("timeout: rip={ip}: session older than {s} s", ip=self.ip,
+                          s=SMTP_SESSION_LIFETIME)
+        else:
+            self.log.info("timeout: rip={ip}", ip=self.ip)
         if self._out_paused:
             # Replies unread for the whole timeout: a 421 could not get through either.
             core.close_with(replies.TIMEOUT)
@@ -335,11 +346,13 @@ class SMTPServerProtocol(protocol.Protocol):
     def _pump(self) -> None:
         core = self.core
         out = self._out
+        requests = content = 0
         while not self._waiting and not self._out_paused:
             ev = core.next_event()
             if ev is NEED_DATA or ev is PAUSED or ev is CLOSED_EVENT:
                 break
             if type(ev) is DataChunk:
+                content += len(ev.data)
                 writer = self._writer
                 writer.write(ev.data)
                 scan = self._from_scan
@@ -351,6 +364,7 @@ class SMTPServerProtocol(protocol.Protocol):
                 if writer.pending_bytes > MAX_WRITER_BACKLOG:
                     self._wait_for_writer()
                 continue
+            requests += 1
             result = self._decide(ev)
             if type(result) is not Reply:
                 self._waiting = True
@@ -375,6 +389,8 @@ class SMTPServerProtocol(protocol.Protocol):
                 out.clear()
                 self._out_bytes = 0
                 self._write(data)
+        if requests or content:
+            self._earned(requests, content)
         if out:
             self._out = []
             self._out_bytes = 0
@@ -384,6 +400,18 @@ class SMTPServerProtocol(protocol.Protocol):
             self._close()
         elif not self._waiting and not self._out_paused and self._paused and self._writer_ok():
             self._resume()
+
+    def _earned(self, requests: int, content: int) -> None:
+        """Complete commands restart the request deadline; message content earns time at
+        deadline.MIN_DATA_RATE (Postfix smtpd_per_request_deadline, smtpd_min_data_rate)."""
+        deadline = self._deadline
+        if deadline is None:
+            return
+        now = self.app.reactor.seconds()
+        if requests:
+            deadline.request_done(now, self.app.settings.smtp.timeout)
+        if content:
+            deadline.moved(now, content)
 
     def _write(self, data: bytes) -> None:
         write_now(self.transport, data)
@@ -399,6 +427,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return None
         ev, self._pending_ev = self._pending_ev, None
         self._send(ev, reply)
+        self._earned(1, 0)             # the client's next command has its time from now
         self._pump()
         return None
 

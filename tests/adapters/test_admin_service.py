@@ -143,6 +143,14 @@ def test_idle_timeout_closes_and_a_non_reading_client_is_aborted(app):
     assert tr.disconnecting
     assert tr.value() == b"error: idle timeout, closing\n.\n"
 
+    trickler, tt = connect(factory)             # bytes that never end a line earn nothing
+    for _ in range(int(adm.IDLE_TIMEOUT) - 1):
+        app.reactor.advance(1)
+        trickler.dataReceived(b"x")
+    assert not tt.disconnecting
+    app.reactor.advance(1)
+    assert tt.disconnecting
+
     proto2, tr2 = connect(factory)
     proto2.pauseProducing()
     app.reactor.advance(adm.IDLE_TIMEOUT + 1)

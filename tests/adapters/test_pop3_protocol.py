@@ -604,3 +604,49 @@ def test_connection_limits_per_address_per_endpoint_and_descriptor_share(tmp_pat
     app.descriptors = DescriptorBudget(limit=reserve_for(app.settings) + 2)
     d1, td1 = connect(f, "127.0.0.5")
     assert take(td1) == b"-ERR [SYS/TEMP] server out of connection slots, try again later\r\n"
+
+
+def test_a_trickled_command_line_earns_no_time(app, factory):
+    """A byte every 3 s never completes the line: [pop3] timeout from the last complete
+    command holds however many bytes arrive (deadline.py)."""
+    proto, t = connect(factory)
+    take(t)
+    assert say(proto, t, b"NOOP\r\n") == b"+OK\r\n"
+    for _ in range(199):                    # under MAX_LINE (255)
+        app.reactor.advance(3)
+        proto.dataReceived(b"x")
+    assert not t.disconnecting
+    app.reactor.advance(3)
+    assert take(t) == b"-ERR autologout: idle for too long\r\n" and t.disconnecting
+
+
+def test_slow_reader_of_a_big_message_is_cut_off_a_steady_one_is_not(app, factory):
+    """A streamed RETR earns time only as the client reads it, at MIN_DATA_RATE per second
+    (deadline.py): a reader slower than that is cut off (aborted: nothing more gets through),
+    a steady one gets the whole message however long it takes."""
+    from mailappliance.deadline import MIN_DATA_RATE
+    size = 4 * 1024 * 1024
+    deliver(maildir(app), message(1, size))
+    deliver(app.store.maildir_for("other", "test.com"), message(1, size))
+    readers = {}
+    for ip, user in (("127.0.0.51", b"test"), ("127.0.0.52", b"other")):
+        proto, t = connect(factory, ip, transport_class=BufferedStringTransport)
+        assert login(proto, t, user).endswith(b"+OK maildrop has 1 messages (%d octets)\r\n"
+                                              % size)
+        t.drain()
+        proto.dataReceived(b"RETR 1\r\n")
+        readers[ip] = t
+    steady, slow = readers["127.0.0.51"], readers["127.0.0.52"]
+    chunk = READ_CHUNK
+    steady_every = chunk // (2 * MIN_DATA_RATE)          # twice the minimum rate
+    slow_every = 4 * chunk // MIN_DATA_RATE              # a quarter of it
+    for second in range(1, 4 * size // MIN_DATA_RATE):
+        app.reactor.advance(1)
+        if second % steady_every == 0 and steady.drained < size:
+            steady.drain()
+        if second % slow_every == 0 and not slow.disconnected:
+            slow.drain()
+        if steady.drained >= size and slow.disconnected:
+            break
+    assert slow.disconnected and slow.drained < size
+    assert steady.drained > size and not steady.disconnected

@@ -328,6 +328,54 @@ def test_idle_client_gets_451_timeout_and_is_closed(tmp_path):
     assert c.take() == "451 timeout (#4.4.2)\r\n" and c.closed
 
 
+def test_a_trickled_command_line_earns_no_time(tmp_path):
+    """One byte a second never completes the line: the request deadline ([smtp] timeout from
+    the last complete command) holds however many bytes arrive (deadline.py; before issue
+    18 every byte restarted the clock)."""
+    w = World(tmp_path, timeout=30)
+    c = w.connect()
+    c.take()
+    c.chat(b"NOOP\r\n")
+    for _ in range(29):
+        w.reactor.advance(1)
+        c.send(b"x")
+    assert not c.closed
+    w.reactor.advance(1)
+    assert c.take() == "451 timeout (#4.4.2)\r\n" and c.closed
+
+
+def test_message_content_earns_time_only_at_the_minimum_rate(tmp_path):
+    """DATA content earns 1 s per MIN_DATA_RATE bytes (Postfix smtpd_min_data_rate): a
+    transfer at that rate goes on past the timeout, a slower one is cut off."""
+    from mailappliance.deadline import MIN_DATA_RATE
+    w = World(tmp_path, timeout=30)
+    fast, slow = w.connect("127.0.0.2"), w.connect("127.0.0.3")
+    for c in (fast, slow):
+        c.take()
+        assert codes(c.chat(TRANSACTION)) == [250, 250, 250, 354]
+    line = b"x" * (MIN_DATA_RATE - 2) + b"\r\n"            # one second's worth
+    for _ in range(90):                                      # three timeouts long
+        w.reactor.advance(1)
+        fast.send(line)
+        if not slow.closed:
+            slow.send(b"y" * (MIN_DATA_RATE // 4))           # a quarter of the rate
+    assert not fast.closed
+    assert slow.take() == "451 timeout (#4.4.2)\r\n" and slow.closed
+    assert codes(fast.chat(b".\r\n")) == [250]
+
+
+def test_session_lifetime_ends_even_a_busy_session(tmp_path):
+    from mailappliance.deadline import SMTP_SESSION_LIFETIME
+    w = World(tmp_path, timeout=30)
+    c = w.connect()
+    c.take()
+    for _ in range(SMTP_SESSION_LIFETIME // 20 - 1):
+        w.reactor.advance(20)
+        assert codes(c.chat(b"NOOP\r\n")) == [250]
+    w.reactor.advance(20)
+    assert c.take() == "451 timeout (#4.4.2)\r\n" and c.closed
+
+
 def test_timeout_does_not_fire_while_we_are_committing(tmp_path):
     pool = DeferredThreadPool()
     w = World(tmp_path, timeout=30, pool=pool)

@@ -251,3 +251,39 @@ def test_pop3_descriptor_flood_leaves_smtp_and_admin_working(make_server):
     assert "EMFILE" not in log and "Too many open files" not in log
     assert ("pop3: connection refused: rip=127.0.0.1 port=pop3: -ERR [SYS/TEMP] server out of"
             " connection slots") in log
+
+
+# --- time: a client that trickles --------------------------------------------------------------
+
+# [smtp] timeout for this test: each command line must be complete within 2 s of the last one.
+SHORT_TIMEOUT = 2
+TRICKLE_PACE = 0.5            # seconds between the trickler's bytes
+TRICKLE_BYTES = 40            # 20 s of trickling: ten times the deadline
+
+
+def test_trickling_client_is_cut_off_at_the_request_deadline(make_server):
+    """One byte every half second, never a line end: the server answers 451 timeout and closes
+    long before the trickle ends, because bytes that do not complete a command earn no time
+    (deadline.py). Before issue 18 every byte restarted the timer and the trickler stayed."""
+    srv = make_server(f"[smtp]\ntimeout = {SHORT_TIMEOUT}\n")
+    srv.start()
+    s = socket.create_connection(("127.0.0.1", srv.port("smtp")), timeout=IO_TIMEOUT)
+    with s:
+        assert read_line(s).startswith(b"220 ")
+        s.sendall(b"HELO trickle.example\r\n")
+        assert read_line(s).startswith(b"250 ")
+        sent = 0
+        answer = b""
+        for byte in b"NOOP " + b"x" * (TRICKLE_BYTES - 5):
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break                    # closed under us
+            sent += 1
+            readable, _, _ = select.select([s], [], [], TRICKLE_PACE)   # the pace, or an answer
+            if readable:
+                answer = read_line(s)
+                break
+    assert answer == b"451 timeout (#4.4.2)\r\n", (answer, sent)
+    assert sent < TRICKLE_BYTES
+    wait_for_log(srv, "timeout: rip=127.0.0.1")
