@@ -19,3 +19,27 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI (installed by .ci/run) but is missing")
         pytest.skip(f"{name} not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def clamd_daemon(tmp_path_factory):
+    """A private clamd (tests/scanners.py) for the whole test session; do not kill it."""
+    from tests.scanners import ClamdDaemon
+    daemon = ClamdDaemon(tmp_path_factory.mktemp("clamd"))
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rspamd_daemon(tmp_path_factory):
+    """A private rspamd with the test's Lua rules (tests/scanners.py) for the whole session."""
+    from tests.scanners import RspamdDaemon
+    daemon = RspamdDaemon(tmp_path_factory.mktemp("rspamd"))
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.cleanup()

@@ -194,3 +194,20 @@ def dnsbl_refusal(permanent: bool, text: str) -> Reply:
     if permanent:
         return Reply(553, "5.7.1", text)
     return Reply(451, "4.7.1", text)
+
+
+# --- content scanning (mailappliance/scan; DESIGN.md "Scanning"), after the final dot ----------
+
+SCAN_TEMPORARY = Reply(451, "4.3.0", "sorry, the content scanner is unavailable, try again later"
+                                     " (#4.3.0)")
+
+
+def virus_found(signature: str) -> Reply:
+    """`signature` is clamd's name, already cut to safe characters (scan/clamd.py clean_name)."""
+    return Reply(554, "5.7.0", f"sorry, your message contains a virus ({signature}); it was not"
+                               f" accepted (#5.7.0)")
+
+
+def spam_refused(score: float, reject: float) -> Reply:
+    return Reply(550, "5.7.1", f"sorry, your message looks like spam (score {score:.1f}, limit"
+                               f" {reject:.1f}); it was not accepted (#5.7.1)")
