@@ -1,0 +1,210 @@
+"""ClamdScanner and RspamdScorer (mailappliance/scan/client.py) with Twisted's doubles:
+MemoryReactorClock records the connection, StringTransport plays the socket, the Clock runs
+the deadline. The real daemons are in test_scan_daemons.py."""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError, ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from mailappliance.scan import client as client_mod
+from mailappliance.scan.client import (
+    ClamdScanner, RspamdScorer, endpoint_description, split_scorer)
+from mailappliance.scan.clamd import END_OF_STREAM, INSTREAM
+from mailappliance.scan.interfaces import (
+    ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, SpamReport, VirusReport)
+
+import pytest
+
+
+def connect(reactor, index=-1):
+    """Complete the recorded connection attempt with a StringTransport."""
+    _, factory, _, _ = reactor.unixClients[index]
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def pump(transport, limit=10_000):
+    """Play the consumer: ask the pull producer for data until it unregisters."""
+    turns = 0
+    while transport.producer is not None and turns < limit:
+        transport.producer.resumeProducing()
+        turns += 1
+    return turns
+
+
+def test_clients_provide_their_interfaces():
+    reactor = MemoryReactorClock()
+    assert verifyObject(IVirusScanner, ClamdScanner("unix:/x", reactor))
+    assert verifyObject(ISpamScorer, RspamdScorer("unix:/x", reactor))
+
+
+def test_endpoint_texts():
+    assert endpoint_description("/run/clamav/clamd.ctl") == "unix:/run/clamav/clamd.ctl"
+    assert endpoint_description("/odd:path") == "unix:/odd\\:path"
+    assert endpoint_description("tcp:127.0.0.1:3310") == "tcp:127.0.0.1:3310"
+    assert split_scorer("unix:/run/rspamd/normal.sock") == ("rspamd", "unix:/run/rspamd/normal.sock")
+    assert split_scorer("rspamd:tcp:127.0.0.1:11333") == ("rspamd", "tcp:127.0.0.1:11333")
+    with pytest.raises(ValueError, match="not implemented"):
+        split_scorer("spamd:unix:/run/spamd.sock")
+    with pytest.raises(ValueError):
+        ClamdScanner("unix:/x", MemoryReactorClock(), timeout=0)
+
+
+def test_instream_conversation_and_found_reply():
+    reactor = MemoryReactorClock()
+    scanner = ClamdScanner("unix:/run/clamd.ctl", reactor, timeout=30)
+    d = scanner.scan([b"Subject: x\n\n", b"body\n"])
+    assert reactor.unixClients[0][0] == "/run/clamd.ctl"
+    proto, transport = connect(reactor)
+    pump(transport)
+    msg = b"Subject: x\n\nbody\n"
+    assert transport.value() == INSTREAM + struct.pack(">I", len(msg)) + msg + END_OF_STREAM
+    assert not d.called
+    proto.dataReceived(b"stream: Eicar-Signature FO")
+    assert not d.called
+    proto.dataReceived(b"UND\0")
+    assert d.result == VirusReport("Eicar-Signature")
+    assert transport.disconnected                      # the connection is closed at once
+    assert not reactor.getDelayedCalls()               # and the deadline cancelled
+
+
+def test_a_small_message_goes_out_in_one_write():
+    reactor = MemoryReactorClock()
+    ClamdScanner("unix:/c", reactor).scan(b"x" * 2048)
+    _, transport = connect(reactor)
+    assert pump(transport) == 1
+
+
+def test_a_big_message_is_pulled_piece_by_piece():
+    reactor = MemoryReactorClock()
+    big = [b"a" * 1000] * 1000                         # 1 MB in 1000 chunks
+    ClamdScanner("unix:/c", reactor).scan(big)
+    _, transport = connect(reactor)
+    sizes = []
+    while transport.producer is not None:
+        before = len(transport.value())
+        transport.producer.resumeProducing()
+        sizes.append(len(transport.value()) - before)
+    # Each turn writes about one 64 KiB chunk, never the whole message.
+    assert len(sizes) >= 1_000_000 // client_mod.WRITE_BYTES
+    assert max(sizes) <= client_mod.WRITE_BYTES + 1000 + 20
+
+
+def test_timeout_while_waiting_for_the_answer():
+    reactor = MemoryReactorClock()
+    d = ClamdScanner("unix:/c", reactor, timeout=30).scan(b"x")
+    proto, transport = connect(reactor)
+    pump(transport)
+    reactor.advance(29.9)
+    assert not d.called
+    reactor.advance(0.1)
+    assert d.result == ScanFailure("no answer within 30 s")
+    assert transport.disconnected
+    proto.connectionLost(Failure(ConnectionDone()))    # the abort's aftermath changes nothing
+    assert d.result == ScanFailure("no answer within 30 s")
+
+
+def test_timeout_while_connecting_stops_the_attempt():
+    reactor = MemoryReactorClock()
+    d = ClamdScanner("unix:/c", reactor, timeout=5).scan(b"x")
+    reactor.advance(5)
+    assert d.result == ScanFailure("no answer within 5 s")
+    assert reactor.connectors[0].stoppedConnecting
+
+
+def test_refused_connection_is_a_failure_at_once():
+    reactor = MemoryReactorClock()
+    d = ClamdScanner("unix:/c", reactor).scan(b"x")
+    _, factory, _, _ = reactor.unixClients[0]
+    factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+    assert isinstance(d.result, ScanFailure) and "cannot connect to clamd" in d.result.detail
+    assert not reactor.getDelayedCalls()
+
+
+def test_close_without_answer_and_garbage():
+    reactor = MemoryReactorClock()
+    scanner = ClamdScanner("unix:/c", reactor)
+    d = scanner.scan(b"x")
+    proto, transport = connect(reactor)
+    pump(transport)
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert d.result == ScanFailure("clamd closed the connection without an answer")
+    d = scanner.scan(b"x")
+    proto, transport = connect(reactor)
+    proto.dataReceived(b"x" * 5000)                    # no NUL in sight: not clamd
+    assert isinstance(d.result, ScanFailure) and d.result.outage
+
+
+def test_size_limit_answer_while_still_sending():
+    reactor = MemoryReactorClock()
+    d = ClamdScanner("unix:/c", reactor).scan([b"a" * 100_000])
+    proto, transport = connect(reactor)
+    transport.producer.resumeProducing()               # part of the message is out
+    proto.dataReceived(b"INSTREAM size limit exceeded. ERROR\0")
+    assert isinstance(d.result, ScanFailure) and not d.result.outage
+    assert transport.disconnected
+
+
+def test_cancel_aborts_the_connection():
+    reactor = MemoryReactorClock()
+    d = ClamdScanner("unix:/c", reactor).scan(b"x")
+    proto, transport = connect(reactor)
+    d.cancel()
+    assert d.result.check(CancelledError)
+    d.addErrback(lambda f: None)
+    assert transport.disconnected and not reactor.getDelayedCalls()
+    proto.dataReceived(b"stream: OK\0")               # late bytes are ignored
+
+
+def test_ping():
+    reactor = MemoryReactorClock()
+    d = ClamdScanner("unix:/c", reactor).ping()
+    proto, transport = connect(reactor)
+    pump(transport)
+    assert transport.value() == b"zPING\0"
+    proto.dataReceived(b"PONG\0")
+    assert d.called and d.result is None
+
+
+def test_rspamd_request_and_reply():
+    reactor = MemoryReactorClock()
+    scorer = RspamdScorer("unix:/run/rspamd.sock", reactor)
+    env = ScanEnvelope("192.0.2.1", "helo.example", "a@b.example", ("c@test.com",))
+    d = scorer.score([b"Subject: x\n\n", b"hi\n"], env)
+    proto, transport = connect(reactor)
+    pump(transport)
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /checkv2 HTTP/1.1\r\n")
+    assert b"Content-Length: 15\r\n" in head + b"\r\n" and b"\r\nRcpt: <c@test.com>" in head
+    assert body == b"Subject: x\n\nhi\n"
+    reply = b'{"score": 7.5, "action": "add header", "symbols": {"B": {}, "A": {}}}'
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(reply))
+    assert not d.called
+    proto.dataReceived(reply)
+    assert d.result == SpamReport(7.5, ("A", "B"), "add header")
+    assert transport.disconnected
+
+
+def test_rspamd_reply_ending_at_close_and_ping():
+    reactor = MemoryReactorClock()
+    scorer = RspamdScorer("unix:/r", reactor)
+    d = scorer.ping()
+    proto, transport = connect(reactor)
+    pump(transport)
+    assert transport.value().startswith(b"GET /ping HTTP/1.1\r\n")
+    proto.dataReceived(b"HTTP/1.0 200 OK\r\n\r\npong\r\n")
+    assert not d.called
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert d.called and d.result is None
+    d = scorer.score(b"x", ScanEnvelope())
+    proto, transport = connect(reactor)
+    proto.dataReceived(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom")
+    assert isinstance(d.result, ScanFailure) and "HTTP 500" in d.result.detail
