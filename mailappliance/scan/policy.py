@@ -32,7 +32,8 @@ from twisted.python.failure import Failure
 from mailappliance.scan.interfaces import (
     ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, as_chunks, message_size)
 from mailappliance.scan.verdict import (
-    ON_ERROR_VALUES, Health, Outcome, SpamThresholds, State, Transition, Verdict, decide, message_id, oversized)
+    ON_ERROR_VALUES, Health, Outcome, SpamThresholds, State, Transition, Verdict, decide,
+    message_id, oversized)
 
 # [scan] max_bytes default (DESIGN.md): clamd's own StreamMaxLength default, 25 MiB, so a
 # stock clamd takes every message we send it.

@@ -21,7 +21,7 @@ Headers (stored form, LF line ends), put above the message by the SMTP side:
     X-Spam-Score: 7.5
     X-Spam-Level: *******                         (one star per whole point, as SpamAssassin)
     X-Spam-Status: Yes, score=7.5 tag=6.0 reject=15.0 scorer=rspamd
-    	tests=SYMBOL_ONE,SYMBOL_TWO
+        tests=SYMBOL_ONE,SYMBOL_TWO     (folded: the continuation starts with a TAB)
     X-Spam-Status: NOT SCORED on mx.example.org: rspamd unavailable: <why>
 
 Mail from trusted clients (AUTH, RELAYCLIENT, roaming grants) is scanned for viruses but not
@@ -198,7 +198,7 @@ def message_id(message: Message, search: int = MESSAGE_ID_SEARCH) -> str | None:
         if line[:11].lower() == b"message-id:":
             value = line[11:]
             for cont in lines[i + 1:]:
-                if not cont[:1] in (b" ", b"\t"):
+                if cont[:1] not in (b" ", b"\t"):
                     break
                 value += cont
             text = value.strip().decode("ascii", "replace")

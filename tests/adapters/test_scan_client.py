@@ -50,7 +50,8 @@ def test_endpoint_texts():
     assert endpoint_description("/run/clamav/clamd.ctl") == "unix:/run/clamav/clamd.ctl"
     assert endpoint_description("/odd:path") == "unix:/odd\\:path"
     assert endpoint_description("tcp:127.0.0.1:3310") == "tcp:127.0.0.1:3310"
-    assert split_scorer("unix:/run/rspamd/normal.sock") == ("rspamd", "unix:/run/rspamd/normal.sock")
+    assert split_scorer("unix:/run/rspamd/normal.sock") == \
+        ("rspamd", "unix:/run/rspamd/normal.sock")
     assert split_scorer("rspamd:tcp:127.0.0.1:11333") == ("rspamd", "tcp:127.0.0.1:11333")
     with pytest.raises(ValueError, match="not implemented"):
         split_scorer("spamd:unix:/run/spamd.sock")

@@ -12,7 +12,8 @@ from zope.interface.verify import verifyObject
 from mailappliance.scan.interfaces import ISpamScorer, IVirusScanner, ScanFailure
 from mailappliance.scan.policy import Scanning
 from mailappliance.scan.verdict import Outcome, SpamThresholds
-from mailappliance.testing.scanners import EICAR, SPAM_TOKEN, FakeSpamScorer, FakeVirusScanner
+from mailappliance.testing.scanners import (
+    EICAR, SPAM_TOKEN, FakeSpamScorer, FakeVirusScanner)
 
 import pytest
 
@@ -36,7 +37,8 @@ def check(scanning, msg, trusted=False, **kw):
 
 
 def lines(events):
-    return [formatEvent(e) for e in events if str(e.get("log_namespace", "")).startswith("mailappliance.scan")]
+    return [formatEvent(e) for e in events
+            if str(e.get("log_namespace", "")).startswith("mailappliance.scan")]
 
 
 def test_fakes_provide_the_interfaces():
