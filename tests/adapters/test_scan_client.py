@@ -209,3 +209,10 @@ def test_rspamd_reply_ending_at_close_and_ping():
     proto, transport = connect(reactor)
     proto.dataReceived(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nboom")
     assert isinstance(d.result, ScanFailure) and "HTTP 500" in d.result.detail
+
+
+def test_tcp_endpoints_connect_over_tcp():
+    reactor = MemoryReactorClock()
+    ClamdScanner("tcp:127.0.0.1:3310", reactor).scan(b"x")
+    RspamdScorer("tcp:127.0.0.1:11333", reactor).ping()
+    assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 3310), ("127.0.0.1", 11333)]

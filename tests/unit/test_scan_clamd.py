@@ -126,3 +126,17 @@ def test_close_without_reply_says_when_it_happened():
     r = ReplyReader()
     r.feed(b"INSTREAM size limit exceeded. ERROR")    # an unterminated limit error still counts
     assert closed_without_reply(r, sent_all=False).outage is False
+
+
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_any_bytes_from_the_peer_give_a_result_never_an_exception(pieces):
+    r = ReplyReader(max_reply=100)
+    for piece in pieces:
+        line = r.feed(piece)
+        if line is not None:
+            assert isinstance(parse_instream_reply(line), (VirusReport, ScanFailure))
+            assert parse_ping_reply(line) is None or isinstance(parse_ping_reply(line),
+                                                                ScanFailure)
+            break
+    else:
+        assert isinstance(closed_without_reply(r, sent_all=True), ScanFailure)

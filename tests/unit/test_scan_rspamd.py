@@ -120,3 +120,27 @@ def test_ping_reply():
     assert parse_ping_reply(200, b"pong\r\n") is None
     assert isinstance(parse_ping_reply(404, b"pong"), ScanFailure)
     assert isinstance(parse_ping_reply(200, b"<html>"), ScanFailure)
+
+
+@given(st.binary(max_size=400), st.integers(1, 50))
+def test_any_reply_bytes_in_any_pieces_give_a_result_never_an_exception(data, step):
+    r = ResponseReader(max_response=200)
+    got = None
+    for i in range(0, len(data), step):
+        got = r.feed(data[i:i + step])
+        if got is not None:
+            break
+    if got is None:
+        got = r.eof()
+    if not isinstance(got, ScanFailure):
+        status, body = got
+        assert isinstance(parse_check_reply(status, body), (SpamReport, ScanFailure))
+
+
+def test_real_shaped_reply_split_anywhere():
+    data = response(OK_BODY)
+    for cut in range(len(data)):
+        r = ResponseReader()
+        first = r.feed(data[:cut])
+        assert first is None
+        assert r.feed(data[cut:]) == (200, OK_BODY)
