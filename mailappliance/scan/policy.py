@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailappliance.scan.client import ClamdScanner, RspamdScorer, split_scorer
 from mailappliance.scan.interfaces import (
     ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, as_chunks, message_size)
 from mailappliance.scan.verdict import (
@@ -227,3 +228,25 @@ def _guard(call, name: str, *args) -> Deferred:
             return f
         return ScanFailure(f"{name} client error: {f.getErrorMessage()}")
     return d.addErrback(failed)
+
+
+def build_scanning(scan, hostname: str, reactor) -> Scanning | None:
+    """The Scanning for `[scan]` settings, or None when neither scanner is configured.
+
+    `scan` has the DESIGN.md keys as attributes (clamd, spam, on_error, timeout, max_bytes)
+    and optionally spam_tag_score / spam_reject_score. Raises ValueError for a value that
+    cannot work (an unknown on_error, a spam scorer we have no client for, a bad endpoint).
+    """
+    timeout = float(scan.timeout)
+    virus = ClamdScanner(scan.clamd, reactor, timeout=timeout) if scan.clamd else None
+    spam = None
+    if scan.spam:
+        _kind, endpoint = split_scorer(scan.spam)         # only rspamd so far
+        spam = RspamdScorer(endpoint, reactor, timeout=timeout)
+    if virus is None and spam is None:
+        return None
+    thresholds = SpamThresholds(
+        tag=float(getattr(scan, "spam_tag_score", SpamThresholds.tag)),
+        reject=float(getattr(scan, "spam_reject_score", SpamThresholds.reject)))
+    return Scanning(reactor, virus=virus, spam=spam, on_error=scan.on_error,
+                    max_bytes=scan.max_bytes, hostname=hostname, thresholds=thresholds)

@@ -242,3 +242,28 @@ def test_bad_settings_are_refused():
 
 def test_failure_type_is_shared():
     assert ScanFailure("x") == ScanFailure("x", outage=True)
+
+
+def test_build_from_settings():
+    from types import SimpleNamespace
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailappliance.scan.policy import build_scanning
+    reactor = MemoryReactorClock()
+    keys = dict(clamd="", spam="", on_error="tempfail", timeout=30, max_bytes=1000)
+    assert build_scanning(SimpleNamespace(**keys), "mx.test", reactor) is None
+    s = build_scanning(SimpleNamespace(**{**keys, "clamd": "/run/clamav/clamd.ctl",
+                                          "spam": "rspamd:tcp:127.0.0.1:11333",
+                                          "spam_reject_score": 9.5}), "mx.test", reactor)
+    assert (s.virus.name, s.spam.name, s.virus.timeout, s.max_bytes) == \
+        ("clamd", "rspamd", 30.0, 1000)
+    assert s.thresholds == SpamThresholds(tag=6.0, reject=9.5)
+    with pytest.raises(ValueError):
+        build_scanning(SimpleNamespace(**{**keys, "spam": "spamd:/run/spamd.sock"}), "h",
+                       reactor)
+    with pytest.raises(ValueError):
+        build_scanning(SimpleNamespace(**{**keys, "clamd": "/x", "on_error": "drop"}), "h",
+                       reactor)
+    with pytest.raises(ValueError):
+        build_scanning(SimpleNamespace(**{**keys, "clamd": "bogus:endpoint"}), "h", reactor)
