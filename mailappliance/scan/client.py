@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IPullProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -167,6 +167,19 @@ class _HTTPExchange(_Exchange):
         return self.parse(*got)
 
 
+class _OneShot(Factory):
+    """Hands out the one protocol of a call. Not `noisy`: Twisted's factories log "Starting
+    factory" and "Stopping factory" per connection, two log lines per scanned message."""
+
+    noisy = False
+
+    def __init__(self, proto: Protocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr) -> Protocol:
+        return self.proto
+
+
 class _Call:
     """One connection's lifetime: connect, exchange, deadline, result."""
 
@@ -179,7 +192,7 @@ class _Call:
         self.deadline = reactor.callLater(client.timeout, self._expire)
         self.proto = make(self)
         try:
-            self.connecting: Deferred | None = connectProtocol(client.endpoint, self.proto)
+            self.connecting: Deferred | None = client.endpoint.connect(_OneShot(self.proto))
         except Exception as e:                       # a broken endpoint must not break SMTP
             self.connecting = None
             self.finish(ScanFailure(f"cannot connect to {client.name}: {e}"))

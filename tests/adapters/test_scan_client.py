@@ -216,3 +216,21 @@ def test_tcp_endpoints_connect_over_tcp():
     ClamdScanner("tcp:127.0.0.1:3310", reactor).scan(b"x")
     RspamdScorer("tcp:127.0.0.1:11333", reactor).ping()
     assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 3310), ("127.0.0.1", 11333)]
+
+
+def test_a_scan_logs_nothing_of_its_own():
+    """Twisted's factories log "Starting factory" per connection unless told not to: that
+    would be two lines per scanned message in the mail log."""
+    from twisted.logger import capturedLogs
+    reactor = MemoryReactorClock()
+    with capturedLogs() as events:
+        d = ClamdScanner("unix:/c", reactor).scan(b"x")
+        _, factory, _, _ = reactor.unixClients[0]
+        factory.doStart()                  # what a real connector does around a connection
+        proto, transport = connect(reactor)
+        pump(transport)
+        proto.dataReceived(b"stream: OK\0")
+        proto.connectionLost(Failure(ConnectionDone()))
+        factory.doStop()
+    assert d.result == VirusReport(None)
+    assert events == []
