@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailappliance.scan import clamd, rspamd
+from mailappliance.scan.endpoints import endpoint_description
 from mailappliance.scan.interfaces import (
     ISpamScorer, IVirusScanner, Message, ScanEnvelope, ScanFailure, as_chunks, batches,
     message_size)
@@ -35,32 +36,6 @@ DEFAULT_TIMEOUT = 30.0
 WRITE_BYTES = clamd.FRAME_BYTES
 # rspamd's HTTP body pieces, the same size for the same reason.
 BODY_BYTES = 64 * 1024
-
-
-def endpoint_description(text: str) -> str:
-    """Twisted client endpoint syntax for an operator's `[scan]` endpoint text."""
-    text = text.strip()
-    if text.startswith("/"):
-        return "unix:" + text.replace("\\", "\\\\").replace(":", "\\:")
-    return text
-
-
-SCORERS = ("rspamd",)
-# Scorers whose protocol is planned but not implemented (DESIGN.md names both).
-PLANNED_SCORERS = ("spamd",)
-
-
-def split_scorer(text: str) -> tuple[str, str]:
-    """`[scan] spam` text -> (scorer kind, endpoint text). A "rspamd:" prefix is optional
-    ("rspamd:unix:/run/rspamd/normal.sock" and "unix:/run/rspamd/normal.sock" are the same);
-    ValueError for a scorer we have no client for."""
-    text = text.strip()
-    kind, sep, rest = text.partition(":")
-    if sep and kind in SCORERS + PLANNED_SCORERS:
-        if kind in PLANNED_SCORERS:
-            raise ValueError(f"spam scorer {kind!r} is not implemented; use rspamd")
-        return kind, rest
-    return "rspamd", text
 
 
 _MORE = object()     # reply_data: the reply is not complete yet

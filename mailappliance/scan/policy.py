@@ -29,7 +29,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailappliance.scan.client import ClamdScanner, RspamdScorer, split_scorer
+from mailappliance.scan.client import ClamdScanner, RspamdScorer
+from mailappliance.scan.endpoints import split_scorer
 from mailappliance.scan.interfaces import (
     ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, as_chunks, message_size)
 from mailappliance.scan.verdict import (
@@ -100,14 +101,19 @@ class Scanning:
         chunks = as_chunks(message)
         size = message_size(chunks)
         if size > self.max_bytes:
-            verdict = oversized(size, self.max_bytes, self.hostname)
-            self.counts["oversized"] += 1
-            self.log.info("scan: {ip} message-id {mid}: {size} bytes is over max_bytes"
-                          " {max_bytes}; not scanned", ip=client_ip or "-",
-                          mid=message_id(chunks) or "-", size=size, max_bytes=self.max_bytes)
-            return defer.succeed(verdict)
+            return defer.succeed(self.too_large(chunks, client_ip))
         envelope = ScanEnvelope(client_ip, helo, sender, tuple(recipients), user, self.hostname)
         return _Check(self, chunks, envelope, trusted).result
+
+    def too_large(self, head, client_ip: str = "") -> Verdict:
+        """The verdict for a message over max_bytes, logged once: for check(), and for the
+        SMTP side, which learns it while the message still arrives (`head`: the chunks so
+        far, for the Message-ID in the log line)."""
+        self.counts["oversized"] += 1
+        self.log.info("scan: {ip} message-id {mid}: larger than max_bytes {max_bytes}; not"
+                      " scanned", ip=client_ip or "-", mid=message_id(as_chunks(head)) or "-",
+                      max_bytes=self.max_bytes)
+        return oversized(self.max_bytes, self.hostname)
 
     def _finish(self, check: "_Check") -> Verdict:
         now = self.reactor.seconds()

@@ -173,9 +173,10 @@ def decide(virus: VirusResult | None, spam: SpamResult | None, *, on_error: str,
     return Verdict(Outcome.ACCEPT, tuple(headers), score=score)
 
 
-def oversized(size: int, max_bytes: int, hostname: str) -> Verdict:
-    """A message over max_bytes goes to no scanner: accepted, and marked as not scanned."""
-    why = f"message of {size} bytes is over the scan limit of {max_bytes} bytes"
+def oversized(max_bytes: int, hostname: str) -> Verdict:
+    """A message over max_bytes goes to no scanner: accepted, and marked as not scanned. (The
+    SMTP side decides this while the message still arrives, so its final size is not known.)"""
+    why = f"message larger than the scan limit of {max_bytes} bytes"
     return Verdict(Outcome.ACCEPT_UNSCANNED,
                    ((HEADER_VIRUS, f"NOT SCANNED on {hostname}: {why}"),), detail=why)
 

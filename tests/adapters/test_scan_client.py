@@ -13,8 +13,8 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from mailappliance.scan import client as client_mod
-from mailappliance.scan.client import (
-    ClamdScanner, RspamdScorer, endpoint_description, split_scorer)
+from mailappliance.scan.client import ClamdScanner, RspamdScorer
+from mailappliance.scan.endpoints import check_endpoint, endpoint_description, split_scorer
 from mailappliance.scan.clamd import END_OF_STREAM, INSTREAM
 from mailappliance.scan.interfaces import (
     ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, SpamReport, VirusReport)
@@ -57,6 +57,11 @@ def test_endpoint_texts():
         split_scorer("spamd:unix:/run/spamd.sock")
     with pytest.raises(ValueError):
         ClamdScanner("unix:/x", MemoryReactorClock(), timeout=0)
+    assert check_endpoint("/run/clamav/clamd.ctl") is None
+    assert check_endpoint("tcp:127.0.0.1:3310") is None
+    assert "unknown endpoint type" in check_endpoint("ssl:127.0.0.1:3310")
+    assert "unknown endpoint type" in check_endpoint("clamd.ctl")
+    assert check_endpoint("tcp:127.0.0.1") is not None          # no port
 
 
 def test_instream_conversation_and_found_reply():

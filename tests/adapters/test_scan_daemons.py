@@ -135,10 +135,9 @@ class ClamdTests(unittest.TestCase):
             verdict = await scanning.check(sized(STREAM_MAX + 1, tail=EICAR + b"\n"),
                                            trusted=False)
         self.assertIs(verdict.outcome, Outcome.ACCEPT_UNSCANNED)
-        self.assertIn(b"over the scan limit", verdict.header_bytes())
+        self.assertIn(b"larger than the scan limit", verdict.header_bytes())
         self.assertEqual(scan_lines(events), [
-            "scan: - message-id <big@example.org>: 1048577 bytes is over max_bytes 1048576;"
-            " not scanned"])
+            "scan: - message-id <big@example.org>: larger than max_bytes 1048576; not scanned"])
 
     async def test_clamd_stream_limit_below_max_bytes_tempfails_and_is_logged_per_message(self):
         scanning = self.scanning(max_bytes=2 * STREAM_MAX)

@@ -110,7 +110,7 @@ def test_message_over_max_bytes_is_sent_to_no_scanner_and_logged():
     assert verdict.outcome is Outcome.ACCEPT_UNSCANNED
     assert b"NOT SCANNED" in verdict.header_bytes()
     assert len(v.calls) == 1 and len(s.calls) == 1                   # only the first one
-    assert lines(events) == ["scan: 192.0.2.9 message-id <v1@example.org>: 101 bytes is over"
+    assert lines(events) == ["scan: 192.0.2.9 message-id <v1@example.org>: larger than"
                              " max_bytes 100; not scanned"]
 
 

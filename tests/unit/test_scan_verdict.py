@@ -98,10 +98,10 @@ def test_unscanned_headers_say_which_scanner_and_why_in_one_line():
 
 
 def test_oversized_is_accepted_unscanned_with_a_header():
-    v = oversized(2000, 1000, "mx.test")
+    v = oversized(1000, "mx.test")
     assert v.outcome is Outcome.ACCEPT_UNSCANNED
-    assert v.header_bytes() == (b"X-Virus-Scanned: NOT SCANNED on mx.test: message of 2000"
-                                b" bytes is over the scan limit of 1000 bytes\n")
+    assert v.header_bytes() == (b"X-Virus-Scanned: NOT SCANNED on mx.test: message larger"
+                                b" than the scan limit of 1000 bytes\n")
 
 
 def test_settings_are_checked():
@@ -121,7 +121,7 @@ def test_replies_for_each_outcome():
     assert (r.code, r.enhanced) == (451, "4.3.0")
     assert scan_reply(decide(CLEAN, HAM, on_error="tempfail", thresholds=T, hostname="h")) is None
     assert scan_reply(decide(DOWN, HAM, on_error="accept", thresholds=T, hostname="h")) is None
-    assert scan_reply(oversized(2, 1, "h")) is None
+    assert scan_reply(oversized(1, "h")) is None
     assert scan_reply(v).render(True).startswith(b"554 5.7.0 sorry")
 
 
