@@ -33,6 +33,7 @@ class ConfigError(Exception):
 INTEGER, BOOLEAN, STRING, PATH, STRINGS, ENDPOINTS, HOSTPORTS, ROUTES = (
     "integer", "boolean", "string", "path", "list of strings", "list of endpoints",
     "list of host:port strings", "table of domain = \"host[:port]\"")
+NUMBER = "number"           # a TOML integer or float (finite)
 
 
 def setting(kind: str, default: Any = dataclasses.MISSING, doc: str = "", *,
@@ -227,6 +228,22 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ScanSettings:
+    clamd: str = setting(STRING, "", "clamd endpoint, e.g. \"unix:/run/clamav/clamd.ctl\" or "
+                         "\"tcp:127.0.0.1:3310\"; \"\" = no virus scanning")
+    spam: str = setting(STRING, "", "rspamd's normal worker, e.g. \"tcp:127.0.0.1:11333\"; "
+                        "\"\" = no spam scoring")
+    on_error: str = setting(STRING, "tempfail", "scanner down or slower than timeout: "
+                            "\"tempfail\" (451) or \"accept\" (marked NOT SCANNED)")
+    timeout: int = setting(INTEGER, 30, "seconds for one scan", minimum=1)
+    # clamd's own StreamMaxLength default (25 MiB)
+    max_bytes: int = setting(INTEGER, 26214400, "larger messages are not sent to the scanners "
+                             "(logged, marked NOT SCANNED)", minimum=1)
+    spam_tag_score: float = setting(NUMBER, 6.0, "X-Spam-Flag: YES at or above this score")
+    spam_reject_score: float = setting(NUMBER, 15.0, "550 5.7.1 at or above this score")
+
+
+@dataclass(frozen=True)
 class Settings:
     hostname: str = setting(STRING, doc="greeting and Received: name (qmail's me)",
                             shown="the machine's name (socket.getfqdn())")
@@ -261,6 +278,9 @@ class Settings:
     admin: AdminSettings = section(AdminSettings, "Access to the admin protocol.")
     metrics: MetricsSettings = section(MetricsSettings, "The Prometheus endpoint, [listen] "
                                        "metrics.")
+    scan: ScanSettings = section(ScanSettings, "Content checks after the final dot, before the "
+                                 "250 (qmail-scanner): viruses through clamd, spam through "
+                                 "rspamd; see docs/SCANNING.md.")
     rules: Rules | None = None
     # How these settings were made, so a reload (SIGHUP, `mailappliance reload`) can apply the
     # same command-line overrides, relative to the same directory, to the re-read file.
@@ -376,6 +396,11 @@ def _convert(file: str, key: str, spec: Key, value: Any, base: Path) -> Any:
         if high is not None and value > high:
             raise _error(file, key, f"must be at most {high}, got {value}")
         return value
+    if kind == NUMBER:
+        if type(value) not in (int, float) or value != value or value in (float("inf"),
+                                                                           float("-inf")):
+            raise _error(file, key, f"expected a finite number, got {_type_name(value)}")
+        return float(value)
     if kind == BOOLEAN:
         if type(value) is not bool:
             raise _error(file, key, f"expected boolean, got {_type_name(value)}")
@@ -552,6 +577,7 @@ def load_settings(config: str | os.PathLike[str] | None = None,
     if not _SELECTOR.fullmatch(parts["dkim"].selector):
         raise _error(where, "dkim.selector", f"{parts['dkim'].selector!r} is not a DKIM selector "
                      f"(DNS labels: letters, digits, '-', '_', '.')")
+    _check_scan(where, parts["scan"])
     rules = None
     if check_files and smtp.rules is not None:
         rules = load_rules(smtp.rules)
@@ -583,6 +609,27 @@ def load_settings(config: str | os.PathLike[str] | None = None,
         config_path=config_path, routes=routes, rules=rules,
         cli_overrides=tuple((k, v) for k, v in (overrides or {}).items()), cwd=cwd,
         **top, **parts)
+
+
+def _check_scan(where: str, scan: ScanSettings) -> None:
+    from mailappliance.scan import endpoints
+    if scan.on_error not in ("tempfail", "accept"):
+        raise _error(where, "scan.on_error",
+                     f"must be \"tempfail\" or \"accept\", got {scan.on_error!r}")
+    if scan.clamd:
+        why = endpoints.check_endpoint(scan.clamd)
+        if why:
+            raise _error(where, "scan.clamd", why)
+    if scan.spam:
+        try:
+            _kind, text = endpoints.split_scorer(scan.spam)
+        except ValueError as e:
+            raise _error(where, "scan.spam", str(e)) from None
+        why = endpoints.check_endpoint(text)
+        if why:
+            raise _error(where, "scan.spam", why)
+    if scan.spam_tag_score > scan.spam_reject_score:
+        raise _error(where, "scan.spam_tag_score", "must not be above spam_reject_score")
 
 
 def load_rules(path: Path) -> Rules:

@@ -46,6 +46,7 @@ from mailappliance.pop3 import service as pop3_service
 from mailappliance.privileges import adopt_tree, data_owner
 from mailappliance.queue.service import build_queue
 from mailappliance.reload import HangupService, LiveSettings, Reloader, follow_bcrypt_cost
+from mailappliance.scan.policy import build_scanning
 from mailappliance.smtp import service as smtp_service
 from mailappliance.users.auth import Authenticator
 from mailappliance.users.store import UserStore
@@ -92,6 +93,20 @@ class AdoptService(service.Service):
             owner = data_owner(self.data)
             self.log.info("handed {n} files created as root to uid {uid} (owner of {data})",
                           n=len(changed), uid=owner[0] if owner else "?", data=str(self.data))
+
+
+def follow_scan_reload(app: App, settings: Settings) -> None:
+    """The reload hook of `app.scanning`: changed [scan] keys (or hostname) make a new
+    Scanning, which pings its scanners once; messages already being scanned finish with the
+    old one."""
+    old = app.scanning
+    if old is not None and old.settings_key == (settings.scan, settings.hostname):
+        return
+    if old is None and not (settings.scan.clamd or settings.scan.spam):
+        return
+    app.scanning = build_scanning(settings.scan, settings.hostname, app.reactor)
+    if app.scanning is not None:
+        app.scanning.start()
 
 
 def follow_tls_reload(app: App, settings: Settings) -> None:
@@ -221,6 +236,7 @@ def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, A
     reloader = Reloader(live, run_blocking, stats)
     stats["config_loaded"] = time.time()
     drain = Drain(reactor)
+    scanning = build_scanning(settings.scan, settings.hostname, reactor)
     app = App(live=live, reactor=reactor, store=shared.store, threadpool=pool,
               authenticator=shared.authenticator, grants=shared.grants, tls=tls,
               resolver=resolver, dnsbl=dnsbl, queue_store=queue.store, injector=queue.injector,
@@ -228,10 +244,11 @@ def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, A
               reloader=reloader, drain=drain, verifier=mailauth.verifier,
               signer=mailauth.signer, end_of_data=build_end_of_data(mailauth),
               stats=stats, started=started,
-              instance_lock=instance_lock, stop_hooks=[drain.start])
+              instance_lock=instance_lock, stop_hooks=[drain.start], scanning=scanning)
     hooks = [] if follow_log is None else [follow_log]
     hooks += [lambda new: follow_tls_reload(app, new), resolver.reload, dnsbl.reload,
-              queue.follow, follow_bcrypt_cost(shared.store), mailauth.follow]
+              queue.follow, follow_bcrypt_cost(shared.store), mailauth.follow,
+              lambda new: follow_scan_reload(app, new)]
     live.hooks.extend(hooks)
     return app
 
@@ -310,6 +327,10 @@ def make_service(settings: Settings, reactor=None) -> AppService:
                     instance_lock=lock, follow_log=follow_log)
     ready = ReadyService(app)
     ready.waiters.append(app.queue_manager.when_loaded)
+    if app.scanning is not None:
+        # One PING per scanner once the reactor runs: the log says whether they answer. A
+        # scanner that is down does not hold up start-up (docs/SCANNING.md).
+        reactor.callWhenRunning(lambda: app.scanning and app.scanning.start())
     top = AppService(app)
     parts: list[service.IService] = [
         ThreadPoolService(app.threadpool),

@@ -62,6 +62,7 @@ class Scanning:
         self.thresholds = thresholds
         self.health = {s.name: Health(s.name) for s in (virus, spam) if s is not None}
         self.counts: Counter = Counter()     # per outcome, for `stat` and benchmarks
+        self.settings_key: object = None     # what build_scanning made it from
 
     @property
     def enabled(self) -> bool:
@@ -236,7 +237,7 @@ def _guard(call, name: str, *args) -> Deferred:
     return d.addErrback(failed)
 
 
-def build_scanning(scan, hostname: str, reactor) -> Scanning | None:
+def build_scanning(scan, hostname: str, reactor) -> "Scanning | None":
     """The Scanning for `[scan]` settings, or None when neither scanner is configured.
 
     `scan` has the DESIGN.md keys as attributes (clamd, spam, on_error, timeout, max_bytes)
@@ -254,5 +255,7 @@ def build_scanning(scan, hostname: str, reactor) -> Scanning | None:
     thresholds = SpamThresholds(
         tag=float(getattr(scan, "spam_tag_score", SpamThresholds.tag)),
         reject=float(getattr(scan, "spam_reject_score", SpamThresholds.reject)))
-    return Scanning(reactor, virus=virus, spam=spam, on_error=scan.on_error,
-                    max_bytes=scan.max_bytes, hostname=hostname, thresholds=thresholds)
+    scanning = Scanning(reactor, virus=virus, spam=spam, on_error=scan.on_error,
+                        max_bytes=scan.max_bytes, hostname=hostname, thresholds=thresholds)
+    scanning.settings_key = (scan, hostname)          # a reload with the same keys keeps it
+    return scanning
