@@ -247,19 +247,24 @@ lua = "{self.root / 'rules.lua'}";
         return self._ask(b"GET /ping HTTP/1.0\r\n\r\n").rstrip().endswith(b"pong")
 
 
-class SilentServer:
-    """A unix socket that accepts connections and never says a word: a scanner that hangs.
-    Blocking sockets in a thread, so it works whatever reactor the test runs."""
+class ScannerProxy:
+    """A unix socket in front of a scanner, in a thread of its own (it works whatever reactor
+    or process the client runs in). While `hold` is set -- always, without a `target` -- it
+    accepts connections, reads what comes and never answers: a scanner that hangs. Otherwise
+    it forwards both ways to `target` (a unix socket path). `held` counts the bytes it read
+    and kept, so a test can wait until a client is in the middle of a scan."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str | None = None, hold: bool | None = None) -> None:
         import threading
-        self.dir = _short_dir("ma-silent-")
-        self.path = self.dir / "silent.sock"
+        self.target = target
+        self.hold = target is None if hold is None else hold
+        self.dir = _short_dir("ma-proxy-")
+        self.path = self.dir / "scanner.sock"
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(str(self.path))
         self.sock.listen(64)
-        self.accepted: list[socket.socket] = []
-        self.received = 0
+        self.peer: dict[socket.socket, socket.socket | None] = {}
+        self.held = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -268,32 +273,65 @@ class SilentServer:
     def endpoint(self) -> str:
         return f"unix:{self.path}"
 
+    def _accept(self) -> None:
+        try:
+            c, _ = self.sock.accept()
+        except OSError:
+            return
+        up = None
+        if not self.hold and self.target is not None:
+            up = socket.socket(socket.AF_UNIX)
+            try:
+                up.connect(self.target)
+            except OSError:
+                up.close()
+                c.close()
+                return
+            self.peer[up] = c
+        self.peer[c] = up
+
+    def _drop(self, s: socket.socket) -> None:
+        other = self.peer.pop(s, None)
+        s.close()
+        if other is not None:
+            self.peer.pop(other, None)
+            other.close()
+
     def _run(self) -> None:
         import select
         while not self._stop:
-            r, _, _ = select.select([self.sock, *self.accepted], [], [], 0.05)
+            r, _, _ = select.select([self.sock, *self.peer], [], [], 0.05)
             for s in r:
                 if s is self.sock:
-                    try:
-                        c, _ = self.sock.accept()
-                    except OSError:
-                        continue
-                    self.accepted.append(c)
-                else:
-                    try:
-                        got = s.recv(65536)
-                    except OSError:
-                        got = b""
-                    if got:
-                        self.received += len(got)     # read and ignore: never answer
-                    else:
-                        self.accepted.remove(s)
-                        s.close()
+                    self._accept()
+                    continue
+                if s not in self.peer:
+                    continue
+                try:
+                    got = s.recv(65536)
+                except OSError:
+                    got = b""
+                if not got:
+                    self._drop(s)
+                    continue
+                other = self.peer[s]
+                if other is None:
+                    self.held += len(got)          # read and kept: never answered
+                    continue
+                try:
+                    other.sendall(got)
+                except OSError:
+                    self._drop(s)
 
     def close(self) -> None:
         self._stop = True
         self._thread.join(5)
-        for s in self.accepted:
+        for s in list(self.peer):
             s.close()
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def SilentServer() -> ScannerProxy:
+    """A scanner that accepts and never answers."""
+    return ScannerProxy()

@@ -173,7 +173,7 @@ class ClamdTests(unittest.TestCase):
         self.assertGreaterEqual(time.monotonic() - started, 1.0)
         self.assertIs(verdict.outcome, Outcome.TEMPFAIL)
         self.assertIn("no answer within 1 s", verdict.detail)
-        self.assertGreater(silent.received, len(clean_message()))   # it got the whole stream
+        self.assertGreater(silent.held, len(clean_message()))       # it got the whole stream
 
 
 class _Upstream(Protocol):
