@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IPullProducer
@@ -36,9 +37,28 @@ DEFAULT_TIMEOUT = 30.0
 WRITE_BYTES = clamd.FRAME_BYTES
 # rspamd's HTTP body pieces, the same size for the same reason.
 BODY_BYTES = 64 * 1024
+# Transports whose socket _send_now may write to directly (no TLS, no wrapping).
+_PLAIN_CLIENTS = (unix.Client, tcp.Client)
 
 
 _MORE = object()     # reply_data: the reply is not complete yet
+
+
+def _send_now(transport, data: bytes) -> None:
+    """transport.write, but sent at once when the socket takes it (as mailappliance/netwrite.py
+    does for the server side): a plain client transport with nothing queued."""
+    t = transport
+    if (type(t) in _PLAIN_CLIENTS and t.connected and not t.disconnecting
+            and not t._writeDisconnected and t.producer is None and not t._tempDataBuffer
+            and t.offset == len(t.dataBuffer)):
+        try:
+            sent = t.socket.send(data)
+        except OSError:
+            sent = 0            # EAGAIN or an error: transport.write finds out
+        if sent == len(data):
+            return
+        data = data[sent:]
+    t.write(data)
 
 
 @implementer(IPullProducer)
@@ -55,6 +75,20 @@ class _Exchange(Protocol):
         if self._call.done:
             self.transport.abortConnection()
             return
+        first: list = []
+        size = 0
+        for piece in self._pieces:
+            first.extend(piece)
+            size += sum(len(p) for p in piece)
+            if size >= WRITE_BYTES:
+                break
+        else:
+            # The whole request fits one write (every message up to ~64 KiB): send it now,
+            # without a producer and without waiting a reactor turn for writability.
+            self.sent_all = True
+            _send_now(self.transport, b"".join(first))
+            return
+        self.transport.writeSequence(first)
         self._producing = True
         self.transport.registerProducer(self, False)
 

@@ -82,11 +82,13 @@ def test_instream_conversation_and_found_reply():
     assert not reactor.getDelayedCalls()               # and the deadline cancelled
 
 
-def test_a_small_message_goes_out_in_one_write():
+def test_a_small_message_goes_out_in_one_write_without_a_producer():
     reactor = MemoryReactorClock()
     ClamdScanner("unix:/c", reactor).scan(b"x" * 2048)
     _, transport = connect(reactor)
-    assert pump(transport) == 1
+    assert transport.producer is None                  # nothing left to pull
+    assert transport.value() == INSTREAM + struct.pack(">I", 2048) + b"x" * 2048 + \
+        END_OF_STREAM
 
 
 def test_a_big_message_is_pulled_piece_by_piece():
