@@ -134,7 +134,8 @@ def one_run(label: str, root: Path, clamd: ClamdDaemon, scanning: bool, size: in
     shutil.rmtree(root, ignore_errors=True)
     server = ScanServer(root, clamd.endpoint if scanning else None).start()
     try:
-        before = len(server.message_files())          # OurServer.start's warm-up message
+        settle(server)              # OurServer.start's warm-up message: delivered, not in flight
+        before = len(server.message_files())
         busy0 = system_busy_seconds()
         clamd0 = clamd.cpu_seconds()
         with Meter(server.pid, tree=True) as meter:
