@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from mailappliance.queue.manager import QueueManager
     from mailappliance.queue.store import QueueStore
     from mailappliance.reload import LiveSettings, Reloader
-    from mailappliance.scan.policy import Scanning
+    from mailappliance.scan.service import ScanCheck
     from mailappliance.tls import TLSContext
     from mailappliance.users.auth import Authenticator
     from mailappliance.users.store import UserStore
@@ -73,7 +73,7 @@ class App:
     stats: dict[str, Any]               # counters for `stat` (mailappliance/stats.py)
     started: float                      # time.time() when the tree was built
     instance_lock: int | None = None    # data/run/lock's descriptor (None in tests)
-    scanning: Scanning | None = None    # [scan]: None when neither clamd nor spam is set
+    scan: ScanCheck | None = None       # [scan]'s end-of-data check (also in end_of_data)
     # One login penalty table for SMTP AUTH and POP3 (access/penalty.py).
     login_penalty: LoginPenalty = field(default_factory=LoginPenalty)
     # RLIMIT_NOFILE, the reserve and each network listener's share (descriptors.py).

@@ -234,7 +234,8 @@ class ScanSettings:
     spam: str = setting(STRING, "", "rspamd's normal worker, e.g. \"tcp:127.0.0.1:11333\"; "
                         "\"\" = no spam scoring")
     on_error: str = setting(STRING, "tempfail", "scanner down or slower than timeout: "
-                            "\"tempfail\" (451) or \"accept\" (marked NOT SCANNED)")
+                            "tempfail (451) or accept (marked NOT SCANNED)",
+                            choices=("tempfail", "accept"))
     timeout: int = setting(INTEGER, 30, "seconds for one scan", minimum=1)
     # clamd's own StreamMaxLength default (25 MiB)
     max_bytes: int = setting(INTEGER, 26214400, "larger messages are not sent to the scanners "
@@ -613,9 +614,6 @@ def load_settings(config: str | os.PathLike[str] | None = None,
 
 def _check_scan(where: str, scan: ScanSettings) -> None:
     from mailappliance.scan import endpoints
-    if scan.on_error not in ("tempfail", "accept"):
-        raise _error(where, "scan.on_error",
-                     f"must be \"tempfail\" or \"accept\", got {scan.on_error!r}")
     if scan.clamd:
         why = endpoints.check_endpoint(scan.clamd)
         if why:

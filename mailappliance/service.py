@@ -46,7 +46,7 @@ from mailappliance.pop3 import service as pop3_service
 from mailappliance.privileges import adopt_tree, data_owner
 from mailappliance.queue.service import build_queue
 from mailappliance.reload import HangupService, LiveSettings, Reloader, follow_bcrypt_cost
-from mailappliance.scan.policy import build_scanning
+from mailappliance.scan.service import ScanCheck
 from mailappliance.smtp import service as smtp_service
 from mailappliance.users.auth import Authenticator
 from mailappliance.users.store import UserStore
@@ -93,20 +93,6 @@ class AdoptService(service.Service):
             owner = data_owner(self.data)
             self.log.info("handed {n} files created as root to uid {uid} (owner of {data})",
                           n=len(changed), uid=owner[0] if owner else "?", data=str(self.data))
-
-
-def follow_scan_reload(app: App, settings: Settings) -> None:
-    """The reload hook of `app.scanning`: changed [scan] keys (or hostname) make a new
-    Scanning, which pings its scanners once; messages already being scanned finish with the
-    old one."""
-    old = app.scanning
-    if old is not None and old.settings_key == (settings.scan, settings.hostname):
-        return
-    if old is None and not (settings.scan.clamd or settings.scan.spam):
-        return
-    app.scanning = build_scanning(settings.scan, settings.hostname, app.reactor)
-    if app.scanning is not None:
-        app.scanning.start()
 
 
 def follow_tls_reload(app: App, settings: Settings) -> None:
@@ -236,29 +222,28 @@ def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, A
     reloader = Reloader(live, run_blocking, stats)
     stats["config_loaded"] = time.time()
     drain = Drain(reactor)
-    scanning = build_scanning(settings.scan, settings.hostname, reactor)
+    scan = ScanCheck(settings, reactor)
     app = App(live=live, reactor=reactor, store=shared.store, threadpool=pool,
               authenticator=shared.authenticator, grants=shared.grants, tls=tls,
               resolver=resolver, dnsbl=dnsbl, queue_store=queue.store, injector=queue.injector,
               queue_manager=queue.manager, delivery_threads=queue.delivery_threads,
               reloader=reloader, drain=drain, verifier=mailauth.verifier,
-              signer=mailauth.signer, end_of_data=build_end_of_data(mailauth),
+              signer=mailauth.signer, end_of_data=build_end_of_data(mailauth, scan),
               stats=stats, started=started,
-              instance_lock=instance_lock, stop_hooks=[drain.start], scanning=scanning)
+              instance_lock=instance_lock, stop_hooks=[drain.start], scan=scan)
     hooks = [] if follow_log is None else [follow_log]
     hooks += [lambda new: follow_tls_reload(app, new), resolver.reload, dnsbl.reload,
-              queue.follow, follow_bcrypt_cost(shared.store), mailauth.follow,
-              lambda new: follow_scan_reload(app, new)]
+              queue.follow, follow_bcrypt_cost(shared.store), mailauth.follow, scan.follow]
     live.hooks.extend(hooks)
     return app
 
 
-def build_end_of_data(mailauth: MailAuth) -> list[EndOfDataCheck]:
+def build_end_of_data(mailauth: MailAuth, scan: ScanCheck) -> list[EndOfDataCheck]:
     """The checks between a message's final dot and its queue commit, in the order they run
     (enddata.py): verification of mail from the internet first (cheap, may refuse), then
     content scanning (sees our Authentication-Results), signing of our users' mail last (it
     signs the bytes queued; nothing after it may change them)."""
-    return [mailauth.verify_check, mailauth.sign_check]
+    return [mailauth.verify_check, scan, mailauth.sign_check]
 
 
 def plain_endpoint(app: App, kind: str, description: str, reactor) -> IStreamServerEndpoint:
@@ -327,10 +312,9 @@ def make_service(settings: Settings, reactor=None) -> AppService:
                     instance_lock=lock, follow_log=follow_log)
     ready = ReadyService(app)
     ready.waiters.append(app.queue_manager.when_loaded)
-    if app.scanning is not None:
-        # One PING per scanner once the reactor runs: the log says whether they answer. A
-        # scanner that is down does not hold up start-up (docs/SCANNING.md).
-        reactor.callWhenRunning(lambda: app.scanning and app.scanning.start())
+    # One PING per configured scanner once the reactor runs: the log says whether they answer.
+    # A scanner that is down does not hold up start-up (docs/SCANNING.md).
+    reactor.callWhenRunning(app.scan.start)
     top = AppService(app)
     parts: list[service.IService] = [
         ThreadPoolService(app.threadpool),

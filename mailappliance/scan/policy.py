@@ -107,9 +107,8 @@ class Scanning:
         return _Check(self, chunks, envelope, trusted).result
 
     def too_large(self, head, client_ip: str = "") -> Verdict:
-        """The verdict for a message over max_bytes, logged once: for check(), and for the
-        SMTP side, which learns it while the message still arrives (`head`: the chunks so
-        far, for the Message-ID in the log line)."""
+        """The verdict for a message over max_bytes, logged once (`head`: the message or its
+        first chunks, for the Message-ID in the log line)."""
         self.counts["oversized"] += 1
         self.log.info("scan: {ip} message-id {mid}: larger than max_bytes {max_bytes}; not"
                       " scanned", ip=client_ip or "-", mid=message_id(as_chunks(head)) or "-",

@@ -50,9 +50,11 @@ def test_services_in_start_order_and_every_part_of_the_app_given(tmp_path):
         missing = [f.name for f in dataclasses.fields(App) if getattr(app, f.name) is None]
         assert missing == ["tls"]                 # no [tls] here; everything else was built
         assert isinstance(app.instance_lock, int)
-        # tls, dns, dnsbl, queue, user store, mailauth (no log hook with [log] stdout), then
-        # the admin factory's token file
-        assert len(app.reload_hooks) == 7
+        # tls, dns, dnsbl, queue, user store, mailauth, scan (no log hook with [log] stdout),
+        # then the admin factory's token file
+        assert len(app.reload_hooks) == 8
+        assert app.reload_hooks[6] == app.scan.follow
+        assert app.scan in app.end_of_data
         assert app.reload_hooks[1] == app.resolver.reload
         assert app.reload_hooks[2] == app.dnsbl.reload
         assert app.stop_hooks == [app.drain.start]

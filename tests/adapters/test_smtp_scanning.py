@@ -1,5 +1,5 @@
-"""Content scanning in the SMTP session (smtp/protocol.py + smtp/scanning.py), with Twisted's
-doubles (test_smtp_protocol's World: StringTransport clients, a MemoryReactorClock, the real
+"""Content scanning in the SMTP session: scan/service.py's ScanCheck as an end-of-DATA check
+(enddata.py, driven by smtp/protocol.py), with Twisted's doubles (test_smtp_protocol's World: StringTransport clients, a MemoryReactorClock, the real
 queue) and the verified fake scanners on the same clock. The real daemons and the real server
 are in test_scan_daemons.py and tests/integration/test_scan_server.py."""
 
@@ -14,11 +14,11 @@ from tests.adapters.test_smtp_protocol import HOST, TRANSACTION, World, codes
 
 def scanning_world(tmp_path, *, on_error="tempfail", max_bytes=100_000, scan_timeout=30,
                    **kw):
-    """World (rules=, smtp settings as keywords) with the fake scanners as app.scanning."""
+    """World (rules=, smtp settings as keywords) with the fake scanners behind app.scan."""
     w = World(tmp_path, **kw)
     w.virus = FakeVirusScanner(clock=w.reactor, timeout=scan_timeout)
     w.spam = FakeSpamScorer(clock=w.reactor, timeout=scan_timeout)
-    w.app.scanning = Scanning(w.reactor, virus=w.virus, spam=w.spam, on_error=on_error,
+    w.app.scan.scanning = Scanning(w.reactor, virus=w.virus, spam=w.spam, on_error=on_error,
                               max_bytes=max_bytes, hostname=HOST)
     return w
 
@@ -31,19 +31,21 @@ def start(w, ip="127.0.0.5", hello=b"HELO client.example\r\n"):
     return c
 
 
-def test_clean_message_is_stored_with_the_verdict_headers_under_received(tmp_path):
+def test_clean_message_is_stored_with_the_verdict_headers_on_top(tmp_path):
     w = scanning_world(tmp_path)
     c = start(w)
     reply = c.chat(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
     assert reply.startswith("250 ok ")
     ((_, _, message),) = w.queued()
     lines = message.split(b"\n")
-    assert lines[0].startswith(b"Received: from unknown (HELO client.example) (127.0.0.5)")
-    assert lines[2:6] == [b"X-Virus-Scanned: clean (clamd) on mx.test.com",
+    assert lines[0:4] == [b"X-Virus-Scanned: clean (clamd) on mx.test.com",
                           b"X-Spam-Score: 0.0", b"X-Spam-Level: ",
                           b"X-Spam-Status: No, score=0.0 tag=6.0 reject=15.0 scorer=rspamd"]
+    assert lines[4].startswith(b"Received: from unknown (HELO client.example) (127.0.0.5)")
     assert message.endswith(b"\nSubject: hi\n\nhello\n")
-    assert w.virus.calls == [b"Subject: hi\n\nhello\n"]        # the stored form, once
+    (scanned,) = w.virus.calls                                  # once, in the stored form,
+    assert scanned.startswith(b"Received: ")                    # as it would be queued
+    assert scanned.endswith(b"\nSubject: hi\n\nhello\n")
 
 
 def test_virus_is_554_naming_it_nothing_stored_and_the_session_goes_on(tmp_path):
@@ -111,7 +113,7 @@ def test_trusted_client_is_scanned_not_scored(tmp_path):
     assert c2.chat(b"\r\n" + EICAR + b"\r\n.\r\n").startswith("554 ")
 
 
-def test_message_over_max_bytes_streams_on_to_the_queue_unscanned(tmp_path):
+def test_message_over_max_bytes_goes_to_no_scanner_and_is_queued_marked(tmp_path):
     w = scanning_world(tmp_path, max_bytes=1000)
     c = start(w)
     body = b"".join(b"line %04d " % i + b"x" * 60 + b"\r\n" for i in range(100))   # ~7 KB
@@ -121,24 +123,23 @@ def test_message_over_max_bytes_streams_on_to_the_queue_unscanned(tmp_path):
     assert w.virus.calls == [] and w.spam.calls == []
     ((_, _, message),) = w.queued()
     lines = message.split(b"\n")
-    assert lines[2] == (b"X-Virus-Scanned: NOT SCANNED on mx.test.com: message larger than the"
+    assert lines[0] == (b"X-Virus-Scanned: NOT SCANNED on mx.test.com: message larger than the"
                         b" scan limit of 1000 bytes")
     assert message.endswith(body.replace(b"\r\n", b"\n"))
 
 
-def test_a_client_that_leaves_during_the_scan_stores_nothing_and_frees_the_scanner(tmp_path):
-    w = scanning_world(tmp_path)
-    w.virus.mode = w.spam.mode = "hang"
+def test_a_client_that_leaves_during_the_scan_gets_nothing_stored(tmp_path):
+    w = scanning_world(tmp_path, on_error="accept")
     c = start(w)
+    w.spam.mode = "hang"
     c.send(b"one\r\n.\r\n")
-    def scanner_deadlines():
-        return [d for d in w.reactor.getDelayedCalls()
-                if getattr(d.func, "__name__", "") == "callback"]
-    assert len(scanner_deadlines()) == 2                       # both fakes are waiting
     c.lose()
-    assert scanner_deadlines() == []                           # both scans were cancelled
-    w.reactor.advance(60)
+    w.reactor.advance(30)            # the verdict arrives: accept (unscored), for nobody
     assert w.queued() == [] and w.queue.tmp_files() == []
+    c2 = start(w)                    # the same verdict for a client still there: queued
+    c2.send(b"two\r\n.\r\n")
+    w.reactor.advance(30)
+    assert c2.take().startswith("250 ok") and len(w.queued()) == 1
 
 
 def test_on_error_accept_stores_the_message_marked_not_scanned(tmp_path):
@@ -147,26 +148,26 @@ def test_on_error_accept_stores_the_message_marked_not_scanned(tmp_path):
     c = start(w)
     assert c.chat(b"\r\nhi\r\n.\r\n").startswith("250 ok")
     ((_, _, message),) = w.queued()
-    assert b"\nX-Virus-Scanned: NOT SCANNED on mx.test.com: clamd unavailable:" in message
+    assert message.startswith(b"X-Virus-Scanned: NOT SCANNED on mx.test.com: clamd unavailable:")
 
 
-def test_scan_settings_load_and_reload_into_app_scanning(tmp_path):
+def test_scan_settings_load_and_reload_into_the_check(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text(f'hostname = "{HOST}"\ndata = "{tmp_path / "var"}"\n')
     from mailappliance.testing.app import build_test_app
     app = build_test_app(settings=load_settings(cfg))
-    assert app.scanning is None
+    assert app.scan.scanning is None
     cfg.write_text(cfg.read_text() + '[scan]\nclamd = "/run/clamav/clamd.ctl"\n'
                    'spam_reject_score = 10\n')
     app.reload(load_settings(cfg))
-    first = app.scanning
+    first = app.scan.scanning
     assert first.virus.name == "clamd" and first.spam is None
     assert first.thresholds.reject == 10.0 and first.max_bytes == 26214400
     app.reload(load_settings(cfg))
-    assert app.scanning is first                               # same keys: same object
+    assert app.scan.scanning is first                               # same keys: same object
     cfg.write_text(cfg.read_text().replace("10\n", "12.5\n"))
     app.reload(load_settings(cfg))
-    assert app.scanning is not first and app.scanning.thresholds.reject == 12.5
+    assert app.scan.scanning is not first and app.scan.scanning.thresholds.reject == 12.5
     cfg.write_text(cfg.read_text().replace('clamd = "/run/clamav/clamd.ctl"\n', ""))
     app.reload(load_settings(cfg))
-    assert app.scanning is None                                # [scan] emptied: off again
+    assert app.scan.scanning is None                                # [scan] emptied: off again

@@ -34,7 +34,7 @@ def test_a_full_section(tmp_path):
 
 
 @pytest.mark.parametrize("text, key, why", [
-    ('on_error = "bounce"', "scan.on_error", 'must be "tempfail" or "accept"'),
+    ('on_error = "bounce"', "scan.on_error", "must be one of tempfail, accept"),
     ('clamd = "clamd.ctl"', "scan.clamd", "unknown endpoint type"),
     ('clamd = "tcp:127.0.0.1"', "scan.clamd", "bad endpoint"),
     ('spam = "spamd:/run/spamd.sock"', "scan.spam", "not implemented; use rspamd"),

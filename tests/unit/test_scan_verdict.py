@@ -1,5 +1,5 @@
 """The scanning decision, its headers, Message-ID for the log, scanner health, and the SMTP
-replies a verdict maps to (mailappliance/scan/verdict.py, smtp/scanning.py). Pure: no sockets,
+replies a verdict maps to (mailappliance/scan/verdict.py, scan/service.py). Pure: no sockets,
 no clock."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from mailappliance.scan.interfaces import ScanFailure, SpamReport, VirusReport
 from mailappliance.scan.verdict import (
     Health, Outcome, SpamThresholds, State, decide, message_id, oversized, spam_headers)
-from mailappliance.smtp.scanning import scan_reply
+from mailappliance.scan.service import scan_reply
 
 T = SpamThresholds()                       # tag 6, reject 15
 CLEAN = VirusReport(None)
