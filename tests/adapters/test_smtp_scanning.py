@@ -1,7 +1,8 @@
 """Content scanning in the SMTP session: scan/service.py's ScanCheck as an end-of-DATA check
-(enddata.py, driven by smtp/protocol.py), with Twisted's doubles (test_smtp_protocol's World: StringTransport clients, a MemoryReactorClock, the real
-queue) and the verified fake scanners on the same clock. The real daemons and the real server
-are in test_scan_daemons.py and tests/integration/test_scan_server.py."""
+(enddata.py, driven by smtp/protocol.py), with Twisted's doubles (test_smtp_protocol's World:
+StringTransport clients, a MemoryReactorClock, the real queue) and the verified fake scanners
+on the same clock. The real daemons and the real server are in test_scan_daemons.py and
+tests/integration/test_scan_server.py."""
 
 from __future__ import annotations
 
