@@ -239,7 +239,7 @@ def test_held_while_checks_are_due_and_pool_writes_wait_for_the_commit(tmp_path)
 def test_real_app_builds_the_checks_in_order_and_follows_verify_reload(tmp_path):
     w = World(tmp_path, fields={"verify": VerifySettings(), "dkim": DKIMSettings()})
     names = [c.name for c in w.app.end_of_data]
-    assert names == ["mailauth", "dkim-sign"]
+    assert names == ["mailauth", "scan", "dkim-sign"]      # scan: [scan] (off here, wants nothing)
     assert (w.app.verifier.spf_mode, w.app.verifier.dmarc_mode) == ("tag", "enforce")
     new = dataclasses.replace(w.app.settings, verify=VerifySettings("enforce", "off", "tag"))
     w.app.reload(new)
