@@ -43,3 +43,7 @@ def rspamd_daemon(tmp_path_factory):
         yield daemon
     finally:
         daemon.cleanup()
+
+
+# PostgreSQL: a private cluster per session, a database per test (tests/pg_support.py).
+from tests.pg_support import pg_database, pg_uri, postgres_cluster  # noqa: E402,F401

@@ -1,4 +1,11 @@
-"""The user store: vpopmail semantics, validation against traversal, concurrent writers."""
+"""The user store: vpopmail semantics, validation against traversal, concurrent writers.
+
+Every test taking `backend` or `store` runs against both backends of IUserDirectory: the
+embedded SQLite store and PostgreSQL (a private cluster, tests/pg_support.py). The SQLite
+runs assert exactly what they asserted before PostgreSQL existed; `backend.settle(store)` is
+a no-op there (its cache checks its token at every lookup) and, for PostgreSQL, waits until
+`store`'s watcher has handled every notification committed before (tests of the staleness
+bound itself, without settle, are in tests/integration/test_pg_directory.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +15,11 @@ import os
 import pytest
 
 from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
 
 from mailappliance.users import passwords
+from mailappliance.users.backend import open_directory
+from mailappliance.users.directory import IRemoteDirectory, IUserDirectory
 from mailappliance.users.store import StoreError, UserStore, _Tx
 
 RECHECK_SECONDS = _Tx.RECHECK_SECONDS
@@ -17,11 +27,67 @@ RECHECK_SECONDS = _Tx.RECHECK_SECONDS
 PW = "Passw0rd!"
 
 
+def open_spec(spec: tuple):
+    """A store from a picklable description (also in a spawned process)."""
+    database, data_dir, mailboxes = spec
+    return open_directory(database, data_dir, mailboxes, 4)
+
+
+class Backend:
+    """One backing store (a data directory, or a database plus a Maildir tree) that tests
+    open several stores on, as the server, the CLI and other nodes do."""
+
+    def __init__(self, name, tmp_path, cluster=None, dbname=None):
+        self.name, self.tmp_path, self.cluster, self.dbname = name, tmp_path, cluster, dbname
+        self.spec = ("", str(tmp_path), "") if cluster is None else \
+            (cluster.uri(dbname), str(tmp_path), str(tmp_path / "domains"))
+        self.opened = []
+
+    def open(self):
+        store = open_spec(self.spec)
+        self.opened.append(store)
+        return store
+
+    def settle(self, store) -> None:
+        if IRemoteDirectory.providedBy(store):
+            store.sync()
+
+    def raw(self) -> bytes:
+        """Every byte the backend keeps on disk for the directory."""
+        if self.cluster is None:
+            return (self.tmp_path / "users.sqlite").read_bytes()
+        with self.cluster.admin() as conn:
+            conn.execute("CHECKPOINT")
+            oid = conn.execute("SELECT oid FROM pg_database WHERE datname=%s",
+                               (self.dbname,)).fetchone()[0]
+        files = [p for d in (self.cluster.data / "base" / str(oid), self.cluster.data / "pg_wal")
+                 for p in d.iterdir() if p.is_file()]
+        assert files
+        return b"".join(p.read_bytes() for p in files)
+
+    def close_all(self):
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    if request.param == "sqlite":
+        b = Backend("sqlite", tmp_path)
+    else:
+        cluster, dbname = request.getfixturevalue("pg_database")
+        b = Backend("postgresql", tmp_path, cluster, dbname)
+    yield b
+    b.close_all()
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = UserStore(tmp_path, bcrypt_cost=4)
-    yield s
-    s.close()
+def store(backend):
+    return backend.open()
+
+
+def test_both_backends_provide_the_interface(store):
+    assert verifyObject(IUserDirectory, store)
 
 
 def test_domain_user_alias_round_trip(store, tmp_path):
@@ -59,10 +125,10 @@ def test_role_aliases_go_to_first_user_or_named_postmaster(store):
     assert store.get_alias("abuse@b.example") == ["boss@b.example"]
 
 
-def test_passwords_are_bcrypt_hashes_only(store, tmp_path):
+def test_passwords_are_bcrypt_hashes_only(store, backend):
     store.add_domain("test.com")
     store.add_user("joe@test.com", PW)
-    raw = (tmp_path / "users.sqlite").read_bytes()
+    raw = backend.raw()
     assert PW.encode() not in raw
     assert store.get_user("joe@test.com").password_hash.startswith("$2")
     assert store.check_password("joe@test.com", PW).address == "joe@test.com"
@@ -128,8 +194,8 @@ def test_refusals_are_store_errors(store):
         store.add_alias("x@test.com", ["not an address"])
 
 
-def _writer(data_dir: str, n: int, worker: int) -> None:
-    s = UserStore(data_dir, bcrypt_cost=4)
+def _writer(spec: tuple, n: int, worker: int) -> None:
+    s = open_spec(spec)
     for i in range(n):
         s.add_alias(f"w{worker}-{i}@test.com", [f"t{i}@example.org"])
         if i % 5 == 0:
@@ -137,11 +203,12 @@ def _writer(data_dir: str, n: int, worker: int) -> None:
     s.close()
 
 
-def test_concurrent_writer_processes_lose_nothing(store, tmp_path):
-    """The server and the CLI write at once: WAL plus busy waits serialise them safely."""
+def test_concurrent_writer_processes_lose_nothing(store, backend):
+    """The server and the CLI write at once: WAL plus busy waits serialise them safely
+    (PostgreSQL: its own locking; several nodes write at once)."""
     store.add_domain("test.com")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), 40, w)) for w in range(4)]
+    procs = [ctx.Process(target=_writer, args=(backend.spec, 40, w)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
@@ -152,51 +219,60 @@ def test_concurrent_writer_processes_lose_nothing(store, tmp_path):
     assert len(store.list_users("test.com")) == 4 * 8
 
 
-def test_a_second_store_sees_changes_at_once(tmp_path):
-    a, b = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+def test_a_second_store_sees_changes_at_once(backend, tmp_path):
+    a, b = backend.open(), backend.open()
     a.add_domain("test.com")
+    backend.settle(b)
     assert b.has_domain("test.com")
     a.add_user("joe@test.com", PW)
+    backend.settle(b)
     assert b.lookup_recipient("joe@test.com") == "user"
-    a.close(), b.close()
-    assert os.path.exists(tmp_path / "users.sqlite")
+    if backend.name == "sqlite":
+        a.close(), b.close()
+        assert os.path.exists(tmp_path / "users.sqlite")
 
 
-def test_cached_lookups_follow_every_change(tmp_path):
+def test_cached_lookups_follow_every_change(backend):
     """Lookups are cached per connection, yet a change by anyone counts from the next lookup."""
-    server, cli = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+    server, cli = backend.open(), backend.open()
+    settle = backend.settle
     assert not server.has_domain("test.com")
     assert server.lookup_recipient("joe@test.com") == "remote"
     assert server.lookup_recipient("joe@test.com") == "remote"        # a cached answer
     cli.add_domain("test.com")                                          # another connection
+    settle(server)
     assert server.has_domain("test.com")
     assert server.lookup_recipient("joe@test.com") == "unknown"
     cli.add_user("joe@test.com", PW)
+    settle(server)
     assert server.lookup_recipient("joe@test.com") == "user"
     cli.add_alias("info@test.com", ["joe@test.com"])
+    settle(server)
     assert server.lookup_recipient("info@test.com") == "alias"
     cli.del_alias("info@test.com")
+    settle(server)
     assert server.lookup_recipient("info@test.com") == "unknown"
     server.del_user("joe@test.com")                                     # this connection
     assert server.lookup_recipient("joe@test.com") == "unknown"
+    settle(cli)
     assert cli.lookup_recipient("joe@test.com") == "unknown"
     server.del_domain("test.com")
     assert not server.has_domain("test.com")
+    settle(cli)
     assert not cli.has_domain("test.com")
-    server.close(), cli.close()
 
 
-def test_cached_lookups_see_another_process(tmp_path):
-    store = UserStore(tmp_path, 4)
+def test_cached_lookups_see_another_process(backend):
+    store = backend.open()
     store.add_domain("test.com")
     assert store.lookup_recipient("w0-0@test.com") == "unknown"
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_writer, args=(str(tmp_path), 1, 0))
+    proc = ctx.Process(target=_writer, args=(backend.spec, 1, 0))
     proc.start()
     proc.join(120)
     assert proc.exitcode == 0
+    backend.settle(store)
     assert store.lookup_recipient("w0-0@test.com") == "alias"
-    store.close()
 
 
 def test_cache_notices_a_foreign_writer_through_data_version(tmp_path):
@@ -250,28 +326,34 @@ def test_new_domains_and_users_are_stamped_with_the_wallclock(tmp_path):
     store.close()
 
 
-def test_cached_users_and_aliases_follow_every_change(tmp_path):
+def test_cached_users_and_aliases_follow_every_change(backend):
     """Local delivery asks get_user/get_alias for every message: cached, yet never stale."""
-    server, cli = UserStore(tmp_path, 4), UserStore(tmp_path, 4)
+    server, cli = backend.open(), backend.open()
+    settle = backend.settle
     cli.add_domain("test.com")
     assert server.get_user("joe@test.com") is None
     assert server.get_user("joe@test.com") is None                     # a cached miss
     cli.add_user("joe@test.com", PW, quota=100)
+    settle(server)
     assert server.get_user("joe@test.com").quota == 100
     cli.set_quota("joe@test.com", 200)
+    settle(server)
     assert server.get_user("JOE@test.com").quota == 200
     old_hash = server.get_user("joe@test.com").password_hash
     cli.set_password("joe@test.com", PW + "x")
+    settle(server)
     assert server.get_user("joe@test.com").password_hash != old_hash
     assert server.check_password("joe@test.com", PW + "x") is not None
     assert server.get_alias("info@test.com") is None
     cli.add_alias("info@test.com", ["joe@test.com"])
+    settle(server)
     targets = server.get_alias("info@test.com")
     assert targets == ["joe@test.com"]
     targets.append("mutated@test.com")                                  # a copy each time
     assert server.get_alias("info@test.com") == ["joe@test.com"]
     cli.add_alias("info@test.com", ["joe@test.com", "ann@example.org"])
+    settle(server)
     assert server.get_alias("info@test.com") == ["joe@test.com", "ann@example.org"]
     cli.del_user("joe@test.com")
+    settle(server)
     assert server.get_user("joe@test.com") is None
-    server.close(), cli.close()

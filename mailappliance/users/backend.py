@@ -1,0 +1,79 @@
+"""Open the user directory and roaming grants the configuration names (DESIGN.md 3 and 6).
+
+`[users] database = ""` keeps the embedded SQLite store at data/users.sqlite and the grants in
+data/relay-grants.json (one node, nothing changes); a libpq URI ("postgresql://...") opens
+the shared PostgreSQL backend, which creates or upgrades its schema on the way. `mailboxes`
+("" = data/domains) is the Maildir tree, shared by the nodes of a site.
+
+The PostgreSQL driver is imported only when a URI asks for it, so a single node needs no
+psycopg installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from mailappliance.access.relay import RelayGrants
+from mailappliance.users import passwords
+from mailappliance.users.directory import IRelayGrants, IRemoteDirectory, IUserDirectory
+from mailappliance.users.store import StoreError, UserStore
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(database: str) -> bool:
+    return database.startswith(POSTGRES_SCHEMES)
+
+
+def describe_database(database: str, data: Path | str) -> str:
+    """What `stat` and `check` print: the SQLite file, or the URI without its password."""
+    if not database:
+        return f"sqlite:{Path(data) / 'users.sqlite'}"
+    from mailappliance.users.pgstore import describe
+    return describe(database)
+
+
+def mailbox_root(data: Path | str, mailboxes: str | Path | None) -> Path:
+    return Path(mailboxes) if mailboxes else Path(data) / "domains"
+
+
+def open_directory(database: str, data: Path | str, mailboxes: str | Path | None = None,
+                   bcrypt_cost: int = passwords.DEFAULT_COST, *,
+                   on_event: Callable[[str, str], None] | None = None) -> IUserDirectory:
+    """The IUserDirectory for `database` ("" or a postgresql:// URI).
+
+    Raises StoreError for a value that is neither, pgschema.SchemaError for a schema it cannot
+    use, DirectoryUnavailable (an OSError) for a database it cannot reach.
+    """
+    if not database:
+        if mailboxes and mailbox_root(data, mailboxes) != Path(data) / "domains":
+            # The SQLite store keeps its Maildirs under data/domains; a shared tree is for
+            # several nodes, which need the shared database too.
+            raise StoreError("mailboxes: a separate Maildir tree needs [users] database "
+                             "(PostgreSQL); with the embedded store leave it empty")
+        return UserStore(data, bcrypt_cost)
+    if not is_postgres(database):
+        raise StoreError(f"[users] database: {database[:40]!r} is neither empty (SQLite) "
+                         "nor a postgresql:// URI")
+    from mailappliance.users.pgstore import PgUserStore
+    return PgUserStore(database, mailbox_root(data, mailboxes), bcrypt_cost, on_event=on_event)
+
+
+def open_user_store(settings, *, on_event: Callable[[str, str], None] | None = None
+                    ) -> IUserDirectory:
+    """open_directory from Settings: `settings.users.database` and `settings.mailboxes` (both
+    "" when the configuration schema does not have them)."""
+    users = getattr(settings, "users", None)
+    database = getattr(users, "database", "") or ""
+    return open_directory(database, settings.data, getattr(settings, "mailboxes", "") or "",
+                          settings.bcrypt_cost, on_event=on_event)
+
+
+def open_grants(store: IUserDirectory, data: Path | str,
+                on_change: Callable[[str, str], None] | None = None) -> IRelayGrants:
+    """The grants beside `store`: the same database for PostgreSQL, else the JSON file."""
+    if IRemoteDirectory.providedBy(store):
+        from mailappliance.users.pgstore import PgRelayGrants
+        return PgRelayGrants(store.db, on_change=on_change)
+    return RelayGrants(Path(data) / "relay-grants.json", on_change=on_change)
