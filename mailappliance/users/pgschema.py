@@ -103,8 +103,11 @@ class SchemaError(Exception):
 
 def installed_version(conn) -> int:
     """0 for a database without our schema; else the highest applied version."""
+    # pg_class through the statement's snapshot, not to_regclass(): the latter answers from
+    # this backend's catalog cache, which may not yet know a table another node just made.
     row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.schema_version",)).fetchone()
+        "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = 'schema_version')", (SCHEMA,)).fetchone()
     if not row[0]:
         return 0
     return conn.execute(f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_version"
@@ -126,10 +129,15 @@ def migrate(conn, migrations: tuple[tuple[int, str], ...] = MIGRATIONS) -> tuple
     if found > target:
         raise SchemaError(f"the database's schema {SCHEMA} is at version {found}, newer than "
                           f"this mailappliance knows ({target}): upgrade mailappliance")
+    # A session lock taken before the transaction begins: the transaction then starts after
+    # whatever another node committed while we waited, catalog included.
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             found = installed_version(conn)       # another node may have done it meanwhile
+            if found > target:
+                raise SchemaError(f"the database's schema {SCHEMA} is at version {found}, "
+                                  f"newer than this mailappliance knows ({target})")
             if found == 0:
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
                 conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version ("
@@ -145,4 +153,7 @@ def migrate(conn, migrations: tuple[tuple[int, str], ...] = MIGRATIONS) -> tuple
             f"cannot {'create' if found == 0 else 'upgrade'} schema {SCHEMA} "
             f"(version {found} -> {target}): {e.diag.message_primary}; run it once with a role "
             "that owns the database (see docs/SEVERAL_NODES.md)") from None
+    finally:
+        if not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
     return found, target

@@ -183,6 +183,7 @@ class _Watcher:
         self.stop_token = "stop " + secrets.token_hex(8)
         self._barriers: dict[str, threading.Event] = {}
         self.reconnects = 0
+        self.last_error = ""
 
     def ensure_started(self) -> None:
         if self._thread is not None or self._stop.is_set():
@@ -234,9 +235,14 @@ class _Watcher:
                     conn.execute(f"LISTEN {pgschema.CHANNEL}")
                     # Whatever was cached before this LISTEN may have missed a notification.
                     db.invalidate_all()
+                    # A sync() waiting since before now is served by that: its barrier may
+                    # have been sent to the connection that died.
+                    for event in list(self._barriers.values()):
+                        event.set()
                     if self.reconnects:
                         db.event("reconnected", "")
                     self.connected.set()
+                    self.last_error = ""
                     delay = RECONNECT_FIRST
                     while not self._stop.is_set():
                         sent = db.monotonic()
@@ -252,7 +258,8 @@ class _Watcher:
                 self.confirmed = float("-inf")
                 self.connected.clear()
                 self.reconnects += 1
-                db.event("lost", _one_line(e))
+                self.last_error = _one_line(e)
+                db.event("lost", self.last_error)
                 self._stop.wait(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
         self.connected.clear()
@@ -302,8 +309,13 @@ class PgDatabase:
     def ensure_schema(self) -> tuple[int, int]:
         """Create or upgrade the schema; (version found, version now). Raises SchemaError or
         DirectoryUnavailable."""
-        with self.connection() as conn:
-            return pgschema.migrate(conn, self._migrations)
+        # Its own connection, not the pool's: a refused password or an unknown database is
+        # reported as the server said it, where the pool would only time out.
+        try:
+            with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                return pgschema.migrate(conn, self._migrations)
+        except psycopg.OperationalError as e:
+            raise DirectoryUnavailable(f"database {self.description}: {_one_line(e)}") from None
 
     @contextmanager
     def connection(self):
@@ -316,8 +328,10 @@ class PgDatabase:
                 yield conn
         except PoolTimeout:
             self._broken_until = self.monotonic() + BREAKER_SECONDS
+            last = self.watcher.last_error
             raise DirectoryUnavailable(f"database {self.description}: no connection within "
-                                       f"{POOL_TIMEOUT:g} s") from None
+                                       f"{POOL_TIMEOUT:g} s" + (f" ({last})" if last else "")
+                                       ) from None
         except psycopg.OperationalError as e:
             self._broken_until = self.monotonic() + BREAKER_SECONDS
             raise DirectoryUnavailable(f"database {self.description}: {_one_line(e)}") from None
@@ -362,8 +376,8 @@ class PgDatabase:
             raise DirectoryUnavailable(f"database {self.description}: watcher not connected")
         token, event = watcher.barrier()
         try:
-            with self.connection() as conn:
-                conn.execute("SELECT pg_notify(%s, %s)", (pgschema.CHANNEL, token))
+            self.read(lambda conn: conn.execute("SELECT pg_notify(%s, %s)",
+                                                (pgschema.CHANNEL, token)))
             if not event.wait(max(0.0, timeout - (self.monotonic() - start))):
                 raise DirectoryUnavailable(f"database {self.description}: no notification "
                                            f"within {timeout:g} s")
