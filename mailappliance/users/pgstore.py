@@ -319,7 +319,7 @@ class PgDatabase:
 
     @contextmanager
     def connection(self):
-        """A pooled connection (autocommit; search_path set). Unreachable -> DirectoryUnavailable."""
+        """A pooled connection (autocommit, search_path set); DirectoryUnavailable if none."""
         if self.monotonic() < self._broken_until:
             raise DirectoryUnavailable(f"database {self.description} unreachable "
                                        "(failed less than a second ago)")
