@@ -47,12 +47,13 @@ def open_directory(database: str, data: Path | str, mailboxes: str | Path | None
     use, DirectoryUnavailable (an OSError) for a database it cannot reach.
     """
     if not database:
-        if mailboxes and mailbox_root(data, mailboxes) != Path(data) / "domains":
-            # The SQLite store keeps its Maildirs under data/domains; a shared tree is for
-            # several nodes, which need the shared database too.
-            raise StoreError("mailboxes: a separate Maildir tree needs [users] database "
-                             "(PostgreSQL); with the embedded store leave it empty")
-        return UserStore(data, bcrypt_cost)
+        store = UserStore(data, bcrypt_cost)
+        root = mailbox_root(data, mailboxes)
+        if root != store.domains_dir:
+            # UserStore keeps every Maildir path under its domains_dir.
+            root.mkdir(parents=True, exist_ok=True)
+            store.domains_dir = root
+        return store
     if not is_postgres(database):
         raise StoreError(f"[users] database: {database[:40]!r} is neither empty (SQLite) "
                          "nor a postgresql:// URI")
