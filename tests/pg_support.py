@@ -11,16 +11,23 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster():
-    """A running PostgreSQL cluster (mailappliance.testing.postgres.PostgresCluster)."""
+def require_psycopg(module_level: bool = False) -> None:
+    """Skip without psycopg and psycopg_pool (`pip install .[postgresql]`); fail in CI, whose
+    test extra installs them."""
     try:
         import psycopg  # noqa: F401
         import psycopg_pool  # noqa: F401
     except ImportError as e:
         if IN_CI:
-            pytest.fail(f"psycopg is required in CI (the test extra) but is missing: {e}")
-        pytest.skip(f"psycopg not installed: {e}")
+            pytest.fail(f"psycopg is required in CI (the test extra) but is missing: {e}",
+                        pytrace=False)
+        pytest.skip(f"psycopg not installed: {e}", allow_module_level=module_level)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A running PostgreSQL cluster (mailappliance.testing.postgres.PostgresCluster)."""
+    require_psycopg()
     from mailappliance.testing.postgres import ClusterUnavailable, PostgresCluster
     try:
         cluster = PostgresCluster()

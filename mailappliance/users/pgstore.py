@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Callable
 
 import psycopg
-from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 from zope.interface import implementer

@@ -11,12 +11,15 @@ from __future__ import annotations
 import threading
 import time
 
-import psycopg
 import pytest
 
-from mailappliance.users import pgschema
-from mailappliance.users.directory import MISS, DirectoryUnavailable
-from mailappliance.users.pgstore import (
+from tests.pg_support import require_psycopg
+
+require_psycopg(module_level=True)
+
+from mailappliance.users import pgschema  # noqa: E402
+from mailappliance.users.directory import MISS, DirectoryUnavailable  # noqa: E402
+from mailappliance.users.pgstore import (  # noqa: E402
     MAX_STALE_SECONDS,
     PgDatabase,
     PgRelayGrants,

@@ -30,8 +30,8 @@ def make_grants(request, tmp_path):
                                wallclock=lambda: c.wall, on_change=on_change)
         yield make
         return
+    uri = request.getfixturevalue("pg_uri")         # skips (or fails in CI) without PostgreSQL
     from mailappliance.users.pgstore import PgDatabase, PgRelayGrants
-    uri = request.getfixturevalue("pg_uri")
     opened = []
 
     def make(c, on_change=None, shared="mono"):
