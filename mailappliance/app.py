@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from twisted.python.threadpool import ThreadPool
 
     from mailappliance.access.dnsbl import DNSBLChecker
-    from mailappliance.access.relay import RelayGrants
     from mailappliance.dns import Resolver
     from mailappliance.drain import Drain
     from mailappliance.enddata import EndOfDataCheck
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
     from mailappliance.scan.service import ScanCheck
     from mailappliance.tls import TLSContext
     from mailappliance.users.auth import Authenticator
-    from mailappliance.users.store import UserStore
+    from mailappliance.users.directory import IRelayGrants, IUserDirectory
 
 
 @dataclass
@@ -53,10 +52,10 @@ class App:
 
     live: LiveSettings                  # the settings in force and their reload hooks
     reactor: IReactorTime               # and IReactorCore, IReactorFromThreads: the reactor
-    store: UserStore                    # domains, users, aliases
+    store: IUserDirectory               # domains, users, aliases ([users] database)
     threadpool: ThreadPool              # blocking work: bcrypt, SQLite, queue writes
     authenticator: Authenticator        # SMTP AUTH and POP3 logins
-    grants: RelayGrants                 # POP-before-SMTP roaming relay
+    grants: IRelayGrants                # POP-before-SMTP roaming relay
     tls: TLSContext | None              # None without [tls]
     resolver: Resolver
     dnsbl: DNSBLChecker
@@ -82,6 +81,20 @@ class App:
     # Run after every listener stopped accepting and before the other services stop; each may
     # return a Deferred (its owner bounds the wait). See AppService.
     stop_hooks: list[Callable[[], Any]] = field(default_factory=list)
+    # The pool that answers directory cache misses: PostgreSQL's own, else `threadpool`.
+    lookup_threads: ThreadPool | None = None
+
+    @property
+    def lookups(self):
+        """users.lookups.ReactorLookups on the current store and grants: what the reactor
+        thread asks (SMTP's RCPT and grant checks, POP3's grants). Made again when a test
+        puts another store or grants in place."""
+        made = self.__dict__.get("_lookups")
+        if made is None or made.store is not self.store or made.grants is not self.grants:
+            from mailappliance.users.lookups import ReactorLookups
+            made = self._lookups = ReactorLookups(
+                self.store, self.grants, self.reactor, self.lookup_threads or self.threadpool)
+        return made
 
     @property
     def settings(self) -> Settings:

@@ -256,7 +256,47 @@ def check_data(settings: Settings, user: ServerUser) -> list[str]:
     return problems
 
 
+def check_directory(settings: Settings, user: ServerUser) -> list[str]:
+    """[users] database = a PostgreSQL URI: reachable, its schema created or brought up to
+    date (as the server would at start), no alias shadowed by a user; `mailboxes` usable by
+    the server's user. Each problem one line, without the database password."""
+    problems = []
+    if settings.mailboxes is not None:
+        if not settings.mailboxes.is_dir():
+            problems.append(f"mailboxes: {settings.mailboxes} does not exist (create it, owned "
+                            f"by {user.name}; on NFS see docs/SEVERAL_NODES.md)")
+        else:
+            why = access_problem(settings.mailboxes, user, "mailboxes")
+            if why:
+                problems.append(why)
+    database = settings.users.database
+    if not database:
+        return problems
+    from mailappliance.users import backend
+    where = "users.database"
+    try:
+        from mailappliance.users.pgschema import SchemaError
+    except ImportError:
+        return problems + [f"{where}: PostgreSQL needs psycopg and psycopg_pool "
+                           "(pip install 'mailappliance[postgresql]')"]
+    try:
+        store = backend.open_directory(database, settings.data, settings.mailboxes or "",
+                                       settings.bcrypt_cost)
+    except (SchemaError, OSError) as e:
+        return problems + [f"{where}: {e}"]
+    try:
+        shadowed = sorted(store.shadowed_aliases())
+    except OSError as e:
+        return problems + [f"{where}: {e}"]
+    finally:
+        store.close()
+    return problems + [f"users: alias {a} is also a user and is never used; `mailappliance "
+                       f"alias del {a}`" for a in shadowed]
+
+
 def check_aliases(settings: Settings) -> list[str]:
+    if settings.users.database:
+        return []               # check_directory asked the database
     path = settings.data / "users.sqlite"
     if not path.exists():
         return []
@@ -352,4 +392,5 @@ def run(settings: Settings, user_name: str | None = None) -> tuple[ServerUser, l
     problems += check_data(settings, user)
     problems += check_listeners(settings)
     problems += check_aliases(settings)
+    problems += check_directory(settings, user)
     return user, problems

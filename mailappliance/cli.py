@@ -287,7 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mailappliance.privileges import drop_to_data_owner
             who = audit.caller()              # the real caller, before the switch
             drop_to_data_owner(settings.data)
-            store = UserStore(settings.data, settings.bcrypt_cost)
+            # [users] database: SQLite in the data directory, or the shared PostgreSQL (the
+            # change counts on every node within its staleness bound).
+            from mailappliance.users.backend import open_user_store
+            store = open_user_store(settings)
             change = _describe_change(args)
             try:
                 _store_command(args, store, sys.stdout)
@@ -317,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return client.run(args, settings)
     except (StoreError, ConfigError, Refused) as e:
         print(f"mailappliance: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ImportError as e:
+        # [users] database names PostgreSQL on a machine without its driver.
+        print(f"mailappliance: users.database: {e.name or e}: not installed "
+              "(pip install 'mailappliance[postgresql]')", file=sys.stderr)
         return EXIT_REFUSED
     except (OSError, sqlite3.Error) as e:
         # A full disk, a file of the wrong owner: the file and the system's words, one line.

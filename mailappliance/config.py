@@ -36,6 +36,10 @@ INTEGER, BOOLEAN, STRING, PATH, STRINGS, ENDPOINTS, HOSTPORTS, ROUTES = (
 NUMBER = "number"           # a TOML integer or float (finite)
 
 
+# Path keys whose documented way of saying "the default" is "" (DESIGN.md 3: mailboxes = "").
+EMPTY_MEANS_DEFAULT = frozenset({"mailboxes"})
+
+
 def setting(kind: str, default: Any = dataclasses.MISSING, doc: str = "", *,
             minimum: int | None = None, maximum: int | None = None,
             shown: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
@@ -245,6 +249,13 @@ class ScanSettings:
 
 
 @dataclass(frozen=True)
+class UsersSettings:
+    database: str = setting(STRING, "", "where domains, users, aliases and roaming grants live: "
+                            "\"\" = DATA/users.sqlite (one node); a libpq URI "
+                            "\"postgresql://...\" shared by several nodes (docs/SEVERAL_NODES.md)")
+
+
+@dataclass(frozen=True)
 class Settings:
     hostname: str = setting(STRING, doc="greeting and Received: name (qmail's me)",
                             shown="the machine's name (socket.getfqdn())")
@@ -254,6 +265,8 @@ class Settings:
                                          "default domain)")
     bcrypt_cost: int = setting(INTEGER, 12, "bcrypt cost of new password hashes", minimum=4,
                                maximum=31)
+    mailboxes: Path | None = setting(PATH, None, "the Maildir tree (DOMAIN/USER/Maildir); a tree "
+                                     "shared by several nodes, e.g. on NFS", shown="DATA/domains")
     config_path: Path | None = None
     listen: ListenSettings = section(ListenSettings, "Where each service listens: lists of "
                                      "Twisted endpoint strings; [] turns a service off.")
@@ -282,6 +295,8 @@ class Settings:
     scan: ScanSettings = section(ScanSettings, "Content checks after the final dot, before the "
                                  "250 (qmail-scanner): viruses through clamd, spam through "
                                  "rspamd; see docs/SCANNING.md.")
+    users: UsersSettings = section(UsersSettings, "The user directory and roaming grants (several "
+                                   "nodes share one PostgreSQL database).")
     rules: Rules | None = None
     # How these settings were made, so a reload (SIGHUP, `mailappliance reload`) can apply the
     # same command-line overrides, relative to the same directory, to the re-read file.
@@ -413,6 +428,8 @@ def _convert(file: str, key: str, spec: Key, value: Any, base: Path) -> Any:
             raise _error(file, key, f"must be one of {', '.join(spec.choices)}, got {value!r}")
         return value
     if kind == PATH:
+        if value == "" and spec.name in EMPTY_MEANS_DEFAULT:
+            return None
         if not isinstance(value, str) or not value or "\0" in value:
             raise _error(file, key, f"expected a path string, got {_type_name(value)}")
         p = Path(value).expanduser()
@@ -579,6 +596,12 @@ def load_settings(config: str | os.PathLike[str] | None = None,
         raise _error(where, "dkim.selector", f"{parts['dkim'].selector!r} is not a DKIM selector "
                      f"(DNS labels: letters, digits, '-', '_', '.')")
     _check_scan(where, parts["scan"])
+    database = parts["users"].database
+    if database and not database.startswith(("postgresql://", "postgres://")):
+        raise _error(where, "users.database", "expected \"\" (SQLite in the data directory) "
+                     "or a postgresql:// URI")
+    if top.get("mailboxes") is not None:
+        top["mailboxes"] = Path(os.path.abspath(top["mailboxes"]))
     rules = None
     if check_files and smtp.rules is not None:
         rules = load_rules(smtp.rules)

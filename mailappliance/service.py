@@ -32,7 +32,6 @@ from twisted.python.threadpool import ThreadPool
 from mailappliance import datadir, dns, instance, metrics, tls as tls_part
 from mailappliance import logging as log_part
 from mailappliance.access.dnsbl import DNSBLChecker
-from mailappliance.access.relay import RelayGrants
 from mailappliance.admin import service as admin_service
 from mailappliance.app import App, Listener, ReadyService
 from mailappliance.config import Settings
@@ -49,7 +48,8 @@ from mailappliance.reload import HangupService, LiveSettings, Reloader, follow_b
 from mailappliance.scan.service import ScanCheck
 from mailappliance.smtp import service as smtp_service
 from mailappliance.users.auth import Authenticator
-from mailappliance.users.store import UserStore
+from mailappliance.users.backend import open_grants, open_user_store
+from mailappliance.users.directory import IRelayGrants, IRemoteDirectory, IUserDirectory
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (IProtocolFactory, IStreamServerEndpoint)
@@ -116,6 +116,40 @@ def follow_tls_reload(app: App, settings: Settings) -> None:
 
 _grant_log = Logger(namespace="mailappliance.pop3")
 _descriptor_log = Logger(namespace="mailappliance.service")
+_directory_log = Logger(namespace="mailappliance.users")
+
+# Threads that answer the directory's cache misses with PostgreSQL (users/lookups.py): their
+# own pool, so an RCPT never queues behind the queue's fsync batches in the main one. As many
+# as the database connections one node holds (pgstore.POOL_MAX): more would only wait there.
+LOOKUP_THREADS_MAX = 4
+
+
+def _log_directory_event(what: str, why: str) -> None:
+    # The watcher's connection (users/pgstore.py): lost means lookups bypass the cache and a
+    # database that stays away turns RCPTs and logins into temporary failures.
+    if what == "lost":
+        _directory_log.warn("directory: database connection lost: {why}", why=why)
+    else:
+        _directory_log.info("directory: database connection {what}", what=what)
+
+
+class DirectoryService(service.Service):
+    """PostgreSQL's pool and watcher threads, started here (after twistd forked and dropped
+    privileges: a fork keeps no threads) and closed last, after everything that asks them."""
+
+    def __init__(self, store: IUserDirectory) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        db = getattr(self.store, "db", None)
+        if db is not None:
+            db.start()
+
+    def stopService(self):
+        super().stopService()
+        from twisted.internet.threads import deferToThread
+        return deferToThread(self.store.close)     # joins the watcher: not on the reactor
 
 
 def _log_grant_change(event: str, ip: str) -> None:
@@ -178,10 +212,11 @@ class Shared:
     """The parts built first, before the instance lock (as they always were): the user store
     (it creates the data directory), the thread pool, the authenticator, the relay grants."""
 
-    store: UserStore
+    store: IUserDirectory
     threadpool: ThreadPool
     authenticator: Authenticator
-    grants: RelayGrants
+    grants: IRelayGrants
+    lookup_threads: ThreadPool | None = None     # directory misses: PostgreSQL's own pool
 
 
 def build_shared(settings: Settings, reactor, threadpool: ThreadPool | None = None,
@@ -190,11 +225,17 @@ def build_shared(settings: Settings, reactor, threadpool: ThreadPool | None = No
     grants that expire on the test's reactor clock."""
     data = settings.data
     datadir.make_dir(data)                                 # 0700 if new (datadir.py)
-    store = UserStore(data, settings.bcrypt_cost)
+    # [users] database: SQLite in data (as always) or PostgreSQL, whose schema is created or
+    # upgraded here; its threads start in DirectoryService, after twistd forks.
+    store = open_user_store(settings, on_event=_log_directory_event, start=False)
     pool = threadpool or ThreadPool(THREADPOOL_MIN, THREADPOOL_MAX, name="mailappliance")
+    lookup_threads = pool
+    if IRemoteDirectory.providedBy(store):
+        lookup_threads = threadpool or ThreadPool(1, LOOKUP_THREADS_MAX,
+                                                  name="mailappliance-directory")
     return Shared(store, pool, Authenticator(store, reactor, pool),
-                  RelayGrants(data / "relay-grants.json", clock=grants_clock,
-                              on_change=_log_grant_change))
+                  open_grants(store, data, on_change=_log_grant_change, clock=grants_clock),
+                  lookup_threads)
 
 
 def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, Any],
@@ -230,7 +271,8 @@ def build_app(settings: Settings, reactor, shared: Shared, *, stats: dict[str, A
               reloader=reloader, drain=drain, verifier=mailauth.verifier,
               signer=mailauth.signer, end_of_data=build_end_of_data(mailauth, scan),
               stats=stats, started=started,
-              instance_lock=instance_lock, stop_hooks=[drain.start], scan=scan)
+              instance_lock=instance_lock, stop_hooks=[drain.start], scan=scan,
+              lookup_threads=shared.lookup_threads)
     hooks = [] if follow_log is None else [follow_log]
     hooks += [lambda new: follow_tls_reload(app, new), resolver.reload, dnsbl.reload,
               queue.follow, follow_bcrypt_cost(shared.store), mailauth.follow, scan.follow]
@@ -317,9 +359,13 @@ def make_service(settings: Settings, reactor=None) -> AppService:
     reactor.callWhenRunning(app.scan.start)
     top = AppService(app)
     parts: list[service.IService] = [
+        # PostgreSQL's threads: started first, stopped last (SQLite has none).
+        *([DirectoryService(app.store)] if IRemoteDirectory.providedBy(app.store) else []),
         ThreadPoolService(app.threadpool),
         log_service,
         ThreadPoolService(app.delivery_threads),          # stops after the manager
+        *([ThreadPoolService(app.lookup_threads)]
+          if app.lookup_threads not in (None, app.threadpool) else []),
         app.queue_manager,
         HangupService(app.reloader, reactor),              # SIGHUP
         NotifyService(ready, reactor),                     # sd_notify READY/WATCHDOG/STOPPING

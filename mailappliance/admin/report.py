@@ -56,6 +56,10 @@ class StatSnapshot:
     rules: str | None = None                 # "N rules from FILE" or None
     extra: tuple[str, ...] = field(default_factory=tuple)
     counters: dict = field(default_factory=dict)   # stat_counters(): what `extra` says, as numbers
+    # The user directory this node uses ([users] database; a URI without its password) and
+    # its mailbox tree: several nodes share both (docs/SEVERAL_NODES.md).
+    database: str | None = None
+    mailboxes: str | None = None
 
 
 def format_stat(s: StatSnapshot, now: float) -> list[str]:
@@ -66,6 +70,8 @@ def format_stat(s: StatSnapshot, now: float) -> list[str]:
         config += f", loaded {int(now - s.config_loaded)} seconds ago"
     lines.append(f"config: {config}")
     lines.append(f"rules: {s.rules or 'none (nobody relays by IP)'}")
+    if s.database is not None:
+        lines.append(f"users: {s.database}, mailboxes {s.mailboxes or '-'}")
     for svc in s.services:
         up = ("up " + f"{int(now - svc.started_at)} seconds") if svc.started_at else "down"
         where = " ".join(svc.addresses) or "-"
@@ -110,6 +116,8 @@ def stat_json(s: StatSnapshot, now: float) -> dict:
                    "loaded_seconds_ago": None if s.config_loaded is None
                    else int(now - s.config_loaded)},
         "rules": s.rules,
+        "database": s.database,
+        "mailboxes": s.mailboxes,
         "services": [{"kind": svc.kind, "addresses": list(svc.addresses),
                       "up_seconds": int(now - svc.started_at) if svc.started_at else None,
                       "connections_now": svc.connections_now or 0,

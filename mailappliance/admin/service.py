@@ -499,6 +499,7 @@ def cmd_stat(proto, cmd):
             last_errors=tuple(last), config_path=str(settings.config_path)
             if settings.config_path else None,
             config_loaded=app.stats.get("config_loaded"), rules=rules,
+            database=_database_text(app), mailboxes=str(app.store.domains_dir),
             extra=tuple(report.counter_lines(dict(app.injector.stats),
                                              dict(app.queue_manager.stats),
                                              dict(app.resolver.stats))),
@@ -516,6 +517,15 @@ def cmd_stat(proto, cmd):
     d.addCallback(lambda n: queue_facts(app, n))
     d.addCallback(build)
     return d
+
+
+def _database_text(app: App) -> str:
+    """The directory's database for `stat`: sqlite:FILE or the URI without its password."""
+    described = getattr(app.store, "description", None)
+    if described:
+        return described
+    from mailappliance.users.backend import describe_database
+    return describe_database(app.settings.users.database, app.settings.data)
 
 
 def queue_count(app: App) -> int:
@@ -747,7 +757,12 @@ def cmd_alias_list(proto, cmd):
 
 
 def cmd_relay_list(proto, cmd):
-    return report.format_grants(list(proto.factory.app.grants.entries()))
+    grants = proto.factory.app.grants
+    if proto.factory.app.lookups.remote_grants:       # PostgreSQL: a query, in a thread
+        d = _blocking(proto, grants.entries)
+        d.addCallback(lambda entries: report.format_grants(list(entries)))
+        return d
+    return report.format_grants(list(grants.entries()))
 
 
 # Command name (protocol.COMMANDS) -> handler(protocol, command) -> lines | Deferred[lines].

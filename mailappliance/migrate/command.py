@@ -120,7 +120,7 @@ def run(args, settings: Settings, out=None, err=None) -> int:
     if args.dry_run:
         store = execute.ReadOnlyStore(data)
     else:
-        store = execute.open_store(data, settings.bcrypt_cost, owner)
+        store = execute.open_store(data, settings.bcrypt_cost, owner, settings)
     try:
         importer = execute.Importer(store, data, link=args.link, dry_run=args.dry_run,
                                     owner=owner, bcrypt_cost=settings.bcrypt_cost,

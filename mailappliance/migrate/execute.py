@@ -428,10 +428,18 @@ def adopt_file(owner: tuple[int, int] | None, path: str) -> None:
                 raise
 
 
-def open_store(data: Path, bcrypt_cost: int, owner: tuple[int, int] | None) -> UserStore:
+def open_store(data: Path, bcrypt_cost: int, owner: tuple[int, int] | None,
+               settings=None):
     """The user store, its files given to the data directory's owner (run as root, SQLite
     creates them as root; SQLite itself keeps the -wal and -shm files with the database's
-    owner once that is right)."""
+    owner once that is right). With `[users] database` a PostgreSQL URI in `settings`, the
+    shared database (its schema created or upgraded) and the `mailboxes` tree."""
+    database = getattr(getattr(settings, "users", None), "database", "")
+    if database:
+        from mailappliance.users.backend import open_directory
+        store = open_directory(database, data, settings.mailboxes or "", bcrypt_cost)
+        adopt(owner, store.domains_dir)
+        return store
     store = UserStore(data, bcrypt_cost)
     # One fsync per added user (synchronous=FULL, the server's setting) made 10,000 users take
     # most of a minute. WAL with synchronous=NORMAL still survives a kill of this process; a

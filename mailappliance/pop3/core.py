@@ -98,6 +98,7 @@ REPLIES: dict[str, str] = {
     "stls_unavailable": "-ERR STLS not available: no certificate configured",
     "in_use": "-ERR [IN-USE] mailbox in use by another POP3 session",
     "mailbox_error": "-ERR [SYS/TEMP] unable to open the mailbox",
+    "auth_unavailable": "-ERR [SYS/TEMP] unable to check the password now, try again later",
     "quit": "+OK signing off",
     "update_failed": "-ERR [SYS/TEMP] some deleted messages were not removed",
     "timeout": "-ERR autologout: idle for too long",
@@ -444,6 +445,14 @@ class POP3Session:
             self._close("too many failed logins")
         else:
             self._send(reply("auth_failed"))
+
+    def login_unavailable(self) -> None:
+        """The password could not be checked (user directory unreachable): not counted as a
+        failure, and the client may try again."""
+        if not self._expect("auth"):
+            return
+        self.login = None
+        self._send(reply("auth_unavailable"))
 
     def mailbox_unavailable(self, in_use: bool) -> None:
         """The password was right but the mailbox is locked by another session or unreadable."""

@@ -455,10 +455,16 @@ class POP3ServerProtocol(Protocol):
         # The user store failed (disk, database): not the client's fault, so no penalty, but
         # no access either.
         self._release(None)
-        self.log.failure("password check failed: rip={ip} user=<{user}>", failure,
-                         ip=self.ip, user=escape_login(login))
+        if failure.check(OSError):
+            # The directory is unreachable (DirectoryUnavailable) or the disk failed: one
+            # line, and a temporary answer (RFC 3206 SYS/TEMP), never "wrong password".
+            self.log.error("password check failed: rip={ip} user=<{user}>: {why}",
+                           ip=self.ip, user=escape_login(login), why=str(failure.value))
+        else:
+            self.log.failure("password check failed: rip={ip} user=<{user}>", failure,
+                             ip=self.ip, user=escape_login(login))
         if not self._closed:
-            self.session.login_failed()
+            self.session.login_unavailable()
             self._resume()
 
     def _password_checked(self, user, login: str) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailappliance.config import ConfigError
@@ -43,9 +44,19 @@ class _Shared:
         self.sweeper.clock = app.reactor
 
     @staticmethod
-    def _sweep(app: App) -> None:
-        # RelayGrants' on_change hook (service.py) logs each expiry it drops.
-        app.grants.expire()
+    def _sweep(app: App):
+        # The grants' on_change hook (service.py) logs each expiry it drops. With PostgreSQL
+        # a Deferred from a thread (app.lookups); a failure is logged and the sweep goes on.
+        try:
+            result = app.lookups.expire()
+        except OSError as e:
+            log.warn("roaming relay sweep failed: {why}", why=str(e))
+            return None
+        if isinstance(result, defer.Deferred):
+            result.addErrback(lambda f: log.warn("roaming relay sweep failed: {why}",
+                                                 why=str(f.value)))
+            return result
+        return None
 
 
 _shared: dict[int, _Shared] = {}
@@ -101,9 +112,23 @@ def build_factory(app: App, kind: str):
         minutes = app.settings.pop3.roaming_relay_minutes
         if minutes <= 0:
             return
-        app.grants.grant(ip, minutes * 60)
-        log.info("roaming relay granted: rip={ip} user=<{user}> minutes={minutes}",
-                 ip=ip, user=user.address, minutes=minutes)
+        def granted(_=None):
+            log.info("roaming relay granted: rip={ip} user=<{user}> minutes={minutes}",
+                     ip=ip, user=user.address, minutes=minutes)
+
+        def failed(f):
+            # The login stands (the mailbox is there); only the relay window is missing.
+            log.error("roaming relay grant failed: rip={ip} user=<{user}>: {why}", ip=ip,
+                      user=user.address, why=str(f.value))
+        try:
+            result = app.lookups.grant(ip, minutes * 60)
+        except OSError as e:
+            failed(Failure(e))
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(granted, failed)
+        else:
+            granted()
 
     def limits() -> tuple[int, int, int]:
         s = app.settings

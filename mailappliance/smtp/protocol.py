@@ -31,10 +31,15 @@ Recipient lookups call the user store on the reactor thread: each is one or two 
 SELECTs on a SQLite database in WAL mode (readers never wait for writers, no fsync), tens of
 microseconds; sending them through the thread pool would cost more than the query and queue them
 behind the queue's fsyncs in the same pool, adding a disk latency to every RCPT under load.
+With PostgreSQL ([users] database) they go through `app.lookups` (users/lookups.py): the cache
+answers at once, a miss is a Deferred from the directory's own threads. The roaming grant is
+asked the same way at connect (reading pauses until it is known) and at RCPT; when it cannot
+be known and the verdict depends on it, RCPT answers 451 (never a wrong accept or reject).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import typing
 from typing import Any, Mapping
@@ -62,6 +67,7 @@ from mailappliance.smtp.core import (
 from mailappliance.smtp.submission import SessionAuth
 from mailappliance.smtp.trace import MessageIdScanner, trace_text
 from mailappliance.smtp.replies import Reply
+from mailappliance.users.directory import MISS
 
 # Pipelined input waiting while a decision is pending: above this, stop reading the socket until
 # the decision arrives (TCP flow control pushes back on the client). Four command lines' worth of
@@ -140,6 +146,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._checks: list = []        # the app.end_of_data checks this transaction wants
         self._mid_scan: MessageIdScanner | None = None   # while DATA runs: the Message-ID
         self._connected_at: float | None = None          # a session (not a refusal) started
+        self._granted = False          # the roaming grant as last known (relay_client())
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -166,7 +173,35 @@ class SMTPServerProtocol(protocol.Protocol):
             self.transport.loseConnection()
             return
         env = dict(decision.env)
-        if self.ip and app.grants is not None and app.grants.is_granted(self.ip):
+        try:
+            granted = self._ask_grant()
+        except OSError as e:
+            self._grant_failed(e)
+            granted = False
+        if isinstance(granted, Deferred):
+            # PostgreSQL cache miss: read nothing until the answer (or its failure) is in.
+            self.transport.pauseProducing()
+
+            def known(result):
+                if isinstance(result, Failure):
+                    if not result.check(OSError):
+                        return result
+                    self._grant_failed(result.value)
+                    result = False
+                if not self._lost:
+                    self.transport.resumeProducing()
+                    self._begin(env, result)
+            granted.addBoth(known).addErrback(
+                lambda f: self.log.failure("grant check failed: rip={ip}", f, ip=self.ip))
+            return
+        self._begin(env, granted)
+
+    def _begin(self, env: dict, granted: bool) -> None:
+        app, factory = self.app, self.factory
+        settings = app.settings
+        drain = app.drain
+        self._granted = granted
+        if granted:
             # vchkpw roaming users: POP-before-SMTP opens relaying for a while, without DNSBL.
             env.setdefault("RELAYCLIENT", "")
             env.setdefault("RBLSMTPD", "")
@@ -534,35 +569,106 @@ class SMTPServerProtocol(protocol.Protocol):
             return refusal
         return reply
 
-    def _rcpt(self, ev: RcptTo) -> Reply:
+    def _rcpt(self, ev: RcptTo) -> Reply | Deferred:
         dest = classify(ev.path)
-        store = self.app.store
+        lookups = self.app.lookups
         try:
             if dest.literal:
                 local = relay_policy.REMOTE
             elif relay_policy.needs_user_lookup(dest):
-                local = store.lookup_recipient(str(ev.recipient))
+                local = lookups.lookup_recipient(str(ev.recipient))
             else:
-                local = relay_policy.UNKNOWN if store.has_domain(dest.domain) \
-                    else relay_policy.REMOTE
+                local = lookups.has_domain(dest.domain)
+                if isinstance(local, Deferred):
+                    local.addCallback(lambda has: relay_policy.UNKNOWN if has
+                                      else relay_policy.REMOTE)
+                else:
+                    local = relay_policy.UNKNOWN if local else relay_policy.REMOTE
         except (sqlite3.Error, OSError) as e:
-            self.log.error("recipient lookup failed: rip={ip}: {why}", ip=self.ip, why=str(e))
+            return self._lookup_failed(e)
+        if isinstance(local, Deferred):
+            def failed(f: Failure):
+                f.trap(sqlite3.Error, OSError)
+                return self._lookup_failed(f.value)
+            return local.addCallbacks(self._rcpt_known, failed, callbackArgs=(ev, dest))
+        return self._rcpt_known(local, ev, dest)
+
+    def _lookup_failed(self, e: BaseException) -> Reply:
+        self.log.error("recipient lookup failed: rip={ip}: {why}", ip=self.ip, why=str(e))
+        return replies.LOOKUP_FAILED
+
+    def _grant_failed(self, e: BaseException) -> None:
+        self.log.error("roaming grant lookup failed: rip={ip}: {why}", ip=self.ip, why=str(e))
+
+    def _ask_grant(self) -> bool | Deferred:
+        """The roaming grant of this client: a bool, or a Deferred (PostgreSQL cache miss);
+        raises or fails with OSError when it cannot be known."""
+        if not self.ip or self.app.grants is None:
+            return False
+        return self.app.lookups.is_granted(self.ip)
+
+    def _rcpt_known(self, local: str, ev: RcptTo, dest) -> Reply | Deferred:
+        if self.app.grants is not None and not self.app.lookups.remote_grants:
+            # The embedded grants file: asked at once, as always.
+            return self._rcpt_decide(local, ev, dest, self.relay_client())
+        client = self.relay_client(granted=False)
+        if relay_policy.decide(dest, local, client).accept or \
+                not relay_policy.decide(dest, local, dataclasses.replace(client, granted=True)).accept:
+            return self._rcpt_decide(local, ev, dest, client)     # the grant cannot matter
+        # Checked again per RCPT: a POP3 login during this session counts at once.
+        try:
+            granted = self._ask_grant()
+        except OSError as e:
+            granted = e
+        if isinstance(granted, Deferred):
+            def unknown(f: Failure):
+                f.trap(OSError)
+                return self._rcpt_granted(f.value, local, ev, dest, client)
+            return granted.addCallbacks(self._rcpt_granted, unknown,
+                                        callbackArgs=(local, ev, dest, client))
+        return self._rcpt_granted(granted, local, ev, dest, client)
+
+    def _rcpt_granted(self, granted, local: str, ev: RcptTo, dest,
+                      client: relay_policy.RelayClient) -> Reply:
+        if isinstance(granted, BaseException):
+            # The verdict hangs on a grant nobody can read now: neither accept nor refuse.
+            self._grant_failed(granted)
             return replies.LOOKUP_FAILED
-        verdict = relay_policy.decide(dest, local, self.relay_client())
+        self._granted = bool(granted)
+        return self._rcpt_decide(local, ev, dest,
+                                 dataclasses.replace(client, granted=True) if granted else client)
+
+    def _rcpt_decide(self, local: str, ev: RcptTo, dest,
+                     client: relay_policy.RelayClient) -> Reply:
+        verdict = relay_policy.decide(dest, local, client)
         if not verdict.accept:
             self.log.info("refused rcpt: rip={ip} rcpt=<{rcpt}>: {why} ({tricks})", ip=self.ip,
                           rcpt=str(ev.recipient), why=verdict.why,
                           tricks=",".join(sorted(dest.tricks)) or "-")
         return replies.rcpt_reply(verdict)
 
-    def relay_client(self) -> relay_policy.RelayClient:
-        grants = self.app.grants
+    def relay_client(self, granted: bool | None = None) -> relay_policy.RelayClient:
+        """Who may relay now. `granted` None: the roaming grant as the grants say at once
+        (the embedded file: asked; PostgreSQL: its cache, else the last answer this session
+        had, which RCPT keeps fresh)."""
         core = self.core
+        if granted is None:
+            granted = self._granted_now()
         return relay_policy.RelayClient(
             relayclient="RELAYCLIENT" in self.env,
             authenticated=core is not None and core.authenticated,
             # Checked again per RCPT: a POP3 login during this session counts at once.
-            granted=bool(self.ip) and grants is not None and grants.is_granted(self.ip))
+            granted=granted)
+
+    def _granted_now(self) -> bool:
+        grants = self.app.grants
+        if not self.ip or grants is None:
+            return False
+        lookups = self.app.lookups
+        if not lookups.remote_grants:
+            return grants.is_granted(self.ip)
+        hit = grants.peek(self.ip)
+        return self._granted if hit is MISS else bool(hit)
 
     def _data_start(self, ev: DataStart) -> Reply:
         injector = self.app.injector

@@ -40,11 +40,14 @@ def mailbox_root(data: Path | str, mailboxes: str | Path | None) -> Path:
 
 def open_directory(database: str, data: Path | str, mailboxes: str | Path | None = None,
                    bcrypt_cost: int = passwords.DEFAULT_COST, *,
-                   on_event: Callable[[str, str], None] | None = None) -> IUserDirectory:
+                   on_event: Callable[[str, str], None] | None = None,
+                   start: bool = True) -> IUserDirectory:
     """The IUserDirectory for `database` ("" or a postgresql:// URI).
 
     Raises StoreError for a value that is neither, pgschema.SchemaError for a schema it cannot
-    use, DirectoryUnavailable (an OSError) for a database it cannot reach.
+    use, DirectoryUnavailable (an OSError) for a database it cannot reach. `start=False` (the
+    server, before twistd forks): PostgreSQL's pool and watcher threads start later, at
+    `store.db.start()` or the first lookup.
     """
     if not database:
         store = UserStore(data, bcrypt_cost)
@@ -58,23 +61,29 @@ def open_directory(database: str, data: Path | str, mailboxes: str | Path | None
         raise StoreError(f"[users] database: {database[:40]!r} is neither empty (SQLite) "
                          "nor a postgresql:// URI")
     from mailappliance.users.pgstore import PgUserStore
-    return PgUserStore(database, mailbox_root(data, mailboxes), bcrypt_cost, on_event=on_event)
+    return PgUserStore(database, mailbox_root(data, mailboxes), bcrypt_cost, on_event=on_event,
+                       start=start)
 
 
-def open_user_store(settings, *, on_event: Callable[[str, str], None] | None = None
-                    ) -> IUserDirectory:
+def open_user_store(settings, *, on_event: Callable[[str, str], None] | None = None,
+                    start: bool = True) -> IUserDirectory:
     """open_directory from Settings: `settings.users.database` and `settings.mailboxes` (both
     "" when the configuration schema does not have them)."""
     users = getattr(settings, "users", None)
     database = getattr(users, "database", "") or ""
     return open_directory(database, settings.data, getattr(settings, "mailboxes", "") or "",
-                          settings.bcrypt_cost, on_event=on_event)
+                          settings.bcrypt_cost, on_event=on_event, start=start)
 
 
 def open_grants(store: IUserDirectory, data: Path | str,
-                on_change: Callable[[str, str], None] | None = None) -> IRelayGrants:
-    """The grants beside `store`: the same database for PostgreSQL, else the JSON file."""
+                on_change: Callable[[str, str], None] | None = None,
+                clock: Callable[[], float] | None = None) -> IRelayGrants:
+    """The grants beside `store`: the same database for PostgreSQL, else the JSON file.
+    `clock`: the JSON file's (monotonic by default; tests give the reactor's); the database
+    keeps its own, shared by the nodes."""
     if IRemoteDirectory.providedBy(store):
         from mailappliance.users.pgstore import PgRelayGrants
         return PgRelayGrants(store.db, on_change=on_change)
-    return RelayGrants(Path(data) / "relay-grants.json", on_change=on_change)
+    if clock is None:
+        return RelayGrants(Path(data) / "relay-grants.json", on_change=on_change)
+    return RelayGrants(Path(data) / "relay-grants.json", clock=clock, on_change=on_change)

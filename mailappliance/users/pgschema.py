@@ -25,6 +25,8 @@ commit order, to every session that LISTENs (pgstore's watcher).
 
 from __future__ import annotations
 
+from mailappliance.users.store import StoreError
+
 SCHEMA = "mailappliance"
 CHANNEL = "mailappliance"
 # pg_advisory_xact_lock key for migrations: "mailappl" as a big-endian int64, so it cannot
@@ -97,7 +99,7 @@ CREATE TRIGGER relay_grants_truncated AFTER TRUNCATE
 CURRENT_VERSION = MIGRATIONS[-1][0]
 
 
-class SchemaError(Exception):
+class SchemaError(StoreError):
     """The database's schema cannot be used or brought up to date; str() is one line."""
 
 

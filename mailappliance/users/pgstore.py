@@ -56,6 +56,7 @@ from mailappliance.users.store import (
     StoreError,
     User,
     _check_target,
+    _count_mail,
     normalize_domain,
     normalize_local,
     split_address,
@@ -276,7 +277,11 @@ class PgDatabase:
     def __init__(self, database: str, *, pool_max: int = POOL_MAX,
                  monotonic: Callable[[], float] = time.monotonic,
                  on_event: Callable[[str, str], None] | None = None,
-                 migrations=pgschema.MIGRATIONS, probe_seconds: float = PROBE_SECONDS) -> None:
+                 migrations=pgschema.MIGRATIONS, probe_seconds: float = PROBE_SECONDS,
+                 start: bool = True) -> None:
+        """`start=False`: no thread yet (the pool opens and the watcher starts at `start()`
+        or at the first lookup): the server opens the database before twistd forks, and a
+        fork keeps no threads."""
         self.database = database
         self.probe_seconds = probe_seconds
         self.description = describe(database)
@@ -292,7 +297,20 @@ class PgDatabase:
             self.conninfo, min_size=1, max_size=pool_max, open=False, timeout=POOL_TIMEOUT,
             kwargs={"autocommit": True}, configure=self._configure,
             name="mailappliance", reconnect_timeout=60.0)
-        self.pool.open(wait=False)
+        self._started = False
+        self._start_lock = threading.Lock()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Open the pool and start the watcher (idempotent, thread-safe)."""
+        if self._started:
+            return
+        with self._start_lock:
+            if not self._started:
+                self.pool.open(wait=False)
+                self._started = True
+        self.watcher.ensure_started()
 
     def _configure(self, conn) -> None:
         conn.execute(f"SET search_path TO {pgschema.SCHEMA}")
@@ -319,6 +337,8 @@ class PgDatabase:
     @contextmanager
     def connection(self):
         """A pooled connection (autocommit, search_path set); DirectoryUnavailable if none."""
+        if not self._started:
+            self.start()
         if self.monotonic() < self._broken_until:
             raise DirectoryUnavailable(f"database {self.description} unreachable "
                                        "(failed less than a second ago)")
@@ -407,9 +427,10 @@ class PgUserStore:
 
     def __init__(self, database: str | PgDatabase, mailboxes: Path | str,
                  bcrypt_cost: int = passwords.DEFAULT_COST, *, migrate: bool = True,
-                 on_event: Callable[[str, str], None] | None = None) -> None:
+                 on_event: Callable[[str, str], None] | None = None,
+                 start: bool = True) -> None:
         self.db = database if isinstance(database, PgDatabase) \
-            else PgDatabase(database, on_event=on_event)
+            else PgDatabase(database, on_event=on_event, start=start)
         self._owns_db = not isinstance(database, PgDatabase)
         self.description = self.db.description
         self.bcrypt_cost = bcrypt_cost
@@ -474,17 +495,36 @@ class PgUserStore:
     @staticmethod
     def _set_role_aliases(conn, domain: str, target: str) -> None:
         for role in ROLE_ALIASES:
-            conn.execute("INSERT INTO aliases(domain, local, targets) VALUES (%s, %s, %s) "
-                         "ON CONFLICT DO NOTHING", (domain, role, [target]))
+            # A role name that is a real mailbox keeps its mail: no alias shadows a user.
+            conn.execute("INSERT INTO aliases(domain, local, targets) SELECT %s, %s, %s "
+                         "WHERE NOT EXISTS (SELECT 1 FROM users WHERE domain=%s AND local=%s) "
+                         "ON CONFLICT DO NOTHING", (domain, role, [target], domain, role))
 
-    def del_domain(self, name: str) -> None:
+    def count_domain_mail(self, name: str) -> int:
+        """Messages in the Maildirs of a domain's users (as UserStore.count_domain_mail)."""
+        return _count_mail(self.domains_dir / normalize_domain(name))
+
+    def del_domain(self, name: str, force: bool = False) -> int:
+        """As UserStore.del_domain: refused while its mailboxes hold mail, unless `force`."""
         domain = normalize_domain(name)
+        if not self.has_domain(domain):
+            raise StoreError(f"no such domain: {domain}")
+        stored = _count_mail(self.domains_dir / domain)
+        if stored and not force:
+            raise StoreError(f"domain {domain} has {stored} message{'s' * (stored != 1)} in "
+                             f"its mailboxes; `domain del {domain} --force` deletes "
+                             f"{'them' if stored != 1 else 'it'} too")
 
         def tx(conn):       # users and aliases go with it (ON DELETE CASCADE)
             if conn.execute("DELETE FROM domains WHERE name=%s", (domain,)).rowcount == 0:
                 raise StoreError(f"no such domain: {domain}")
         self._write(tx)
-        shutil.rmtree(self.domains_dir / domain, ignore_errors=True)
+        path = self.domains_dir / domain
+        if not force and _count_mail(path):
+            raise StoreError(f"domain {domain} deleted, but mail arrived meanwhile: its "
+                             f"mailboxes stay in {path}")
+        shutil.rmtree(path, ignore_errors=True)
+        return stored
 
     def list_domains(self) -> list[str]:
         return self.db.read(lambda conn: [r[0] for r in conn.execute(
@@ -506,20 +546,32 @@ class PgUserStore:
         return self.db.directory_cache.get(("d", domain))
 
     # -- users -------------------------------------------------------------------------------
-    def add_user(self, address: str, password: str, quota: int = 0) -> User:
+    def add_user(self, address: str, password: str | None, quota: int = 0, *,
+                 password_hash: str | None = None) -> User:
+        """As UserStore.add_user: a password, or a `password_hash` kept as it is (import)."""
         local, domain = split_address(address)
-        why = passwords.check_policy(password)
-        if why:
-            raise StoreError(why)
+        if password_hash is None:
+            why = passwords.check_policy(password)
+            if why:
+                raise StoreError(why)
+        elif not password_hash or password is not None:
+            raise StoreError("give a password or a non-empty password hash, not both")
         if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
             raise StoreError("quota must be a number of bytes, 0 for none")
-        hashed = passwords.hash_password(password, self.bcrypt_cost)
+        hashed = password_hash or passwords.hash_password(password, self.bcrypt_cost)
         maildir = self.maildir_for(local, domain)
 
         def tx(conn):
             if conn.execute("SELECT 1 FROM domains WHERE name=%s FOR SHARE",
                             (domain,)).fetchone() is None:
                 raise StoreError(f"no such domain: {domain}")
+            # One address, one meaning (as UserStore).
+            alias = conn.execute("SELECT targets FROM aliases WHERE domain=%s AND local=%s",
+                                 (domain, local)).fetchone()
+            if alias and not conn.execute("SELECT 1 FROM users WHERE domain=%s AND local=%s",
+                                          (domain, local)).fetchone():
+                raise StoreError(f"{local}@{domain} is an alias (-> {' '.join(alias[0])}); "
+                                 f"delete it first with `alias del {local}@{domain}`")
             row = conn.execute("INSERT INTO users(domain, local, password_hash, quota) "
                                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
                                (domain, local, hashed, quota)).fetchone()
@@ -613,6 +665,10 @@ class PgUserStore:
             if conn.execute("SELECT 1 FROM domains WHERE name=%s FOR SHARE",
                             (domain,)).fetchone() is None:
                 raise StoreError(f"no such domain: {domain}")
+            if conn.execute("SELECT 1 FROM users WHERE domain=%s AND local=%s",
+                            (domain, local)).fetchone():
+                raise StoreError(f"{local}@{domain} is a user; an alias of the same address "
+                                 "would never be used (delete the user first)")
             conn.execute("INSERT INTO aliases(domain, local, targets) VALUES (%s, %s, %s) "
                          "ON CONFLICT (domain, local) DO UPDATE SET targets=excluded.targets",
                          (domain, local, clean))
@@ -634,8 +690,10 @@ class PgUserStore:
             return None
 
         def query(conn):
-            row = conn.execute("SELECT targets FROM aliases WHERE domain=%s AND local=%s",
-                               (domain, local)).fetchone()
+            # An alias shadowed by a user is not used (as UserStore.get_alias).
+            row = conn.execute("SELECT targets FROM aliases a WHERE domain=%s AND local=%s AND "
+                               "NOT EXISTS (SELECT 1 FROM users u WHERE u.domain=a.domain AND "
+                               "u.local=a.local)", (domain, local)).fetchone()
             return tuple(row[0]) if row else None
         hit = self._cached(("a", local, domain), query)
         return list(hit) if hit is not None else None     # a copy: callers may change it
@@ -645,6 +703,13 @@ class PgUserStore:
             'SELECT local, domain, targets FROM aliases '
             'ORDER BY domain COLLATE "C", local COLLATE "C"').fetchall())
         return [(f"{lo}@{d}", list(t)) for lo, d, t in rows]
+
+    def shadowed_aliases(self) -> set[str]:
+        """Aliases that are also users (as UserStore.shadowed_aliases)."""
+        rows = self.db.read(lambda conn: conn.execute(
+            "SELECT a.local, a.domain FROM aliases a JOIN users u "
+            "ON u.domain=a.domain AND u.local=a.local").fetchall())
+        return {f"{lo}@{d}" for lo, d in rows}
 
     # -- lookups for SMTP, delivery and POP3 --------------------------------------------------
     def lookup_recipient(self, address: str) -> str:
@@ -700,7 +765,28 @@ class PgUserStore:
                 self._dummy_hash = passwords.hash_password("dummy-password-1!", self.bcrypt_cost)
             passwords.verify_password(password, self._dummy_hash)
             return None
-        return user if passwords.verify_password(password, user.password_hash) else None
+        if not passwords.verify_password(password, user.password_hash):
+            return None
+        if passwords.needs_rehash(user.password_hash) and \
+                len(password.encode("utf-8")) <= passwords.MAX_PASSWORD_BYTES:
+            user = self._rehash(user, password)
+        return user
+
+    def _rehash(self, user: User, password: str) -> User:
+        """An imported crypt(3) hash becomes bcrypt after a login proved the password, only
+        if it is still the hash just verified (as UserStore._rehash)."""
+        hashed = passwords.hash_password(password, self.bcrypt_cost)
+
+        def tx(conn):
+            return conn.execute("UPDATE users SET password_hash=%s WHERE domain=%s AND "
+                                "local=%s AND password_hash=%s",
+                                (hashed, user.domain, user.local, user.password_hash)).rowcount
+        try:
+            if self._write(tx) != 1:
+                return user
+        except (OSError, psycopg.Error):
+            return user
+        return User(user.local, user.domain, user.quota, user.maildir, hashed)
 
 
 @implementer(IRemoteGrants)
