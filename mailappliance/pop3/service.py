@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailappliance.config import ConfigError
 from mailappliance.pop3.mailbox import open_session
+from mailappliance.pop3.nodelock import open_node_session
 from mailappliance.pop3.protocol import POP3Factory
 
 if TYPE_CHECKING:
@@ -105,7 +106,12 @@ def build_factory(app: App, kind: str):
     def authenticate(login: str, password: str):
         return app.authenticator.authenticate(login, password, app.settings.default_domain)
 
+    # Several nodes on PostgreSQL: the one-session lock holds across them (pop3/nodelock.py).
+    locks = getattr(app.store, "mailbox_locks", None)
+
     def open_mailbox(user):
+        if locks is not None:
+            return run_blocking(open_node_session, user.maildir, locks, user.address)
         return run_blocking(open_session, user.maildir)
 
     def grant(ip: str, user: Any) -> None:

@@ -29,11 +29,13 @@ refused on every node at its next login.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import shutil
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -312,6 +314,15 @@ class PgDatabase:
                 self._started = True
         self.watcher.ensure_started()
 
+    @property
+    def locks(self) -> "PgMailboxLocks":
+        """POP3's cross-node mailbox locks (one dedicated connection, opened at first use)."""
+        locks = self.__dict__.get("mailbox_locks")
+        if locks is None:
+            with self._start_lock:
+                locks = self.__dict__.setdefault("mailbox_locks", PgMailboxLocks(self))
+        return locks
+
     def _configure(self, conn) -> None:
         conn.execute(f"SET search_path TO {pgschema.SCHEMA}")
         conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
@@ -414,11 +425,146 @@ class PgDatabase:
             except (psycopg.Error, PoolTimeout):
                 pass
         watcher.stop()
+        locks = self.__dict__.get("mailbox_locks")
+        if locks is not None:
+            locks.close()
         self.pool.close()
 
 
 class _Retry(Exception):
     pass
+
+
+# --- POP3's one-session lock across nodes --------------------------------------------------------
+
+def _lock_key(name: str) -> int:
+    """A signed 64-bit advisory lock key for a mailbox (collisions: 2**-64 per pair)."""
+    return int.from_bytes(hashlib.sha256(b"mailappliance pop3 " + name.encode("utf-8"))
+                          .digest()[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class LockToken:
+    key: int
+    generation: int          # the lock connection it was taken on
+
+
+class PgMailboxLocks:
+    """Session-level advisory locks on one dedicated connection per node: POP3's one session
+    per mailbox across every node of a site. flock does not hold across NFS clients (Linux
+    emulates it with byte-range locks, which a directory cannot carry); these are released
+    by PostgreSQL when the node's connection ends, so a node that dies leaves no stale lock.
+    Inside a node the Maildir's flock still excludes (an advisory lock is re-entrant for its
+    own session).
+
+    A lock connection that broke took its locks with it: `held()` says so, and POP3 then
+    refuses the session's UPDATE (-ERR [SYS/TEMP]) instead of deleting without the lock.
+    try_lock and held are blocking (a thread); unlock never blocks its caller (the reactor
+    releases a lock at connectionLost): it is queued to this object's own thread.
+    """
+
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+        self._conn = None
+        self._generation = 0
+        self._mutex = threading.Lock()           # one statement at a time on the connection
+        # The queue and the thread have their own small lock: unlock() must never wait
+        # behind a try_lock that waits on the network.
+        self._list_lock = threading.Lock()
+        self._pending: list[LockToken] = []      # unlocks queued by non-blocking callers
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def _connection(self):
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+        self._conn = None
+        try:
+            conn = psycopg.connect(self._db.conninfo, autocommit=True)
+        except psycopg.OperationalError as e:
+            raise DirectoryUnavailable(f"database {self._db.description}: {_one_line(e)}") \
+                from None
+        self._generation += 1                    # locks of an earlier connection are gone
+        self._conn = conn
+        return conn
+
+    def _run(self, sql: str, key: int):
+        conn = self._connection()
+        try:
+            return conn.execute(sql, (key,)).fetchone()[0]
+        except psycopg.OperationalError as e:
+            raise DirectoryUnavailable(f"database {self._db.description}: {_one_line(e)}") \
+                from None
+
+    def try_lock(self, name: str) -> LockToken | None:
+        """The lock of mailbox `name`, or None when another node holds it. Blocking;
+        DirectoryUnavailable when the database cannot be reached."""
+        key = _lock_key(name)
+        with self._mutex:
+            self._flush_locked()
+            if self._run("SELECT pg_try_advisory_lock(%s)", key):
+                return LockToken(key, self._generation)
+            return None
+
+    def held(self, token: LockToken) -> bool:
+        """Blocking: the lock connection that took `token` is still up (so is the lock)."""
+        with self._mutex:
+            conn = self._conn
+            if token.generation != self._generation or conn is None or conn.broken:
+                return False
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error:
+                return False
+            return True
+
+    def unlock(self, token: LockToken) -> None:
+        """Release, without blocking: queued to the lock thread."""
+        with self._list_lock:
+            if self._closed:
+                return
+            self._pending.append(token)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._unlocker, daemon=True,
+                                                name="mailappliance-pg-locks")
+                self._thread.start()
+        self._wake.set()
+
+    def _take_pending(self) -> list[LockToken]:
+        with self._list_lock:
+            pending, self._pending = self._pending, []
+            self._wake.clear()
+        return pending
+
+    def _flush_locked(self) -> None:
+        for token in self._take_pending():
+            if token.generation != self._generation:
+                continue                         # its connection is gone, and the lock too
+            try:
+                self._run("SELECT pg_advisory_unlock(%s)", token.key)
+            except DirectoryUnavailable:
+                pass                             # the connection broke: the lock went with it
+
+    def _unlocker(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            with self._mutex:
+                self._flush_locked()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()          # ends the session: every lock it held is released
+                self._conn = None
 
 
 @implementer(IRemoteDirectory)
@@ -464,6 +610,11 @@ class PgUserStore:
 
     def sync(self, timeout: float = 5.0) -> float:
         return self.db.sync(timeout)
+
+    @property
+    def mailbox_locks(self) -> PgMailboxLocks:
+        """POP3's one-session lock across the nodes (see PgMailboxLocks)."""
+        return self.db.locks
 
     # -- paths -------------------------------------------------------------------------------
     def maildir_for(self, local: str, domain: str) -> Path:

@@ -279,3 +279,79 @@ def test_lookups_fail_temporarily_while_the_database_is_down_and_recover(
         store.sync(timeout=10)
     finally:
         cluster.drop_database(dbname)
+
+
+# --- POP3's lock across nodes ------------------------------------------------------------------
+
+def test_mailbox_locks_exclude_other_nodes_and_die_with_their_node(pg_database, tmp_path,
+                                                                   opened):
+    from mailappliance.pop3.mailbox import MailboxBusy
+    from mailappliance.pop3.nodelock import NodeLockedMaildir
+    cluster, dbname = pg_database
+    a = PgUserStore(cluster.uri(dbname), tmp_path, 4)
+    b = PgUserStore(cluster.uri(dbname), tmp_path, 4)
+    opened.extend([a, b])
+    token = a.mailbox_locks.try_lock("joe@test.com")
+    assert token is not None
+    assert b.mailbox_locks.try_lock("joe@test.com") is None         # another node
+    assert b.mailbox_locks.try_lock("ann@test.com") is not None     # another mailbox
+    assert a.mailbox_locks.held(token)
+    # A's lock connection dies (the node is gone, or its network): the lock goes with it,
+    # B may take it, and A knows its lock is lost.
+    with cluster.admin(dbname) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                     "locktype = 'advisory' AND pid <> pg_backend_pid() AND "
+                     "objid = (%s::bigint & 4294967295)::oid",
+                     (token.key,))
+    taken = None
+    deadline = time.monotonic() + 10
+    while taken is None and time.monotonic() < deadline:
+        taken = b.mailbox_locks.try_lock("joe@test.com")
+    assert taken is not None
+    assert not a.mailbox_locks.held(token)
+    # A Maildir whose lock was lost applies no QUIT; a new session on A is refused while B
+    # holds the lock, and A's lock connection comes back by itself.
+    box = tmp_path / "test.com" / "joe" / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (box / sub).mkdir(parents=True)
+    (box / "new" / "1.M1P1Q1.node-a").write_bytes(b"x\r\n")
+    session = NodeLockedMaildir(box, a.mailbox_locks, "joe@test.com")
+    with pytest.raises(MailboxBusy):
+        session.lock()
+    b.mailbox_locks.unlock(taken)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            session.lock()
+            break
+        except MailboxBusy:
+            assert time.monotonic() < deadline, "B's queued unlock never ran"
+    messages = session.scan()
+    assert session.update(messages, []) == 0                        # held: applied
+    assert not list((box / "new").iterdir())
+    session.unlock()
+
+
+# --- main's store rules, on PostgreSQL ---------------------------------------------------------
+
+def test_postgresql_store_follows_the_sqlite_rules_for_collisions_and_domain_del(
+        pg_uri, tmp_path, opened):
+    from mailappliance.users.store import StoreError
+    store = PgUserStore(pg_uri, tmp_path, 4)
+    opened.append(store)
+    store.add_domain("test.com")
+    store.add_user("postmaster@test.com", PW)        # a role name that is a real mailbox
+    assert store.get_alias("postmaster@test.com") is None
+    assert store.get_alias("abuse@test.com") == ["postmaster@test.com"]
+    store.add_alias("info@test.com", ["postmaster@test.com"])
+    with pytest.raises(StoreError, match="is an alias"):
+        store.add_user("info@test.com", PW)
+    with pytest.raises(StoreError, match="is a user"):
+        store.add_alias("postmaster@test.com", ["x@example.org"])
+    assert store.shadowed_aliases() == set()
+    (store.maildir_for("postmaster", "test.com") / "new" / "1.x").write_bytes(b"m\r\n")
+    with pytest.raises(StoreError, match="1 message"):
+        store.del_domain("test.com")
+    assert store.has_domain("test.com")
+    assert store.del_domain("test.com", force=True) == 1
+    assert not (tmp_path / "test.com").exists()
