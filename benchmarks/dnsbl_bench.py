@@ -278,6 +278,10 @@ def run_one(label: str, root: Path, dns: DNSServerProcess | None, args, first: i
     return result
 
 
+# Issue 19: the rate with DNSBL at least this share of min(rate without, closed-loop bound).
+RESTATED_TARGET = 0.9
+
+
 def rcpt_p50(runs: list[dict]) -> float | None:
     """Median over the DNSBL runs of the time from connect to the RCPT reply (ms)."""
     rcpt = [r["rcpt_p50_ms"] for r in runs
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{rcpt_p50(results):.1f} ms to the RCPT reply = {bound:.0f} conn/s "
             f"(even with nothing after RCPT); 80 % is reachable only while the rate "
             f"without DNSBL stays below {bound / 0.8:.0f} conn/s")
-    if also:
+    if True:        # the sweep table, also for the main client count alone
         rows = []
         summary["sweep"] = []
         for concurrency, runs in sweep.items():
@@ -385,13 +389,22 @@ def main(argv: list[str] | None = None) -> int:
             summary["sweep"].append({"concurrency": concurrency, "rate_off": off_c,
                                      "rate_dnsbl": on_c, "ratio": on_c / off_c,
                                      "rcpt_p50_ms": rcpt_p50(runs), "bound": b, "runs": runs})
+            # Issue 19's restated target: with DNSBL at least 90 % of min(rate without
+            # DNSBL, clients / time to the RCPT reply).
+            restated = min(off_c, b) if b else None
+            summary["sweep"][-1]["restated_bound"] = restated
             rows.append([concurrency, f"{off_c:.1f}", f"{on_c:.1f}", f"{on_c / off_c:.1%}",
-                         f"{rcpt_p50(runs):.1f}" if b else "-", f"{b:.0f}" if b else "-"])
+                         f"{rcpt_p50(runs):.1f}" if b else "-", f"{b:.0f}" if b else "-",
+                         f"{restated:.0f}" if restated else "-",
+                         f"{on_c / restated:.1%}" if restated else "-",
+                         ("MET" if on_c >= RESTATED_TARGET * restated else "NOT MET")
+                         if restated else "-"])
         say()
         say("by number of clients (means over the rounds; bound = clients / time to the RCPT "
-            "reply with DNSBL):")
+            "reply with DNSBL; min bound = min(rate without DNSBL, bound), issue 19's "
+            f"target: dnsbl >= {RESTATED_TARGET:.0%} of it):")
         say(table(["clients", "off conn/s", "dnsbl conn/s", "dnsbl/off", "RCPT p50 ms",
-                   "bound conn/s"], rows))
+                   "bound conn/s", "min bound", "dnsbl/min bound", "target"], rows))
     say()
     say(f"mean without DNSBL {summary['rate_off']:.1f} conn/s, with two lists at "
           f"{args.delay * 1000:.0f} ms: {summary['rate_dnsbl']:.1f} conn/s "

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (DEFAULT_SCRATCH, HeaderCache, MaildirWatcher,  # noqa: E402
                                Meter, OurServer, PostfixPeer, ServerUnavailable, fmt,
                                machine_info, prepare_source, run_smtp_source, settle,
-                               system_busy_seconds, table, wait_quiet, write_results)
+                               table, wait_quiet, write_results)
 
 # name -> (sessions, bytes, messages at --scale 1): about 2-6 s per run here.
 CASES = {"1x2k": (1, 2048, 600), "20x2k": (20, 2048, 3000), "20x100k": (20, 102400, 800)}
@@ -102,6 +102,17 @@ class PlainServer(OurServer):
             return super().start()
         finally:
             self.proc._write_config = write
+
+
+VERIFY_OFF = '\n[verify]\nspf = "off"\ndkim = "off"\ndmarc = "off"\n'
+
+
+def _knows_verify(pythonpath: str) -> bool:
+    path = Path(pythonpath.split(os.pathsep)[0]) / "mailappliance" / "config.py"
+    try:
+        return "[verify]" in path.read_text() or "class Verify" in path.read_text()
+    except OSError:
+        return True
 
 
 class Side:
@@ -150,6 +161,16 @@ class Side:
         srv.extra = self.extra
         if self.kind == "ours":
             srv.proc.config_text += self.extra
+        if self.pythonpath and not _knows_verify(self.pythonpath):
+            # Code from before [verify] existed (issue 20) rejects the section the test
+            # harness adds: leave it out (that code verified nothing anyway).
+            write = srv.proc._write_config
+
+            def write_without_verify(proc=srv.proc, write=write):
+                write()
+                text = proc.config_path.read_text()
+                proc.config_path.write_text(text.replace(VERIFY_OFF, "\n"))
+            srv.proc._write_config = write_without_verify
         return srv
 
     def start(self, root: Path):
