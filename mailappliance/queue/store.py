@@ -69,8 +69,9 @@ from mailappliance.queue.naming import BOUNCE, CORRUPT, DEFER, MESS, TMP, TMP_SP
 # (qmail-send.c: "if (st.st_mtime + 129600 < recent)").
 TMP_MAX_AGE = 36 * 60 * 60
 # Messages up to this size stay in memory for their first delivery, up to this many bytes in all
-# (QueueStore.keep_data).
-KEEP_DATA_MAX = 64 * 1024
+# (QueueStore.keep_data).  The same as inject.FLUSH_BYTES: every message written by its commit
+# alone can be delivered without reading it back (a 100 KiB message included).
+KEEP_DATA_MAX = 128 * 1024
 KEEP_DATA_TOTAL = 16 * 1024 * 1024
 # Bytes read at a time when handing a message to a deliverer.
 READ_CHUNK = 64 * 1024
