@@ -97,7 +97,7 @@ def test_4xx_from_the_sink_defers_and_keeps_the_message(make_server, sink_factor
     assert len(queue_ids(srv)) == 1
     assert maildir_files(srv) == []
     listing = srv.cli("queue", "list").stdout
-    assert "todo  bob@example.org" in listing and "next try in" in listing
+    assert "deferred  bob@example.org" in listing and "next try in" in listing
 
 
 @pytest.mark.parametrize("command", ["DATA", "."])
