@@ -161,8 +161,12 @@ class QueueSettings:
                                  "(qmail queuelifetime)", minimum=1)
     connect_timeout: int = setting(INTEGER, 60, "seconds to connect to a remote server (qmail "
                                    "timeoutconnect)", minimum=1)
-    reply_timeout: int = setting(INTEGER, 1200, "seconds to wait for a remote server's reply "
-                                 "(qmail timeoutremote)", minimum=1)
+    # Caps the per-reply deadlines of RFC 5321 4.5.3.2 (smtp/client.py REPLY_DEADLINES, at most
+    # 600 s), so the default is their largest: a lower value shortens every wait.
+    reply_timeout: int = setting(INTEGER, 600, "most seconds to wait for one complete reply of "
+                                 "a remote server, however slowly it trickles (qmail "
+                                 "timeoutremote; below it RFC 5321's limit per command, "
+                                 "docs/LIMITS.md)", minimum=1)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,16 @@
   hosts with a strictly better preference are tried; if there are none, the recipients fail
   with qmail's "Although I'm listed as a best-preference MX ..." text.  (A routed domain is
   never checked: the operator said where to send it.)
-* One SMTP connection per attempt, through the sans-IO client (smtp/client.py), with a
-  connect timeout and a reply timeout (settings.queue.connect_timeout / reply_timeout, qmail's
-  timeoutconnect / timeoutremote).  A host that cannot be reached, greets badly or dies
-  before MAIL makes us try the next address and host; once a transaction has started, its
-  per-recipient results stand.
+* One SMTP connection per address, through the sans-IO client (smtp/client.py), with a
+  connect timeout (settings.queue.connect_timeout, qmail's timeoutconnect) and a deadline per
+  reply that trickling cannot stretch: each reply must be complete within its RFC 5321
+  4.5.3.2 limit (client.REPLY_DEADLINES, capped by settings.queue.reply_timeout) of the moment
+  we began to wait for it, and the message earns time only as fast as the server takes it
+  (deadline.MIN_DATA_RATE).  The whole attempt, every address included, ends after
+  ATTEMPT_LIFETIME.  A deadline passing is a deferral that names the host and the reply
+  ("Connected to 192.0.2.1 but it sent its greeting too slowly: ...").  A host that cannot be
+  reached, greets badly, is too slow or dies before MAIL makes us try the next address and
+  host; once a transaction has started, its per-recipient results stand.
 * The message is read, in a thread, from the source the queue manager hands over
   (delivery/interfaces.py IMessageSource) and streamed with flow control; it is
   CRLF-normalised and dot-stuffed on the way out (client.DataEncoder).
@@ -40,6 +45,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import (
     IHandshakeListener, IOpenSSLClientConnectionCreator, IPushProducer)
 
+from mailappliance.deadline import MIN_DATA_RATE, Deadline
 from mailappliance.delivery.interfaces import IMessageSource, IRemoteDeliverer
 from mailappliance.envelope import Envelope, Result, deferral, failure
 from mailappliance.smtp import client as smtp_client
@@ -52,13 +58,20 @@ PRELOAD_MAX = 256 * 1024
 # Addresses tried per attempt (qmail-remote tries every address of every MX; a domain with
 # dozens of MX addresses would tie up a remote slot for connect_timeout times that many).
 MAX_ADDRESSES = 16
+# A delivery attempt (every address tried for one message's recipients at one domain) ends
+# this long after it began, whatever its servers do.  Per-reply deadlines alone would let a
+# server that answers each of 100 pipelined RCPTs just in time, or 16 MX addresses that each
+# trickle a greeting, hold a remote slot for hours.  An hour is what our own server gives an
+# SMTP session (deadline.SMTP_SESSION_LIFETIME: a 10 MiB message at 3 KB/s) and more than one
+# conversation's reply deadlines add up to for one recipient (42 min), so an honest slow server
+# is not cut off; chasquid gives a connection 10 minutes, mox 30.  It ends as a deferral.
+ATTEMPT_LIFETIME = 3600
 
 T_NO_HOST = "Sorry, I couldn't find any host named {domain}. (#5.1.2)"
 T_DNS_TEMP = "Sorry, I couldn't find any host by that name: {why} (#4.1.2)"
 T_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)"
 T_LOOP = ("Sorry. Although I'm listed as a best-preference MX or A for that host,\n"
           "it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)")
-T_TIMEOUT = "Connected to {host} but the connection timed out. (#4.4.2)"
 # The list of unreachable addresses appended to T_NO_CONNECTION is cut to this many characters
 # (MAX_ADDRESSES addresses with their errors fit easily).
 UNREACHABLE_TEXT_MAX = 900
@@ -115,7 +128,7 @@ class _SMTPClientProtocol(Protocol):
 
     def __init__(self, deliverer: "RemoteDeliverer", core: ClientCore, env: Envelope,
                  messages: IMessageSource, preloaded: bytes | None,
-                 server_name: str | None = None) -> None:
+                 server_name: str | None = None, ends: float | None = None) -> None:
         self.d = deliverer
         self.core = core
         self.env = env
@@ -129,26 +142,76 @@ class _SMTPClientProtocol(Protocol):
         self._resume: defer.Deferred | None = None
         self._sending = False
         self.timed_out = False
+        self.ends = ends                  # the whole attempt's end (reactor seconds)
+        self._deadline: Deadline | None = None
+        self._mark: tuple | None = None   # (replies received, what we wait for) last seen
+        self._lost = False
 
-    # -- timeouts -------------------------------------------------------------------------------
-    def _arm(self) -> None:
+    # -- deadlines (deadline.py: one per reply, the message's rate, the attempt's lifetime) -------
+    def _stage_seconds(self, stage: str) -> float:
+        return min(smtp_client.REPLY_DEADLINES[stage], self.d.reply_timeout)
+
+    def _progress(self) -> None:
+        """A reply was complete or the conversation moved on: the next wait gets its own
+        deadline. Bytes that complete nothing never get here, so they earn nothing."""
+        core = self.core
+        if self._lost or self._deadline is None or core.done or core.awaiting is None:
+            return
+        mark = (core.replies_received, core.awaiting)
+        if mark == self._mark:
+            return
+        self._mark = mark
+        now = self.d.reactor.seconds()
+        self._deadline.request_done(now, self._stage_seconds(core.awaiting))
+        self._rearm(now)
+
+    def _moved(self, nbytes: int) -> None:
+        """Message bytes the server took: time at deadline.MIN_DATA_RATE (the timer is lazy:
+        it finds the later deadline when it fires)."""
+        if self._deadline is not None:
+            self._deadline.moved(self.d.reactor.seconds(), nbytes)
+
+    def _rearm(self, now: float) -> None:
         if self._timer is not None and self._timer.active():
-            self._timer.reset(self.d.reply_timeout)
-        else:
-            self._timer = self.d.reactor.callLater(self.d.reply_timeout, self._timeout)
+            self._timer.cancel()
+        self._timer = self.d.reactor.callLater(self._deadline.remaining(now), self._check)
 
-    def _timeout(self) -> None:
+    def _check(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if self._lost:
+            return
+        if self.core.done:
+            # We closed, but the connection lingers (a peer that reads nothing keeps our last
+            # bytes unsent): the last deadline ends it too.
+            self.transport.abortConnection()
+            return
+        now = self.d.reactor.seconds()
+        if not deadline.expired(now):
+            self._timer = self.d.reactor.callLater(deadline.remaining(now), self._check)
+            return
+        whole = deadline.over_lifetime(now)
+        seconds = self.d.attempt_lifetime if whole else deadline.timeout
+        stage = self.core.awaiting
+        self.core.deadline_passed(seconds, whole_attempt=whole)
         self.timed_out = True
+        self.d.log.info("remote: {ip} too slow: {what} deadline of {s} s passed",
+                        ip=self.core.host, what="attempt" if whole else stage, s=seconds)
+        self._sending = False
         self.transport.abortConnection()
 
     # -- protocol -------------------------------------------------------------------------------
     def connectionMade(self) -> None:
-        self._arm()
+        now = self.d.reactor.seconds()
+        ends = self.ends if self.ends is not None else now + self.d.attempt_lifetime
+        self._deadline = Deadline(self._stage_seconds("greeting"), now, ends - now,
+                                  MIN_DATA_RATE)
+        self._mark = (self.core.replies_received, self.core.awaiting)
+        self._rearm(now)
 
     def dataReceived(self, data: bytes) -> None:
-        self._arm()
         self._do(self.core.receive_data(data))
+        self._progress()
 
     def _do(self, actions) -> None:
         for a in actions:
@@ -187,6 +250,7 @@ class _SMTPClientProtocol(Protocol):
         enc = DataEncoder()
         if self.preloaded is not None:
             self.transport.write(enc.encode(self.preloaded) + enc.finish())
+            self._moved(len(self.preloaded))
         else:
             self.transport.registerProducer(self, True)
             reader = yield self.d._defer(self.messages.open_message, self.env)
@@ -202,16 +266,18 @@ class _SMTPClientProtocol(Protocol):
                     if not chunk:
                         break
                     self.transport.write(enc.encode(chunk))
-                    self._arm()
+                    self._moved(len(chunk))
                 if not self._sending:
                     return
                 self.transport.write(enc.finish())
             finally:
                 yield self.d._defer(reader.close)
                 self.transport.unregisterProducer()
+        if self._lost:
+            return
         self._sending = False
         self.core.body_done()
-        self._arm()
+        self._progress()
 
     def _body_failed(self, f) -> None:
         self.d.log.error("remote: cannot read msg {qid} while sending: {why}",
@@ -233,14 +299,12 @@ class _SMTPClientProtocol(Protocol):
         self.resumeProducing()
 
     def connectionLost(self, reason=None) -> None:
+        self._lost = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self._sending = False
         self.resumeProducing()
-        if self.timed_out and not self.core.done:
-            self.core._fill(deferral(T_TIMEOUT.format(host=self.core.host)))
-            self.core.try_next_host = self.core.state < smtp_client.TRANSACTION
         self.core.connection_lost()
         if not self.finished.called:
             self.finished.callback(self.core)
@@ -265,7 +329,8 @@ class RemoteDeliverer:
 
     def __init__(self, reactor, resolver, threadpool, *, hostname: str,
                  route_for: Callable[[str], object] = lambda domain: None,
-                 connect_timeout: float = 60, reply_timeout: float = 1200,
+                 connect_timeout: float = 60, reply_timeout: float = 600,
+                 attempt_lifetime: float = ATTEMPT_LIFETIME,
                  tls_options: Callable[[str], object] | None = None,
                  is_me: Callable[[str], bool] | None = None, mx_port: int = SMTP_PORT) -> None:
         self.reactor = reactor
@@ -275,6 +340,7 @@ class RemoteDeliverer:
         self.route_for = route_for
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
+        self.attempt_lifetime = attempt_lifetime
         self.tls_options = tls_options
         self.is_me = is_me or make_is_me()
         self.mx_port = mx_port
@@ -286,6 +352,7 @@ class RemoteDeliverer:
     def deliver(self, env: Envelope, indices: list[int], messages: IMessageSource):
         """-> Deferred[list[Result]] aligned with `indices` (all at one domain); the message
         is read from `messages`."""
+        ends = self.reactor.seconds() + self.attempt_lifetime
         rcpts = [env.recipients[i].address for i in indices]
         domain = rcpts[0].rpartition("@")[2].lower().rstrip(".")
         targets = yield self._targets(domain)
@@ -301,15 +368,24 @@ class RemoteDeliverer:
         last: list[Result] | None = None
         unreachable: list[str] = []          # "ip:port: why" of each address not reached
         for ip, port, name in targets[:MAX_ADDRESSES]:
+            left = ends - self.reactor.seconds()
+            if left <= 0:
+                self.log.info("remote: attempt over its {s} s: {ip}:{port} and the rest not "
+                              "tried", s=self.attempt_lifetime, ip=ip, port=port)
+                unreachable.append(f"{ip}:{port}: not tried, the attempt took over "
+                                   f"{self.attempt_lifetime:g} s")
+                break
+            timeout = min(self.connect_timeout, left)
             core = ClientCore(helo=self.hostname, sender=env.sender, recipients=rcpts,
                               size=env.size, host=ip,
                               tls_available=self.tls_options is not None)
             try:
-                core = yield self._attempt(ip, port, core, env, messages, preloaded, name)
+                core = yield self._attempt(ip, port, core, env, messages, preloaded, name,
+                                           ends, timeout)
             except Exception as e:  # noqa: BLE001 - connection refused, timeout, unreachable
                 self.log.info("remote: cannot connect to {ip}:{port}: {why}", ip=ip,
                               port=port, why=_why(e))
-                unreachable.append(f"{ip}:{port}: {connect_error_text(e, self.connect_timeout)}")
+                unreachable.append(f"{ip}:{port}: {connect_error_text(e, timeout)}")
                 continue
             results = [r or deferral(T_NO_CONNECTION) for r in core.results]
             if not core.try_next_host:
@@ -326,9 +402,11 @@ class RemoteDeliverer:
 
     def _attempt(self, ip: str, port: int, core: ClientCore, env: Envelope,
                  messages: IMessageSource, preloaded: bytes | None,
-                 name: str | None = None) -> defer.Deferred:
-        proto = _SMTPClientProtocol(self, core, env, messages, preloaded, name)
-        self.reactor.connectTCP(ip, port, _Factory(proto), timeout=self.connect_timeout)
+                 name: str | None = None, ends: float | None = None,
+                 connect_timeout: float | None = None) -> defer.Deferred:
+        proto = _SMTPClientProtocol(self, core, env, messages, preloaded, name, ends)
+        self.reactor.connectTCP(ip, port, _Factory(proto),
+                                timeout=connect_timeout or self.connect_timeout)
         return proto.finished
 
     @defer.inlineCallbacks

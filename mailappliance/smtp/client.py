@@ -2,7 +2,9 @@
 
 Bytes from the server go into `ClientCore.receive_data`; what to do comes back as actions:
 `Send(bytes)`, `StartTLS()`, `SendBody()` (stream the message through `DataEncoder` now) and
-`Close()`.  No sockets, no clock: the adapter (delivery/remote.py) owns timeouts.
+`Close()`.  No sockets, no clock: the core says what it waits for (`awaiting`, a key of
+`REPLY_DEADLINES`) and the adapter (delivery/remote.py) keeps the clock; when a deadline
+passes it calls `deadline_passed`, which defers whatever has no result yet.
 
 The conversation: greeting, EHLO (HELO if EHLO is refused), STARTTLS when offered and the
 adapter can do TLS (opportunistic: a refusal just continues in clear), EHLO again, then
@@ -35,6 +37,30 @@ MAX_REPLY_LINES = 100
 MAX_REPORT_TEXT = 1000
 # EHLO keywords remembered (a hostile server could list thousands).
 MAX_EXTENSIONS = 50
+
+# Seconds one reply may take, from the moment we wait for it to its last line, however slowly
+# it arrives: bytes that do not complete a reply earn no time (issue 18: a server answering one
+# byte a second held a delivery for as long as it liked, because qmail-remote's timeoutremote,
+# like ours before, restarted with every read).  The numbers are RFC 5321 section 4.5.3.2's
+# minimum timeouts per command, which Postfix ships as smtp_*_timeout; Postfix applies them to
+# a whole reply with smtp_per_record_deadline = yes.  [queue] reply_timeout caps every one.
+REPLY_DEADLINES = {
+    "greeting": 300,         # 4.5.3.2.1 initial 220 message: 5 minutes
+    "EHLO": 300,             # Postfix smtp_helo_timeout (after STARTTLS: with the handshake)
+    "HELO": 300,
+    "STARTTLS": 300,         # Postfix smtp_starttls_timeout
+    "MAIL": 300,             # 4.5.3.2.2 MAIL: 5 minutes
+    "RCPT": 300,             # 4.5.3.2.3 RCPT: 5 minutes
+    "DATA": 120,             # 4.5.3.2.4 DATA initiation: 2 minutes
+    # 4.5.3.2.5 data block: 3 minutes.  While the message moves, the adapter also grants time
+    # for the bytes the server takes (deadline.MIN_DATA_RATE), so only a stalled or trickling
+    # reader is cut off, not a large message on a slow link.
+    "message": 180,
+    # 4.5.3.2.6 DATA termination: 10 minutes.  The longest, because the server may be scanning
+    # and a message it accepts after we gave up is delivered twice.
+    "end of data": 600,
+    "QUIT": 300,             # Postfix smtp_quit_timeout; every result is known by then
+}
 
 
 class ProtocolError(Exception):
@@ -175,6 +201,15 @@ T_DIED = "Connected to {host} but connection died. (#4.4.2)"
 T_PROTOCOL = "Connected to {host} but it sent a malformed or oversized reply. (#4.4.2)"
 T_SIZE = "Connected to {host} but the message exceeds its size limit of {limit} bytes. (#5.3.4)"
 T_UTF8 = "Connected to {host} but it does not support SMTPUTF8 for a non-ASCII address. (#5.6.7)"
+T_SLOW = ("Connected to {host} but it sent its {what} too slowly: not complete within "
+          "{seconds:g} s. (#4.4.2)")
+T_SLOW_MESSAGE = ("Connected to {host} but it took in the message too slowly: {seconds:g} s "
+                  "without enough progress. (#4.4.2)")
+T_ATTEMPT = ("Connected to {host} but the delivery attempt took longer than {seconds:g} s; "
+             "gave up. (#4.4.2)")
+# What T_SLOW calls the reply it waited for, by `ClientCore.awaiting`.
+_SLOW_WHAT = {"greeting": "greeting", "end of data": "reply to the message",
+              "QUIT": "reply to QUIT"}
 
 # States
 (GREETING, EHLO, HELO, STARTTLS, TRANSACTION, BODY, DATA_ABANDON, QUIT, DONE) = range(9)
@@ -217,6 +252,7 @@ class ClientCore:
         self._mail_reply: ServerReply | None = None
         self._outstanding = 1            # the greeting
         self.pipelining = False
+        self.replies_received = 0        # complete replies so far (each restarts the clock)
 
     # -- input --------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> list:
@@ -245,6 +281,7 @@ class ClientCore:
                 break
             answerable -= 1
             self._outstanding -= 1
+            self.replies_received += 1
             actions.extend(self._count(self._on_reply(reply)))
             if self.state == DONE:
                 break
@@ -276,6 +313,46 @@ class ClientCore:
 
     def body_done(self) -> None:
         self.body_sent = True
+
+    # -- time ---------------------------------------------------------------------------------
+    @property
+    def awaiting(self) -> str | None:
+        """What the conversation waits for (a key of REPLY_DEADLINES), None when it is over.
+        "message" means we are still sending it: the server owes nothing yet."""
+        state = self.state
+        if state == GREETING:
+            return "greeting"
+        if state in (EHLO, HELO, STARTTLS):
+            return ("EHLO", "HELO", "STARTTLS")[state - EHLO]
+        if state == TRANSACTION:
+            return self._expected[0].kind if self._expected else None
+        if state == BODY:
+            return "end of data" if self.body_sent else "message"
+        if state == DATA_ABANDON:
+            return "end of data"
+        if state == QUIT:
+            return "QUIT"
+        return None
+
+    def deadline_passed(self, seconds: float, whole_attempt: bool = False) -> list:
+        """The adapter's clock ran out while we waited for `awaiting` (after `seconds`), or the
+        whole delivery attempt did.  Whatever has no result yet is deferred with a text that
+        says which; before a transaction another MX may do better."""
+        if self.state == DONE:
+            return []
+        stage = self.awaiting
+        if whole_attempt:
+            text = T_ATTEMPT.format(host=self.host, seconds=seconds)
+        elif stage == "message":
+            text = T_SLOW_MESSAGE.format(host=self.host, seconds=seconds)
+        else:
+            what = _SLOW_WHAT.get(stage or "", f"reply to {stage}")
+            text = T_SLOW.format(host=self.host, what=what, seconds=seconds)
+        self._fill(deferral(text))
+        if self.state < TRANSACTION:
+            self.try_next_host = True
+        self.state = DONE
+        return [Close()]
 
     # -- results ------------------------------------------------------------------------------
     @property

@@ -11,6 +11,7 @@ from mailappliance.config import Route
 from mailappliance.delivery import remote as rm
 from mailappliance.envelope import DEFERRAL, FAILURE, SUCCESS
 from mailappliance.queue.store import QueueStore
+from mailappliance.smtp import client as sc
 from mailappliance.testing import FakeResolver
 from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
 
@@ -29,7 +30,8 @@ ME = {"198.51.100.7"}
 
 class World:
     def __init__(self, tmp_path, routes=None, body=b"Subject: x\n\nhello\n.dot line\n",
-                 rcpts=("a@example.org", "b@example.org"), sender="s@test.com"):
+                 rcpts=("a@example.org", "b@example.org"), sender="s@test.com",
+                 reply_timeout=600, attempt_lifetime=rm.ATTEMPT_LIFETIME):
         self.reactor = ThreadlessReactor()
         self.pool = ImmediateThreadPool()
         self.queue = QueueStore(tmp_path / "q")
@@ -41,7 +43,8 @@ class World:
         self.rd = rm.RemoteDeliverer(self.reactor, self.resolver, self.pool,
                                      hostname="mail.test.com",
                                      route_for=lambda d: table.get(d) or table.get(""),
-                                     connect_timeout=60, reply_timeout=1200,
+                                     connect_timeout=60, reply_timeout=reply_timeout,
+                                     attempt_lifetime=attempt_lifetime,
                                      is_me=lambda ip: ip in ME)
         self.out = []
 
@@ -201,32 +204,138 @@ def test_default_route(tmp_path):
     assert (host, port) == ("192.0.2.77", 587)
 
 
-def test_reply_timeout_defers(tmp_path):
+def test_a_trickled_greeting_earns_no_time_and_the_next_mx_gets_its_turn(tmp_path):
+    """Issue 18: one byte a second used to restart the timer; now the greeting must be complete
+    within REPLY_DEADLINES["greeting"] of the connection, whatever arrives before."""
     w = World(tmp_path)
     w.deliver()
     _, _f, proto, tr = w.connection()
-    proto.dataReceived(b"220 mx\r\n")
-    w.reactor.advance(1199)
-    assert not tr.disconnecting
-    w.reactor.advance(1)
+    greeting = b"220 mx1 ESMTP slow\r\n"
+    for byte in greeting[:-1]:                 # 19 bytes, one a second, never the line end
+        proto.dataReceived(bytes([byte]))
+        w.reactor.advance(1)
+    w.reactor.advance(sc.REPLY_DEADLINES["greeting"] - 1 - (len(greeting) - 1))   # 299 s
+    assert tr.value() == b"" and not tr.disconnecting
+    w.reactor.advance(1)                        # 300 s after connecting
     assert tr.disconnecting
     proto.connectionLost(Failure(error.ConnectionAborted()))
-    # the timeout happened before a transaction: the next MX gets its chance
+    # before a transaction: the next MX gets its chance
     assert len(w.reactor.tcpClients) == 2
+    assert w.out == []
 
 
-def test_timeout_after_data_is_a_deferral_with_a_timeout_text(tmp_path):
+def test_each_reply_gets_its_own_stage_deadline(tmp_path):
+    """A complete reply restarts the clock with the next reply's limit (RFC 5321 4.5.3.2):
+    DATA's 354 gets 120 s, the reply after the message 600 s."""
+    w = World(tmp_path, rcpts=("a@example.org",))
+    w.deliver()
+    _, _f, proto, tr = w.connection()
+    converse(proto, tr, [b"220 mx\r\n", b"250-mx\r\n250 PIPELINING\r\n"])
+    w.reactor.advance(299)
+    proto.dataReceived(b"250 ok\r\n")           # MAIL, just in time
+    w.reactor.advance(299)
+    proto.dataReceived(b"250 ok\r\n")           # RCPT, just in time
+    w.reactor.advance(119)
+    assert not tr.disconnecting
+    w.reactor.advance(1)                        # DATA's 354: 120 s
+    assert tr.disconnecting
+    proto.connectionLost(Failure(error.ConnectionAborted()))
+    [r] = w.result()
+    assert r.status == DEFERRAL
+    assert r.text == ("Connected to 192.0.2.1 but it sent its reply to DATA too slowly: "
+                      "not complete within 120 s. (#4.4.2)")
+    assert len(w.reactor.tcpClients) == 1       # a transaction had begun: no next MX
+
+
+def test_slow_reply_after_the_message_is_a_deferral_naming_it(tmp_path):
     w = World(tmp_path, rcpts=("a@example.org",))
     w.deliver()
     _, _f, proto, tr = w.connection()
     converse(proto, tr, [b"220 mx\r\n", b"250-mx\r\n250 PIPELINING\r\n",
                          b"250 ok\r\n250 ok\r\n354 go\r\n"])
-    w.reactor.advance(1200)
+    proto.dataReceived(b"25")
+    w.reactor.advance(599)
+    proto.dataReceived(b"0 o")                  # bytes, no line end: no more time
+    assert not tr.disconnecting
+    w.reactor.advance(1)
+    assert tr.disconnecting
     proto.connectionLost(Failure(error.ConnectionAborted()))
     [r] = w.result()
     assert r.status == DEFERRAL
-    assert r.text == "Connected to 192.0.2.1 but the connection timed out. (#4.4.2)"
+    assert r.text == ("Connected to 192.0.2.1 but it sent its reply to the message too "
+                      "slowly: not complete within 600 s. (#4.4.2)")
     assert len(w.reactor.tcpClients) == 1
+
+
+def test_reply_timeout_setting_caps_every_stage(tmp_path):
+    w = World(tmp_path, reply_timeout=5)
+    w.deliver()
+    _, _f, proto, tr = w.connection()
+    proto.dataReceived(b"220 mx\r\n")
+    w.reactor.advance(4)
+    assert not tr.disconnecting
+    w.reactor.advance(1)                        # EHLO: min(300, 5)
+    assert tr.disconnecting
+
+
+def test_the_whole_attempt_ends_after_its_lifetime(tmp_path):
+    """Replies each just within their own deadline still cannot hold the slot past the
+    attempt's lifetime."""
+    w = World(tmp_path, rcpts=("a@example.org",), attempt_lifetime=950)
+    w.deliver()
+    _, _f, proto, tr = w.connection()
+    proto.dataReceived(b"220 mx\r\n")
+    for reply in (b"250 mx\r\n", b"250 ok\r\n", b"250 ok\r\n"):   # EHLO, MAIL, RCPT
+        w.reactor.advance(290)
+        proto.dataReceived(reply)
+    assert tr.value().endswith(b"DATA\r\n")
+    w.reactor.advance(79)                       # 949 s; DATA's own 120 s would end at 990
+    assert not tr.disconnecting
+    w.reactor.advance(1)
+    assert tr.disconnecting
+    proto.connectionLost(Failure(error.ConnectionAborted()))
+    [r] = w.result()
+    assert r.status == DEFERRAL
+    assert r.text == ("Connected to 192.0.2.1 but the delivery attempt took longer than "
+                      "950 s; gave up. (#4.4.2)")
+
+
+def test_attempt_lifetime_text_and_no_address_tried_after_it(tmp_path):
+    w = World(tmp_path, attempt_lifetime=250)
+    w.deliver()
+    _, _f, proto, tr = w.connection(0)
+    proto.dataReceived(b"220 mx\r\n")
+    w.reactor.advance(249)
+    assert not tr.disconnecting
+    w.reactor.advance(1)
+    assert tr.disconnecting
+    proto.connectionLost(Failure(error.ConnectionAborted()))
+    assert len(w.reactor.tcpClients) == 1      # mx2 is not tried: the attempt is over
+    results = w.result()
+    assert [r.status for r in results] == [DEFERRAL, DEFERRAL]
+    assert results[0].text == ("Connected to 192.0.2.1 but the delivery attempt took longer "
+                               "than 250 s; gave up. (#4.4.2)")
+
+
+def test_message_earns_time_only_as_fast_as_the_server_takes_it(tmp_path):
+    """While a large message streams, each chunk the server takes earns time at
+    deadline.MIN_DATA_RATE; a reader that stalls is cut off after REPLY_DEADLINES["message"]."""
+    body = (b"x" * 99 + b"\n") * 5000 + b".\n"          # 500 KB > PRELOAD_MAX
+    w = World(tmp_path, rcpts=("a@example.org",), body=body)
+    w.deliver()
+    _, _f, proto, tr = w.connection()
+    converse(proto, tr, [b"220 mx\r\n", b"250-mx\r\n250 PIPELINING\r\n"])
+    proto.pauseProducing()                     # the server reads nothing
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    w.reactor.advance(sc.REPLY_DEADLINES["message"] - 1)
+    assert not tr.disconnecting
+    w.reactor.advance(1)
+    assert tr.disconnecting
+    proto.connectionLost(Failure(error.ConnectionAborted()))
+    [r] = w.result()
+    assert r.status == DEFERRAL
+    assert r.text == ("Connected to 192.0.2.1 but it took in the message too slowly: "
+                      "180 s without enough progress. (#4.4.2)")
 
 
 def test_large_message_is_streamed_with_flow_control(tmp_path):

@@ -137,3 +137,63 @@ class SmtpSink:
         shutil.rmtree(self.dump, ignore_errors=True)
         self.dump.mkdir()
         os.chmod(self.dump, 0o777)
+
+
+# A trickling MX sends one byte of its greeting this often. The test's reply deadline (2 s)
+# ends the greeting after about 10 bytes, long before the last of TRICKLE_GREETING's (40 s).
+TRICKLE_INTERVAL = 0.2
+TRICKLE_GREETING = (b"220 trickle.example ESMTP " + b"slow" * 43 + b"\r\n")
+
+
+class TrickleMX:
+    """An MX on 127.0.0.1 that answers one byte at a time (issue 18's hostile server) and
+    records, per connection, how many bytes it had sent when the client went away."""
+
+    def __init__(self, greeting: bytes = TRICKLE_GREETING,
+                 interval: float = TRICKLE_INTERVAL) -> None:
+        import threading
+        self.greeting = greeting
+        self.interval = interval
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(POLL)
+        self.port = self.listener.getsockname()[1]
+        self.closed_after: list[int] = []     # bytes sent when the client hung up, per connection
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        import threading
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            t = threading.Thread(target=self._trickle, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        import select
+        sent = 0
+        with conn:
+            try:
+                while sent < len(self.greeting) and not self._stop.is_set():
+                    conn.sendall(self.greeting[sent:sent + 1])
+                    sent += 1
+                    readable, _, _ = select.select([conn], [], [], self.interval)
+                    if readable and not conn.recv(4096):
+                        break                       # the client closed
+                else:
+                    return                          # greeting complete (or stopping)
+            except OSError:
+                pass                                # reset by the client: it hung up
+            self.closed_after.append(sent)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for t in self._threads:
+            t.join(5)

@@ -4,12 +4,13 @@ loopback, routed with [routes]; 5xx, 4xx and disconnects from the sink's -f/-r/-
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
 from mailappliance.queue.store import QueueStore
-from tests.integration.delivery_support import (SmtpSink, maildir_files, queue_ids,
-                                                wait_until)
+from tests.integration.delivery_support import (SmtpSink, TrickleMX, maildir_files,
+                                                queue_ids, wait_until)
 
 
 @pytest.fixture
@@ -110,3 +111,34 @@ def test_disconnect_from_the_sink_defers(make_server, sink_factory, command):
                what="the deferral")
     assert len(queue_ids(srv)) == 1
     assert sink.transactions() == [] or command == "."
+
+
+def test_a_trickling_mx_is_cut_off_at_the_reply_deadline_and_the_message_deferred(
+        make_server):
+    """Issue 18: an MX that sends its greeting one byte every 0.2 s used to hold the delivery
+    as long as it liked (each byte restarted the timer). With [queue] reply_timeout = 2 the
+    greeting must be complete 2 s after connecting: we hang up after about 10 of its 200
+    bytes, the recipient is deferred, and the log, `queue list` and, for a message past its
+    lifetime, the bounce all say which host was too slow with what."""
+    mx = TrickleMX()
+    try:
+        srv = routed_server(make_server, mx, extra="[queue]\nreply_timeout = 2\n")
+        queue = QueueStore(srv.data / "queue")
+        queue.inject(b"Subject: slow mx\n\nhello\n", "test@test.com", ["bob@example.org"])
+        text = ("Connected to 127.0.0.1 but it sent its greeting too slowly: not complete "
+                "within 2 s. (#4.4.2)")
+        wait_until(lambda: "deferral: " + text.replace(" ", "_") in srv.output(),
+                   what="the deferral")
+        # The client hung up, not the MX: it had sent only part of its greeting.
+        assert mx.closed_after and all(n < len(mx.greeting) for n in mx.closed_after)
+        listing = srv.cli("queue", "list").stdout
+        assert "deferred  bob@example.org" in listing
+        assert "last error: " + text in listing
+        # A message past its lifetime gets one last attempt; its bounce quotes the reason.
+        old = QueueStore(srv.data / "queue", clock=lambda: time.time() - 8 * 86400)
+        old.inject(b"Subject: old\n\nhello\n", "test@test.com", ["carol@example.org"])
+        [bounce] = wait_until(lambda: maildir_files(srv), what="the bounce")
+        data = bounce.read_bytes()
+        assert b"<carol@example.org>:\n" + text.encode() in data
+    finally:
+        mx.close()

@@ -335,3 +335,101 @@ def test_encoder_properties(data, cuts):
     if normal and not normal.endswith(b"\r\n"):
         normal += b"\r\n"
     assert unstuff(out) == normal
+
+
+# --- time: what the core waits for, and a deadline passing (the adapter keeps the clock) -----
+
+def test_awaiting_names_each_reply_and_only_complete_replies_count():
+    c = core(rcpts=("a@x.example",), tls=True)
+    seen = [(c.awaiting, c.replies_received)]
+
+    def step(action):
+        action()
+        seen.append((c.awaiting, c.replies_received))
+    step(lambda: c.receive_data(b"220 mx\r\n"))
+    step(lambda: c.receive_data(EHLO_PIPE))                 # offers STARTTLS
+    step(lambda: c.receive_data(b"220 go ahead\r\n"))      # the adapter shakes hands now
+    step(c.tls_started)                                      # EHLO again
+    step(lambda: c.receive_data(b"250-mx.example.org\r\n250 SI"))   # half a reply: nothing
+    step(lambda: c.receive_data(b"ZE\r\n"))
+    assert seen == [("greeting", 0), ("EHLO", 1), ("STARTTLS", 2), ("STARTTLS", 3),
+                    ("EHLO", 3), ("EHLO", 3), ("MAIL", 4)]
+
+
+def test_awaiting_through_a_pipelined_transaction():
+    c = core(rcpts=("a@x.example", "b@x.example"))
+    c.receive_data(b"220 mx\r\n")
+    c.receive_data(EHLO_PIPE)
+    stages = [c.awaiting]
+    for reply in (b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+        c.receive_data(reply)
+        stages.append(c.awaiting)
+    c.body_done()
+    stages.append(c.awaiting)
+    c.receive_data(b"250 queued\r\n")
+    stages.append(c.awaiting)
+    c.receive_data(b"221 bye\r\n")
+    stages.append(c.awaiting)
+    assert stages == ["MAIL", "RCPT", "RCPT", "DATA", "message", "end of data", "QUIT", None]
+    assert c.replies_received == 8
+    assert all(s is None or s in sc.REPLY_DEADLINES for s in stages)
+
+
+@pytest.mark.parametrize("feed, text, next_host", [
+    ([], "Connected to 192.0.2.1 but it sent its greeting too slowly: not complete within "
+         "300 s. (#4.4.2)", True),
+    ([b"220 mx\r\n"], "Connected to 192.0.2.1 but it sent its reply to EHLO too slowly: not "
+                      "complete within 300 s. (#4.4.2)", True),
+    ([b"220 mx\r\n", EHLO_PLAIN], "Connected to 192.0.2.1 but it sent its reply to MAIL too "
+                                  "slowly: not complete within 300 s. (#4.4.2)", False),
+    ([b"220 mx\r\n", EHLO_PLAIN, b"250 ok\r\n"], "Connected to 192.0.2.1 but it sent its reply "
+     "to RCPT too slowly: not complete within 300 s. (#4.4.2)", False),
+])
+def test_deadline_passed_defers_with_the_reply_named(feed, text, next_host):
+    c = core(rcpts=("a@x.example",))
+    for chunk in feed:
+        c.receive_data(chunk)
+    assert c.deadline_passed(300) == [Close()]
+    assert c.done and c.try_next_host is next_host
+    assert [(r.status, r.text) for r in c.results] == [(DEFERRAL, text)]
+    assert c.deadline_passed(300) == []                 # once only
+    c.connection_lost()
+    assert c.results[0].text == text                    # the loss does not overwrite it
+
+
+def test_deadline_after_the_message_keeps_the_accepted_results_and_names_it():
+    c = core(rcpts=("a@x.example", "b@x.example"))
+    for chunk in (b"220 mx\r\n", EHLO_PIPE, b"250 ok\r\n550 no\r\n250 ok\r\n354 go\r\n"):
+        c.receive_data(chunk)
+    assert c.awaiting == "message"
+    c.body_done()
+    c.deadline_passed(600)
+    a, b = c.results
+    assert a.status == FAILURE                           # the 550 stands
+    assert (b.status, b.text) == (DEFERRAL, "Connected to 192.0.2.1 but it sent its reply to "
+                                  "the message too slowly: not complete within 600 s. (#4.4.2)")
+    assert not c.try_next_host
+
+
+def test_deadline_while_sending_and_for_the_whole_attempt():
+    c = core(rcpts=("a@x.example",))
+    for chunk in (b"220 mx\r\n", EHLO_PIPE, b"250 ok\r\n250 ok\r\n354 go\r\n"):
+        c.receive_data(chunk)
+    c.deadline_passed(180)
+    assert c.results[0].text == ("Connected to 192.0.2.1 but it took in the message too "
+                                 "slowly: 180 s without enough progress. (#4.4.2)")
+    c = core(rcpts=("a@x.example",))
+    c.receive_data(b"220 mx\r\n")
+    c.deadline_passed(3600, whole_attempt=True)
+    assert c.results[0].text == ("Connected to 192.0.2.1 but the delivery attempt took longer "
+                                 "than 3600 s; gave up. (#4.4.2)")
+    assert c.try_next_host                               # the adapter tries no more: no time
+
+
+def test_deadline_after_a_refused_greeting_keeps_the_next_host():
+    c = core()
+    c.receive_data(b"554 go away\r\n")                   # QUIT sent, next host wanted
+    assert c.awaiting == "QUIT"
+    c.deadline_passed(300)
+    assert c.try_next_host
+    assert "greeting failed" in c.results[0].text
