@@ -122,7 +122,10 @@ def settings_for(args: argparse.Namespace) -> Settings:
     found = locate(args.config, args.data, may_create=creating)
     overrides = {"data": str(found.data)} if found.data else {}
     settings = load_settings(found.config, overrides)
-    if not creating:
+    # The store commands against a shared PostgreSQL directory work from any node, including
+    # one whose server has not run yet: the data they change is in the database.
+    shared = args.area in STORE_AREAS and bool(settings.users.database)
+    if not creating and not shared:
         require_instance(settings.data, found)
     return settings
 

@@ -30,6 +30,7 @@ refused on every node at its next login.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import shutil
 import threading
@@ -63,6 +64,13 @@ from mailappliance.users.store import (
     normalize_local,
     split_address,
 )
+
+# psycopg_pool logs each failed connection attempt (several lines, libpq's hint included) to
+# the stdlib logger "psycopg.pool"; with no handler configured Python would print them to
+# stderr, in the middle of `check`'s one line per problem and the server's log. The store
+# reports what counts itself (DirectoryUnavailable, on_event "lost"/"reconnected"); an
+# application that configures logging still receives the records (propagation is left on).
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 # --- limits, each with its reason ----------------------------------------------------------------
 # Connections per node. A cache miss holds one for a single round trip (tens to hundreds of
