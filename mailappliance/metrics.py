@@ -22,8 +22,8 @@ what it counts is in docs/MONITORING.md:
     mailappliance_tls_handshakes_total                  server handshakes completed
 
 Counting costs nothing new on the hot paths: the collector reads the counters `stat` reads,
-when scraped. Failed logins are counted by a log observer (the one line per failure that
-fail2ban reads is the event); the queue is counted in the thread pool, as `stat` does.
+when scraped. Failed logins are counted by stats.FailedLogins, a log observer of the one line
+per failure that fail2ban reads; the queue is counted in the thread pool, as `stat` does.
 
 Never on a public address by default: config.py refuses a non-loopback TCP endpoint unless
 ``[metrics] allow_public = true``. A scrape is a plain GET of /metrics; anything else is 404,
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from mailappliance import stats as stats_mod
@@ -46,31 +46,15 @@ if TYPE_CHECKING:
     from mailappliance.app import App
 
 PREFIX = "mailappliance"
-# Log formats whose events are failed logins (smtp/submission.py, pop3/protocol.py).
-FAILED_LOGIN_FORMATS = {"auth failed: ": "smtp", "login failed: ": "pop3"}
-
-
-class FailedLogins:
-    """A log observer counting the failed-login events per protocol."""
-
-    def __init__(self) -> None:
-        self.counts = {"smtp": 0, "pop3": 0}
-
-    def __call__(self, event: dict) -> None:
-        fmt = event.get("log_format")
-        if type(fmt) is str and fmt[:6] in ("auth f", "login "):
-            for prefix, protocol in FAILED_LOGIN_FORMATS.items():
-                if fmt.startswith(prefix):
-                    self.counts[protocol] += 1
 
 
 class AppCollector:
-    """A prometheus_client collector over the App's counters; `queue_messages` is set by the
-    resource (counted in a thread) just before each generate_latest."""
+    """A prometheus_client collector over the App's counters (the ones `stat` reads);
+    `queue_messages` is set by the resource (counted in a thread) just before each
+    generate_latest."""
 
-    def __init__(self, app: App, failed_logins: FailedLogins) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
-        self.failed_logins = failed_logins
         self.queue_messages: int | None = None
 
     def collect(self):
@@ -127,7 +111,7 @@ class AppCollector:
         g = GaugeMetricFamily(f"{PREFIX}_queue_oldest_message_age_seconds",
                               "age of the oldest message the queue manager holds (0: none)")
         oldest = manager.oldest_birth() if manager is not None else None
-        g.add_metric([], max(0.0, now - oldest) if oldest is not None else 0.0)
+        g.add_metric([], stats_mod.oldest_age(now, oldest))
         yield g
         if manager is not None:
             status = manager.status()
@@ -154,7 +138,7 @@ class AppCollector:
         c = CounterMetricFamily(f"{PREFIX}_failed_logins",
                                 "failed SMTP AUTH and POP3 logins (the lines fail2ban reads)",
                                 labels=["protocol"])
-        for protocol, n in self.failed_logins.counts.items():
+        for protocol, n in stats_mod.failed_logins(app.stats).items():
             c.add_metric([protocol], n)
         yield c
         c = CounterMetricFamily(f"{PREFIX}_tls_handshakes",
@@ -222,10 +206,7 @@ class _QuietSite(server.Site):
 
 def build_factory(app: App, kind: str) -> server.Site:
     """The metrics listeners' factory (service.LISTENER_KINDS; one shared by all of them)."""
-    failed = FailedLogins()
-    globalLogPublisher.addObserver(failed)
-    app.stop_hooks.append(lambda: globalLogPublisher.removeObserver(failed))
-    site = _QuietSite(MetricsResource(app, AppCollector(app, failed)))
+    site = _QuietSite(MetricsResource(app, AppCollector(app)))
     site.app = app
     site.displayTracebacks = False
     return site

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance import datadir, dns, instance, metrics, tls as tls_part
+from mailappliance import datadir, dns, instance, metrics, stats as stats_mod, tls as tls_part
 from mailappliance import logging as log_part
 from mailappliance.access.dnsbl import DNSBLChecker
 from mailappliance.admin import service as admin_service
@@ -150,6 +150,23 @@ class DirectoryService(service.Service):
         super().stopService()
         from twisted.internet.threads import deferToThread
         return deferToThread(self.store.close)     # joins the watcher: not on the reactor
+
+
+class LogCounterService(service.Service):
+    """Keeps a log observer that counts events for `stat` (stats.FailedLogins) registered
+    while the server runs."""
+
+    def __init__(self, observer, publisher=globalLogPublisher) -> None:
+        self.observer = observer
+        self.publisher = publisher
+
+    def startService(self) -> None:
+        super().startService()
+        self.publisher.addObserver(self.observer)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.publisher.removeObserver(self.observer)
 
 
 def _log_grant_change(event: str, ip: str) -> None:
@@ -363,6 +380,7 @@ def make_service(settings: Settings, reactor=None) -> AppService:
         *([DirectoryService(app.store)] if IRemoteDirectory.providedBy(app.store) else []),
         ThreadPoolService(app.threadpool),
         log_service,
+        LogCounterService(stats_mod.FailedLogins(stats)),  # failed logins for stat/metrics
         ThreadPoolService(app.delivery_threads),          # stops after the manager
         *([ThreadPoolService(app.lookup_threads)]
           if app.lookup_threads not in (None, app.threadpool) else []),

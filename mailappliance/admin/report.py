@@ -40,6 +40,8 @@ class QueueStatus:
     local_max: int
     remote_busy: int
     remote_max: int
+    # Seconds since the oldest message the queue manager holds arrived; None: it holds none.
+    oldest_age_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ def format_stat(s: StatSnapshot, now: float) -> list[str]:
         q = s.queue
         lines.append(f"messages in queue: {q.messages}")
         lines.append(f"messages in queue but not yet preprocessed: {q.unprocessed}")
+        if q.oldest_age_seconds is not None:
+            lines.append(f"oldest message in queue: {q.oldest_age_seconds} seconds")
         lines.append(f"status: local {q.local_busy}/{q.local_max} "
                      f"remote {q.remote_busy}/{q.remote_max}")
     lines.extend(s.extra)
@@ -130,8 +134,11 @@ def stat_json(s: StatSnapshot, now: float) -> dict:
     }
 
 
-def stat_counters(injector: dict | None, manager: dict | None, resolver: dict | None) -> dict:
-    """Counters since start, by component, for `stat --json` and the metrics endpoint."""
+def stat_counters(injector: dict | None, manager: dict | None, resolver: dict | None,
+                  logins: dict | None = None, tls_handshakes: int | None = None) -> dict:
+    """Counters since start, by component, for `stat --json` (the metrics endpoint reads the
+    same counters). `logins` is stats.failed_logins(); `tls_handshakes` the TLS context's
+    count of completed server handshakes."""
     out: dict = {}
     if injector is not None:
         out["queue"] = {"commits": injector.get("commits", 0),
@@ -146,12 +153,18 @@ def stat_counters(injector: dict | None, manager: dict | None, resolver: dict | 
                       "cache_hits": resolver.get("cache_hits", 0),
                       "timeouts": resolver.get("timeouts", 0),
                       "failures": resolver.get("failures", 0)}
+    if logins is not None:
+        out["failed_logins"] = dict(logins)
+    if tls_handshakes is not None:
+        out["tls"] = {"handshakes": tls_handshakes}
     return out
 
 
-def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | None) -> list[str]:
+def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | None,
+                  logins: dict | None = None, tls_handshakes: int | None = None) -> list[str]:
     """Counters since start for `stat`: queue commits and their group fsyncs, delivery
-    results, DNS lookups. Each argument is the component's `stats` dict, or None without it."""
+    results, DNS lookups, failed logins, TLS handshakes. Each of the first three is the
+    component's `stats` dict, or None without it."""
     lines = []
     if injector is not None:
         commits, syncs = injector.get("commits", 0), injector.get("dir_syncs", 0)
@@ -167,6 +180,11 @@ def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | 
                      f"{resolver.get('cache_hits', 0)} from cache, "
                      f"{resolver.get('timeouts', 0)} timeouts, "
                      f"{resolver.get('failures', 0)} failed")
+    if logins is not None:
+        lines.append("failed logins since start: " + ", ".join(
+            f"{n} {protocol}" for protocol, n in logins.items()))
+    if tls_handshakes is not None:
+        lines.append(f"tls handshakes since start: {tls_handshakes}")
     return lines
 
 

@@ -493,6 +493,10 @@ def cmd_stat(proto, cmd):
         last = app.stats.get("last_errors") or ()
         rules = (f"{settings.rules.count} rules from {settings.rules.source}"
                  if settings.rules is not None else None)
+        # The counters the metrics endpoint reads too (metrics.py): both say the same.
+        counters = (dict(app.injector.stats), dict(app.queue_manager.stats),
+                    dict(app.resolver.stats), stats_mod.failed_logins(app.stats),
+                    app.tls.handshakes if app.tls is not None else 0)
         snap = report.StatSnapshot(
             hostname=settings.hostname, pid=os.getpid(), started=app.started,
             services=_listener_services(app), queue=facts.status, queue_why=facts.why,
@@ -500,12 +504,8 @@ def cmd_stat(proto, cmd):
             if settings.config_path else None,
             config_loaded=app.stats.get("config_loaded"), rules=rules,
             database=_database_text(app), mailboxes=str(app.store.domains_dir),
-            extra=tuple(report.counter_lines(dict(app.injector.stats),
-                                             dict(app.queue_manager.stats),
-                                             dict(app.resolver.stats))),
-            counters=report.stat_counters(dict(app.injector.stats),
-                                          dict(app.queue_manager.stats),
-                                          dict(app.resolver.stats)))
+            extra=tuple(report.counter_lines(*counters)),
+            counters=report.stat_counters(*counters))
         if cmd.options.get("--json"):
             # One value a line (indent), so no reply line comes near MAX_REPLY_LINE.
             return json.dumps(report.stat_json(snap, proto.factory.clock()),
@@ -538,10 +538,12 @@ def queue_facts(app: App, messages: int) -> QueueFacts:
     manager's status() (unprocessed = being picked up, local/remote busy and limits)."""
     q = app.settings.queue
     s = app.queue_manager.status()
+    oldest = app.queue_manager.oldest_birth()
     return QueueFacts(report.QueueStatus(
         messages, s.get("unprocessed", 0), s.get("local_busy", 0),
         s.get("local_max", q.concurrency_local), s.get("remote_busy", 0),
-        s.get("remote_max", q.concurrency_remote)))
+        s.get("remote_max", q.concurrency_remote),
+        None if oldest is None else stats_mod.oldest_age(app.reactor.seconds(), oldest)))
 
 
 def _delivering(app: App, entries) -> dict:

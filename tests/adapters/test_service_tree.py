@@ -37,6 +37,7 @@ def test_services_in_start_order_and_every_part_of_the_app_given(tmp_path):
         assert [type(s).__name__ for s in top] == [
             "ThreadPoolService",        # the shared pool
             "_ErrorRingService",        # logging ([log] stdout: the error ring only)
+            "LogCounterService",        # failed logins for stat and the metrics
             "ThreadPoolService",        # delivery threads, stopped after the manager
             "QueueManager",
             "HangupService",            # SIGHUP
@@ -45,8 +46,8 @@ def test_services_in_start_order_and_every_part_of_the_app_given(tmp_path):
             "Listener", "Listener",
             "ReadyService",
         ]
-        assert [list(top)[i].pool for i in (0, 2)] == [app.threadpool, app.delivery_threads]
-        assert list(top)[3] is app.queue_manager
+        assert [list(top)[i].pool for i in (0, 3)] == [app.threadpool, app.delivery_threads]
+        assert list(top)[4] is app.queue_manager
         missing = [f.name for f in dataclasses.fields(App) if getattr(app, f.name) is None]
         assert missing == ["tls"]                 # no [tls] here; everything else was built
         assert isinstance(app.instance_lock, int)

@@ -65,10 +65,15 @@ def test_stat_json_holds_the_same_facts_as_numbers():
         {"kind": "admin", "addresses": ["/var/admin.sock"], "up_seconds": 60,
          "connections_now": 0, "connections_total": 0}]
     assert doc["queue"] == {"messages": 3, "unprocessed": 1, "local_busy": 0, "local_max": 10,
-                            "remote_busy": 1, "remote_max": 20}
+                            "remote_busy": 1, "remote_max": 20, "oldest_age_seconds": None}
     assert doc["counters"]["queue"] == {"commits": 90, "group_commits": 12, "write_errors": 0}
     assert doc["counters"]["deliveries"]["success"] == 80
     assert "dns" not in doc["counters"]
+    assert "failed_logins" not in doc["counters"] and "tls" not in doc["counters"]
+    full = r.stat_counters(None, None, None, {"smtp": 2, "pop3": 5}, 7)
+    assert full == {"failed_logins": {"smtp": 2, "pop3": 5}, "tls": {"handshakes": 7}}
+    aged = r.stat_json(snapshot(queue=r.QueueStatus(3, 1, 0, 10, 1, 20, 95)), NOW)
+    assert aged["queue"]["oldest_age_seconds"] == 95
     assert doc["last_errors"] == ["2023-11-14T22:00:00.000000Z delivery: delivery 7: deferral: x"]
     long = r.stat_json(snapshot(last_errors=("x" * 9000,)), NOW)["last_errors"][0]
     assert len(long) == r.JSON_STRING_MAX + 3
@@ -83,6 +88,11 @@ def test_counters_since_start():
         "deliveries since start: 80 success, 5 deferral, 2 failure; 2 bounces",
         "dns since start: 40 lookups, 30 from cache, 1 timeouts, 2 failed",
     ]
+    assert r.counter_lines(None, None, None, {"smtp": 2, "pop3": 5}, 7) == [
+        "failed logins since start: 2 smtp, 5 pop3", "tls handshakes since start: 7"]
+    lines = r.format_stat(snapshot(queue=r.QueueStatus(3, 1, 0, 10, 1, 20, 95)), NOW)
+    assert lines[lines.index("messages in queue but not yet preprocessed: 1") + 1] == \
+        "oldest message in queue: 95 seconds"
     assert r.counter_lines({"commits": 0, "dir_syncs": 0}, None, None) == [
         "queue since start: 0 messages committed in 0 group commits, 0 write errors"]
     lines = r.format_stat(snapshot(extra=tuple(r.counter_lines(None, {"success": 1}, None))),

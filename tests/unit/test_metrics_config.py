@@ -4,7 +4,7 @@ words; the failed-login counter counts exactly the lines fail2ban reads."""
 import pytest
 
 from mailappliance.config import ConfigError, load_settings
-from mailappliance.metrics import FailedLogins
+from mailappliance.stats import FailedLogins, failed_logins
 
 
 def load(tmp_path, text):
@@ -35,7 +35,9 @@ def test_a_public_address_is_refused_unless_allowed(tmp_path, ep):
 
 
 def test_failed_logins_counts_the_failure_events_only():
-    f = FailedLogins()
+    stats = {}
+    f = FailedLogins(stats)
+    assert failed_logins(stats) == {"smtp": 0, "pop3": 0}
     for fmt in ("auth failed: rip={ip} user=<{user}> mech={mech} tls={tls} delay={delay:g}s",
                 "login failed: rip={ip} user=<{user}> tls={tls} delay={delay:g}s",
                 "login failed: rip={ip} user=<{user}> tls={tls} delay={delay:g}s",
@@ -44,4 +46,4 @@ def test_failed_logins_counts_the_failure_events_only():
         f({"log_format": fmt})
     f({"log_format": None})
     f({})
-    assert f.counts == {"smtp": 1, "pop3": 2}
+    assert failed_logins(stats) == {"smtp": 1, "pop3": 2}
