@@ -250,9 +250,10 @@ lua = "{self.root / 'rules.lua'}";
 class ScannerProxy:
     """A unix socket in front of a scanner, in a thread of its own (it works whatever reactor
     or process the client runs in). While `hold` is set -- always, without a `target` -- it
-    accepts connections, reads what comes and never answers: a scanner that hangs. Otherwise
-    it forwards both ways to `target` (a unix socket path). `held` counts the bytes it read
-    and kept, so a test can wait until a client is in the middle of a scan."""
+    accepts connections, reads what comes and never answers: a scanner that hangs (on
+    connections it already forwards too: a client's kept connection hangs from then on).
+    Otherwise it forwards both ways to `target` (a unix socket path). `held` counts the bytes
+    it read and kept, so a test can wait until a client is in the middle of a scan."""
 
     def __init__(self, target: str | None = None, hold: bool | None = None) -> None:
         import threading
@@ -264,6 +265,7 @@ class ScannerProxy:
         self.sock.bind(str(self.path))
         self.sock.listen(64)
         self.peer: dict[socket.socket, socket.socket | None] = {}
+        self.clients: set[socket.socket] = set()
         self.held = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -289,11 +291,14 @@ class ScannerProxy:
                 return
             self.peer[up] = c
         self.peer[c] = up
+        self.clients.add(c)
 
     def _drop(self, s: socket.socket) -> None:
         other = self.peer.pop(s, None)
+        self.clients.discard(s)
         s.close()
         if other is not None:
+            self.clients.discard(other)
             self.peer.pop(other, None)
             other.close()
 
@@ -315,7 +320,7 @@ class ScannerProxy:
                     self._drop(s)
                     continue
                 other = self.peer[s]
-                if other is None:
+                if other is None or (self.hold and s in self.clients):
                     self.held += len(got)          # read and kept: never answered
                     continue
                 try:

@@ -16,7 +16,9 @@
   never once per message (verdict.Health).
 - `start()` pings the scanners once so the log says at start-up whether they answer; a scanner
   that is down then does not stop anything, and the first message after it comes back finds
-  it (no reconnect logic: every scan is a new connection).
+  it (no reconnect logic: a scan uses a kept clamd connection or opens a new one, and a dead
+  kept connection is simply replaced).
+- `close()` closes the connections kept between scans (a reload that replaces this object).
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ class Scanning:
             self._log_transition(health.success(now))
         else:
             self._log_transition(health.failure(now, failure.detail, message=False))
+
+    def close(self) -> Deferred:
+        """Close the scanner connections kept between scans; fires when they are closed."""
+        calls = [s.close() for s in (self.virus, self.spam) if hasattr(s, "close")]
+        return defer.gatherResults(calls).addCallback(lambda _: None)
 
     # --- per message ------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ class ScanCheck:
 
     def follow(self, settings) -> None:
         """Reload hook: changed [scan] keys (or hostname) make a new Scanning, pinged once.
-        Messages being scanned finish with the old one."""
+        Messages being scanned finish with the old one, which then keeps no connection."""
         old = self.scanning
         key = (settings.scan, settings.hostname)
         if old is not None and old.settings_key == key:
@@ -74,6 +74,8 @@ class ScanCheck:
         if old is None and not (settings.scan.clamd or settings.scan.spam):
             return
         self.scanning = build_scanning(settings.scan, settings.hostname, self.reactor)
+        if old is not None:
+            old.close()                 # its kept connections; scans under way finish
         self.start()
 
     def wants(self, tx: Transaction) -> bool:

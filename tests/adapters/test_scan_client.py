@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 from mailappliance.scan import client as client_mod
 from mailappliance.scan.client import ClamdScanner, RspamdScorer
 from mailappliance.scan.endpoints import check_endpoint, endpoint_description, split_scorer
-from mailappliance.scan.clamd import END_OF_STREAM, INSTREAM
+from mailappliance.scan.clamd import END_OF_STREAM, IDSESSION, INSTREAM
 from mailappliance.scan.interfaces import (
     ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, SpamReport, VirusReport)
 
@@ -64,7 +64,11 @@ def test_endpoint_texts():
     assert check_endpoint("tcp:127.0.0.1") is not None          # no port
 
 
-def test_instream_conversation_and_found_reply():
+def request(msg: bytes) -> bytes:
+    return INSTREAM + struct.pack(">I", len(msg)) + msg + END_OF_STREAM
+
+
+def test_instream_conversation_in_a_session_kept_for_the_next_scan():
     reactor = MemoryReactorClock()
     scanner = ClamdScanner("unix:/run/clamd.ctl", reactor, timeout=30)
     d = scanner.scan([b"Subject: x\n\n", b"body\n"])
@@ -72,23 +76,206 @@ def test_instream_conversation_and_found_reply():
     proto, transport = connect(reactor)
     pump(transport)
     msg = b"Subject: x\n\nbody\n"
-    assert transport.value() == INSTREAM + struct.pack(">I", len(msg)) + msg + END_OF_STREAM
+    assert transport.value() == IDSESSION + request(msg)
     assert not d.called
-    proto.dataReceived(b"stream: Eicar-Signature FO")
+    proto.dataReceived(b"1: stream: Eicar-Signature FO")
     assert not d.called
     proto.dataReceived(b"UND\0")
     assert d.result == VirusReport("Eicar-Signature")
-    assert transport.disconnected                      # the connection is closed at once
-    assert not reactor.getDelayedCalls()               # and the deadline cancelled
+    assert not transport.disconnecting                 # kept for the next scan
+    # The next scan goes over the same connection: no new connect, command number 2.
+    transport.clear()
+    d = scanner.scan(b"clean\n")
+    assert len(reactor.unixClients) == 1
+    pump(transport)
+    assert transport.value() == request(b"clean\n")
+    proto.dataReceived(b"2: stream: OK\0")
+    assert d.result == VirusReport(None)
+    # Idle for SESSION_IDLE_SECONDS: closed; the only timer left was the one doing that.
+    reactor.advance(client_mod.SESSION_IDLE_SECONDS)
+    assert transport.disconnecting and not reactor.getDelayedCalls()
 
 
-def test_a_small_message_goes_out_in_one_write_without_a_producer():
+def test_a_connection_that_gave_a_wrong_or_extra_answer_is_not_kept():
     reactor = MemoryReactorClock()
-    ClamdScanner("unix:/c", reactor).scan(b"x" * 2048)
-    _, transport = connect(reactor)
+    scanner = ClamdScanner("unix:/c", reactor)
+    d = scanner.scan(b"x")
+    proto, transport = connect(reactor)
+    pump(transport)
+    proto.dataReceived(b"7: stream: OK\0")           # not the number of our command
+    assert isinstance(d.result, ScanFailure) and d.result.outage
+    assert transport.disconnecting
+    d = scanner.scan(b"x")
+    proto, transport = connect(reactor)                 # a new connection
+    proto.dataReceived(b"1: stream: OK\0junk")
+    assert d.result == VirusReport(None)                # the answer counts; the rest does not
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    d = scanner.scan(b"x")
+    proto, transport = connect(reactor)
+    pump(transport)
+    proto.dataReceived(b"1: stream: OK\0")
+    proto.dataReceived(b"2: PONG\0")                 # speaking unasked while idle
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    scanner.scan(b"x")
+    assert len(reactor.unixClients) == 4                # nothing was reused
+
+
+def test_a_kept_connection_closed_between_scans_is_retried_once_on_a_new_one():
+    reactor = MemoryReactorClock()
+    scanner = ClamdScanner("unix:/c", reactor)
+    scanner.scan(b"x")
+    proto, transport = connect(reactor)
+    pump(transport)
+    proto.dataReceived(b"1: stream: OK\0")
+    d = scanner.scan(b"y")                             # on the kept connection...
+    proto.connectionLost(Failure(ConnectionDone()))    # ...which clamd had just closed
+    assert not d.called and len(reactor.unixClients) == 2
+    proto2, transport2 = connect(reactor)
+    pump(transport2)
+    assert transport2.value() == IDSESSION + request(b"y")
+    proto2.connectionLost(Failure(ConnectionDone()))  # a new connection fails: that is final
+    assert d.result == ScanFailure("clamd closed the connection without an answer")
+    assert len(reactor.unixClients) == 2
+
+
+def test_a_kept_connection_that_began_answering_is_not_retried():
+    reactor = MemoryReactorClock()
+    scanner = ClamdScanner("unix:/c", reactor)
+    scanner.scan(b"x")
+    proto, transport = connect(reactor)
+    pump(transport)
+    proto.dataReceived(b"1: stream: OK\0")
+    d = scanner.scan(b"y")
+    pump(transport)
+    proto.dataReceived(b"2: stream: OK")              # no NUL: cut off
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert isinstance(d.result, ScanFailure) and "mid-reply" in d.result.detail
+    assert len(reactor.unixClients) == 1
+
+
+def test_a_stale_idle_connection_is_not_used():
+    reactor = MemoryReactorClock()
+    scanner = ClamdScanner("unix:/c", reactor)
+    scanner.scan(b"x")
+    proto, transport = connect(reactor)
+    pump(transport)
+    proto.dataReceived(b"1: stream: OK\0")
+    reactor.advance(client_mod.SESSION_IDLE_SECONDS - 0.5)
+    scanner.scan(b"y")
+    assert len(reactor.unixClients) == 1                # still fresh: reused
+    pump(transport)
+    proto.dataReceived(b"2: stream: OK\0")
+    reactor.advance(client_mod.SESSION_IDLE_SECONDS - 0.5)
+    assert not transport.disconnecting                  # its idle time began at scan 2
+    reactor.advance(0.5)
+    assert transport.disconnecting
+
+
+def test_at_most_max_idle_sessions_are_kept_and_close_closes_them():
+    reactor = MemoryReactorClock()
+    scanner = ClamdScanner("unix:/c", reactor)
+    n = client_mod.MAX_IDLE_SESSIONS + 3
+    ds = [scanner.scan(b"x") for _ in range(n)]
+    conns = [connect(reactor, i) for i in range(n)]
+    for _, t in conns:
+        pump(t)
+    for proto, _ in conns:
+        proto.dataReceived(b"1: stream: OK\0")
+    assert all(d.result == VirusReport(None) for d in ds)
+    assert sum(t.disconnecting for _, t in conns) == 3
+    closed = scanner.close()
+    assert all(t.disconnecting for _, t in conns)
+    assert not closed.called and not reactor.getDelayedCalls()
+    for proto, _ in conns:
+        proto.connectionLost(Failure(ConnectionDone()))
+    assert closed.called
+    d = scanner.scan(b"x")                              # still scans, keeps nothing
+    proto, transport = connect(reactor)
+    pump(transport)
+    proto.dataReceived(b"1: stream: OK\0")
+    assert d.result == VirusReport(None) and transport.disconnecting
+
+
+class _Socket:
+    """The socket under a _PlainTransport: takes `room` bytes, then would block."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.calls: list[list] = []
+        self.data = b""
+
+    def sendmsg(self, buffers):
+        self.calls.append(list(buffers))
+        if self.room <= 0:
+            raise BlockingIOError()
+        data = b"".join(bytes(b) for b in buffers)[:self.room]
+        self.room -= len(data)
+        self.data += data
+        return len(data)
+
+
+class _PlainTransport(StringTransport):
+    """A StringTransport with the attributes of Twisted's plain socket transports, so the
+    client writes to its `socket` directly as it does to a real unix or TCP client."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.socket = _Socket(room)
+        self.connected = True
+        self._writeDisconnected = False
+        self._tempDataBuffer: list = []
+        self.dataBuffer = b""
+        self.offset = 0
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    monkeypatch.setattr(client_mod, "_PLAIN_CLIENTS", (_PlainTransport,))
+
+    def make(reactor, room):
+        _, factory, _, _ = reactor.unixClients[-1]
+        proto = factory.buildProtocol(None)
+        transport = _PlainTransport(room)
+        proto.makeConnection(transport)
+        return proto, transport
+    return make
+
+
+def test_a_request_that_fits_the_socket_is_one_sendmsg_of_the_message_itself(plain):
+    reactor = MemoryReactorClock()
+    msg = b"x" * (100 * 1024)
+    ClamdScanner("unix:/c", reactor).scan(msg)
+    _, transport = plain(reactor, room=1 << 20)
     assert transport.producer is None                  # nothing left to pull
-    assert transport.value() == INSTREAM + struct.pack(">I", 2048) + b"x" * 2048 + \
-        END_OF_STREAM
+    assert transport.value() == b""                    # nothing went through Twisted's buffer
+    sock = transport.socket
+    # Two sendmsg calls (one per WRITE_BYTES piece), the message's bytes as slices of it.
+    assert len(sock.calls) == 2
+    assert all(b is msg or (isinstance(b, memoryview) and b.obj is msg)
+               for call in sock.calls for b in call if len(b) > 100)
+    frame = client_mod.clamd.FRAME_BYTES
+    assert sock.data == (IDSESSION + INSTREAM + struct.pack(">I", frame) + msg[:frame]
+                         + struct.pack(">I", len(msg) - frame) + msg[frame:] + END_OF_STREAM)
+
+
+def test_what_the_socket_does_not_take_goes_through_twisted_piece_by_piece(plain):
+    reactor = MemoryReactorClock()
+    msg = b"y" * 300_000
+    ClamdScanner("unix:/c", reactor).scan(msg)
+    proto, transport = plain(reactor, room=100_000)
+    assert len(transport.socket.data) == 100_000
+    assert 0 < len(transport.value()) <= client_mod.WRITE_BYTES + 100
+    assert transport.producer is not None
+    sizes = []
+    while transport.producer is not None:
+        before = len(transport.value())
+        transport.producer.resumeProducing()
+        sizes.append(len(transport.value()) - before)
+    assert max(sizes) <= client_mod.WRITE_BYTES + 100
+    wire = transport.socket.data + transport.value()
+    assert wire == IDSESSION + b"".join(bytes(b) for b in client_mod.clamd.instream_request([msg]))
 
 
 def test_a_big_message_is_pulled_piece_by_piece():
@@ -102,7 +289,7 @@ def test_a_big_message_is_pulled_piece_by_piece():
         transport.producer.resumeProducing()
         sizes.append(len(transport.value()) - before)
     # Each turn writes about one 64 KiB chunk, never the whole message.
-    assert len(sizes) >= 1_000_000 // client_mod.WRITE_BYTES
+    assert len(sizes) >= 1_000_000 // client_mod.WRITE_BYTES - 1
     assert max(sizes) <= client_mod.WRITE_BYTES + 1000 + 20
 
 
@@ -156,7 +343,7 @@ def test_size_limit_answer_while_still_sending():
     d = ClamdScanner("unix:/c", reactor).scan([b"a" * 100_000])
     proto, transport = connect(reactor)
     transport.producer.resumeProducing()               # part of the message is out
-    proto.dataReceived(b"INSTREAM size limit exceeded. ERROR\0")
+    proto.dataReceived(b"1: INSTREAM size limit exceeded. ERROR\0")
     assert isinstance(d.result, ScanFailure) and not d.result.outage
     assert transport.disconnected
 
@@ -236,7 +423,7 @@ def test_a_scan_logs_nothing_of_its_own():
         factory.doStart()                  # what a real connector does around a connection
         proto, transport = connect(reactor)
         pump(transport)
-        proto.dataReceived(b"stream: OK\0")
+        proto.dataReceived(b"1: stream: OK\0")
         proto.connectionLost(Failure(ConnectionDone()))
         factory.doStop()
     assert d.result == VirusReport(None)

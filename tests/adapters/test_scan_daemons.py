@@ -98,8 +98,11 @@ class ClamdTests(unittest.TestCase):
     def scanning(self, **kw) -> Scanning:
         kw.setdefault("max_bytes", STREAM_MAX)
         timeout = kw.pop("timeout", 20)
-        return Scanning(reactor, virus=ClamdScanner(self.daemon.endpoint, reactor,
-                                                    timeout=timeout), hostname="mx.test", **kw)
+        scanning = Scanning(reactor, virus=ClamdScanner(self.daemon.endpoint, reactor,
+                                                        timeout=timeout), hostname="mx.test",
+                            **kw)
+        self.addCleanup(scanning.close)          # the connections it keeps between scans
+        return scanning
 
     async def test_ping(self):
         self.assertIsNone(await ClamdScanner(self.daemon.endpoint, reactor).ping())
@@ -163,6 +166,7 @@ class ClamdTests(unittest.TestCase):
         silent = SilentServer()
         self.addCleanup(silent.close)
         hung = Scanning(reactor, virus=ClamdScanner(silent.endpoint, reactor, timeout=1.0))
+        self.addCleanup(hung.close)
         started = time.monotonic()
         pending = hung.check(clean_message(), trusted=False)
         # Meanwhile another check against the real clamd completes.
@@ -247,6 +251,7 @@ class ClamdRestartTests(unittest.TestCase):
         timeout = 20.0
         scanning = Scanning(reactor, virus=ClamdScanner(f"unix:{proxy_path}", reactor,
                                                         timeout=timeout))
+        self.addCleanup(scanning.close)
         with capturedLogs() as events:
             self.assertIs((await scanning.check(clean_message(), trusted=False)).outcome,
                           Outcome.ACCEPT)

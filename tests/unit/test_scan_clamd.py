@@ -8,14 +8,14 @@ from hypothesis import given, strategies as st
 
 from mailappliance.scan import clamd
 from mailappliance.scan.clamd import (
-    END_OF_STREAM, INSTREAM, ReplyReader, closed_without_reply, instream_frames,
-    parse_instream_reply, parse_ping_reply)
+    END_OF_STREAM, INSTREAM, ReplyReader, closed_without_reply, instream_request,
+    parse_instream_reply, parse_ping_reply, parse_session_reply)
 from mailappliance.scan.interfaces import ScanFailure, VirusReport
 
 
-def unframe(frames: list[list[bytes]]) -> tuple[bytes, list[int]]:
+def unframe(buffers) -> tuple[bytes, list[int]]:
     """Reassemble what clamd would read: the command, then length-prefixed chunks to 0."""
-    wire = b"".join(b"".join(bytes(p) for p in f) for f in frames)
+    wire = b"".join(bytes(b) for b in buffers)
     assert wire.startswith(INSTREAM)
     pos, data, sizes = len(INSTREAM), b"", []
     while True:
@@ -30,35 +30,51 @@ def unframe(frames: list[list[bytes]]) -> tuple[bytes, list[int]]:
 
 
 @given(st.lists(st.binary(max_size=300), max_size=12), st.integers(1, 256))
-def test_frames_carry_the_message_exactly_in_bounded_chunks(chunks, size):
-    frames = list(instream_frames(chunks, frame_bytes=size))
-    data, sizes = unframe(frames)
+def test_the_request_carries_the_message_exactly_in_bounded_chunks(chunks, size):
+    buffers = list(instream_request(chunks, frame_bytes=size))
+    data, sizes = unframe(buffers)
     assert data == b"".join(chunks)
     assert all(0 < n <= size for n in sizes)
     assert all(n == size for n in sizes[:-1])          # only the last chunk is short
-    assert frames[0] == [INSTREAM] and frames[-1] == [END_OF_STREAM]
+    assert buffers[0] == INSTREAM and buffers[-1] == END_OF_STREAM
 
 
 def test_empty_message_is_command_and_end_marker_only():
-    assert list(instream_frames([])) == [[INSTREAM], [END_OF_STREAM]]
-    assert list(instream_frames([b"", b""])) == [[INSTREAM], [END_OF_STREAM]]
+    assert list(instream_request([])) == [INSTREAM, END_OF_STREAM]
+    assert list(instream_request([b"", b""])) == [INSTREAM, END_OF_STREAM]
 
 
-def test_a_chunk_that_fits_is_passed_on_without_a_copy():
+def test_the_message_is_never_copied():
     chunk = b"x" * 1000
-    frames = list(instream_frames([chunk, b"y" * 10]))
-    assert frames[1][1] is chunk
+    buffers = list(instream_request([chunk, b"y" * 10]))
+    assert buffers[2] is chunk                          # a chunk that fits goes as it is
+    big = b"z" * (clamd.FRAME_BYTES + 1)
+    pieces = list(instream_request([big]))[1:-1]
+    slices = [p for p in pieces if isinstance(p, memoryview)]
+    assert all(p.obj is big for p in slices)                    # slices of it, no copies
+    assert sum(len(p) for p in slices) == len(big)
 
 
-def test_frames_accept_memoryview_and_bytearray_chunks_and_write_bytes():
-    frames = list(instream_frames([memoryview(b"abc"), bytearray(b"def")], frame_bytes=4))
-    assert all(type(p) is bytes for f in frames for p in f)
-    assert unframe(frames)[0] == b"abcdef"
+def test_memoryview_and_bytearray_chunks():
+    buffers = list(instream_request([memoryview(b"abc"), bytearray(b"def")], frame_bytes=4))
+    assert unframe(buffers)[0] == b"abcdef"
+    wide = memoryview(bytearray(b"abcdefgh")).cast("I")        # 2 items of 4 bytes
+    assert unframe(instream_request([wide], frame_bytes=3))[0] == b"abcdefgh"
 
 
 def test_default_frame_is_64_kib():
-    frames = list(instream_frames([b"a" * (clamd.FRAME_BYTES + 1)]))
-    assert [struct.unpack(">I", f[0])[0] for f in frames[1:-1]] == [clamd.FRAME_BYTES, 1]
+    buffers = list(instream_request([b"a" * (clamd.FRAME_BYTES + 1)]))
+    lengths = [struct.unpack(">I", b)[0] for b in buffers[1:-1] if len(b) == 4]
+    assert lengths == [clamd.FRAME_BYTES, 1]
+
+
+def test_session_replies_carry_the_command_number():
+    assert parse_session_reply(b"3: stream: OK", 3) == VirusReport(None)
+    assert parse_session_reply(b"1: stream: Eicar FOUND", 1) == VirusReport("Eicar")
+    wrong = parse_session_reply(b"2: stream: OK", 3)           # not the answer we wait for
+    assert isinstance(wrong, ScanFailure) and wrong.outage and "expected" in wrong.detail
+    bare = parse_session_reply(b"stream: OK", 1)
+    assert isinstance(bare, ScanFailure)
 
 
 def test_reply_reader_joins_pieces_and_stops_at_nul_or_newline():
