@@ -34,7 +34,8 @@ from twisted.python.failure import Failure
 from mailappliance.scan.client import ClamdScanner, RspamdScorer
 from mailappliance.scan.endpoints import split_scorer
 from mailappliance.scan.interfaces import (
-    ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, as_chunks, message_size)
+    ISpamScorer, IVirusScanner, ScanEnvelope, ScanFailure, VirusReport, as_chunks,
+    message_size)
 from mailappliance.scan.verdict import (
     ON_ERROR_VALUES, Health, Outcome, SpamThresholds, State, Transition, Verdict, decide,
     message_id, oversized)
@@ -63,6 +64,8 @@ class Scanning:
         self.hostname = hostname
         self.thresholds = thresholds
         self.health = {s.name: Health(s.name) for s in (virus, spam) if s is not None}
+        self._virus_health = self.health[virus.name] if virus is not None else None
+        self._clean: Verdict | None = None   # the clean verdict of the virus-only case
         self.counts: Counter = Counter()     # per outcome, for `stat` and benchmarks
         self.settings_key: object = None     # what build_scanning made it from
 
@@ -110,8 +113,27 @@ class Scanning:
         size = message_size(chunks)
         if size > self.max_bytes:
             return defer.succeed(self.too_large(chunks, client_ip))
+        virus = self.virus
+        if virus is not None and (self.spam is None or trusted):
+            # The common case, one scanner: its Deferred carries the verdict (cancelling
+            # the check cancels the scan), no gathering of two answers.
+            d = _guard(virus.scan, virus.name, chunks)
+            return d.addCallback(self._virus_only, chunks, client_ip)
         envelope = ScanEnvelope(client_ip, helo, sender, tuple(recipients), user, self.hostname)
         return _Check(self, chunks, envelope, trusted).result
+
+    def _virus_only(self, result, chunks, client_ip: str) -> Verdict:
+        if (type(result) is VirusReport and result.signature is None
+                and self._virus_health.state is State.UP):
+            # Clean, with clamd known up: the same verdict every time, made once.
+            self.counts[Outcome.ACCEPT.value] += 1
+            clean = self._clean
+            if clean is None:
+                clean = self._clean = decide(
+                    result, None, on_error=self.on_error, thresholds=self.thresholds,
+                    hostname=self.hostname, virus_scanner=self.virus.name)
+            return clean
+        return _decided(self, result, None, chunks, client_ip)
 
     def too_large(self, head, client_ip: str = "") -> Verdict:
         """The verdict for a message over max_bytes, logged once (`head`: the message or its
@@ -122,9 +144,8 @@ class Scanning:
                       max_bytes=self.max_bytes)
         return oversized(self.max_bytes, self.hostname)
 
-    def _finish(self, check: "_Check") -> Verdict:
+    def _finish(self, virus, spam, chunks, client_ip: str) -> Verdict:
         now = self.reactor.seconds()
-        virus, spam = check.virus_result, check.spam_result
         for scanner, result in ((self.virus, virus), (self.spam, spam)):
             if scanner is None or result is None:
                 continue
@@ -137,8 +158,8 @@ class Scanning:
                 # The scanner works but would not take this message (clamd's StreamMaxLength):
                 # not an outage, so it is worth a line per message.
                 self.log.error("scan: {ip} message-id {mid}: {scanner}: {why}",
-                               ip=check.envelope.client_ip or "-",
-                               mid=message_id(check.chunks) or "-", scanner=scanner.name,
+                               ip=client_ip or "-",
+                               mid=message_id(chunks) or "-", scanner=scanner.name,
                                why=result.detail)
         verdict = decide(virus, spam, on_error=self.on_error, thresholds=self.thresholds,
                          hostname=self.hostname,
@@ -148,13 +169,13 @@ class Scanning:
         outcome = verdict.outcome
         if outcome is Outcome.REFUSE_VIRUS:
             self.log.warn("scan: {ip} message-id {mid}: virus {signature} found by {scanner};"
-                          " refused", ip=check.envelope.client_ip or "-",
-                          mid=message_id(check.chunks) or "-", signature=verdict.signature,
+                          " refused", ip=client_ip or "-",
+                          mid=message_id(chunks) or "-", signature=verdict.signature,
                           scanner=self.virus.name)
         elif outcome is Outcome.REFUSE_SPAM:
             self.log.info("scan: {ip} message-id {mid}: spam score {score:.1f} >= {reject:.1f}"
-                          " ({scorer}: {symbols}); refused", ip=check.envelope.client_ip or "-",
-                          mid=message_id(check.chunks) or "-", score=verdict.score,
+                          " ({scorer}: {symbols}); refused", ip=client_ip or "-",
+                          mid=message_id(chunks) or "-", score=verdict.score,
                           reject=verdict.reject_score, scorer=self.spam.name,
                           symbols=",".join(spam.symbols) or "-")
         return verdict
@@ -215,18 +236,22 @@ class _Check:
         return None                                # cancelled along with the check
 
     def _decide(self) -> None:
-        try:
-            verdict = self.scanning._finish(self)
-        except Exception:
-            # A bug in the policy must not accept mail unscanned, nor hang the session.
-            self.scanning.log.failure("scan: internal error; tempfail")
-            verdict = Verdict(Outcome.TEMPFAIL, detail="internal error")
-        self.result.callback(verdict)
+        self.result.callback(_decided(self.scanning, self.virus_result, self.spam_result,
+                                      self.chunks, self.envelope.client_ip))
 
     def _cancel(self, d: Deferred) -> None:
         for p in self.pending:
             if not p.called:
                 p.cancel()
+
+
+def _decided(scanning: Scanning, virus, spam, chunks, client_ip: str) -> Verdict:
+    try:
+        return scanning._finish(virus, spam, chunks, client_ip)
+    except Exception:
+        # A bug in the policy must not accept mail unscanned, nor hang the session.
+        scanning.log.failure("scan: internal error; tempfail")
+        return Verdict(Outcome.TEMPFAIL, detail="internal error")
 
 
 def _guard(call, name: str, *args) -> Deferred:

@@ -59,6 +59,7 @@ class ScanCheck:
         self.reactor = reactor
         self.scanning: Scanning | None = build_scanning(settings.scan, settings.hostname,
                                                         reactor)
+        self._clean: tuple[Verdict, CheckOutcome] | None = None   # the last ACCEPT, made once
 
     def start(self) -> Deferred | None:
         """Ping the scanners once (the log says whether they answer); never fails."""
@@ -88,4 +89,13 @@ class ScanCheck:
         d = scanning.check(message, trusted=tx.trusted, client_ip=tx.client_ip,
                            helo=tx.helo or None, sender=tx.sender,
                            recipients=tx.recipients)
-        return d.addCallback(check_outcome)
+        return d.addCallback(self._outcome)
+
+    def _outcome(self, verdict: Verdict) -> CheckOutcome:
+        clean = self._clean
+        if clean is not None and clean[0] is verdict:    # policy's shared clean verdict
+            return clean[1]
+        outcome = check_outcome(verdict)
+        if verdict.outcome is Outcome.ACCEPT:
+            self._clean = (verdict, outcome)
+        return outcome

@@ -281,6 +281,30 @@ class ClamdRestartTests(unittest.TestCase):
         self.assertEqual(len(logged), 4, logged)
 
 
+    async def test_a_clamd_restart_between_scans_costs_no_message(self):
+        """The connections kept between scans die with clamd. Restarted while the reactor
+        is busy (stop and start block it), the next scan still finds a dead one in the idle
+        list: that one is retried on a new connection, and nothing is tempfailed or logged."""
+        daemon = ClamdDaemon(self.tmp / "clamd").start()
+        self.addCleanup(daemon.cleanup)
+        scanning = Scanning(reactor, virus=ClamdScanner(daemon.endpoint, reactor, timeout=20))
+        self.addCleanup(scanning.close)
+        with capturedLogs() as events:
+            first = await defer.gatherResults(
+                [scanning.check(clean_message(), trusted=False) for _ in range(4)])
+            self.assertEqual({v.outcome for v in first}, {Outcome.ACCEPT})
+            self.assertEqual(len(scanning.virus._idle), 4)      # kept for the next scans
+            daemon.stop()
+            daemon.start()
+            for make in (clean_message, eicar_in_body, clean_message, eicar_attachment):
+                verdict = await scanning.check(make(), trusted=False)
+                self.assertIs(verdict.outcome, Outcome.ACCEPT if make is clean_message
+                              else Outcome.REFUSE_VIRUS, make.__name__)
+        logged = scan_lines(events)
+        self.assertEqual(logged[0], "scan: clamd available")
+        self.assertFalse([line for line in logged if "unavailable" in line], logged)
+
+
 class RspamdTests(unittest.TestCase):
     @pytest.fixture(autouse=True)
     def _daemon(self, rspamd_daemon):
