@@ -428,6 +428,8 @@ def _signed(data, message: bytes, sender: str, warn) -> bytes:
         return message
     from mailappliance.mailauth.keys import KeyRegistry
     from mailappliance.mailauth.sign import sign_with_registry
+    from mailappliance.reencode import fit_lines
+    message = fit_lines(message)      # lines over RFC 5321's limit: re-encoded before signing
     try:
         return sign_with_registry(KeyRegistry(data), message, sender, int(time.time())) + message
     except Exception as e:    # noqa: BLE001 - a signature is never worth losing the message

@@ -20,7 +20,9 @@
   host; once a transaction has started, its per-recipient results stand.
 * The message is read, in a thread, from the source the queue manager hands over
   (delivery/interfaces.py IMessageSource) and streamed with flow control; it is
-  CRLF-normalised and dot-stuffed on the way out (client.DataEncoder).
+  CRLF-normalised and dot-stuffed on the way out (client.DataEncoder).  A message with a line
+  over RFC 5321's 1000 octets is re-encoded first (reencode.py; mail we sign already was, at
+  injection, before signing: docs/LIMITS.md "Long lines").
 * STARTTLS when the server offers it, never required (Postfix's smtp_tls_security_level =
   may): TLS 1.2 at least, SNI with the MX host name, and the certificate is checked -- chain
   against the system's CAs (SSL_CERT_FILE / SSL_CERT_DIR are honoured), name with
@@ -48,6 +50,7 @@ from twisted.internet.interfaces import (
 from mailappliance.deadline import MIN_DATA_RATE, Deadline
 from mailappliance.delivery.interfaces import IMessageSource, IRemoteDeliverer
 from mailappliance.envelope import Envelope, Result, deferral, failure
+from mailappliance.reencode import MAX_LINE, LongLineScanner, fit_lines
 from mailappliance.smtp import client as smtp_client
 from mailappliance.smtp.client import ClientCore, Close, DataEncoder, Send, SendBody, StartTLS
 
@@ -66,6 +69,11 @@ MAX_ADDRESSES = 16
 # conversation's reply deadlines add up to for one recipient (42 min), so an honest slow server
 # is not cut off; chasquid gives a connection 10 minutes, mox 30.  It ends as a deferral.
 ATTEMPT_LIFETIME = 3600
+# A stored message with a line over RFC 5321's limit is re-encoded for sending (reencode.py;
+# docs/LIMITS.md "Long lines"). One larger than PRELOAD_MAX is then held whole in memory for
+# its delivery: this many at once. Each is at most [smtp] databytes (10 MiB by default) and up
+# to three times that as quoted-printable of 8-bit text: 60 MiB of the unit's MemoryMax=512M.
+REFIT_AT_ONCE = 2
 
 T_NO_HOST = "Sorry, I couldn't find any host named {domain}. (#5.1.2)"
 T_DNS_TEMP = "Sorry, I couldn't find any host by that name: {why} (#4.1.2)"
@@ -344,6 +352,7 @@ class RemoteDeliverer:
         self.tls_options = tls_options
         self.is_me = is_me or make_is_me()
         self.mx_port = mx_port
+        self._refit = defer.DeferredSemaphore(REFIT_AT_ONCE)
 
     def _defer(self, f, *args):
         return deferToThreadPool(self.reactor, self.threadpool, f, *args)
@@ -352,19 +361,44 @@ class RemoteDeliverer:
     def deliver(self, env: Envelope, indices: list[int], messages: IMessageSource):
         """-> Deferred[list[Result]] aligned with `indices` (all at one domain); the message
         is read from `messages`."""
-        ends = self.reactor.seconds() + self.attempt_lifetime
         rcpts = [env.recipients[i].address for i in indices]
         domain = rcpts[0].rpartition("@")[2].lower().rstrip(".")
         targets = yield self._targets(domain)
         if isinstance(targets, Result):
             return [targets] * len(rcpts)
-        preloaded = None
-        if env.size <= PRELOAD_MAX:
-            try:
-                preloaded = yield self._defer(messages.read_message, env)
-            except Exception as e:  # noqa: BLE001
-                return [deferral(f"Unable to read the queued message: {e} (#4.3.0)")] \
-                    * len(rcpts)
+        held = False
+        preloaded, fitted = None, False
+        try:
+            if env.size <= PRELOAD_MAX:
+                preloaded, fitted = yield self._defer(read_fitted, messages, env)
+            elif (yield self._defer(has_long_line_streamed, messages, env)):
+                # Re-encoded, a large message is held whole: REFIT_AT_ONCE at a time (a wait
+                # bounded by the ATTEMPT_LIFETIME of those ahead; it does not count in ours).
+                yield self._refit.acquire()
+                held = True
+                preloaded, fitted = yield self._defer(read_fitted, messages, env)
+        except Exception as e:  # noqa: BLE001
+            if held:
+                self._refit.release()
+            return [deferral(f"Unable to read the queued message: {e} (#4.3.0)")] * len(rcpts)
+        size = env.size
+        if fitted:
+            size = max(size, len(preloaded))
+            self.log.info("remote: msg {qid}: lines over {n} octets re-encoded for sending, "
+                          "{old} -> {new} bytes", qid=env.qid, n=MAX_LINE, old=env.size,
+                          new=len(preloaded))
+        ends = self.reactor.seconds() + self.attempt_lifetime
+        try:
+            results = yield self._try_targets(env, rcpts, targets, messages, preloaded, size,
+                                              ends)
+        finally:
+            if held:
+                self._refit.release()
+        return results
+
+    @defer.inlineCallbacks
+    def _try_targets(self, env: Envelope, rcpts: list[str], targets: list, messages,
+                     preloaded: bytes | None, size: int, ends: float):
         last: list[Result] | None = None
         unreachable: list[str] = []          # "ip:port: why" of each address not reached
         for ip, port, name in targets[:MAX_ADDRESSES]:
@@ -377,7 +411,7 @@ class RemoteDeliverer:
                 break
             timeout = min(self.connect_timeout, left)
             core = ClientCore(helo=self.hostname, sender=env.sender, recipients=rcpts,
-                              size=env.size, host=ip,
+                              size=size, host=ip,
                               tls_available=self.tls_options is not None)
             try:
                 core = yield self._attempt(ip, port, core, env, messages, preloaded, name,
@@ -465,6 +499,29 @@ class RemoteDeliverer:
         except DNSError:
             return [], False
         return list(ips), False
+
+
+def read_fitted(messages: IMessageSource, env: Envelope) -> tuple[bytes, bool]:
+    """(the whole message with lines over RFC 5321's limit re-encoded, whether any was)
+    (pool thread)."""
+    data = messages.read_message(env)
+    fitted = fit_lines(data)
+    return fitted, fitted is not data
+
+
+def has_long_line_streamed(messages: IMessageSource, env: Envelope) -> bool:
+    """Does the stored message have a line over MAX_LINE? Read in chunks (pool thread)."""
+    reader = messages.open_message(env)
+    try:
+        scanner = LongLineScanner()
+        while True:
+            chunk = reader.read()
+            if not chunk:
+                return False
+            if scanner.feed(chunk):
+                return True
+    finally:
+        reader.close()
 
 
 def connect_error_text(e: BaseException, timeout: float) -> str:

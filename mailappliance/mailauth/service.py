@@ -46,6 +46,7 @@ from mailappliance.mailauth.message import address_domain, from_domains, split_m
 from mailappliance.mailauth.results import (MODES_DKIM, MODES_DMARC, MODES_SPF, Verdict,
                                             decide, spf_refusal)
 from mailappliance.mailauth.sign import sign_with_registry
+from mailappliance.reencode import fit_lines
 
 # RFC 7208 section 4.6.4: an SPF evaluation MAY be cut off after at least 20 seconds.
 SPF_TIMEOUT = 20.0
@@ -79,6 +80,12 @@ class ISigner(Interface):
     def sign(message, mail_from, from_domain=None, linesep=None):
         """Deferred[bytes]: DKIM-Signature fields to put on top of `message` (one per key of
         the signing domain), or b"" when no key applies."""
+
+    def fit_and_sign(message, mail_from, linesep=None):
+        """Deferred[(fields, message)]: `message` with no line over RFC 5321's limit
+        (reencode.fit_lines; the same object when it had none) and the DKIM-Signature fields
+        over that, so the bytes queued are the bytes every attempt sends and the signature
+        covers them (docs/LIMITS.md, "Long lines")."""
 
 
 # --- driving the pure checks with the resolver --------------------------------------------------
@@ -337,6 +344,16 @@ class Signer:
         return sign_with_registry(self.registry, message, mail_from, int(self.clock()),
                                   from_domain, linesep)
 
+    def fit_and_sign(self, message: bytes, mail_from: str,
+                     linesep: bytes | None = None) -> Deferred:
+        return deferToThreadPool(self.reactor, self.threadpool, self.fit_and_sign_now, message,
+                                 mail_from, linesep)
+
+    def fit_and_sign_now(self, message: bytes, mail_from: str,
+                         linesep: bytes | None = None) -> tuple[bytes, bytes]:
+        fitted = fit_lines(message)
+        return self.sign_now(fitted, mail_from, None, linesep), fitted
+
 
 # --- the end-of-DATA checks (mailappliance/enddata.py) ------------------------------------------
 
@@ -380,8 +397,18 @@ class SignCheck:
         return tx.trusted and self.enabled() and self.signer.maybe_keys()
 
     def check(self, tx: Transaction, message: bytes) -> Deferred:
-        d = self.signer.sign(message, tx.sender, linesep=b"\n")
-        d.addCallback(lambda fields: accept(headers=fields, note=signed_note(fields)))
+        """Lines over RFC 5321's limit are re-encoded first (reencode.py), so the signature
+        covers the bytes that are sent."""
+        d = self.signer.fit_and_sign(message, tx.sender, linesep=b"\n")
+
+        def signed(result) -> Outcome:
+            fields, fitted = result
+            note = signed_note(fields)
+            if fitted is message:
+                return accept(headers=fields, note=note)
+            note = (note + "; " if note else "") + "long lines re-encoded"
+            return accept(headers=fields, message=fitted, note=note)
+        d.addCallback(signed)
         return d
 
 

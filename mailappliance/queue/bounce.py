@@ -53,6 +53,8 @@ import re
 import zlib
 from email.utils import formatdate
 
+from mailappliance.reencode import fit_lines
+
 # Envelope sender of a double bounce (qmail-send.c: "#@[]").
 DOUBLE_BOUNCE_SENDER = "#@[]"
 BOUNCE_FROM = "MAILER-DAEMON"
@@ -210,7 +212,9 @@ def bounce_message(*, hostname: str, sender: str, recipient: str,
            part_head("message/delivery-status", status_part).encode(), status_part, b"\n",
            part_head(copy_type, copy).encode(), copy,
            f"\n--{boundary}--\n".encode()]
-    return b"".join(out)
+    # The copy of a message with lines over RFC 5321's limit is re-encoded here, before the
+    # bounce is signed, so the signature covers the bytes that are sent (reencode.py).
+    return fit_lines(b"".join(out))
 
 
 def header_of(data: bytes) -> bytes:

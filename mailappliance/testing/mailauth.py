@@ -17,6 +17,7 @@ from mailappliance.mailauth.dmarc import DMARCResult
 from mailappliance.mailauth.results import decide, spf_refusal
 from mailappliance.mailauth.service import ISigner, IVerifier
 from mailappliance.mailauth.spf import SPFResult
+from mailappliance.reencode import fit_lines
 
 
 @implementer(IVerifier)
@@ -72,9 +73,18 @@ class FakeSigner:
 
     def sign(self, message, mail_from, from_domain=None, linesep=None):
         self.calls.append((message, mail_from))
+        return self._answer(self.fields)
+
+    def fit_and_sign(self, message, mail_from, linesep=None):
+        """The real re-encoding (a pure function), the fake fields."""
+        fitted = fit_lines(message)
+        self.calls.append((fitted, mail_from))
+        return self._answer((self.fields, fitted))
+
+    def _answer(self, value):
         if not self.hold:
-            return defer.succeed(self.fields)
+            return defer.succeed(value)
         d = defer.Deferred()
-        d.value = self.fields
+        d.value = value
         self.pending.append(d)
         return d

@@ -3,6 +3,8 @@ FakeResolver, MemoryReactor and StringTransport."""
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet import error
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -355,6 +357,36 @@ def test_large_message_is_streamed_with_flow_control(tmp_path):
     tr.clear()
     proto.dataReceived(b"250 ok\r\n")
     assert tr.value() == b"QUIT\r\n"
+
+
+def test_a_stored_long_line_is_sent_re_encoded_with_its_new_size(tmp_path):
+    body = b"Subject: x\n\n" + b"z" * 5000 + b"\n"
+    w = World(tmp_path, rcpts=("a@example.org",), body=body)
+    w.deliver()
+    _, _f, proto, tr = w.connection()
+    sent = converse(proto, tr, [b"220 mx\r\n", b"250-mx\r\n250-PIPELINING\r\n250 SIZE\r\n",
+                                b"250 ok\r\n250 ok\r\n354 go\r\n"])
+    wire = sent[2]
+    size = int(re.search(rb"SIZE=(\d+)", sent[1]).group(1))
+    assert size > len(body)                            # what is sent, not what is stored
+    assert max(len(line) for line in wire.split(b"\r\n")) <= 76
+    assert b"\r\nContent-Transfer-Encoding: quoted-printable\r\n" in wire
+
+
+def test_a_large_message_with_a_long_line_is_re_encoded_not_streamed(tmp_path):
+    body = (b"x" * 99 + b"\n") * 3000 + b"q" * 2000 + b"\n"     # 302 KB > PRELOAD_MAX
+    w = World(tmp_path, rcpts=("a@example.org",), body=body)
+    w.deliver()
+    _, _f, proto, tr = w.connection()
+    sent = converse(proto, tr, [b"220 mx\r\n", b"250-mx\r\n250 PIPELINING\r\n",
+                                b"250 ok\r\n250 ok\r\n354 go\r\n"])
+    assert max(len(line) for line in sent[2].split(b"\r\n")) <= 76
+    assert sent[2].endswith(b"\r\n.\r\n")
+    assert w.rd._refit.tokens == rm.REFIT_AT_ONCE - 1   # held while it is delivered
+    converse(proto, tr, [b"250 ok\r\n", b"221 bye\r\n"])
+    finish(proto, tr)
+    assert [r.status for r in w.result()] == [SUCCESS]
+    assert w.rd._refit.tokens == rm.REFIT_AT_ONCE       # and given back
 
 
 def test_local_addresses_include_loopback():

@@ -172,3 +172,17 @@ def test_signer_sees_a_new_key_without_restart_and_skips_foreign_domains(env):
 def test_unix_socket_client_has_no_spf(env):
     _, _, _, verifier, _ = env
     assert result_of(verifier().check_spf("", "h", "a@signed.test")) is None
+
+
+def test_fit_and_sign_re_encodes_long_lines_first_and_signs_what_will_be_sent(env):
+    """Issue 18 (wire): the signature is made over the re-encoded message, so it verifies on
+    the bytes that are queued and sent; a message without a long line is not copied."""
+    _, _, signer, verifier, _ = env
+    message = body("a@signed.test").replace(b"hello", b"x" * 70_000)
+    fields, fitted = result_of(signer.fit_and_sign(message, "a@signed.test"))
+    assert fitted != message and max(map(len, fitted.splitlines())) <= 76
+    verdict = result_of(verifier().check_message(fields + fitted, None))
+    assert [r.result for r in verdict.dkim] == ["pass", "pass"]
+    short = body("a@signed.test")
+    fields, same = result_of(signer.fit_and_sign(short, "a@signed.test"))
+    assert same is short and fields.count(b"DKIM-Signature:") == 2

@@ -155,3 +155,24 @@ def test_graceful_stop_refuses_what_is_not_committed_and_lets_a_commit_finish(tm
     assert app.queue_store.list_ids() == [] and d.called
     late, t_late = connect(factory)                 # a connection during the stop
     assert core.parse_reply(t_late.value()).code == 75
+
+
+def test_a_long_line_is_re_encoded_before_the_sendmail_message_is_signed(tmp_path):
+    """Issue 18 (wire): the signature covers the re-encoded bytes the queue keeps, so it
+    verifies on what is sent (dkimpy, against the key's own DNS record)."""
+    import dkim
+
+    from mailappliance.mailauth import keys
+    (tmp_path / "var").mkdir()
+    key = keys.generate(tmp_path / "var", "test.com", "mail", "rsa")
+    app, factory = make(tmp_path)
+    proto, t = connect(factory)
+    msg = b"From: root@test.com\nSubject: long\n\n" + b"v" * 70_000 + b"\n"
+    proto.dataReceived(request(msg, recipients=("x@remote.example",)))
+    code, text = reply(t)
+    assert code == 0, text
+    stored = app.queue_store.read_message(app.queue_store.read_envelope(int(text.split()[-1])))
+    assert max(map(len, stored.splitlines())) <= 998
+    assert stored.startswith(b"DKIM-Signature:") and b"quoted-printable" in stored
+    wire = stored.replace(b"\n", b"\r\n")
+    assert dkim.verify(wire, dnsfunc=lambda name, timeout=5: key.txt_record().encode())

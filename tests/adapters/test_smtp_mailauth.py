@@ -181,6 +181,21 @@ def test_relayclient_is_not_verified_and_is_signed_once_on_top(tmp_path):
     assert mail_from == "alice@test.com" and signed == stored[len(SIG):]
 
 
+def test_our_users_long_line_is_queued_re_encoded_under_the_signature(tmp_path):
+    """The signing check re-encodes a line over RFC 5321's limit before signing: the queue
+    holds (and every attempt sends) the bytes the signature covers."""
+    w = world(tmp_path, rules='127.0.0.5:allow,RELAYCLIENT=""\n')
+    c = session(w)
+    long_message = b"From: alice@test.com\r\nSubject: s\r\n\r\n" + b"y" * 5000 + b"\r\n.\r\n"
+    assert codes(c.chat(b"MAIL FROM:<alice@test.com>\r\nRCPT TO:<x@remote.example>\r\n"
+                        b"DATA\r\n" + long_message)) == [250, 250, 354, 250]
+    ((_s, _r, stored),) = w.queued()
+    assert max(map(len, stored.splitlines())) <= 998
+    assert b"\nContent-Transfer-Encoding: quoted-printable\n" in stored
+    ((signed, _mail_from),) = w.signer.calls
+    assert stored == SIG + signed                     # signed what is queued
+
+
 def test_roaming_grant_is_trusted_too(tmp_path):
     w = world(tmp_path)
     w.app.grants.grant("127.0.0.9", 60)

@@ -197,3 +197,65 @@ class TrickleMX:
         self.listener.close()
         for t in self._threads:
             t.join(5)
+
+
+class CaptureMX:
+    """A minimal receiving MTA on 127.0.0.1 that keeps each message's DATA exactly as it came
+    over the wire (CRLF, dot-stuffing and all), to check what our client sends byte for byte
+    (smtp-sink's dump is rewritten by Postfix's record reader)."""
+
+    def __init__(self) -> None:
+        import threading
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(POLL)
+        self.port = self.listener.getsockname()[1]
+        self.messages: list[bytes] = []       # raw DATA up to and including "\r\n.\r\n"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(DELIVERY_WAIT)
+                try:
+                    self._session(conn)
+                except OSError:
+                    pass
+
+    def _session(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        conn.sendall(b"220 capture.example ESMTP\r\n")
+        while True:
+            line = f.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                conn.sendall(b"250-capture.example\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                data = b""
+                while not data.endswith(b"\r\n.\r\n"):
+                    chunk = f.readline()
+                    if not chunk:
+                        return
+                    data += chunk
+                self.messages.append(data)
+                conn.sendall(b"250 ok\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        self._thread.join(5)

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from mailappliance.queue.store import QueueStore
-from tests.integration.delivery_support import (SmtpSink, TrickleMX, maildir_files,
-                                                queue_ids, wait_until)
+from tests.integration.delivery_support import (CaptureMX, SmtpSink, TrickleMX,
+                                                maildir_files, queue_ids, wait_until)
 
 
 @pytest.fixture
@@ -140,5 +140,35 @@ def test_a_trickling_mx_is_cut_off_at_the_reply_deadline_and_the_message_deferre
         [bounce] = wait_until(lambda: maildir_files(srv), what="the bounce")
         data = bounce.read_bytes()
         assert b"<carol@example.org>:\n" + text.encode() in data
+    finally:
+        mx.close()
+
+
+@pytest.mark.parametrize("filler", [0, 400_000], ids=["in-memory", "streamed"])
+def test_a_stored_70000_octet_line_goes_out_re_encoded_in_lines_of_at_most_1000_octets(
+        make_server, filler):
+    """Issue 18 (wire): a queued message with a 70,000-octet line (one that never met the
+    signer: from the queue's own door here) used to go out as one 70,002-octet line. It is
+    re-encoded at send time (reencode.py): every line on the wire is within RFC 5321's 1000
+    octets with its CRLF, and the message decodes to what was stored. Both the in-memory path
+    and a message over PRELOAD_MAX (streamed unless it has to be re-encoded)."""
+    import email
+    mx = CaptureMX()
+    try:
+        srv = routed_server(make_server, mx)
+        long_line = b"x=" + b"0123456789" * 7000                     # 70,002 octets
+        body = b"short\n" * (filler // 6) + long_line + b"\nend\n"
+        message = (b"From: test@test.com\nSubject: long line\nMIME-Version: 1.0\n"
+                   b"Content-Type: text/plain; charset=us-ascii\n\n" + body)
+        QueueStore(srv.data / "queue").inject(message, "test@test.com", ["bob@example.org"])
+        [wire] = wait_until(lambda: mx.messages, what="the message at the MX")
+        assert max(len(line) for line in wire.split(b"\r\n")) + 2 <= 1000
+        assert b"\r\nContent-Transfer-Encoding: quoted-printable\r\n" in wire
+        unstuffed = wire[:-3].replace(b"\r\n..", b"\r\n.")
+        parsed = email.message_from_bytes(unstuffed)
+        assert parsed.get_payload(decode=True).replace(b"\r\n", b"\n") == body
+        assert re.search(r"remote: msg \d+: lines over 998 octets re-encoded for sending, "
+                         r"\d+ -> \d+ bytes", srv.output())
+        wait_until(lambda: queue_ids(srv) == [], what="the queue to empty")
     finally:
         mx.close()

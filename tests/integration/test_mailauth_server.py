@@ -143,6 +143,31 @@ def test_submission_user_is_signed_with_ed25519_and_never_verified(world):
     assert [(c.domain, c.selector, c.passed) for c in checks] == [("ed.test", "ed", True)]
 
 
+def test_a_70000_octet_line_is_re_encoded_before_signing_and_the_signature_holds(world):
+    """Issue 18 (wire): a line over RFC 5321's 1000 octets is re-encoded at injection, before
+    the message is signed (reencode.py), so what reaches the sink has short lines and the
+    signature made at injection still verifies there, with OpenDKIM and with dkimpy."""
+    import dkim
+    srv, dns, sink, opendkim, rsa = world
+    long_line = b"<p>" + b"word " * 14000 + b"</p>"                 # 70,007 octets
+    with smtp(srv, source="127.0.0.2") as s:
+        s.sendmail("alice@signed.test", ["bob@remote.test"],
+                   b"From: Alice <alice@signed.test>\r\nTo: bob@remote.test\r\n"
+                   b"Subject: relayed-long-line\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: text/html; charset=utf-8\r\n\r\n" + long_line + b"\r\n")
+    t = at_sink(sink, b"relayed-long-line")
+    assert max(map(len, t.body.splitlines())) <= 998                # RFC 5322 2.1.1
+    assert b"Content-Transfer-Encoding: quoted-printable" in header(t.body)
+    checks = opendkim.verify(t.body)
+    assert [(c.domain, c.selector, c.passed) for c in checks] == \
+        [("signed.test", "mail", True)], checks
+    wire = t.body.replace(b"\n", b"\r\n")
+    assert dkim.verify(wire, dnsfunc=lambda name, timeout=5: txt(rsa).encode())
+    # The content is what was sent: the quoted-printable decodes to the long line.
+    import email
+    assert email.message_from_bytes(wire).get_payload(decode=True).rstrip(b"\r\n") == long_line
+
+
 def test_spf_enforce_refuses_a_minus_all_sender_at_mail_from(world):
     srv = world[0]
     with smtp(srv) as s:

@@ -153,3 +153,18 @@ def test_control_characters_in_reports_and_addresses_cannot_add_headers():
     assert "<x?y@z>:\nt\nX: y\n" in human_text(raw)   # a report line is body text, never a header
     [_, rcpt] = status_groups(raw)
     assert rcpt["Final-Recipient"] == "rfc822; x?y@z"
+
+
+def test_the_copy_of_a_message_with_a_long_line_is_re_encoded_before_it_is_signed():
+    """Issue 18 (wire): a bounce is signed when it is made, so its copy of a message with a
+    line over RFC 5321's limit is re-encoded here, not at send time (reencode.py)."""
+    original = b"Subject: long\n\n" + b"w" * 5000 + b"\n"
+    out = make(original=original)
+    assert max(map(len, out.splitlines())) <= 998
+    parsed = email.message_from_bytes(out)
+    [copy] = [p for p in parsed.walk() if p.get_content_type() == "message/rfc822"]
+    inner = copy.get_payload()[0]
+    assert inner["Content-Transfer-Encoding"] == "quoted-printable"
+    assert inner.get_payload(decode=True) == b"w" * 5000 + b"\n"
+    short = make(original=b"Subject: short\n\nfine\n")
+    assert b"quoted-printable" not in short

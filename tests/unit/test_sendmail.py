@@ -168,3 +168,17 @@ def test_the_command_and_the_store_commands_load_no_twisted(tmp_path):
                          timeout=60, check=True).stdout
     assert out.split("\n")[-2] == "0 0 []", out
     assert len(QueueStore(data / "queue").list_ids()) == 1
+
+
+def test_written_directly_a_long_line_is_re_encoded_before_it_is_signed(tmp_path):
+    """With the server down the command signs itself (sendmail._signed): a line over RFC
+    5321's limit is re-encoded first, so the signature covers the bytes that are sent."""
+    import dkim
+
+    from mailappliance.mailauth import keys
+    key = keys.generate(tmp_path, "test.com", "mail", "rsa")
+    message = b"From: a@test.com\nSubject: long\n\n" + b"u" * 3000 + b"\n"
+    out = sendmail._signed(str(tmp_path), message, "a@test.com", warn=print)
+    assert out.startswith(b"DKIM-Signature:") and max(map(len, out.splitlines())) <= 998
+    assert dkim.verify(out.replace(b"\n", b"\r\n"),
+                       dnsfunc=lambda name, timeout=5: key.txt_record().encode())
