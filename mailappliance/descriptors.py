@@ -11,7 +11,8 @@ address got no greeting). So:
   4096 in conf/mailappliance.service), as nginx's worker_rlimit_nofile and Dovecot do.
 - A reserve is kept back for the server's own files: RESERVE_BASE for what every server holds
   (listening sockets, log files, SQLite and its WAL per pool thread, DNS sockets, the queue's
-  directories, the inject socket's sessions), the admin connections, and RESERVE_PER_DELIVERY
+  directories), the admin connections, the inject socket's sessions and the metrics scrapes
+  when those listeners are on (each has a fixed bound of its own), and RESERVE_PER_DELIVERY
   per local and remote delivery slot.
 - What is left is shared by the network listeners (smtp, submission, submissions, pop3, pop3s:
   one share per endpoint). When the configured max_connections of all of them fit, each gets
@@ -25,12 +26,20 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
-# Descriptors every running server holds besides its connections and deliveries: 7 listener
+# Descriptors every running server holds besides its connections and deliveries: 8 listener
 # kinds (a few endpoints each), the log file and its rotation, users.sqlite with -wal and -shm
 # per pool thread (10 threads), the queue's open directories, the DNS socket pool, the epoll
-# and waker descriptors, inject-socket sessions. Counted on a running server (ls /proc/PID/fd):
-# about 40 with the default configuration; 64 leaves room.
+# and waker descriptors. Counted on a running server (ls /proc/PID/fd): about 40 with the
+# default configuration; 64 leaves room.
 RESERVE_BASE = 64
+# The inject socket's sessions ([listen] inject): pickup/service.py's MAX_CONNECTIONS (32; a
+# test keeps the two equal) at once, each holding its socket and the queue file it writes.
+INJECT_SESSIONS = 32
+INJECT_DESCRIPTORS_PER_SESSION = 2
+# Scrapes of [listen] metrics at once (metrics.py refuses more with 503): Prometheus scrapes a
+# target one request at a time, so 8 leaves room for an HA pair, a second Prometheus and a
+# person with curl, and a flood of the metrics port from a local user stays within this.
+METRICS_MAX_CONNECTIONS = 8
 # A local delivery holds the queue file and a Maildir tmp/ file (and a directory during the
 # rename); a remote one the queue file, its socket and a DNS socket: three each.
 RESERVE_PER_DELIVERY = 3
@@ -49,7 +58,9 @@ def configured_max(settings, kind: str) -> int:
 
 def reserve_for(settings) -> int:
     queue = settings.queue
-    return (RESERVE_BASE + settings.admin.max_connections
+    inject = INJECT_SESSIONS * INJECT_DESCRIPTORS_PER_SESSION if settings.listen.inject else 0
+    metrics = METRICS_MAX_CONNECTIONS if settings.listen.metrics else 0
+    return (RESERVE_BASE + settings.admin.max_connections + inject + metrics
             + RESERVE_PER_DELIVERY * (queue.concurrency_local + queue.concurrency_remote))
 
 

@@ -26,7 +26,9 @@ when scraped. Failed logins are counted by stats.FailedLogins, a log observer of
 per failure that fail2ban reads; the queue is counted in the thread pool, as `stat` does.
 
 Never on a public address by default: config.py refuses a non-loopback TCP endpoint unless
-``[metrics] allow_public = true``. A scrape is a plain GET of /metrics; anything else is 404,
+``[metrics] allow_public = true``. At most METRICS_MAX_CONNECTIONS connections at once (one
+more gets a 503), counted in the descriptor reserve, each closed after METRICS_IDLE_TIMEOUT
+of silence. A scrape is a plain GET of /metrics; anything else is 404,
 and requests are not logged (a scrape every 15 s would fill the mail log).
 """
 
@@ -38,14 +40,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.internet import protocol
 from twisted.web import http, resource, server
 
 from mailappliance import stats as stats_mod
+from mailappliance.descriptors import METRICS_MAX_CONNECTIONS
 
 if TYPE_CHECKING:
     from mailappliance.app import App
 
 PREFIX = "mailappliance"
+# Seconds a scrape connection may stay silent before it is closed (twisted.web's idle timeout;
+# its default is 12 hours). Prometheus' default scrape_timeout is 10 s and a scrape is answered
+# in well under a second, so 60 s only ends connections nobody uses; with at most
+# METRICS_MAX_CONNECTIONS of them (descriptors.py), a client that holds them open can delay
+# scrapes by this long, never take descriptors from anything else.
+METRICS_IDLE_TIMEOUT = 60
 
 
 class AppCollector:
@@ -196,9 +206,25 @@ class _CountedChannel(http.HTTPChannel):
         stats_mod.connection_closed(self.site.app.stats, "metrics")
 
 
+class _Busy(protocol.Protocol):
+    """A connection past METRICS_MAX_CONNECTIONS: a plain 503, then the close."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: 40\r\nConnection: close\r\n\r\n"
+                             b"too many metrics connections; try again\n")
+        self.transport.loseConnection()
+
+
 class _QuietSite(server.Site):
     noisy = False
     protocol = _CountedChannel
+
+    def buildProtocol(self, addr):
+        now, _ = stats_mod.connections(self.app.stats, "metrics")
+        if (now or 0) >= METRICS_MAX_CONNECTIONS:
+            return _Busy()
+        return super().buildProtocol(addr)
 
     def log(self, request) -> None:
         """No access log: scrapes every few seconds would fill the mail log."""
@@ -206,7 +232,7 @@ class _QuietSite(server.Site):
 
 def build_factory(app: App, kind: str) -> server.Site:
     """The metrics listeners' factory (service.LISTENER_KINDS; one shared by all of them)."""
-    site = _QuietSite(MetricsResource(app, AppCollector(app)))
+    site = _QuietSite(MetricsResource(app, AppCollector(app)), timeout=METRICS_IDLE_TIMEOUT)
     site.app = app
     site.displayTracebacks = False
     return site

@@ -127,10 +127,9 @@ def test_a_client_that_never_reads_costs_bounded_memory_and_others_are_served(se
             time.sleep(0.01)            # both socket buffers full: the server stopped reading
     # The server stopped reading long before 40 MiB of commands (each would answer ~1.5 KiB).
     assert sent < 40 * 1024 * 1024
-    # Another client is served at once.
-    t0 = time.monotonic()
+    # Another client is served while the hog's replies wait (admin() has its own timeout).
     [(ok, lines)] = admin(server, "stat\n")
-    assert ok and time.monotonic() - t0 < 5.0
+    assert ok
     assert rss_kib(pid) - before < RSS_GROWTH_LIMIT_KIB
     hog.close()
     # The hog's connection goes away and the count of open admin connections comes back down.

@@ -13,6 +13,7 @@ import poplib
 import re
 import resource
 import select
+import smtplib
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.integration.opstools import wait_for_log
+from tests.integration.opstools import wait_for, wait_for_log
 
 pytestmark = pytest.mark.integration
 
@@ -214,14 +215,20 @@ def test_pop3_descriptor_flood_leaves_smtp_and_admin_working(make_server):
     """300 POP3 connections from one address against a server limited to 256 descriptors, with
     POP3's own limits set out of the way: POP3 gets its share of what the reserve leaves
     (descriptors.py) and refuses the rest with -ERR [SYS/TEMP]; SMTP from another address still
-    greets, the admin socket still answers, and nothing in the log says EMFILE."""
+    greets, the admin socket still answers, a message is still queued and delivered, and
+    nothing in the log says EMFILE."""
     from tests.integration.opstools import admin
 
     def lower_nofile():
         resource.setrlimit(resource.RLIMIT_NOFILE, (LOWERED_NOFILE, LOWERED_NOFILE))
 
-    srv = make_server('[pop3]\nmax_per_ip = 1000\nmax_connections = 1000\n',
+    srv = make_server('default_domain = "test.com"\n'
+                      '[pop3]\nmax_per_ip = 1000\nmax_connections = 1000\n',
                       preexec_fn=lower_nofile)
+    srv.root.mkdir(parents=True, exist_ok=True)
+    srv._write_config()
+    srv.cli("domain", "add", "test.com")
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input=PASSWORD + "\n")
     srv.start()
     flood_sockets = []
     greetings = []
@@ -239,6 +246,15 @@ def test_pop3_descriptor_flood_leaves_smtp_and_admin_working(make_server):
             assert read_line(smtp).startswith(b"220 ")
         ok, lines = admin(srv, "stat\n")[0]
         assert ok, lines
+        # The queue's own files: a message is accepted (queue file, fsync, commit) and
+        # delivered (Maildir tmp/ and new/) while the flood still holds its connections.
+        with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=IO_TIMEOUT,
+                          source_address=("127.0.0.3", 0)) as c:
+            c.sendmail("a@example.org", ["test@test.com"],
+                       b"Subject: during the flood\r\n\r\nstill delivered\r\n")
+        new = srv.data / "domains" / "test.com" / "test" / "Maildir" / "new"
+        wait_for(lambda: any(b"still delivered" in f.read_bytes() for f in new.iterdir()),
+                 what="delivery during the flood")
     finally:
         for s in flood_sockets:
             s.close()

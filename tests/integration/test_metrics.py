@@ -13,6 +13,8 @@ import ssl
 import urllib.error
 import urllib.request
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailappliance.testing.dnsserver import DNSServerProcess
@@ -171,3 +173,44 @@ def run_the_day(srv, cert) -> None:
              what="delivery, the deferral and the failed logins in the log")
     wait_for(lambda: value(scrape(srv), "mailappliance_dns_timeouts_total") >= 1,
              timeout=60, what="the MX lookup that timed out")
+
+
+def test_metrics_connections_are_bounded_and_a_client_that_never_reads_costs_little(
+        make_server):
+    """At most METRICS_MAX_CONNECTIONS at once: the next gets a 503 and SMTP is untouched;
+    a client pipelining scrapes without reading holds the server to a bounded backlog."""
+    from mailappliance.descriptors import METRICS_MAX_CONNECTIONS
+    from tests.integration.test_hostile_peers import RSS_GROWTH_BOUND, flood, rss
+    srv = make_server('[listen]\nsmtp = ["tcp:0:interface=127.0.0.1"]\nsubmission = []\n'
+                      'pop3 = []\nmetrics = ["tcp:0:interface=127.0.0.1"]\n').start()
+    port = srv.port("metrics")
+    scrape(srv)                                            # warm up
+    held = [socket.create_connection(("127.0.0.1", port), timeout=30)
+            for _ in range(METRICS_MAX_CONNECTIONS)]
+    try:
+        def metrics_now():
+            services = json.loads(srv.cli("stat", "--json").stdout)["services"]
+            return next(x["connections_now"] for x in services if x["kind"] == "metrics")
+        wait_for(lambda: metrics_now() == METRICS_MAX_CONNECTIONS, what="the held connections")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        assert refused.value.code == 503
+        with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=30) as c:
+            assert c.noop()[0] == 250
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: value(scrape(srv), "mailappliance_up") == 1, what="a scrape again")
+
+    hog = socket.create_connection(("127.0.0.1", port), timeout=30)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        before = rss(srv.proc.pid)
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        sent = flood(hog, request, 4 * 1024 * 1024)
+        growth = rss(srv.proc.pid) - before
+        print(f"metrics hog: sent {sent} bytes, server RSS +{growth}")
+    finally:
+        hog.close()
+    assert sent < 4 * 1024 * 1024, "the server read every request: no flow control"
+    assert growth < RSS_GROWTH_BOUND, growth

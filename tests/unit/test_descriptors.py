@@ -20,6 +20,15 @@ def test_reserve_counts_the_base_admin_and_delivery_slots():
     assert fd.reserve_for(s) == 64 + 10 + 3 * (10 + 20)
 
 
+def test_reserve_counts_inject_sessions_and_metrics_scrapes_when_they_listen():
+    base = fd.reserve_for(settings())
+    assert fd.reserve_for(settings(inject=("unix:/run/i.sock",))) == base + 32 * 2
+    assert fd.reserve_for(settings(metrics=("tcp:9225:interface=127.0.0.1",))) == base + 8
+    # the inject listener's own bound is the one counted here
+    from mailappliance.pickup import service as pickup_service
+    assert pickup_service.MAX_CONNECTIONS == fd.INJECT_SESSIONS
+
+
 def test_everything_fits_under_a_generous_limit():
     p = fd.plan(settings(), 4096)
     assert p.fits and p.wanted == 120
