@@ -157,6 +157,10 @@ class QueueSettings:
                                      "concurrencylocal)", minimum=1, maximum=1000)
     concurrency_remote: int = setting(INTEGER, 20, "remote deliveries at once (qmail "
                                       "concurrencyremote)", minimum=1, maximum=1000)
+    concurrency_destination: int = setting(INTEGER, 5, "remote deliveries at once to one "
+                                           "destination, a domain or a route's host (Postfix "
+                                           "default_destination_concurrency_limit)",
+                                           minimum=1, maximum=1000)
     lifetime_days: int = setting(INTEGER, 7, "days a message is retried before it bounces "
                                  "(qmail queuelifetime)", minimum=1)
     connect_timeout: int = setting(INTEGER, 60, "seconds to connect to a remote server (qmail "

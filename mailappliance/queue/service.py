@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Callable
 
 from twisted.python.threadpool import ThreadPool
 
+from mailappliance.delivery import remote as remote_mod
 from mailappliance.delivery.local import LocalDeliverer
 from mailappliance.delivery.remote import RemoteDeliverer, client_tls_options, make_is_me
+from mailappliance.envelope import DEFERRAL, Result
 from mailappliance.queue.inject import Injector
 from mailappliance.queue.manager import QueueManager, make_classifier
 from mailappliance.queue.naming import queue_dir
@@ -32,6 +34,29 @@ if TYPE_CHECKING:
 # capped below concurrency_local's maximum.
 DELIVERY_THREADS_MAX = 16
 SECONDS_PER_DAY = 86400
+
+
+def destination_down(result: Result) -> bool:
+    """The remote deliverer reached no server of the destination at all: qmail-remote's text
+    for "no SMTP connection" (every address refused, unreachable or silent at connect,
+    #4.4.1) or a temporary DNS failure (#4.1.2).  The queue manager then treats the
+    destination as dead (manager.py); a server that answered, even with 4xx, is alive."""
+    if result.status != DEFERRAL:
+        return False
+    return (result.text.startswith(remote_mod.T_NO_CONNECTION)
+            or result.text.startswith(remote_mod.T_DNS_TEMP.partition("{")[0]))
+
+
+def destination_of(live: "LiveSettings") -> Callable[[str], str]:
+    """domain -> its destination for per-destination limits and dead destinations: the
+    route's host:port when [routes] sends the domain there (every routed domain shares
+    the smarthost's fate), else the domain itself."""
+    def of(domain: str) -> str:
+        route = live.settings.route_for(domain)
+        if route is None:
+            return domain
+        return f"[{route.host}]:{route.port}"
+    return of
 
 
 def postmaster_of(settings) -> str:
@@ -91,13 +116,15 @@ def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
                            postmaster=postmaster_of(settings), hostname=settings.hostname,
                            concurrency_local=q.concurrency_local,
                            concurrency_remote=q.concurrency_remote,
+                           concurrency_destination=q.concurrency_destination,
                            lifetime=q.lifetime_days * SECONDS_PER_DAY,
-                           sign_bounce=sign_bounce)
+                           sign_bounce=sign_bounce, destination_of=destination_of(live),
+                           destination_down=destination_down)
 
     def follow(new: Settings) -> None:
         nq = new.queue
         manager.set_limits(nq.concurrency_local, nq.concurrency_remote,
-                           nq.lifetime_days * SECONDS_PER_DAY)
+                           nq.lifetime_days * SECONDS_PER_DAY, nq.concurrency_destination)
         remote.connect_timeout = nq.connect_timeout
         remote.reply_timeout = nq.reply_timeout
         local.hostname = remote.hostname = manager.hostname = new.hostname

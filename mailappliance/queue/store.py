@@ -80,6 +80,9 @@ READ_CHUNK = 64 * 1024
 # reaches (1,000 recipients x 1 KB).
 DEFER_FILE_MAX = 4 * 1024 * 1024
 DEFER_TEXT_MAX = 1000
+# changed_since looks this much further back than asked: file times come from the kernel's
+# clock, which may lag time.time() by a clock tick (and a coarse-grained file system by more).
+CTIME_SLACK = 2.0
 # `queue show` shows at most this much of a message's header.
 SHOW_HEADER_MAX = 64 * 1024
 
@@ -438,6 +441,28 @@ class QueueStore:
                 out.append(int(name))
         out.sort()
         return out
+
+    def scan(self) -> Iterator[tuple[int, float, float]]:
+        """Every message of mess/ as (qid, mtime: its next try, ctime), in directory order and
+        lazily: one pass over the directory however long it is, a stat per file (the queue
+        manager's load reads it in batches from a thread, one batch at a time)."""
+        with os.scandir(self.mess_dir) as it:
+            for e in it:
+                if e.name.isdigit():
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield int(e.name), st.st_mtime, st.st_ctime
+
+    def changed_since(self, since: float | None) -> list[int]:
+        """Ids of the messages whose file changed (ctime: created, renamed, marked, utime'd)
+        at or after wall-clock time `since` less CTIME_SLACK (all with None): the queue
+        manager's periodic look for messages committed by another process."""
+        if since is None:
+            return [qid for qid, _m, _c in self.scan()]
+        since -= CTIME_SLACK
+        return [qid for qid, _m, ctime in self.scan() if ctime >= since]
 
     def read_envelope(self, qid: int) -> Envelope:
         path = self.message_path(qid)

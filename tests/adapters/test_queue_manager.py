@@ -526,4 +526,185 @@ def test_a_deferred_message_does_not_keep_its_bytes_in_memory(tmp_path):
     qid = w.inject("a@example.org", ["test@test.com"])
     assert w.store.list_ids() == [qid]
     assert w.store.kept_bytes == 0
-    assert w.manager.jobs[qid].env.data is None
+    # due in 100 s, beyond the window's horizon: it waits as a backlog entry, not in memory
+    assert qid not in w.manager.jobs and w.manager.status()["backlog"] == 1
+
+
+# -- the active window and the backlog (issue 19) ---------------------------------------------------
+
+def refused(dest="dead.example"):
+    return deferral("Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+                    f"127.0.0.1:25 (mx.{dest}): Connection refused")
+
+
+def down(result):
+    return result.text.startswith("Sorry, I wasn't able to establish an SMTP connection.")
+
+
+def test_the_window_never_holds_more_than_its_limit_and_every_message_still_goes(tmp_path):
+    w = World(tmp_path, active_limit=5, concurrency_local=2)
+    w.local.hold = True
+    peak = 0
+    qids = [w.inject("a@example.org", [f"u{i}@test.com"]) for i in range(30)]
+    for _ in range(100):
+        peak = max(peak, len(w.manager.jobs) + len(w.manager.picking))
+        if not w.local.held:
+            break
+        w.local.held.pop(0).callback(success("did 1+0+0/"))
+    assert peak <= 5
+    assert sorted(q for q, _a in w.local.calls) == sorted(qids)
+    assert w.store.list_ids() == [] and len(w.manager.backlog) == 0
+
+
+def test_a_restart_loads_a_deferred_queue_into_the_backlog_not_into_memory(tmp_path):
+    w = World(tmp_path, active_limit=4)
+    for i in range(12):
+        w.remote.script[f"b{i}@far.example"] = deferral("451 try later")
+    qids = [w.inject("a@test.com", [f"b{i}@far.example"]) for i in range(12)]
+    births = {q: w.store.read_envelope(q).birth for q in qids}
+    assert len(w.manager.jobs) == 0 and len(w.manager.backlog) == 12
+    w.remote.calls.clear()
+    w.advance(30)
+    w.restart(active_limit=4)
+    st = w.manager.status()
+    assert (st["active"], st["backlog"], st["messages"], st["loading"]) == (0, 12, 12, False)
+    assert w.manager.oldest_birth() == min(births.values())
+    assert w.remote.calls == []
+    # each comes back at its next try (birth + 400), at most four at once in memory
+    w.remote.script.clear()
+    w.remote.hold = True
+    w.advance(max(births.values()) + 400 - w.reactor.seconds())
+    assert len(w.manager.jobs) <= 4
+    for _ in range(20):
+        for d in list(w.remote.held):
+            w.remote.held.remove(d)
+            d.callback([success("ok")])
+    assert w.store.list_ids() == [] and w.manager.oldest_birth() is None
+
+
+def test_the_load_is_in_batches_and_readiness_waits_for_its_end(tmp_path):
+    from mailappliance.testing.threads import DeferredThreadPool
+    w = World(tmp_path)
+    w.remote.script["b@far.example"] = deferral("451 later")
+    for _ in range(3):
+        w.inject("a@test.com", ["b@far.example"])
+    pool = DeferredThreadPool()
+    w.restart(threadpool=pool)
+    loaded = []
+    w.manager.when_loaded().addCallback(loaded.append)
+    assert loaded == [] and len(w.manager.backlog) == 0
+    pool.run_all()
+    assert loaded == [None] and len(w.manager.backlog) == 3
+
+
+def test_queue_flush_reaches_the_backlog_and_flush_at_domain_reads_what_it_must(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@x.example"] = deferral("451 later")
+    w.remote.script["c@y.example"] = deferral("451 later")
+    qx = w.inject("a@test.com", ["b@x.example"])
+    qy = w.inject("a@test.com", ["c@y.example", "d@z.example"])   # two domains: unknown dest
+    assert len(w.manager.backlog) == 2
+    w.restart()
+    del w.remote.script["b@x.example"]
+    w.remote.calls.clear()
+    out = []
+    # x.example's message is known by its destination; qy (two domains) is read to see
+    w.manager.flush(None, "x.example").addCallback(out.append)
+    assert out == [1] and [q for q, _ in w.remote.calls] == [qx]
+    w.remote.calls.clear()
+    w.manager.flush(None, "y.example").addCallback(out.append)
+    assert out == [1, 1]
+    assert [q for q, _ in w.remote.calls] == [qy]
+    assert w.manager.flush() == 1 and w.store.list_ids() == [qy]
+
+
+def test_a_message_another_process_commits_is_found_once_beside_a_backlog(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@far.example"] = deferral("451 later")
+    w.inject("a@test.com", ["b@far.example"])
+    other = QueueStore(tmp_path / "queue")
+    qid = other.inject(b"x\n", "a@example.org", ["test@test.com"], trigger=False)
+    calls = len(w.remote.calls)
+    w.advance(qm.SCAN_INTERVAL)
+    w.advance(qm.SCAN_INTERVAL)
+    assert w.local.calls == [(qid, "test@test.com")]
+    assert len(w.remote.calls) == calls, "the backlog's message is not picked up by the scan"
+    assert len(w.manager.backlog) == 1
+
+
+# -- dead destinations and per-destination concurrency (issues 18 and 19) ------------------------
+
+def test_a_dead_destination_costs_one_attempt_and_its_backlog_drains_when_it_is_back(tmp_path):
+    w = World(tmp_path, destination_down=down, concurrency_destination=1)
+    w.remote.script.update({f"u{i}@dead.example": refused for i in range(10)})
+    with capturedLogs() as events:
+        qids = [w.inject("a@test.com", [f"u{i}@dead.example"]) for i in range(10)]
+        other = w.inject("a@test.com", ["v@alive.example"])
+    tried = [q for q, a in w.remote.calls if a[0].endswith("@dead.example")]
+    assert tried == [qids[0]], "one connection attempt for ten messages"
+    assert (other, ["v@alive.example"]) in w.remote.calls
+    assert w.manager.stats["suspended"] == 9
+    lines = text_of(events)
+    assert sum(1 for l in lines if "destination dead.example is dead" in l) == 1
+    assert sum(1 for l in lines if "deferral: Not_tried:_dead.example" in l) == 9
+    assert w.store.list_ids() == sorted(qids)
+    # A new message to it while it is dead: deferred at once, not tried either.
+    w.inject("a@test.com", ["late@dead.example"])
+    assert len([1 for _q, a in w.remote.calls if a[0].endswith("@dead.example")]) == 1
+    # Its time is up: one message tries; the destination is back, everything goes now,
+    # not at each message's own next try (an hour and more away).
+    w.remote.script.clear()
+    w.advance(qm.DEAD_RETRY_MIN)
+    assert w.store.list_ids() == []
+    assert len([1 for _q, a in w.remote.calls if a[0].endswith("@dead.example")]) == 1 + 11
+
+
+def test_a_dead_destination_that_stays_dead_is_retried_with_a_growing_pause(tmp_path):
+    w = World(tmp_path, destination_down=down)
+    w.remote.script.update({f"u{i}@dead.example": refused for i in range(3)})
+    for i in range(3):
+        w.inject("a@test.com", [f"u{i}@dead.example"])
+    assert len(w.remote.calls) == 1
+    w.advance(qm.DEAD_RETRY_MIN)              # the probe: still dead
+    assert len(w.remote.calls) == 2
+    w.advance(qm.DEAD_RETRY_MIN)              # not yet: the pause doubled
+    assert len(w.remote.calls) == 2
+    w.advance(qm.DEAD_RETRY_MIN)
+    assert len(w.remote.calls) == 3
+
+
+def test_a_server_that_answers_4xx_is_not_dead(tmp_path):
+    w = World(tmp_path, destination_down=down)
+    for i in range(3):
+        w.remote.script[f"u{i}@grey.example"] = deferral("451 greylisted, try later")
+        w.inject("a@test.com", [f"u{i}@grey.example"])
+    assert len(w.remote.calls) == 3 and w.manager.stats["suspended"] == 0
+
+
+def test_two_hung_destinations_do_not_take_the_remote_slots_of_a_third(tmp_path):
+    w = World(tmp_path, concurrency_remote=5, concurrency_destination=2)
+    w.remote.hold = True
+    for dest in ("slow1.example", "slow2.example"):
+        for i in range(6):
+            w.inject("a@test.com", [f"u{i}@{dest}"])
+    assert len(w.remote.calls) == 4, "two slots each for the slow ones"
+    q = w.inject("a@test.com", ["v@fast.example"])
+    assert w.remote.calls[-1] == (q, ["v@fast.example"])
+    w.remote.held[-1].callback([success("ok")])
+    assert q not in w.store.list_ids()
+    assert w.manager.status()["remote_busy"] == 4
+
+
+def test_destinations_take_turns(tmp_path):
+    """Round robin among destinations: one that arrives behind another's long line does not
+    wait for the whole line."""
+    w = World(tmp_path, concurrency_remote=1)
+    w.remote.hold = True
+    for i in range(5):
+        w.inject("a@test.com", [f"u{i}@a.example"])
+    w.inject("a@test.com", ["v@b.example"])
+    for _ in range(5):
+        w.remote.held.pop(0).callback([success("ok")])
+    order = [a[0].split("@")[1] for _q, a in w.remote.calls]
+    assert order == ["a.example", "a.example", "b.example", "a.example", "a.example",
+                     "a.example"]
