@@ -76,6 +76,19 @@ def test_fail2ban_regex_matches_every_failed_login_and_no_success(make_server):
              what="the login lines in the log")
     srv.stop()
     log = srv.data / "log" / "current"
+    # The same field order in success and failure lines: rip first, then the fields both
+    # have in the same order (an operator's grep or awk reads both alike).
+    text = log.read_text()
+    for ok, failed in (("smtp: auth ok: ", "smtp: auth failed: "),
+                       ("pop3: login ok: ", "pop3: login failed: ")):
+        [ok_keys] = {tuple(re.findall(r" (\w[\w-]*)=", " " + l.split(ok, 1)[1]))
+                     for l in text.splitlines() if ok in l}
+        [failed_keys] = {tuple(re.findall(r" (\w[\w-]*)=", " " + l.split(failed, 1)[1]))
+                         for l in text.splitlines() if failed in l}
+        assert ok_keys[0] == failed_keys[0] == "rip", (ok_keys, failed_keys)
+        assert [k for k in ok_keys if k in failed_keys] == \
+            [k for k in failed_keys if k in ok_keys], (ok_keys, failed_keys)
+        assert len(set(ok_keys) & set(failed_keys)) >= 3, (ok_keys, failed_keys)
     res = subprocess.run([regex, "--print-all-matched", str(log),
                           str(CONF / "filter.d" / "mailappliance.conf")],
                          capture_output=True, text=True, timeout=120)

@@ -21,7 +21,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.integration.opstools import wait_for, wait_for_log
+from tests.integration.opstools import log_text, wait_for, wait_for_log
 
 pytestmark = pytest.mark.integration
 
@@ -132,8 +132,8 @@ GUESSERS = 10
 # One connection's schedule (docs/LIMITS.md, access/penalty.py): the k-th check from an address
 # starts at least this long after its first (2, 4, 8 s penalties, bcrypt time on top).
 ONE_CONNECTION_SCHEDULE = (0.0, 2.0, 6.0, 14.0)
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z pop3: login failed: rip=(\S+) ",
-                      re.M)
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z "
+                      r"(?:pop3: login|smtp: auth) failed: rip=(\S+) ", re.M)
 
 
 def failure_times(text: str, ip: str) -> list[float]:
@@ -143,15 +143,40 @@ def failure_times(text: str, ip: str) -> list[float]:
 
 class Guessers:
     """GUESSERS threads, each a poplib client from `ip` that guesses a wrong password again as
-    soon as it is answered, and reconnects when the server closes it."""
+    soon as it is answered, and reconnects when the server closes it; with `smtp`, every other
+    thread guesses over SMTP AUTH (submission) instead."""
 
-    def __init__(self, server, ip: str) -> None:
-        self.server, self.ip = server, ip
+    def __init__(self, server, ip: str, smtp: bool = False) -> None:
+        self.server, self.ip, self.smtp = server, ip, smtp
         self.stopping = False
         self.clients: set = set()
 
-    def _run(self) -> None:
+    def _run_smtp(self) -> None:
+        import smtplib
+        while not self.stopping:
+            try:
+                c = smtplib.SMTP("127.0.0.1", self.server.port("submission"), timeout=120,
+                                 source_address=(self.ip, 0))
+            except OSError:
+                continue
+            self.clients.add(c)
+            try:
+                c.ehlo("guesser.example")
+                while not self.stopping:
+                    try:
+                        c.login("test@test.com", "wrong-Passw0rd!")
+                    except smtplib.SMTPAuthenticationError:
+                        pass
+            except (OSError, smtplib.SMTPException):
+                pass
+            finally:
+                self.clients.discard(c)
+                c.close()
+
+    def _run(self, n: int = 0) -> None:
         from tests.integration.test_pop3_server import POP3From
+        if self.smtp and n % 2:
+            return self._run_smtp()
         while not self.stopping:
             try:
                 p = POP3From("127.0.0.1", self.server.port("pop3"), self.ip, timeout=120)
@@ -173,7 +198,7 @@ class Guessers:
 
     def __enter__(self) -> "Guessers":
         self.pool = ThreadPoolExecutor(GUESSERS)
-        self.futures = [self.pool.submit(self._run) for _ in range(GUESSERS)]
+        self.futures = [self.pool.submit(self._run, n) for n in range(GUESSERS)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -181,7 +206,7 @@ class Guessers:
         for p in list(self.clients):
             try:
                 p.sock.shutdown(socket.SHUT_RDWR)     # unblock a client waiting for its turn
-            except OSError:
+            except (OSError, AttributeError):       # (an SMTP client not yet connected)
                 pass
         self.pool.shutdown(wait=True)
 
@@ -197,6 +222,34 @@ def test_parallel_connections_from_one_address_get_the_checks_of_one(server):
     times = failure_times(wait_for_log(server, f"rip={ip}"), ip)
     offsets = [t - times[0] for t in times]
     assert len(offsets) >= len(ONE_CONNECTION_SCHEDULE)
+    for k, earliest in enumerate(ONE_CONNECTION_SCHEDULE):
+        assert offsets[k] >= earliest, offsets
+    within = [o for o in offsets if o < ONE_CONNECTION_SCHEDULE[-1]]
+    assert len(within) <= len(ONE_CONNECTION_SCHEDULE) - 1, offsets
+
+
+def test_parallel_pop3_and_smtp_auth_guesses_from_one_address_share_one_schedule(make_server):
+    """Five POP3 and five SMTP AUTH connections from one address guessing at once: the penalty
+    table is one for both protocols, so together they still get the checks of one connection
+    (issue 18: "also for SMTP AUTH; the table is shared")."""
+    ip = "127.0.0.41"
+    srv = make_server('default_domain = "test.com"\n'
+                      "[submission]\nauth_plaintext_loopback = true\n")
+    srv.root.mkdir(parents=True, exist_ok=True)
+    srv._write_config()
+    srv.cli("domain", "add", "test.com")
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input=PASSWORD + "\n")
+    srv.start()
+    def enough():
+        text = log_text(srv)
+        both = (f"smtp: auth failed: rip={ip} " in text and
+                f"pop3: login failed: rip={ip} " in text)
+        return both and len(failure_times(text, ip)) >= len(ONE_CONNECTION_SCHEDULE) and text
+    with Guessers(srv, ip, smtp=True):
+        text = wait_for(enough, timeout=90, what="failed checks over both protocols")
+    assert f"smtp: auth failed: rip={ip} " in text and f"pop3: login failed: rip={ip} " in text
+    times = failure_times(text, ip)
+    offsets = [t - times[0] for t in times]
     for k, earliest in enumerate(ONE_CONNECTION_SCHEDULE):
         assert offsets[k] >= earliest, offsets
     within = [o for o in offsets if o < ONE_CONNECTION_SCHEDULE[-1]]
