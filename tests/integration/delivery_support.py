@@ -68,8 +68,9 @@ class Transaction:
 class SmtpSink:
     """Postfix's smtp-sink on 127.0.0.1, dumping each transaction to its own file."""
 
-    def __init__(self, root: Path, *options: str) -> None:
+    def __init__(self, root: Path, *options: str, port: int | None = None) -> None:
         self.exe = require_tool("smtp-sink")
+        self.want_port = port          # a given port (a destination that comes back)
         self.root = Path(root)
         # As root, smtp-sink writes as nobody, who cannot enter pytest's private tmp_path:
         # its dumps go to a world-writable directory of their own.
@@ -83,7 +84,7 @@ class SmtpSink:
         os.chmod(self.dump, 0o777)         # smtp-sink drops to nobody when run as root
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         for _attempt in range(5):
-            port = free_port()
+            port = self.want_port or free_port()
             self.proc = subprocess.Popen(
                 [self.exe, *user, "-d", str(self.dump) + "/%Y%m%d%H%M%S.", *self.options,
                  f"127.0.0.1:{port}", "64"],
