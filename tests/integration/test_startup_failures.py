@@ -320,3 +320,52 @@ def test_a_user_store_others_can_read_is_tightened_at_start(make_server):
     srv.start()
     assert _mode(srv.data / "users.sqlite") == 0o600
     assert _mode(srv.data) == 0o755
+
+
+# --- a disk that fills while the server runs ----------------------------------------------------
+
+def test_a_disk_that_fills_while_running_gets_4xx_and_mail_flows_again_when_freed(make_server,
+                                                                                small_disk):
+    """The other half of issue 18's full disk: a running server whose data directory fills up
+    answers 4xx (the sender keeps the message and retries), keeps serving, and its own command
+    says why in one line; once space is free again, the next message is accepted and
+    delivered. Nothing acknowledged is lost on the way."""
+    import smtplib
+    from tests.integration.opstools import admin, wait_for
+    srv = disk_server(make_server, small_disk)
+    srv.cli("domain", "add", "test.com")
+    srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
+    srv.start()
+    new = srv.data / "domains" / "test.com" / "test" / "Maildir" / "new"
+
+    def send(marker: str) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=30) as c:
+            c.ehlo("client.example")
+            assert c.mail("a@example.org")[0] == 250
+            code, text = c.rcpt("test@test.com")
+            if code != 250:
+                return code, text
+            return c.data(f"Subject: {marker}\r\n\r\n{marker}\r\n".encode())
+
+    code, _ = send("before-full")
+    assert code == 250
+    wait_for(lambda: any(b"before-full" in p.read_bytes() for p in new.iterdir()),
+             what="delivery before the disk is full")
+    fill(small_disk)
+    code, text = send("while-full")
+    assert (code, text) == (451, b"4.3.0 qq write error or disk full (#4.3.0)")
+    # Still serving: the admin socket answers, and a store command says why in one line.
+    [(ok, lines)] = admin(srv, "stat\n")
+    assert ok, lines
+    r = srv.cli("user", "add", "b@test.com", "--password-stdin", input="Secret-1\n",
+                check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert srv.proc.poll() is None
+
+    os.unlink(small_disk / "filler")
+    code, text = send("after-free")
+    assert code == 250, (code, text)
+    wait_for(lambda: any(b"after-free" in p.read_bytes() for p in new.iterdir()),
+             what="delivery once the disk has room again")
+    assert not any(b"while-full" in p.read_bytes() for p in new.iterdir())
