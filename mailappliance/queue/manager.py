@@ -118,6 +118,9 @@ DEAD_RETRY_MAX = 4000.0
 # Queue files read per thread call while loading the queue at start: a thread call of about
 # 30 ms (27 us an envelope), so the reactor thread serves SMTP between batches.
 LOAD_BATCH = 1000
+# Timers of messages that left the window stay in the timer heap until it is compacted, which
+# happens once it holds this many more than twice the window's messages.
+WAKEUPS_SLACK = 1000
 # Backlog entries read into the window per thread call: fewer hand-offs, while a removal or
 # a mark waiting for a thread never queues behind more than a few such calls.
 PICK_BATCH = 64
@@ -199,7 +202,13 @@ class _Trigger(DatagramProtocol):
         self.manager = manager
 
     def datagramReceived(self, data, addr) -> None:
-        self.manager.scan_soon()
+        # b"!<qid>": that message was committed (store.pull_trigger); b"!" (or anything
+        # else): look at the directory.  A lost datagram is found by the periodic scan.
+        qid = data[1:]
+        if data[:1] == b"!" and qid.isdigit() and len(qid) < 20:
+            self.manager.notify(int(qid))
+        else:
+            self.manager.scan_soon()
 
 
 def _never_down(result: Result) -> bool:
@@ -528,9 +537,14 @@ class QueueManager(service.Service):
 
     # -- pick-up ------------------------------------------------------------------------------------
     def notify(self, qid: int) -> None:
-        """The injector committed `qid` (in this process): deliver it now."""
-        if self.running:
+        """`qid` was committed (by the injector, or another process's trigger): deliver it
+        now, or after what is due already when the window is full."""
+        if not self.running:
+            return
+        if self._room() > 0 or qid in self.jobs or qid in self.picking:
             self._pickup(qid)
+        else:
+            self.backlog.add_due(qid, self.now(), self.now())
 
     def notify_envelope(self, env: Envelope) -> None:
         """The injector committed `env` (in this process) and hands over the envelope it
@@ -731,7 +745,20 @@ class QueueManager(service.Service):
             self._make_ready(job.qid, channel)
         else:
             heapq.heappush(self._wakeups, (when, next(self._wakeup_seq), job.qid, channel))
+            if len(self._wakeups) > 2 * len(self.jobs) + WAKEUPS_SLACK:
+                self._compact_wakeups()
             self._arm()
+
+    def _compact_wakeups(self) -> None:
+        """Drop the timers of messages that left the window (or were scheduled again): the
+        heap stays proportional to the window, not to the queue."""
+        live = []
+        for entry in self._wakeups:
+            job = self.jobs.get(entry[2])
+            if job is not None and job.next_try.get(entry[3]) == entry[0]:
+                live.append(entry)
+        heapq.heapify(live)
+        self._wakeups = live
 
     def _make_ready(self, qid: int, channel: str) -> None:
         if channel == LOCAL:

@@ -416,15 +416,16 @@ class QueueStore:
             self._unlink_quietly(os.path.join(self.mess_dir, str(qid)))
             raise
         if trigger:
-            self.pull_trigger()
+            self.pull_trigger(qid)
         return qid
 
-    def pull_trigger(self) -> None:
-        """Tell a running manager to look (qmail-queue writes a byte to lock/trigger)."""
+    def pull_trigger(self, qid: int | None = None) -> None:
+        """Tell a running manager to look (qmail-queue writes a byte to lock/trigger): at
+        message `qid` (b"!<qid>"), or at the whole directory (b"!")."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             s.setblocking(False)
-            s.sendto(b"!", self.trigger_path)
+            s.sendto(b"!" + (b"%d" % qid if qid is not None else b""), self.trigger_path)
         except OSError:
             pass  # nobody listening: the periodic scan will find it
         finally:

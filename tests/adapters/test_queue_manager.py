@@ -32,7 +32,8 @@ class World:
         self.reactor = ThreadlessReactor()
         self.reactor.advance(EPOCH)
         self.pool = ImmediateThreadPool()
-        self.store = QueueStore(tmp_path / "queue", clock=self.reactor.seconds)
+        self.store = kw.pop("store_class", QueueStore)(tmp_path / "queue",
+                                                       clock=self.reactor.seconds)
         self.local = kw.pop("local", None) or FakeLocalDeliverer()
         self.remote = kw.pop("remote", None) or FakeRemoteDeliverer()
         self.manager = None
@@ -371,6 +372,24 @@ def test_trigger_datagram_starts_a_scan(tmp_path):
     qid = other.inject(b"x\n", "a@example.org", ["test@test.com"], trigger=False)
     qm._Trigger(w.manager).datagramReceived(b"!", None)
     assert w.local.calls == [(qid, "test@test.com")]
+
+
+def test_a_trigger_naming_its_message_picks_up_that_message_without_a_scan(tmp_path):
+    class Counting(QueueStore):
+        scans = 0
+
+        def changed_since(self, since):
+            Counting.scans += 1
+            return super().changed_since(since)
+
+    w = World(tmp_path, store_class=Counting)
+    other = QueueStore(tmp_path / "queue")
+    qid = other.inject(b"x\n", "a@example.org", ["test@test.com"], trigger=False)
+    qm._Trigger(w.manager).datagramReceived(b"!%d" % qid, None)
+    assert w.local.calls == [(qid, "test@test.com")]
+    assert Counting.scans == 0, "a queue of a million is not stat'ed for one message"
+    qm._Trigger(w.manager).datagramReceived(b"!", None)
+    assert Counting.scans == 1
 
 
 def test_failed_result_recording_keeps_recipient_to_do(tmp_path):

@@ -288,8 +288,10 @@ def test_trigger_pokes_a_listening_socket(tmp_path):
     s.bind(store.trigger_path)
     s.settimeout(5)
     try:
-        store.inject(b"x\n", "a@x", ["b@y"])
-        assert s.recv(16) == b"!"
+        qid = store.inject(b"x\n", "a@x", ["b@y"])
+        assert s.recv(32) == b"!%d" % qid      # names the message: no directory scan
+        store.pull_trigger()
+        assert s.recv(32) == b"!"
     finally:
         s.close()
 
