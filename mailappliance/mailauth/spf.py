@@ -389,7 +389,7 @@ def _mechanism(ctx: _Context, term: Term, domain: str) -> Check:
         result = yield from _query(target, "MX")
         _raise_temp(result, target)
         ctx.void(term, result)
-        hosts = [host for _pref, host in sorted(result.values) if host not in ("", ".")]
+        hosts = _mx_hosts(result.values)
         if len(hosts) > MAX_MX_NAMES:
             raise _PermError(f"{target} has more than {MAX_MX_NAMES} MX records")
         for host in hosts:
@@ -409,7 +409,7 @@ def _mechanism(ctx: _Context, term: Term, domain: str) -> Check:
         if result.status == TEMPERROR:
             return False      # section 5.5: a DNS error here means no match
         ctx.void(term, result)
-        for name in list(result.values)[:MAX_PTR_NAMES]:
+        for name in [v for v in result.values if isinstance(v, str)][:MAX_PTR_NAMES]:
             name = name.lower().rstrip(".")
             if not (name == target or name.endswith("." + target)):
                 continue
@@ -419,6 +419,16 @@ def _mechanism(ctx: _Context, term: Term, domain: str) -> Check:
                 return True
         return False
     raise _PermError(f"unknown mechanism {term.text!r}")
+
+
+def _mx_hosts(values) -> list[str]:
+    """The exchange names of an MX answer, lowest preference first, without the null MX
+    (RFC 7505). An answer value that is not a (preference, host) pair -- a resolver or fake that
+    answers an MX question with another record type -- is no host rather than an exception:
+    the evaluation must end in a result word whatever DNS sends."""
+    pairs = [v for v in values if isinstance(v, tuple) and len(v) == 2
+             and isinstance(v[0], int) and isinstance(v[1], str)]
+    return [host for _pref, host in sorted(pairs) if host not in ("", ".")]
 
 
 def _is_ip(text: str) -> bool:
