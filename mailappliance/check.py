@@ -11,7 +11,10 @@ problem, what would go wrong:
   it (0700), the user store's files are private, and no entry at its top belongs to someone else;
 - listeners that would clash: two endpoints on the same port and an overlapping address, or
   the same unix socket path twice; an inject socket whose directory other users cannot enter;
-- aliases that are also users (made before such collisions were refused; never used).
+- aliases that are also users (made before such collisions were refused; never used);
+- the DKIM signing keys under DATA/dkim: each file a usable key (PEM, RSA of at least 1024
+  bits or Ed25519, named <selector>._domainkey.<domain>.pem), readable by the server's user and
+  by nobody else -- the same one line per file the server logs once at start-up.
 
 "The server's user" is `--user NAME` (what twistd's --uid says in the unit), else the owner
 of the data directory (the rule of privileges.py: the server runs as the data directory's
@@ -294,6 +297,32 @@ def check_directory(settings: Settings, user: ServerUser) -> list[str]:
                        f"alias del {a}`" for a in shadowed]
 
 
+def check_dkim(settings: Settings, user: ServerUser) -> list[str]:
+    """One line per unusable DKIM key file (mailauth/keys.py says what is wrong with it, as the
+    server's start-up line does) or key the server's user could not read."""
+    from mailappliance.mailauth import keys
+    directory = keys.key_dir(settings.data)
+    if not directory.is_dir():
+        return []
+    problems: list[str] = []
+    unreadable: set[str] = set()
+    try:
+        names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
+    except OSError as e:
+        return [f"dkim: cannot list {directory}: {e.strerror}"]
+    for name in names[:keys.MAX_KEY_FILES]:
+        why = access_problem(directory / name, user, "dkim")
+        if why:
+            problems.append(why)
+            unreadable.add(str(directory / name))
+    _found, unusable = keys.scan(settings.data)
+    for line in unusable:                       # "<path>: what is wrong"
+        if line.split(": ", 1)[0] not in unreadable:
+            problems.append(f"dkim: unusable key file, not signing with it: {line}")
+    problems += [f"dkim: {line}" for line in keys.check(settings.data) if line not in unusable]
+    return problems
+
+
 def check_aliases(settings: Settings) -> list[str]:
     if settings.users.database:
         return []               # check_directory asked the database
@@ -393,4 +422,5 @@ def run(settings: Settings, user_name: str | None = None) -> tuple[ServerUser, l
     problems += check_listeners(settings)
     problems += check_aliases(settings)
     problems += check_directory(settings, user)
+    problems += check_dkim(settings, user)
     return user, problems

@@ -111,6 +111,14 @@ def test_unusable_key_file_is_one_line_at_start_and_the_server_runs(world):
     lines = [l for l in srv.stdout().splitlines() if "broken._domainkey.signed.test.pem" in l]
     assert len(lines) == 1, srv.stdout()
     assert "unusable key file" in lines[0] and "not a PEM private key" in lines[0]
+    # `mailappliance check` says the same, in one line, and fails.
+    res = srv.cli("check", check=False)
+    assert res.returncode == 1
+    dkim_lines = [l for l in res.stderr.splitlines() if "dkim" in l]
+    assert dkim_lines == [f"mailappliance: dkim: unusable key file, not signing with it: "
+                          f"{srv.data}/dkim/broken._domainkey.signed.test.pem: not a PEM "
+                          f"private key"], res.stderr
+    assert dkim_lines[0].split("not signing with it: ")[1] in lines[0]
 
 
 def test_relayclient_mail_reaches_the_sink_with_one_signature_opendkim_passes(world):

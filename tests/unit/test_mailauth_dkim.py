@@ -223,3 +223,34 @@ def test_registry_rereads_a_directory_changed_too_recently_to_trust(tmp_path):
     registry = keys.KeyRegistry(tmp_path, clock=lambda: os.stat(tmp_path / "dkim").st_mtime)
     registry.refresh()
     assert registry.refresh() is True                 # mtime within RACY_SECONDS of "now"
+
+
+def test_mailappliance_check_names_each_unusable_or_unreadable_key_once(tmp_path):
+    from mailappliance import check
+    from mailappliance.config import load_settings
+    settings = load_settings(None, {"data": str(tmp_path)}, cwd=tmp_path)
+    root = check.ServerUser("root", 0, frozenset({0}))
+    assert check.check_dkim(settings, root) == []                 # no key directory at all
+    good = keys.generate(tmp_path, "example.com", "mail", "ed25519")
+    assert check.check_dkim(settings, root) == []
+    d = tmp_path / "dkim"
+    (d / "junk._domainkey.example.com.pem").write_text("not a key")
+    os.symlink("/nonexistent", d / "link._domainkey.example.com.pem")
+    lines = check.check_dkim(settings, root)
+    assert len(lines) == 2, lines
+    assert any(line == f"dkim: unusable key file, not signing with it: "
+               f"{d}/junk._domainkey.example.com.pem: not a PEM private key" for line in lines)
+    assert f"dkim: {d}/link._domainkey.example.com.pem: No such file or directory" in lines
+    # A server running as another user could not read a root-owned 0600 key: that one line,
+    # not a second "unusable" line for the same file.
+    (d / "junk._domainkey.example.com.pem").unlink()
+    (d / "link._domainkey.example.com.pem").unlink()
+    os.chown(good.path, 0, 0)
+    other = check.ServerUser("nobody", 65534, frozenset({65534}))
+    os.chmod(d, 0o755)
+    lines = check.check_dkim(settings, other)
+    (line,) = [line for line in lines if good.path.name in line]
+    assert line.startswith(f"dkim: {good.path} is not readable by nobody (uid 65534)")
+    assert lines[-1] == f"dkim: {d}: mode 0755 lets others in; chmod 700"
+    # run() includes it.
+    assert any(good.path.name in p for p in check.run(settings, "nobody")[1])
