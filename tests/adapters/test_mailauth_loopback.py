@@ -111,3 +111,20 @@ class LoopbackVerifier(unittest.TestCase):
         self.assertEqual(verdict.action, "reject")
         self.assertEqual(verdict.reply.code, 550)
         self.assertIn("DMARC", verdict.reply.text)
+
+    async def test_lookups_are_cached_for_their_ttl_across_messages(self):
+        """Every lookup goes through the product's resolver, so a second message of the same
+        domain asks the DNS server nothing: SPF's TXT, the DKIM key and the DMARC record are
+        each asked once (the zone's TTL is 300 s)."""
+        signer = Signer(keys.KeyRegistry(_KEYDIR), reactor, self.pool)
+        message = b"From: a@signed.test\r\nTo: u@mx.test\r\nSubject: s\r\n\r\nbody\r\n"
+        signed = await signer.sign(message, "a@signed.test") + message
+        v = self.verifier()
+        for _ in range(3):
+            spf = await v.check_spf(CLIENT, "h", "a@signed.test")
+            verdict = await v.check_message(signed, spf)
+            self.assertEqual(verdict.dmarc.result, "pass")
+        self.assertEqual(self.server.count("signed.test", "TXT"), 1)
+        self.assertEqual(self.server.count("mail._domainkey.signed.test", "TXT"), 1)
+        self.assertEqual(self.server.count("ed._domainkey.signed.test", "TXT"), 1)
+        self.assertEqual(self.server.count("_dmarc.signed.test", "TXT"), 1)

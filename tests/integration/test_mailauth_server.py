@@ -20,6 +20,7 @@ from mailappliance.testing.dnsserver import DNSServerProcess
 from tests.integration.delivery_support import SmtpSink, maildir_files, wait_until
 from tests.integration.opendkim import OpenDKIM
 from tests.integration.server import ServerProcess
+from tests.integration.test_mailauth_opendkim import record_of
 
 HOST = "mx.test.example"
 PASSWORD = "Passw0rd!"
@@ -246,3 +247,51 @@ def test_reload_picks_up_new_verify_modes(world):
         srv.cli("reload")
     with smtp(srv) as s:
         assert s.mail("someone@strict.example")[0] == 550
+
+
+def test_a_key_made_by_keygen_on_the_running_server_signs_the_next_message(world):
+    """`mailappliance dkim keygen` while the server runs: `dkim list` shows the key, and the
+    next message of that domain is signed with it -- no restart, no reload -- and OpenDKIM,
+    fetching the record exactly as keygen printed it, passes the signature."""
+    srv, _dns, sink, _opendkim, _rsa = world
+    out = srv.cli("dkim", "keygen", "late.test", "--selector", "late", "--algorithm",
+                  "ed25519").stdout
+    name, record = record_of(out)
+    assert name == "late._domainkey.late.test"
+    assert "late.test late ed25519" in srv.cli("dkim", "list").stdout
+    with DNSServerProcess({"late.test": {"late._domainkey": [["TXT", record]]}}) as late_dns:
+        opendkim = OpenDKIM((late_dns.host, late_dns.port))
+        try:
+            with smtp(srv, source="127.0.0.2") as s:
+                s.sendmail("carol@late.test", ["bob@remote.test"],
+                           b"From: carol@late.test\r\nTo: bob@remote.test\r\n"
+                           b"Subject: late-key\r\n\r\nsigned with a key made a moment ago\r\n")
+            t = at_sink(sink, b"late-key")
+            checks = opendkim.verify(t.body)
+        finally:
+            opendkim.close()
+    assert [(c.domain, c.selector, c.passed) for c in checks] == [("late.test", "late", True)]
+
+
+def test_forwarded_mail_is_not_re_signed_and_its_signature_survives(world):
+    """docs/MAILAUTH.md, forwarded mail: an alias forwarding outside passes the message on with
+    trace fields on top (our Authentication-Results, Delivered-To, Received) and the author's
+    own signature -- ours is not added even though the From: domain has a key here -- and
+    that signature still verifies at the next hop."""
+    srv, _dns, sink, opendkim, rsa = world
+    srv.cli("alias", "add", "fwd@signed.test", "bob@remote.test")
+    body = (b"From: alice@signed.test\nTo: fwd@signed.test\nSubject: forwarded-once\n\n"
+            b"to be passed on\n")
+    signed = Signer(KeyRegistry(rsa.path.parent.parent), None, None).sign_now(
+        body, "alice@signed.test") + body
+    with smtp(srv) as s:                                   # from the internet
+        s.sendmail("bounce@neutral.example", ["fwd@signed.test"],
+                   signed.replace(b"\n", b"\r\n"))
+    t = at_sink(sink, b"forwarded-once")
+    head = header(t.body)
+    assert head.count(b"DKIM-Signature:") == 1
+    assert f"Authentication-Results: {HOST};".encode() in head
+    assert b"Delivered-To: fwd@signed.test" in head
+    assert t.mail_from == "bounce@neutral.example"         # the envelope sender is kept
+    checks = opendkim.verify(t.body)
+    assert [(c.domain, c.selector, c.passed) for c in checks] == [("signed.test", "mail", True)]
