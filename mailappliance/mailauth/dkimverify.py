@@ -13,13 +13,20 @@ Results are RFC 8601 section 2.7.1 words: pass, fail (bad signature or body hash
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from dkim import RE_BTAG, select_headers, validate_signature_fields
+from dkim.canonicalization import CanonicalizationPolicy, Relaxed
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from mailappliance.mailauth import canon
 from mailappliance.mailauth.lookup import OK, TEMPERROR, DNSResult
 from mailappliance.mailauth.message import split_message, to_crlf
 
@@ -117,12 +124,23 @@ def verify(message: bytes, sigs: Sequence[Signature],
         return []
     wire = to_crlf(message)
     try:
-        verifier = dkim.DKIM(wire, minkey=MIN_RSA_BITS)
+        headers, body = dkim.rfc822_parse(wire)
     except dkim.DKIMException as e:
         return [DKIMResult("neutral", s.domain, s.selector, s.algorithm, s.b,
                            f"message cannot be parsed: {e}") for s in sigs]
+    sig_headers = [h for h in headers if h[0].lower() == b"dkim-signature"]
+    bodies: dict[bytes, bytes] = {}          # canonical body per algorithm, made once
+    verifier = None
     out = []
     for sig in sigs:
+        if not sig.error and sig.index < len(sig_headers):
+            status, text = _key_text(keys.get(sig.key_name))
+            if status == "ok" and _fast_pass(headers, body, sig_headers[sig.index],
+                                             text.encode("utf-8", "replace"), bodies):
+                out.append(DKIMResult("pass", sig.domain, sig.selector, sig.algorithm, sig.b))
+                continue
+        if verifier is None:
+            verifier = dkim.DKIM(wire, minkey=MIN_RSA_BITS)
         out.append(_verify_one(verifier, sig, keys))
     return out
 
@@ -164,3 +182,92 @@ def _verify_one(verifier, sig: Signature, keys: Mapping[str, DNSResult]) -> DKIM
     if ok:
         return result("pass", "")
     return result("fail", "signature did not verify")
+
+
+# --- the fast path ---------------------------------------------------------------------------
+#
+# dkimpy verifies RSA signatures in pure Python (its own ASN.1 reader and modular arithmetic:
+# about 0.4 ms of a 2 KiB message's 0.7 ms, holding the GIL) and canonicalises bodies with a
+# regular expression that rebuilds the text around every space. For the common signature --
+# a=rsa-sha256 or ed25519-sha256, no l=, a key record of v=, k=, p= (and n=) only -- we check it
+# here with the same dkimpy parsing and header selection, our equal canonicalisation (canon.py)
+# and OpenSSL (`cryptography`). Only a pass is taken from here; anything else -- a failure,
+# an unusual tag, a key we cannot load -- goes to dkimpy for the verdict and its reason, so
+# the outcome is always dkimpy's, and only the passing case is faster.
+
+FAST_ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256")
+FAST_KEY_TAGS = frozenset({b"v", b"k", b"p", b"n"})
+# Public keys loaded from key records, by record text: a busy sender's key is parsed once. The
+# bound is on entries (a key object is about 1 KB); when full the cache starts afresh.
+KEY_CACHE_ENTRIES = 1024
+_key_cache: dict[bytes, object] = {}
+
+
+def _public_key(record: bytes, algorithm: bytes):
+    """The key object of a record that has only v=DKIM1, k=, p= (n=), or None."""
+    cached = _key_cache.get(record)
+    if cached is not None:
+        return cached
+    tags = parse_tag_value(record)
+    if not set(tags) <= FAST_KEY_TAGS or tags.get(b"v", b"DKIM1") != b"DKIM1":
+        return None
+    kind = tags.get(b"k", b"rsa")
+    if kind != algorithm.split(b"-")[0]:
+        return None
+    raw = base64.b64decode(re.sub(rb"\s+", b"", tags[b"p"]), validate=True)
+    if not raw:
+        return None                                  # revoked: dkimpy says why
+    if kind == b"rsa":
+        key = serialization.load_der_public_key(raw)
+        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_RSA_BITS:
+            return None
+    else:
+        key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    if len(_key_cache) >= KEY_CACHE_ENTRIES:
+        _key_cache.clear()
+    _key_cache[record] = key
+    return key
+
+
+def _fast_pass(headers, body: bytes, sig_header, record: bytes,
+               bodies: dict[bytes, bytes]) -> bool:
+    """True only when this signature surely passes; False means "ask dkimpy"."""
+    try:
+        tags = parse_tag_value(sig_header[1])
+        validate_signature_fields(tags)              # dkimpy's checks of v=, t=, x=, i=, ...
+        algorithm = tags[b"a"]
+        if algorithm not in FAST_ALGORITHMS or b"l" in tags:
+            return False
+        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+        include = [x.lower() for x in re.split(rb"\s*:\s*", tags[b"h"])]
+        if b"from" not in include:
+            return False
+        include.append(b"from")                      # as dkimpy does (its bug 644046)
+        key = _public_key(record, algorithm)
+        if key is None:
+            return False
+        body_canon = policy.body_algorithm
+        canonical = bodies.get(body_canon.name)
+        if canonical is None:
+            canonical = canon.relaxed_body(body) if body_canon is Relaxed else \
+                body_canon.canonicalize_body(body)
+            bodies[body_canon.name] = canonical
+        if hashlib.sha256(canonical).digest() != \
+                base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"])):
+            return False
+        relaxed = policy.header_algorithm is Relaxed
+        chosen = select_headers(canon.relaxed_headers(headers) if relaxed else
+                                policy.header_algorithm.canonicalize_headers(headers), include)
+        stripped = [(sig_header[0], RE_BTAG.sub(b"\\1", sig_header[1]))]
+        own = canon.relaxed_headers(stripped) if relaxed else \
+            policy.header_algorithm.canonicalize_headers(stripped)
+        data = b"".join(name + b":" + value for name, value in chosen) + \
+            b"".join(name + b":" + value.rstrip() for name, value in own)
+        signature = base64.b64decode(re.sub(rb"\s+", b"", tags[b"b"]))
+        if algorithm == b"rsa-sha256":
+            key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            key.verify(signature, hashlib.sha256(data).digest())
+        return True
+    except Exception:        # InvalidSignature, a malformed tag, a key OpenSSL refuses, ...
+        return False

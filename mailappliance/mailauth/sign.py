@@ -3,7 +3,7 @@
 Pure computation: message bytes, keys and the time in, header fields out. The cryptography is
 OpenSSL's through the `cryptography` package (an RSA-2048 signature costs about 0.6 ms there
 and releases the GIL while it runs; dkimpy's own pure-Python RSA costs 13 ms holding it);
-canonicalisation is dkimpy's, the same code our verifier uses, checked against OpenDKIM's
+canonicalisation is dkimpy's algorithm (canon.py: the same bytes, fewer passes), which our verifier uses too, checked against OpenDKIM's
 verifier in tests/integration/test_mailauth_dkim.py.
 
 What is signed: the header fields RFC 6376 section 5.4.1 recommends plus the ones that change
@@ -20,8 +20,7 @@ from typing import Iterable, Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from dkim.canonicalization import Relaxed
-
+from mailappliance.mailauth.canon import relaxed_body, relaxed_header
 from mailappliance.mailauth.keys import DKIMKey
 from mailappliance.mailauth.message import Field, address_domain, from_domains, \
     linesep_of, split_message, to_crlf
@@ -81,13 +80,13 @@ def select_fields(fields: Sequence[Field], names: Sequence[bytes]) -> list[Field
 
 def canonical_field(field_name: bytes, value: bytes) -> bytes:
     """relaxed header canonicalisation (RFC 6376 section 3.4.2), with its CRLF."""
-    ((name, canon),) = Relaxed.canonicalize_headers([(field_name, value)])
-    return name + b":" + canon
+    name, value = relaxed_header(field_name, value)
+    return name + b":" + value
 
 
 def body_hash(body: bytes) -> bytes:
     """bh= for relaxed body canonicalisation (section 3.4.4) and SHA-256."""
-    return base64.b64encode(hashlib.sha256(Relaxed.canonicalize_body(to_crlf(body))).digest())
+    return base64.b64encode(hashlib.sha256(relaxed_body(to_crlf(body))).digest())
 
 
 def _fold(tags: list[bytes], linesep: bytes) -> bytes:
