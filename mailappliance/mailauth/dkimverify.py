@@ -125,7 +125,7 @@ def verify(message: bytes, sigs: Sequence[Signature],
     wire = to_crlf(message)
     try:
         headers, body = dkim.rfc822_parse(wire)
-    except dkim.DKIMException as e:
+    except Exception as e:     # MessageFormatError; IndexError on a first line that is folded
         return [DKIMResult("neutral", s.domain, s.selector, s.algorithm, s.b,
                            f"message cannot be parsed: {e}") for s in sigs]
     sig_headers = [h for h in headers if h[0].lower() == b"dkim-signature"]
