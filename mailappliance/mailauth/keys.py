@@ -340,6 +340,12 @@ class KeyRegistry:
             token = (-1, e.errno or 0)
         return token, token[0] > 0 and self._clock() - token[0] / 1e9 < RACY_SECONDS
 
+    def needs_scan(self) -> bool:
+        """Would keys_for() re-read the directory (one stat, never a scan)? False means the
+        keys in memory are current and signing reads no file."""
+        token, racy = self._look()
+        return token != self._seen or racy
+
     def maybe_keys(self) -> bool:
         """Might a message be signed? Cheap enough for the reactor thread (one stat, never a
         scan): False only when the last scan found no key and the directory has not changed

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from mailappliance.mailauth import keys
-from mailappliance.mailauth.service import (MESSAGE_DNS_TIMEOUT, ISigner, IVerifier, Signer,
-                                            Verifier)
+from mailappliance.mailauth.service import (INLINE_BYTES, MESSAGE_DNS_TIMEOUT, ISigner,
+                                            IVerifier, Signer, Verifier)
 from mailappliance.testing.mailauth import FakeSigner, FakeVerifier
 from mailappliance.testing.resolver import FakeResolver
 from mailappliance.testing.threads import ImmediateThreadPool, ThreadlessReactor
@@ -186,3 +186,47 @@ def test_fit_and_sign_re_encodes_long_lines_first_and_signs_what_will_be_sent(en
     short = body("a@signed.test")
     fields, same = result_of(signer.fit_and_sign(short, "a@signed.test"))
     assert same is short and fields.count(b"DKIM-Signature:") == 2
+
+
+def test_small_messages_are_signed_and_verified_on_the_reactor_large_ones_in_the_pool(env):
+    """INLINE_BYTES: a small message's signature and verification cost less on the reactor
+    than a trip to the pool; a large message, a third signature, or a key directory that
+    changed (files to read) go to the pool."""
+    resolver, clock, _signer, verifier, data = env
+    registry = keys.KeyRegistry(data, clock=lambda: 1e12)   # far from every mtime: no "racy"
+    pool = ImmediateThreadPool()
+    signer = Signer(registry, clock, pool, clock=lambda: 1_700_000_000)
+    small = body("a@signed.test")
+    assert result_of(signer.sign(small, "a@signed.test")).count(b"DKIM-Signature:") == 2
+    assert pool.calls == 1                       # the first look reads data/dkim: in the pool
+    fields = result_of(signer.sign(small, "a@signed.test"))
+    assert fields.count(b"DKIM-Signature:") == 2 and pool.calls == 1      # keys current: inline
+    large = small + b"x" * INLINE_BYTES + b"\r\n"
+    assert result_of(signer.sign(large, "a@signed.test")).count(b"DKIM-Signature:") == 2
+    assert pool.calls == 2
+    keys.generate(data, "signed.test", "third", "ed25519")     # the directory changed
+    assert result_of(signer.sign(small, "a@signed.test")).count(b"DKIM-Signature:") == 3
+    assert pool.calls == 3
+
+    v = Verifier(resolver, clock, pool, "mx.test")
+    one = signer.sign_now(small, "a@signed.test")
+    spf = result_of(v.check_spf(CLIENT, "h", "a@signed.test"))
+    verdict = result_of(v.check_message(one + small, spf))
+    assert [r.result for r in verdict.dkim] == ["pass", "pass", "permerror"]   # s=third: no record
+    assert pool.calls == 4                       # three signatures: more than INLINE_SIGNATURES
+    two = b"".join(f for f in _fields(one) if b"s=third" not in f)
+    verdict = result_of(v.check_message(two + small, spf))
+    assert [r.result for r in verdict.dkim] == ["pass", "pass"] and pool.calls == 4   # inline
+    verdict = result_of(v.check_message(signer.sign_now(large, "a@signed.test") + large, spf))
+    assert pool.calls == 5                       # large: in the pool
+
+
+def _fields(fields: bytes) -> list[bytes]:
+    """Header fields one by one (continuation lines kept with their field)."""
+    out: list[bytes] = []
+    for line in fields.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
