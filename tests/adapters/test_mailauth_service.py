@@ -201,6 +201,8 @@ def test_small_messages_are_signed_and_verified_on_the_reactor_large_ones_in_the
     assert pool.calls == 1                       # the first look reads data/dkim: in the pool
     fields = result_of(signer.sign(small, "a@signed.test"))
     assert fields.count(b"DKIM-Signature:") == 2 and pool.calls == 1      # keys current: inline
+    fields, same = result_of(signer.fit_and_sign(small, "a@signed.test"))  # what SignCheck calls
+    assert same is small and fields.count(b"DKIM-Signature:") == 2 and pool.calls == 1
     large = small + b"x" * INLINE_BYTES + b"\r\n"
     assert result_of(signer.sign(large, "a@signed.test")).count(b"DKIM-Signature:") == 2
     assert pool.calls == 2
