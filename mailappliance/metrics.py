@@ -176,7 +176,7 @@ class MetricsResource(resource.Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"not found: metrics are at /metrics\n"
         d = deferToThreadPool(self.app.reactor, self.app.threadpool,
-                              lambda: len(self.app.queue_store.list_ids()))
+                              self.app.queue_store.count)
 
         def write(count):
             self.collector.queue_messages = count

@@ -42,6 +42,13 @@ class QueueStatus:
     remote_max: int
     # Seconds since the oldest message the queue manager holds arrived; None: it holds none.
     oldest_age_seconds: int | None = None
+    # The manager's active window (messages in memory, its limit), the backlog (messages
+    # known as 24-byte entries), whether the queue is still being loaded, dead destinations.
+    in_memory: int | None = None
+    memory_limit: int | None = None
+    backlog: int | None = None
+    loading: bool = False
+    dead: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,13 @@ def format_stat(s: StatSnapshot, now: float) -> list[str]:
         lines.append(f"messages in queue but not yet preprocessed: {q.unprocessed}")
         if q.oldest_age_seconds is not None:
             lines.append(f"oldest message in queue: {q.oldest_age_seconds} seconds")
+        if q.in_memory is not None:
+            lines.append(f"messages in memory: {q.in_memory} of at most {q.memory_limit}; "
+                         f"in the backlog: {q.backlog}"
+                         + ("; still loading the queue" if q.loading else ""))
+        if q.dead:
+            lines.append(f"dead destinations ({len(q.dead)}): " + " ".join(q.dead[:20])
+                         + (" ..." if len(q.dead) > 20 else ""))
         lines.append(f"status: local {q.local_busy}/{q.local_max} "
                      f"remote {q.remote_busy}/{q.remote_max}")
     lines.extend(s.extra)
@@ -127,7 +141,8 @@ def stat_json(s: StatSnapshot, now: float) -> dict:
                       "connections_now": svc.connections_now or 0,
                       "connections_total": svc.connections_total or 0}
                      for svc in s.services],
-        "queue": asdict(s.queue) if s.queue is not None else None,
+        "queue": dict(asdict(s.queue), dead=list(s.queue.dead)) if s.queue is not None
+        else None,
         "queue_why": s.queue_why or None,
         "counters": s.counters,
         "last_errors": [_cut(e) for e in s.last_errors],

@@ -443,6 +443,11 @@ class QueueStore:
         out.sort()
         return out
 
+    def count(self) -> int:
+        """How many messages mess/ holds (one pass, no list)."""
+        with os.scandir(self.mess_dir) as it:
+            return sum(1 for e in it if e.name.isdigit())
+
     def scan(self) -> Iterator[tuple[int, float, float]]:
         """Every message of mess/ as (qid, mtime: its next try, ctime), in directory order and
         lazily: one pass over the directory however long it is, a stat per file (the queue

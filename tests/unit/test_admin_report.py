@@ -65,7 +65,9 @@ def test_stat_json_holds_the_same_facts_as_numbers():
         {"kind": "admin", "addresses": ["/var/admin.sock"], "up_seconds": 60,
          "connections_now": 0, "connections_total": 0}]
     assert doc["queue"] == {"messages": 3, "unprocessed": 1, "local_busy": 0, "local_max": 10,
-                            "remote_busy": 1, "remote_max": 20, "oldest_age_seconds": None}
+                            "remote_busy": 1, "remote_max": 20, "oldest_age_seconds": None,
+                            "in_memory": None, "memory_limit": None, "backlog": None,
+                            "loading": False, "dead": []}
     assert doc["counters"]["queue"] == {"commits": 90, "group_commits": 12, "write_errors": 0}
     assert doc["counters"]["deliveries"]["success"] == 80
     assert "dns" not in doc["counters"]
@@ -93,6 +95,13 @@ def test_counters_since_start():
     lines = r.format_stat(snapshot(queue=r.QueueStatus(3, 1, 0, 10, 1, 20, 95)), NOW)
     assert lines[lines.index("messages in queue but not yet preprocessed: 1") + 1] == \
         "oldest message in queue: 95 seconds"
+    # The manager's window and backlog, and the destinations it knows dead (issue 19).
+    lines = r.format_stat(snapshot(queue=r.QueueStatus(
+        120_000, 0, 0, 10, 5, 20, 95, 9_000, 10_000, 111_000, True,
+        ("dead.example", "[192.0.2.1]:25"))), NOW)
+    assert "messages in memory: 9000 of at most 10000; in the backlog: 111000; still loading " \
+        "the queue" in lines
+    assert "dead destinations (2): dead.example [192.0.2.1]:25" in lines
     assert r.counter_lines({"commits": 0, "dir_syncs": 0}, None, None) == [
         "queue since start: 0 messages committed in 0 group commits, 0 write errors"]
     lines = r.format_stat(snapshot(extra=tuple(r.counter_lines(None, {"success": 1}, None))),
