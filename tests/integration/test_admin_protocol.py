@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
+from pathlib import Path
+
+import pytest
 
 from mailappliance.admin import protocol as ap
-from tests.conftest import require_tool
+from tests.conftest import IN_CI, require_tool
 from tests.integration.opstools import (admin, admin_connect, admin_path, read_replies,
                                         rss_kib, wait_for, wait_for_log)
 
@@ -199,3 +205,40 @@ def test_a_world_accessible_socket_mode_or_unknown_group_stops_start_up(make_ser
             assert "Traceback" not in str(e)
         else:
             raise AssertionError(f"started with {cfg!r}")
+
+
+def test_socket_group_members_reach_the_socket_in_a_runtime_directory_like_the_units(
+        make_server, request):
+    """The systemd unit's layout: the admin socket in a runtime directory of mode 0755
+    (RuntimeDirectoryMode=), the socket 0660 for [admin] socket_group. A member of that group
+    who is neither root nor the server's user drives it with socat; any other user is kept out
+    by the socket's own mode."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("CI runs as root: the test runs socat as other users")
+        pytest.skip("needs root to run socat as other users")
+    socat = require_tool("socat")
+    member, outsider = pwd.getpwnam("daemon"), pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="ma-runtime-", dir="/tmp"))  # (tmp_path is root's 0700)
+    request.addfinalizer(lambda: shutil.rmtree(top, ignore_errors=True))
+    runtime = top / "mailappliance"
+    runtime.mkdir()
+    for d in (top, runtime):
+        os.chmod(d, 0o755)
+    sock = runtime / "admin.sock"
+    srv = make_server(f'[admin]\nsocket_group = "daemon"\n[listen]\n'
+                      'smtp = ["tcp:0:interface=127.0.0.1"]\nsubmission = []\npop3 = []\n'
+                      f'admin = ["unix:{sock}"]\n').start()
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+
+    def as_user(user):
+        return subprocess.run([socat, "-t", "5", "-", f"UNIX-CONNECT:{sock}"], input="stat\n",
+                              capture_output=True, text=True, timeout=30, user=user.pw_uid,
+                              group=user.pw_gid, extra_groups=[], cwd="/")
+    res = as_user(member)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith("mailappliance: up (pid ")
+    assert res.stdout.splitlines()[-1] == "."
+    res = as_user(outsider)
+    assert res.returncode != 0 and "Permission denied" in res.stderr, res
+    assert srv.proc.poll() is None
