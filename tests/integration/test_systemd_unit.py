@@ -141,8 +141,8 @@ def test_configparser_reads_the_unit_the_same_way(key):
 
 
 def test_systemd_analyze_security_finds_no_proc_exposure(tmp_path):
-    """`systemd-analyze security` no longer flags /proc (ProtectProc=, ProcSubset=), and the
-    overall exposure stays "OK" or better."""
+    """`systemd-analyze security` no longer flags /proc (ProtectProc=, ProcSubset=) nor mount
+    propagation (PrivateMounts=), and the overall exposure stays "OK" or better."""
     tool = require_tool("systemd-analyze")
     unit = tmp_path / "mailappliance.service"
     unit.write_text(UNIT.read_text().replace(INSTALLED_TWISTD, local_twistd())
@@ -153,6 +153,7 @@ def test_systemd_analyze_security_finds_no_proc_exposure(tmp_path):
     flagged = [line.split()[1] for line in res.stdout.splitlines()
                if line.startswith("\u2717")]
     assert "ProtectProc=" not in flagged and "ProcSubset=" not in flagged, res.stdout
+    assert "PrivateMounts=" not in flagged, res.stdout
     level = res.stdout.strip().splitlines()[-1]
     exposure = float(level.split(":")[1].split()[0])
     assert exposure <= 3.0, level
