@@ -356,3 +356,41 @@ def test_trickling_client_is_cut_off_at_the_request_deadline(make_server):
     assert answer == b"451 timeout (#4.4.2)\r\n", (answer, sent)
     assert sent < TRICKLE_BYTES
     wait_for_log(srv, "timeout: rip=127.0.0.1")
+
+
+def test_pop3s_client_that_never_reads_costs_bounded_memory(make_server, tmp_path):
+    """The same over implicit TLS (pop3s): the TLS layer passes the pause through, so a client
+    that never reads costs the same bounded memory (before issue 18, POP3 had no bound at all
+    under TLS)."""
+    import ssl
+    from tests.integration.test_pop3_server import start_with_user, tls_config
+    from tests.pop3_support import make_cert
+    cert, key = make_cert(tmp_path / "tls")
+    srv = start_with_user(make_server(tls_config(cert, key)))
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    raw = non_reading_client(srv.port("pop3s"))
+    s = ctx.wrap_socket(raw)
+    try:
+        read_line(s)
+        for line in (b"USER test@test.com\r\n", f"PASS {PASSWORD}\r\n".encode(), b"STAT\r\n"):
+            s.sendall(line)
+            read_line(s)
+        before = rss(srv.proc.pid)
+        s.setblocking(False)
+        chunk = b"STAT\r\n" * (16384 // 6)
+        sent = 0
+        while sent < POP3_FLOOD_BYTES:
+            _, writable, _ = select.select([], [s], [], STALL_SECONDS)
+            if not writable:
+                break
+            try:
+                sent += s.send(chunk)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                continue
+        growth = rss(srv.proc.pid) - before
+        print(f"pop3s STAT: sent {sent} bytes, server RSS +{growth}")
+    finally:
+        raw.close()
+    assert growth < RSS_GROWTH_BOUND, (growth, sent)
+    assert sent < POP3_FLOOD_BYTES, "the server read everything: no flow control"
