@@ -103,3 +103,33 @@ def test_fail2ban_regex_matches_every_failed_login_and_no_success(make_server):
     assert "Date template hits:" in out and "[0] {^LN-BEG}" not in out
     assert re.search(r"^\|\s+1\) \[2\] \S+smtp: auth failed", out, re.M), out
     assert re.search(r"^\|\s+2\) \[2\] \S+pop3: login failed", out, re.M), out
+
+
+def test_the_jail_loads_with_debians_fail2ban_configuration(tmp_path):
+    """conf/fail2ban/jail.d installed beside Debian's /etc/fail2ban: `fail2ban-client -d`
+    (the configuration as the server would load it) starts a mailappliance jail with the
+    filter's expressions, the date pattern, the mail ports and the ban settings."""
+    import shutil
+    client = require_tool("fail2ban-client")
+    etc = Path("/etc/fail2ban")
+    assert (etc / "jail.conf").exists(), "Debian's fail2ban package installs /etc/fail2ban"
+    conf = tmp_path / "fail2ban"
+    shutil.copytree(etc, conf)
+    shutil.copy(CONF / "filter.d" / "mailappliance.conf", conf / "filter.d")
+    log = tmp_path / "current"
+    log.write_text("")
+    (conf / "jail.d" / "mailappliance.conf").write_text(
+        (CONF / "jail.d" / "mailappliance.conf").read_text()
+        .replace("/var/lib/mailappliance/log/current", str(log)))
+    res = subprocess.run([client, "-c", str(conf), "-d"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "['add', 'mailappliance', 'auto']" in out and "['start', 'mailappliance']" in out
+    assert ("['multi-set', 'mailappliance', 'addfailregex', "
+            "['^\\\\s*smtp: auth failed: rip=<HOST> user=', "
+            "'^\\\\s*pop3: login failed: rip=<HOST> user=']]") in out, out
+    assert f"['set', 'mailappliance', 'addlogpath', '{log}', 'head']" in out
+    assert "['set', 'mailappliance', 'maxretry', 5]" in out
+    assert "--dports smtp,submission,submissions,pop3,pop3s" in out
+    assert "ERROR" not in res.stderr, res.stderr
