@@ -488,10 +488,13 @@ class QueueManager(service.Service):
             return
         self._filling = True
         try:
+            # Read in batches: with a full window each finished message frees one place,
+            # and a thread call per message would cost more than the read.
+            batch = min(PICK_BATCH, max(1, self.active_limit // 4))
             while True:
                 self._fill_again = False
                 room = self._room()
-                if room > 0:
+                if room >= batch or (room > 0 and self.active_limit - room < batch):
                     entries = self.backlog.take(self.now(), room)
                     for k in range(0, len(entries), PICK_BATCH):
                         self._pickup_many(entries[k:k + PICK_BATCH])
@@ -505,6 +508,10 @@ class QueueManager(service.Service):
         when = self.backlog.next_time()
         timer = self._backlog_timer
         if when is None or not self.running:
+            return
+        if when <= self.now():
+            # Due already but the window is full: the next message to leave it calls _fill
+            # (a timer now would spin).
             return
         if timer is not None and timer.active():
             if timer.getTime() <= when:

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # capped below concurrency_local's maximum.
 DELIVERY_THREADS_MAX = 16
 SECONDS_PER_DAY = 86400
+# Domains whose destination (route or not) is remembered; the manager asks several times per
+# message, and a route lookup walks the table.  Cleared when full or on a reload.
+DESTINATION_CACHE = 10_000
 
 
 def destination_down(result: Result) -> bool:
@@ -51,11 +54,19 @@ def destination_of(live: "LiveSettings") -> Callable[[str], str]:
     """domain -> its destination for per-destination limits and dead destinations: the
     route's host:port when [routes] sends the domain there (every routed domain shares
     the smarthost's fate), else the domain itself."""
+    cache: dict[str, str] = {}
+    seen = [live.settings]
+
     def of(domain: str) -> str:
-        route = live.settings.route_for(domain)
-        if route is None:
-            return domain
-        return f"[{route.host}]:{route.port}"
+        settings = live.settings
+        if settings is not seen[0] or len(cache) >= DESTINATION_CACHE:
+            cache.clear()               # a reload may have changed [routes]
+            seen[0] = settings
+        name = cache.get(domain)
+        if name is None:
+            route = settings.route_for(domain)
+            name = cache[domain] = domain if route is None else f"[{route.host}]:{route.port}"
+        return name
     return of
 
 

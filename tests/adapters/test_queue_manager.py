@@ -727,3 +727,24 @@ def test_destinations_take_turns(tmp_path):
     order = [a[0].split("@")[1] for _q, a in w.remote.calls]
     assert order == ["a.example", "a.example", "b.example", "a.example", "a.example",
                      "a.example"]
+
+
+def test_a_full_window_with_due_backlog_waits_without_spinning(tmp_path):
+    """Backlog messages come due while the window is full of messages in delivery: no timer
+    may fire over and over (a test clock would never return); the first message to finish
+    lets the next ones in."""
+    w = World(tmp_path, active_limit=2, concurrency_remote=2, concurrency_destination=2)
+    for i in range(3):
+        w.remote.script[f"d{i}@later.example"] = deferral("451 later")
+        w.inject("a@test.com", [f"d{i}@later.example"])
+    assert len(w.manager.backlog) == 3 and not w.manager.jobs
+    w.remote.hold = True
+    for i in range(2):
+        w.inject("a@test.com", [f"u{i}@far.example"])
+    assert len(w.manager.jobs) == 2
+    w.remote.script.clear()
+    w.advance(500)                    # the three are due; the window is still full
+    assert len(w.remote.held) == 2 and len(w.manager.backlog) == 3
+    while w.remote.held:
+        w.remote.held.pop(0).callback([success("ok")])
+    assert w.store.list_ids() == []
