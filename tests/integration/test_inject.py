@@ -310,3 +310,33 @@ def test_inject_under_a_privilege_drop_and_a_config_without_a_socket(nobody, mon
     assert res.returncode == 78, res.stderr
     assert b"no [listen] inject socket in --config" in res.stderr
     assert res.stderr.count(b"\n") == 1
+
+
+def test_a_tls_key_the_caller_cannot_read_does_not_stop_sendmail(nobody):
+    """The production layout: [tls] key readable only by root and the server. A web
+    application's sendmail reads the configuration for its [listen] inject and must not trip
+    over the key (it used to fail with a misleading "not a PEM private key"); with the server
+    down it gets the one 75 line, not a TLS error."""
+    from tests.pop3_support import make_cert
+    user, python, env, root = nobody
+    tls = root / "tls"
+    tls.mkdir()
+    os.chmod(tls, 0o755)
+    cert, key = make_cert(tls)
+    os.chmod(cert, 0o644)
+    os.chmod(key, 0o600)                        # root only
+    srv = start_server(root, f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
+    os.chmod(srv.config_path, 0o644)
+    try:
+        srv.start()
+        marker = f"unreadable-key-{time.monotonic_ns()}"
+        res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
+                       user=user.pw_uid, input=f"Subject: k\n\n{marker}\n".encode())
+        assert (res.returncode, res.stderr) == (0, b""), res.stderr
+        delivered(srv, marker)
+    finally:
+        srv.stop()
+    res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
+                   user=user.pw_uid)
+    assert res.returncode == 75, res.stderr
+    assert res.stderr.count(b"\n") == 1 and b"PEM" not in res.stderr and b"tls" not in res.stderr
