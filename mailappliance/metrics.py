@@ -195,11 +195,23 @@ class MetricsResource(resource.Resource):
 
 
 class _CountedChannel(http.HTTPChannel):
-    """Counts its connection in app.stats, as every listener does (`stat`, the metrics)."""
+    """Counts its connection in app.stats, as every listener does (`stat`, the metrics), and
+    times out idle connections without twisted.web's "Timing out client" lines (a Prometheus
+    whose scrape interval passes METRICS_IDLE_TIMEOUT would put one in the mail log per
+    scrape)."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
         stats_mod.connection_opened(self.site.app.stats, "metrics")
+
+    def timeoutConnection(self) -> None:
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        self._abortingCall = None
+        self.transport.abortConnection()
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -232,7 +244,8 @@ class _QuietSite(server.Site):
 
 def build_factory(app: App, kind: str) -> server.Site:
     """The metrics listeners' factory (service.LISTENER_KINDS; one shared by all of them)."""
-    site = _QuietSite(MetricsResource(app, AppCollector(app)), timeout=METRICS_IDLE_TIMEOUT)
+    site = _QuietSite(MetricsResource(app, AppCollector(app)), timeout=METRICS_IDLE_TIMEOUT,
+                      reactor=app.reactor)
     site.app = app
     site.displayTracebacks = False
     return site
