@@ -13,7 +13,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, tcp
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import capturedLogs, formatEvent
@@ -119,9 +119,17 @@ class ClamdTests(unittest.TestCase):
         self.assertIs(verdict.outcome, Outcome.REFUSE_VIRUS)
 
     async def test_clean_mail_is_accepted_with_its_header(self):
-        verdict = await self.scanning().check(clean_message(), trusted=False)
+        scanning = self.scanning()
+        verdict = await scanning.check(clean_message(), trusted=False)
         self.assertIs(verdict.outcome, Outcome.ACCEPT)
         self.assertEqual(verdict.header_bytes(), b"X-Virus-Scanned: clean (clamd) on mx.test\n")
+        # The connection is kept, and reads with a plain recv (clamd passes no descriptors).
+        [kept] = scanning.virus._idle
+        self.assertIs(kept.transport.doRead.__func__, tcp.Connection.doRead)
+        # With clamd known up, a clean answer is one verdict made once.
+        again = [await scanning.check(clean_message(), trusted=False) for _ in range(2)]
+        self.assertEqual(again[0], verdict)
+        self.assertIs(again[1], again[0])
 
     async def test_chunked_the_way_smtp_receives_it(self):
         data = eicar_attachment()
