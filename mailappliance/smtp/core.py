@@ -432,18 +432,24 @@ class ServerConnection:
                 region, self._buf = buf, b""
             final = False
         # Smuggling defence: every LF and every CR in the message must belong to a CRLF pair.
+        # Whole-buffer passes of C loops only (issue 19: on this project's 2-core VM, for
+        # 100 KiB, bytes.replace(CRLF, LF) costs ~220 us, deleting every CR with translate
+        # ~70 us, a two-byte count ~100 us, a one-byte count ~45 us): once every CR and every
+        # LF is known to be in a pair, deleting the CRs is the CRLF -> LF conversion.
         crlf = region.count(b"\r\n")
-        if region.count(b"\n") != crlf:
+        canon = region.translate(None, b"\r")
+        if canon.count(b"\n") != crlf:
             return self._smuggling(replies.BARE_LF_IN_DATA)
-        if region.count(b"\r") != crlf:
+        if len(region) - len(canon) != crlf:
             return self._smuggling(replies.BARE_CR_IN_DATA)
         self._bol = region.endswith(b"\n")
-        if bol and region[0] == 46:
+        region = canon
+        if bol and region[:1] == b".":
             region = region[1:]
-        if crlf:
-            if b"\r\n." in region:
-                region = region.replace(b"\r\n.", b"\r\n")
-            region = region.replace(b"\r\n", b"\n")
+        # Dot-stuffing (RFC 5321 4.5.2). The one-byte search (memchr) spares the slower
+        # two-byte one for the many pieces with no dot at all.
+        if crlf and b"." in region and b"\n." in region:
+            region = region.replace(b"\n.", b"\n")
         if self._hdr is not None and region:
             self._count_hops(region)
         chunk: Event | None = None

@@ -417,6 +417,11 @@ def test_data_byte_by_byte_gives_the_same_message():
     (b"a\r.\r\n", "451 4.6.0 sorry, bare CR in message; lines end in CRLF (#4.6.0)"),
     (b"a\r\n.\rMAIL FROM:<x@y.example>\r\n",
      "451 4.6.0 sorry, bare CR in message; lines end in CRLF (#4.6.0)"),
+    # As many CRs as LFs, none of them paired (the counts alone would balance).
+    (b"a\rb\nc\r\n.\r\n", "451 4.6.0 See http://pobox.com/~djb/docs/smtplf.html."),
+    (b"a\n\rb\r\n.\r\n", "451 4.6.0 See http://pobox.com/~djb/docs/smtplf.html."),
+    # A CR doubled before its LF: one pair and one bare CR.
+    (b"a\r\r\nb\r\n.\r\n", "451 4.6.0 sorry, bare CR in message; lines end in CRLF (#4.6.0)"),
 ])
 def test_bare_lf_or_cr_in_data_never_ends_the_message_and_closes(wire, reply):
     """SMTP smuggling: <LF>.<CR><LF> or <CR>.<CR> must not end the message; qmail answers a bare
