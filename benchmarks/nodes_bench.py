@@ -397,20 +397,23 @@ def report(rounds: list[dict], sysc: dict | None, args) -> str:
                         "PG CPU%", "others CPU%"], rows))
     lines.append("")
 
-    def ratios(a, b):
-        return [r[a]["rate"] / r[b]["rate"] for r in rounds if r[a]["rate"] and r[b]["rate"]]
+    def ratios(a, b, key):
+        return [r[a][key] / r[b][key] for r in rounds if r[a][key] and r[b][key]]
     srows = []
     for a, b, what in (("pg", "sqlite", "PostgreSQL / SQLite, one node"),
                        ("pg2", "pg", "two nodes / one node, PostgreSQL")):
-        rr = ratios(a, b)
+        rr, cr = ratios(a, b, "rate"), ratios(a, b, "server_ms")
         srows.append([what, len(rr), fmt(med([r[a]["rate"] for r in rounds]), 1),
                       fmt(med([r[b]["rate"] for r in rounds]), 1),
                       f"{statistics.median(rr):.2f}x" if rr else "-",
                       f"{min(rr):.2f}-{max(rr):.2f}" if rr else "-",
+                      f"{statistics.median(cr):.2f}x" if cr else "-",
+                      f"{min(cr):.2f}-{max(cr):.2f}" if cr else "-",
                       f"{max(r[a]['others_pct'] for r in rounds):.0f}/"
                       f"{max(r[b]['others_pct'] for r in rounds):.0f}"])
     lines.append(table(["comparison", "rounds", "A msg/s (median)", "B msg/s (median)",
-                        "A/B median", "range", "others CPU% max A/B"], srows))
+                        "A/B msg/s median", "range", "A/B server CPU per msg median", "range",
+                        "others CPU% max A/B"], srows))
     stmts: collections.Counter = collections.Counter()
     sent = 0
     for r in rounds:
