@@ -462,8 +462,10 @@ class PgMailboxLocks:
     per mailbox across every node of a site. flock does not hold across NFS clients (Linux
     emulates it with byte-range locks, which a directory cannot carry); these are released
     by PostgreSQL when the node's connection ends, so a node that dies leaves no stale lock.
-    Inside a node the Maildir's flock still excludes (an advisory lock is re-entrant for its
-    own session).
+    Inside a node (one process) a table of the keys this node holds excludes a second session:
+    an advisory lock is re-entrant for its own database session, and the Maildir's flock
+    cannot be relied on over NFS (with the default `local_lock=none` Linux sends it to the
+    server as a byte-range lock, which NFSv4 does not grant on a directory).
 
     A lock connection that broke took its locks with it: `held()` says so, and POP3 then
     refuses the session's UPDATE (-ERR [SYS/TEMP]) instead of deleting without the lock.
@@ -480,6 +482,7 @@ class PgMailboxLocks:
         # behind a try_lock that waits on the network.
         self._list_lock = threading.Lock()
         self._pending: list[LockToken] = []      # unlocks queued by non-blocking callers
+        self._held: dict[int, LockToken] = {}    # key -> token: this node's sessions (_list_lock)
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -517,8 +520,16 @@ class PgMailboxLocks:
         key = _lock_key(name)
         with self._mutex:
             self._flush_locked()
+            self._connection()       # a broken connection is replaced: a new generation
+            with self._list_lock:
+                mine = self._held.get(key)
+                if mine is not None and mine.generation == self._generation:
+                    return None                  # a session of this node has it
             if self._run("SELECT pg_try_advisory_lock(%s)", key):
-                return LockToken(key, self._generation)
+                token = LockToken(key, self._generation)
+                with self._list_lock:
+                    self._held[key] = token      # replaces one lost with its connection
+                return token
             return None
 
     def held(self, token: LockToken) -> bool:
@@ -536,6 +547,8 @@ class PgMailboxLocks:
     def unlock(self, token: LockToken) -> None:
         """Release, without blocking: queued to the lock thread."""
         with self._list_lock:
+            if self._held.get(token.key) == token:
+                del self._held[token.key]
             if self._closed:
                 return
             self._pending.append(token)

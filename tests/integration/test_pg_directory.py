@@ -294,6 +294,7 @@ def test_mailbox_locks_exclude_other_nodes_and_die_with_their_node(pg_database, 
     token = a.mailbox_locks.try_lock("joe@test.com")
     assert token is not None
     assert b.mailbox_locks.try_lock("joe@test.com") is None         # another node
+    assert a.mailbox_locks.try_lock("joe@test.com") is None         # the same node
     assert b.mailbox_locks.try_lock("ann@test.com") is not None     # another mailbox
     assert a.mailbox_locks.held(token)
     # A's lock connection dies (the node is gone, or its network): the lock goes with it,

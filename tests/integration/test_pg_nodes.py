@@ -195,6 +195,10 @@ def test_pop3_on_a_holds_the_mailbox_against_pop3_on_b(site):
         assert advisory_locks(site) == 1
         refusal = pop3_refusal(site.b, "test@test.com", PW)
         assert refusal.startswith("-ERR [IN-USE]")
+        # and against a second session on A itself (the advisory lock is re-entrant for
+        # A's own database session; the node keeps a table of what it holds)
+        assert pop3_refusal(site.a, "test@test.com", PW).startswith("-ERR [IN-USE]")
+        assert advisory_locks(site) == 1
     finally:
         held.quit()
     wait_for(lambda: advisory_locks(site) == 0, "the lock released at QUIT")
