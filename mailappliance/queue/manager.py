@@ -124,6 +124,11 @@ WAKEUPS_SLACK = 1000
 # Backlog entries read into the window per thread call: fewer hand-offs, while a removal or
 # a mark waiting for a thread never queues behind more than a few such calls.
 PICK_BATCH = 64
+# Readiness (ready.json, sd_notify READY=1) waits for the queue's load at most this long.  A
+# million messages on a cold page cache take minutes to read (a disk read each), and systemd
+# kills a Type=notify service that is not ready within TimeoutStartSec (90 s by default):
+# a long queue must never keep the server from starting.  SMTP is served meanwhile anyway.
+LOAD_READY_WAIT = 30.0
 # A deferred message due within this long stays in the window (with its exact timer); one due
 # later leaves it for the backlog.  The backlog's bucket width: a message taken from a bucket
 # that has begun is due within it.
@@ -266,6 +271,7 @@ class QueueManager(service.Service):
         self._wakeup_seq = itertools.count()
         self._timer = None
         self._backlog_timer = None
+        self._ready_timer = None
         self._delivery_no = itertools.count(1)
         self._scanning = False
         self._rescan = False
@@ -284,8 +290,9 @@ class QueueManager(service.Service):
 
     # -- service ----------------------------------------------------------------------------------
     def when_loaded(self) -> defer.Deferred:
-        """Fires once the queue left on disk has been loaded after start."""
-        if self._first_scan_done:
+        """Fires once the queue left on disk has been loaded after start, or after
+        LOAD_READY_WAIT while it is still loading."""
+        if self._first_scan_done or (self.running and self._ready_timer is None):
             return defer.succeed(None)
         d = defer.Deferred()
         self._loaded.append(d)
@@ -310,7 +317,7 @@ class QueueManager(service.Service):
             if loop.running:
                 loop.stop()
         self._loops = []
-        for timer in (self._timer, self._backlog_timer,
+        for timer in (self._timer, self._backlog_timer, self._ready_timer,
                       *(d.timer for d in self.dests.values())):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -374,6 +381,7 @@ class QueueManager(service.Service):
         the due ones as it has room.  when_loaded fires at the end."""
         self._scanning = True
         self._scan_since = time.time()
+        self._ready_timer = self.reactor.callLater(LOAD_READY_WAIT, self._ready_anyway)
         files = self.store.scan()
         cache: dict[str, tuple[str, str | None]] = {}
 
@@ -404,9 +412,16 @@ class QueueManager(service.Service):
                 return batch()
             return None
 
+        started = self.now()
+
         def done(result):
             if isinstance(result, Failure):
                 self.log.error("queue load failed: {why}", why=result.getErrorMessage())
+            else:
+                self.log.info("queue loaded: {n} messages in {s} s ({m} in memory)",
+                              n=len(self.backlog) + len(self.jobs) + len(self.picking),
+                              s=round(self.now() - started, 1),
+                              m=len(self.jobs) + len(self.picking))
             self._scan_done()
 
         d = batch()
@@ -419,9 +434,11 @@ class QueueManager(service.Service):
         """In a thread: the next LOAD_BATCH messages as (qid, mtime, birth, destination or
         None); a message that cannot be read as (qid, Failure, None, None)."""
         out = []
-        seen = 0
-        for qid, mtime, _ctime in itertools.islice(files, LOAD_BATCH):
-            seen += 1
+        # In inode order: on a cold cache each read is a disk seek, and nearby inodes tend
+        # to have nearby blocks (directory order is hash order).
+        batch = sorted(itertools.islice(files, LOAD_BATCH))
+        seen = len(batch)
+        for qid, mtime, _ctime in batch:
             try:
                 env = self.store.read_envelope(qid)
             except FileNotFoundError:
@@ -463,14 +480,29 @@ class QueueManager(service.Service):
             return mtime
         return now
 
+    def _ready_anyway(self) -> None:
+        """The load takes longer than LOAD_READY_WAIT: ready now, the load goes on."""
+        self._ready_timer = None
+        if self._loaded:
+            self.log.warn("queue still loading after {s} s ({n} messages so far); ready "
+                          "now, the rest loads in the background", s=LOAD_READY_WAIT,
+                          n=len(self.backlog) + len(self.jobs))
+            self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        loaded, self._loaded = self._loaded, []
+        for waiter in loaded:
+            waiter.callback(None)
+
     def _scan_done(self) -> None:
         self._scanning = False
         # Readiness (ready.json, sd_notify READY=1) waits for the load: every message left
-        # by the last run is known before the server says it is ready.
-        loaded, self._loaded = self._loaded, []
+        # by the last run is known before the server says it is ready (or LOAD_READY_WAIT).
         self._first_scan_done = True
-        for waiter in loaded:
-            waiter.callback(None)
+        if self._ready_timer is not None and self._ready_timer.active():
+            self._ready_timer.cancel()
+        self._ready_timer = None
+        self._release_waiters()
         if self._rescan:
             self._rescan = False
             self.scan_soon()

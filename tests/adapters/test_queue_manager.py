@@ -748,3 +748,28 @@ def test_a_full_window_with_due_backlog_waits_without_spinning(tmp_path):
     while w.remote.held:
         w.remote.held.pop(0).callback([success("ok")])
     assert w.store.list_ids() == []
+
+
+def test_readiness_does_not_wait_longer_than_load_ready_wait_for_a_long_load(tmp_path):
+    """A million messages on a cold disk load for minutes; systemd would kill a Type=notify
+    service not ready within its TimeoutStartSec.  Ready after LOAD_READY_WAIT, the load
+    going on in the background."""
+    from mailappliance.testing.threads import DeferredThreadPool
+    w = World(tmp_path)
+    w.remote.script["b@far.example"] = deferral("451 later")
+    w.inject("a@test.com", ["b@far.example"])
+    pool = DeferredThreadPool()
+    with capturedLogs() as events:
+        w.restart(threadpool=pool)
+        loaded = []
+        w.manager.when_loaded().addCallback(loaded.append)
+        w.advance(qm.LOAD_READY_WAIT - 1)
+        assert loaded == []
+        w.advance(1)
+        assert loaded == [None] and w.manager.status()["loading"]
+    assert any("queue still loading after" in l for l in text_of(events))
+    later = []
+    w.manager.when_loaded().addCallback(later.append)
+    assert later == [None]
+    pool.run_all()
+    assert not w.manager.status()["loading"] and len(w.manager.backlog) == 1
