@@ -126,6 +126,7 @@ def test_loopback_tcp_admin_with_a_token(make_server):
     token.write_text("f00dfeedf00dfeedf00dfeedf00dfeed\n")
     token.chmod(0o600)
     srv.config_text = (f'[listen]\nsmtp = ["tcp:0:interface=127.0.0.1"]\n'
+                       "submission = []\npop3 = []\n"      # not the defaults' fixed ports
                        f'admin = ["tcp:0:interface=127.0.0.1"]\n'
                        f'[admin]\ntoken_file = "{token}"\n')
     srv.start()
