@@ -59,6 +59,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -124,6 +125,9 @@ WAKEUPS_SLACK = 1000
 # Backlog entries read into the window per thread call: fewer hand-offs, while a removal or
 # a mark waiting for a thread never queues behind more than a few such calls.
 PICK_BATCH = 64
+# Batches of the load in flight at once: on a cold cache the disk serves several reads at once
+# (the delivery pool has at least 3 threads; the rest stay free for deliveries).
+LOAD_PARALLEL = 3
 # Readiness (ready.json, sd_notify READY=1) waits for the queue's load at most this long.  A
 # million messages on a cold page cache take minutes to read (a disk read each), and systemd
 # kills a Type=notify service that is not ready within TimeoutStartSec (90 s by default):
@@ -220,6 +224,27 @@ def _never_down(result: Result) -> bool:
     return False
 
 
+class _Lister:
+    """The queue directory's files (QueueStore.scan) for several loading threads: one takes
+    the next batch at a time."""
+
+    def __init__(self, files) -> None:
+        self._files = files
+        self._lock = threading.Lock()
+        self.done = False
+        self.stop = False          # set by the reactor thread: the service stops
+
+    def next(self, n: int) -> list:
+        with self._lock:
+            if self.done:
+                return []
+            out = [] if self.stop else list(itertools.islice(self._files, n))
+            if len(out) < n:
+                self.done = True
+                self._files.close()
+            return out
+
+
 class QueueManager(service.Service):
     log = Logger()
 
@@ -233,7 +258,8 @@ class QueueManager(service.Service):
                  sign_bounce: Callable[[bytes], Any] | None = None,
                  active_limit: int = ACTIVE_LIMIT,
                  destination_of: Callable[[str], str] | None = None,
-                 destination_down: Callable[[Result], bool] = _never_down) -> None:
+                 destination_down: Callable[[Result], bool] = _never_down,
+                 load_batch: int = LOAD_BATCH) -> None:
         self.store = store
         # DKIM: message -> Deferred[fields to put on top] or None (queue/service.py)
         self.sign_bounce = sign_bounce
@@ -253,6 +279,7 @@ class QueueManager(service.Service):
         self.use_trigger = use_trigger
         self.scan_interval = scan_interval
         self.active_limit = active_limit
+        self.load_batch = load_batch
         # domain -> destination name (the route's host when [routes] sends it elsewhere)
         self.destination_of = destination_of or (lambda domain: domain)
         # result -> True when the attempt reached no server of its destination at all
@@ -382,12 +409,12 @@ class QueueManager(service.Service):
         self._scanning = True
         self._scan_since = time.time()
         self._ready_timer = self.reactor.callLater(LOAD_READY_WAIT, self._ready_anyway)
-        files = self.store.scan()
+        files = _Lister(self.store.scan())
         cache: dict[str, tuple[str, str | None]] = {}
 
         def batch(_=None):
             if not self.running:
-                files.close()
+                files.stop = True
                 return None
             return self._defer(self._load_batch, files, cache).addCallback(got)
 
@@ -424,11 +451,13 @@ class QueueManager(service.Service):
                               m=len(self.jobs) + len(self.picking))
             self._scan_done()
 
-        d = batch()
-        if d is None:
+        # LOAD_PARALLEL batches in flight: on a cold cache the reads wait for the disk, which
+        # serves several at once.
+        chains = [d for d in (batch() for _ in range(LOAD_PARALLEL)) if d is not None]
+        if not chains:
             self._scan_done()
         else:
-            d.addBoth(done)
+            defer.gatherResults(chains, consumeErrors=True).addBoth(done)
 
     def _load_batch(self, files, cache) -> tuple[list, bool]:
         """In a thread: the next LOAD_BATCH messages as (qid, mtime, birth, destination or
@@ -436,8 +465,7 @@ class QueueManager(service.Service):
         out = []
         # In inode order: on a cold cache each read is a disk seek, and nearby inodes tend
         # to have nearby blocks (directory order is hash order).
-        batch = sorted(itertools.islice(files, LOAD_BATCH))
-        seen = len(batch)
+        batch = sorted(files.next(self.load_batch))
         for qid, mtime, _ctime in batch:
             try:
                 env = self.store.read_envelope(qid)
@@ -450,7 +478,7 @@ class QueueManager(service.Service):
                         for r in env.recipients if r.state == TODO}
             out.append((qid, mtime, env.birth, self._single_destination(env, cache),
                         env, channels))
-        return out, seen == LOAD_BATCH
+        return out, not files.done
 
     def _single_destination(self, env: Envelope, cache) -> str | None:
         """The one remote destination every recipient still to do waits for, or None."""

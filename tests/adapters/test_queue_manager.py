@@ -773,3 +773,18 @@ def test_readiness_does_not_wait_longer_than_load_ready_wait_for_a_long_load(tmp
     assert later == [None]
     pool.run_all()
     assert not w.manager.status()["loading"] and len(w.manager.backlog) == 1
+
+
+def test_the_load_runs_several_batches_at_once_and_knows_each_message_once(tmp_path):
+    from mailappliance.testing.threads import DeferredThreadPool
+    w = World(tmp_path)
+    for i in range(10):
+        w.remote.script[f"b{i}@far.example"] = deferral("451 later")
+        w.inject("a@test.com", [f"b{i}@far.example"])
+    pool = DeferredThreadPool()
+    w.restart(threadpool=pool, load_batch=3)
+    loading = [c for c in pool.pending if getattr(c[1], "__name__", "") == "_load_batch"]
+    assert len(loading) == qm.LOAD_PARALLEL, "three batches in flight at once"
+    pool.run_all()
+    assert len(w.manager.backlog) == 10 and not w.manager.status()["loading"]
+    assert w.manager.backlog.known(set(w.store.list_ids())) == set(w.store.list_ids())
