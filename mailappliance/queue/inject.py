@@ -127,25 +127,34 @@ class MessageWriter:
         self._done = True
         return self._commit(sender, recipients, received_from)
 
-    @defer.inlineCallbacks
-    def _commit(self, sender, recipients, received_from):
-        yield self._settle()
+    def _commit(self, sender, recipients, received_from) -> defer.Deferred:
+        # Plain callbacks, no generator: this runs for every message on the reactor thread
+        # (issue 19), and a message of up to FLUSH_BYTES has no write in flight to wait for.
+        if self._busy is not None:
+            return self._settle().addCallback(
+                lambda _: self._commit_now(sender, recipients, received_from))
+        return self._commit_now(sender, recipients, received_from)
+
+    def _commit_now(self, sender, recipients, received_from) -> defer.Deferred:
         if self._error is not None:
             self._discard_tmp()
-            raise _as_write_error(self._error)
+            return defer.fail(_as_write_error(self._error))
         data = self._take()
         tmp = self._tmp
         self._tmp = None
-        try:
-            qid, env = yield self._injector._finish_soon(tmp, data, sender, recipients,
-                                                          received_from)
-        except BaseException as e:
-            self._injector.stats["write_errors"] += 1
-            raise _as_write_error(e)
+        d = self._injector._finish_soon(tmp, data, sender, recipients, received_from)
+        return d.addCallbacks(self._finished, self._finish_failed)
+
+    def _finished(self, result) -> int:
+        qid, env = result
         self._injector._committed(qid, env)
         # The id the SMTP 250 shows, the same as the log's (naming.message_name).
         self.name = message_name(qid, env.token)
         return qid
+
+    def _finish_failed(self, failure: Failure):
+        self._injector.stats["write_errors"] += 1
+        return Failure(_as_write_error(failure.value))
 
     def abort(self) -> None:
         """Forget the message; a tmp file already written is removed (off the reactor)."""
