@@ -151,6 +151,7 @@ class Side:
             f"[queue]\n{extra_queue}\n"
             "[verify]\nspf = \"off\"\ndkim = \"off\"\ndmarc = \"off\"\n"
             f'[listen]\nsmtp = ["tcp:{self.smtp_port}:interface=127.0.0.1"]\n'
+            "submission = []\npop3 = []\n"          # not the defaults' fixed ports
             f'[routes]\n"dead.example" = "127.0.0.1:{dead_port}"\n')
         self.env = dict(os.environ, PYTHONPATH=str(source))
         self.proc: subprocess.Popen | None = None

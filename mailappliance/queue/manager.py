@@ -592,7 +592,10 @@ class QueueManager(service.Service):
         times = [job.next_try.get(ch, now) for ch in (LOCAL, REMOTE) if job.todo(ch)]
         if not times or min(times) <= now + RESIDENT_HORIZON:
             return
-        dest = self._single_destination(job.env, {})
+        dests = {self.destination_of(_domain(job.env.recipients[i].address))
+                 if ch == REMOTE else None
+                 for i, ch in job.channel.items() if job.env.recipients[i].state == TODO}
+        dest = dests.pop() if len(dests) == 1 else None
         self.backlog.add(job.qid, min(times), job.env.birth, self.backlog.dest_id(dest), now)
         qid = job.qid
         self.jobs.pop(qid, None)
