@@ -135,6 +135,17 @@ class AppCollector:
                 slots.add_metric([channel], status.get(f"{channel}_max", 0))
             yield busy
             yield slots
+            for name, key, text in (
+                    ("queue_in_memory", "active",
+                     "messages the queue manager holds in memory (its active window)"),
+                    ("queue_backlog", "backlog",
+                     "messages known as 24-byte backlog entries, outside the window"),
+                    ("dead_destinations", "dead",
+                     "remote destinations dead now (their messages wait without trying)")):
+                g = GaugeMetricFamily(f"{PREFIX}_{name}", text)
+                v = status.get(key, 0)
+                g.add_metric([], len(v) if isinstance(v, (list, tuple)) else v)
+                yield g
 
         rs = dict(app.resolver.stats) if app.resolver is not None else {}
         for name, key, text in (("dns_lookups", "queries", "DNS lookups"),

@@ -79,6 +79,9 @@ def stat_values(doc: dict) -> dict:
     for channel in ("local", "remote"):
         labels = (("channel", channel),)
         out[("mailappliance_delivery_slots", labels)] = doc["queue"][f"{channel}_max"]
+    out[("mailappliance_queue_in_memory", ())] = doc["queue"]["in_memory"]
+    out[("mailappliance_queue_backlog", ())] = doc["queue"]["backlog"]
+    out[("mailappliance_dead_destinations", ())] = len(doc["queue"]["dead"])
     return out
 
 
