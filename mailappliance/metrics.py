@@ -18,6 +18,9 @@ what it counts is in docs/MONITORING.md:
     mailappliance_delivery_slots{channel}
     mailappliance_dns_lookups_total, ..._dns_cache_hits_total, ..._dns_timeouts_total,
     mailappliance_dns_failures_total
+    mailappliance_dnsbl_checks_total, ..._dnsbl_refusals_total, ..._dnsbl_timeouts_total
+                                                        clients looked up, refused, and list
+                                                        lookups cut at dnsbl_timeout
     mailappliance_failed_logins_total{protocol}         smtp (AUTH) | pop3: the fail2ban lines
     mailappliance_tls_handshakes_total                  server handshakes completed
 
@@ -154,6 +157,15 @@ class AppCollector:
                                 ("dns_failures", "failures", "DNS lookups that failed")):
             c = CounterMetricFamily(f"{PREFIX}_{name}", text)
             c.add_metric([], rs.get(key, 0))
+            yield c
+
+        ds = dict(app.dnsbl.stats)
+        for name, key, text in (("dnsbl_checks", "checks", "clients looked up in the DNSBLs"),
+                                ("dnsbl_refusals", "refusals", "clients a DNSBL verdict refused"),
+                                ("dnsbl_timeouts", "timeouts",
+                                 "DNSBL lookups cut at dnsbl_timeout")):
+            c = CounterMetricFamily(f"{PREFIX}_{name}", text)
+            c.add_metric([], ds.get(key, 0))
             yield c
 
         c = CounterMetricFamily(f"{PREFIX}_failed_logins",

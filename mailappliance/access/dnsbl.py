@@ -185,6 +185,10 @@ class DNSBLChecker:
                  permanent: bool = False, fail_closed: bool = False) -> None:
         self.resolver = resolver
         self.reactor = reactor
+        # Counters since start for `stat` and the metrics: clients looked up, verdicts that
+        # refused, and list lookups cut by the dnsbl_timeout deadline (the resolver counts
+        # only the tries it gave up on itself, 5 s each, so a shorter deadline cuts first).
+        self.stats = {"checks": 0, "refusals": 0, "timeouts": 0}
         self.configure(zones, allow_zones, timeout=timeout, permanent=permanent,
                        fail_closed=fail_closed)
 
@@ -221,6 +225,7 @@ class DNSBLChecker:
         prefix = query_prefix(client_ip)
         if prefix is None:           # not an IP client (a unix socket): nothing to look up
             return defer.succeed(None)
+        self.stats["checks"] += 1
         return _Check(self, client_ip, prefix).run()
 
     def _log_refusal(self, ip: str, zone: str, refusal: Refusal) -> None:
@@ -309,6 +314,7 @@ class _Check:
             c.log.warn("rblsmtpd: {ip} {zone}: lookup error: {why}", ip=self.ip,
                        zone=err.zone, why=err.detail)
         if v.refusal is not None:
+            c.stats["refusals"] += 1
             c._log_refusal(self.ip, v.zone or "", v.refusal)
         return v.refusal
 
@@ -321,6 +327,7 @@ class _Check:
 
     def _expire(self) -> None:
         self.timed_out = True
+        self.checker.stats["timeouts"] += sum(1 for r in self.results if r is None)
         for d in list(self.pending):
             if not d.called:
                 d.cancel()

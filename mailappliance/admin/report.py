@@ -150,10 +150,11 @@ def stat_json(s: StatSnapshot, now: float) -> dict:
 
 
 def stat_counters(injector: dict | None, manager: dict | None, resolver: dict | None,
-                  logins: dict | None = None, tls_handshakes: int | None = None) -> dict:
+                  logins: dict | None = None, tls_handshakes: int | None = None,
+                  dnsbl: dict | None = None) -> dict:
     """Counters since start, by component, for `stat --json` (the metrics endpoint reads the
     same counters). `logins` is stats.failed_logins(); `tls_handshakes` the TLS context's
-    count of completed server handshakes."""
+    count of completed server handshakes; `dnsbl` the DNSBL checker's stats."""
     out: dict = {}
     if injector is not None:
         out["queue"] = {"commits": injector.get("commits", 0),
@@ -172,11 +173,14 @@ def stat_counters(injector: dict | None, manager: dict | None, resolver: dict | 
         out["failed_logins"] = dict(logins)
     if tls_handshakes is not None:
         out["tls"] = {"handshakes": tls_handshakes}
+    if dnsbl is not None:
+        out["dnsbl"] = {k: dnsbl.get(k, 0) for k in ("checks", "refusals", "timeouts")}
     return out
 
 
 def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | None,
-                  logins: dict | None = None, tls_handshakes: int | None = None) -> list[str]:
+                  logins: dict | None = None, tls_handshakes: int | None = None,
+                  dnsbl: dict | None = None) -> list[str]:
     """Counters since start for `stat`: queue commits and their group fsyncs, delivery
     results, DNS lookups, failed logins, TLS handshakes. Each of the first three is the
     component's `stats` dict, or None without it."""
@@ -200,6 +204,10 @@ def counter_lines(injector: dict | None, manager: dict | None, resolver: dict | 
             f"{n} {protocol}" for protocol, n in logins.items()))
     if tls_handshakes is not None:
         lines.append(f"tls handshakes since start: {tls_handshakes}")
+    if dnsbl is not None:
+        lines.append(f"dnsbl since start: {dnsbl.get('checks', 0)} clients checked, "
+                     f"{dnsbl.get('refusals', 0)} refused, {dnsbl.get('timeouts', 0)} "
+                     "lookups cut at dnsbl_timeout")
     return lines
 
 

@@ -496,7 +496,8 @@ def cmd_stat(proto, cmd):
         # The counters the metrics endpoint reads too (metrics.py): both say the same.
         counters = (dict(app.injector.stats), dict(app.queue_manager.stats),
                     dict(app.resolver.stats), stats_mod.failed_logins(app.stats),
-                    app.tls.handshakes if app.tls is not None else 0)
+                    app.tls.handshakes if app.tls is not None else 0,
+                    dict(app.dnsbl.stats))
         snap = report.StatSnapshot(
             hostname=settings.hostname, pid=os.getpid(), started=app.started,
             services=_listener_services(app), queue=facts.status, queue_why=facts.why,

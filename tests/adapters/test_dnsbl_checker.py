@@ -266,3 +266,20 @@ def test_the_deadline_holds_even_if_a_zone_never_reports():
     assert result_of(d).text == "listed in bl2"
     import gc
     gc.collect()        # the broken callback's failure is logged when collected, not raised
+
+
+def test_counters_for_stat_checks_refusals_and_lookups_cut_at_the_deadline():
+    checker, resolver, clock = make(("bl.test", "bl2.test"), timeout=5)
+    assert checker.stats == {"checks": 0, "refusals": 0, "timeouts": 0}
+    result_of(checker.check("127.0.0.1", {}))                       # not listed
+    result_of(checker.check("127.0.0.9", {}))                       # listed
+    result_of(checker.check("127.0.0.1", {"RBLSMTPD": ""}))          # not looked up
+    assert checker.stats == {"checks": 2, "refusals": 1, "timeouts": 0}
+    resolver.fail("bl.test", "hang")
+    d = checker.check("127.0.0.1", {})
+    clock.advance(5)
+    assert result_of(d) is None
+    assert checker.stats == {"checks": 3, "refusals": 1, "timeouts": 1}   # bl.test's only
+    checker.reload(Settings(hostname="mx.test", data=__import__("pathlib").Path("/tmp"),
+                            smtp=SMTPSettings(dnsbl=("bl2.test",))))
+    assert checker.stats["checks"] == 3                              # a reload keeps them

@@ -169,7 +169,8 @@ def test_stat_shows_counters_since_start(server):
         return {l.split(" since start:")[0]: l for l in out.splitlines() if " since start:" in l}
 
     before = counters()
-    assert set(before) == {"queue", "deliveries", "dns", "failed logins", "tls handshakes"}
+    assert set(before) == {"queue", "deliveries", "dns", "failed logins", "tls handshakes",
+                           "dnsbl"}
     assert before["failed logins"] == "failed logins since start: 0 smtp, 0 pop3"
     server.cli("domain", "add", "counted.test")
     server.cli("user", "add", "dana@counted.test", "--password-stdin", input="D4na-secret!\n")

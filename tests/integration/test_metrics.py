@@ -51,8 +51,10 @@ def closed_port() -> int:
 
 # For the DNS counters: the DNSBL bl.test answers (NXDOMAIN: not listed); dead.test's name
 # server never answers, so the MX lookup for a message to it times out (one try of the
-# resolver's, 5 s, glibc's RES_TIMEOUT) while the rest of the test goes on.
+# resolver's, 5 s, glibc's RES_TIMEOUT) while the rest of the test goes on, and dead.test as
+# a DNSBL is cut at DNSBL_TIMEOUT (the DNSBL counters).
 DNS_ZONES = {"bl.test": {"$minimum": 300}, "dead.test": {}}
+DNSBL_TIMEOUT = 1
 
 
 def stat_values(doc: dict) -> dict:
@@ -67,7 +69,10 @@ def stat_values(doc: dict) -> dict:
            ("mailappliance_dns_cache_hits_total", ()): c["dns"]["cache_hits"],
            ("mailappliance_dns_timeouts_total", ()): c["dns"]["timeouts"],
            ("mailappliance_dns_failures_total", ()): c["dns"]["failures"],
-           ("mailappliance_tls_handshakes_total", ()): c["tls"]["handshakes"]}
+           ("mailappliance_tls_handshakes_total", ()): c["tls"]["handshakes"],
+           ("mailappliance_dnsbl_checks_total", ()): c["dnsbl"]["checks"],
+           ("mailappliance_dnsbl_refusals_total", ()): c["dnsbl"]["refusals"],
+           ("mailappliance_dnsbl_timeouts_total", ()): c["dnsbl"]["timeouts"]}
     for result in ("success", "deferral", "failure"):
         out[("mailappliance_deliveries_total", (("result", result),))] = \
             c["deliveries"][result]
@@ -93,7 +98,8 @@ def test_metrics_count_what_happened_and_match_stat(make_server, tmp_path):
         dns.set_mode("drop", "dead.test")
         srv = make_server(tls_config(cert, key, (
             "[submission]\nauth_plaintext_loopback = true\n"
-            f'[smtp]\nrules = "{rules}"\ndnsbl = ["bl.test"]\n'
+            f'[smtp]\nrules = "{rules}"\ndnsbl = ["bl.test", "dead.test"]\n'
+            f"dnsbl_timeout = {DNSBL_TIMEOUT}\n"
             f'[dns]\nnameservers = ["{dns.nameserver}"]\n'
             f'[routes]\n"example.org" = "127.0.0.1:{closed_port()}"\n'))
             + 'metrics = ["tcp:0:interface=127.0.0.1"]\n')
@@ -122,6 +128,10 @@ def test_metrics_count_what_happened_and_match_stat(make_server, tmp_path):
     assert doc["queue"]["oldest_age_seconds"] is not None
     assert value(first, "mailappliance_dns_lookups_total") >= 2
     assert value(first, "mailappliance_dns_timeouts_total") >= 1
+    # each SMTP client looked up in both lists, dead.test's lookup cut at the deadline
+    checks = int(value(first, "mailappliance_dnsbl_checks_total"))
+    assert checks >= 1 and value(first, "mailappliance_dnsbl_refusals_total") == 0
+    assert value(first, "mailappliance_dnsbl_timeouts_total") == checks
     assert value(first, "mailappliance_delivery_slots", channel="remote") == 20
     for kind in ("smtp", "submission", "pop3", "pop3s"):
         assert value(first, "mailappliance_connections_total", kind=kind) >= 1
@@ -133,6 +143,7 @@ def test_metrics_count_what_happened_and_match_stat(make_server, tmp_path):
     assert "failed logins since start: 1 smtp, 1 pop3" in text
     assert "tls handshakes since start: 2" in text
     assert "oldest message in queue: " in text
+    assert f"dnsbl since start: {checks} clients checked, 0 refused, {checks} lookups cut" in text
     # Only /metrics; scrapes leave no line in the mail log.
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{srv.port('metrics')}/", timeout=30)

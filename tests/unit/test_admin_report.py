@@ -92,6 +92,10 @@ def test_counters_since_start():
     ]
     assert r.counter_lines(None, None, None, {"smtp": 2, "pop3": 5}, 7) == [
         "failed logins since start: 2 smtp, 5 pop3", "tls handshakes since start: 7"]
+    dnsbl = {"checks": 9, "refusals": 2, "timeouts": 1}
+    assert r.counter_lines(None, None, None, dnsbl=dnsbl) == [
+        "dnsbl since start: 9 clients checked, 2 refused, 1 lookups cut at dnsbl_timeout"]
+    assert r.stat_counters(None, None, None, dnsbl=dnsbl) == {"dnsbl": dnsbl}
     lines = r.format_stat(snapshot(queue=r.QueueStatus(3, 1, 0, 10, 1, 20, 95)), NOW)
     assert lines[lines.index("messages in queue but not yet preprocessed: 1") + 1] == \
         "oldest message in queue: 95 seconds"
