@@ -29,9 +29,10 @@ Order of the list (service.py): verification first (cheap, may refuse), content 
 after it could break its signature).
 
 While checks run, the session waits like for any pending decision: replies to pipelined
-commands leave in order, and nothing blocks the reactor, so other sessions never wait (each
-check does its slow work -- DNS, a scanner's socket -- asynchronously, and its CPU work in the
-thread pool). A client that disconnects while its checks run gets nothing queued (it never
+commands leave in order, and nothing blocks the reactor for long, so other sessions never
+wait (each check does its slow work -- DNS, a scanner's socket -- asynchronously, and CPU work
+of more than about a millisecond in the thread pool; mail authentication verifies and signs a
+small message on the reactor thread, docs/MAILAUTH.md says why). A client that disconnects while its checks run gets nothing queued (it never
 saw a 250 and will send again).
 
 The sendmail command and bounces do not pass here (no SMTP session): they are signed by the
