@@ -68,7 +68,9 @@ def to_crlf(message: bytes) -> bytes:
     """Every line end as CRLF (DKIM canonicalisation works on CRLF lines)."""
     if b"\r\n" in message and b"\n" not in message.replace(b"\r\n", b""):
         return message
-    return re.sub(rb"\r?\n", b"\r\n", message)
+    # The same as re.sub(rb"\r?\n", b"\r\n", message) (a CR not before LF stays), in two
+    # passes of C instead of a regular expression's match per line.
+    return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def unfold(value: bytes) -> str:

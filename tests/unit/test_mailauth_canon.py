@@ -29,3 +29,13 @@ def test_relaxed_body_is_dkimpys(body):
 @example(b"To", b"\r\r\n a")
 def test_relaxed_header_is_dkimpys(name, value):
     assert canon.relaxed_headers([(name, value)]) == Relaxed.canonicalize_headers([(name, value)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT)
+@example(b"\r\r\n\n\r")
+def test_to_crlf_turns_every_line_end_into_crlf_and_leaves_lone_crs(text):
+    import re
+
+    from mailappliance.mailauth.message import to_crlf
+    assert to_crlf(text) == re.sub(rb"\r?\n", b"\r\n", text)
