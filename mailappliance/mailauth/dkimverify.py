@@ -61,9 +61,11 @@ class DKIMResult:
     reason: str = ""
 
 
-def signatures(message: bytes) -> list[Signature]:
-    """The DKIM-Signature fields of `message` (at most MAX_SIGNATURES, top first)."""
-    fields, _ = split_message(message)
+def signatures(message: bytes, fields=None) -> list[Signature]:
+    """The DKIM-Signature fields of `message` (at most MAX_SIGNATURES, top first); `fields`:
+    split_message(message)[0] when the caller has it already."""
+    if fields is None:
+        fields, _ = split_message(message)
     out = []
     index = 0
     for field in fields:

@@ -302,7 +302,7 @@ class Verifier:
         fields, _ = split_message(message)
         want_dkim = self.dkim_mode != "off"
         want_dmarc = self.dmarc_mode != "off"
-        sigs = dkimverify.signatures(message) if want_dkim else []
+        sigs = dkimverify.signatures(message, fields) if want_dkim else []
         domains, problem = from_domains(fields) if want_dmarc else ([], None)
         keys_d = run_check(_fetch_keys(dkimverify.key_names(sigs)), self.resolver,
                            self.reactor, self.message_timeout)

@@ -15,6 +15,7 @@ Deliberate simplifications (documented in docs/MAILAUTH.md):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -147,6 +148,24 @@ def parse_record(record: str) -> list[Term]:
         else:
             _check_macro_string(value)
             terms.append(Term("unknown", spec=value, text=word))
+    return terms
+
+
+# Parsed records by their text: a busy sender domain's record (and its includes') is parsed
+# once, not at every MAIL FROM. Bounded by entries; when full the cache starts afresh. A
+# record that is a syntax error is not kept (it raises each time, which is rare and cheap).
+PARSED_RECORDS = 1024
+_parsed: dict[str, tuple[Term, ...]] = {}
+
+
+def parsed_record(record: str) -> tuple[Term, ...]:
+    """parse_record(), remembered (Terms are immutable)."""
+    terms = _parsed.get(record)
+    if terms is None:
+        terms = tuple(parse_record(record))
+        if len(_parsed) >= PARSED_RECORDS:
+            _parsed.clear()
+        _parsed[record] = terms
     return terms
 
 
@@ -330,7 +349,7 @@ def _check_host(ctx: _Context, domain: str) -> Check:
         return NONE
     if len(records) > 1:
         raise _PermError(f"{domain} has {len(records)} SPF records")
-    terms = parse_record(records[0])
+    terms = parsed_record(records[0])
     redirect = None
     for term in terms:
         if term.kind == "redirect":
@@ -360,7 +379,7 @@ def _mechanism(ctx: _Context, term: Term, domain: str) -> Check:
     if kind == "all":
         return True
     if kind in ("ip4", "ip6"):
-        net = ipaddress.ip_network(term.spec)
+        net = _network(term.spec)
         return net.version == ctx.ip.version and ctx.ip in net
     ctx.count_lookup(term)
     target = ctx.target(term.spec, domain)
@@ -419,6 +438,12 @@ def _mechanism(ctx: _Context, term: Term, domain: str) -> Check:
                 return True
         return False
     raise _PermError(f"unknown mechanism {term.text!r}")
+
+
+@functools.lru_cache(maxsize=PARSED_RECORDS)
+def _network(spec: str):
+    """An ip4/ip6 term's network (its text was checked by the parser), made once."""
+    return ipaddress.ip_network(spec)
 
 
 def _mx_hosts(values) -> list[str]:

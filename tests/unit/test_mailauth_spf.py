@@ -256,3 +256,15 @@ def test_run_sync_drives_the_same_generator_with_a_dict():
     r = run_sync(spf.check("192.0.2.1", "a@x.test", "h"),
                  lambda q: answers.get((q.name, q.rdtype), DNSResult("nxdomain")))
     assert r.result == "pass"
+
+
+def test_parsed_records_are_remembered_within_their_bound():
+    spf._parsed.clear()
+    first = spf.parsed_record("v=spf1 ip4:192.0.2.0/24 -all")
+    assert spf.parsed_record("v=spf1 ip4:192.0.2.0/24 -all") is first
+    for i in range(spf.PARSED_RECORDS + 5):
+        spf.parsed_record(f"v=spf1 ip4:10.0.{i // 250}.{i % 250} -all")
+    assert len(spf._parsed) <= spf.PARSED_RECORDS
+    with pytest.raises(spf._PermError):
+        spf.parsed_record("v=spf1 bogus")
+    assert "v=spf1 bogus" not in spf._parsed
