@@ -28,7 +28,9 @@ minus servers, PostgreSQL, smtp-source and this harness), % of one core.
 
 Unless --no-syscalls, one extra short run of the ``pg`` side under `strace -f -y` counts the
 file-system calls per message that touch the shared mailbox tree (what NFS would carry) and the
-node's own queue: creates, fsyncs of files and directories, renames/links, unlinks.
+node's own queue: creates, fsyncs of files and directories, renames/links, unlinks; and before
+and after the rounds, the disk's fsyncs per second (one thread, 2 KiB appends), the bound of
+any strictly sequential durable write here.
 
 Results: benchmarks/results/<time>-nodes.{txt,json}. On this 2-core machine two nodes share
 the same two cores (and the disk) that one node already keeps busy: pg2 against pg measures
@@ -376,7 +378,8 @@ def med(values):
     return statistics.median(values) if values else None
 
 
-def report(rounds: list[dict], sysc: dict | None, args) -> str:
+def report(rounds: list[dict], sysc: dict | None, args,
+           fsyncs: list[tuple[str, dict]] = ()) -> str:
     lines = [f"nodes_bench: smtp-source, {args.sessions} sessions, {args.size} B, "
              f"{args.messages} messages per run, a new connection per message, every message "
              "verified in the Maildir; rate = end to end (last arrival in new/)",
@@ -432,6 +435,9 @@ def report(rounds: list[dict], sysc: dict | None, args) -> str:
     if bad:
         lines += ["", "WARNING: runs with messages missing, duplicated or smtp-source errors:"]
         lines += [f"  {b}" for b in bad]
+    for when, f in fsyncs:
+        lines.append(f"disk ({when}): {f['fsyncs_per_s']:,.0f} fsyncs/s ({f['ms_per_fsync']:.2f} "
+                     "ms each; one thread appending 2 KiB and fsyncing, on the scratch disk)")
     if sysc:
         lines += ["", f"file-system calls per message, one pg node under strace -f -y "
                   f"({sysc['messages']} messages, 20 sessions):"]
@@ -466,8 +472,11 @@ def main() -> int:
                 "pg_stat_statements.track = top\n")
     rounds: list[dict] = []
     sysc = None
+    fsyncs: list[tuple[str, dict]] = []
+    from benchmarks.postfix_bench import fsync_ceiling
     try:
         cluster.start()
+        fsyncs.append(("before", fsync_ceiling(scratch)))
         for k in range(args.rounds):
             busy = wait_quiet(args.quiet_wait)
             order = list(SIDES[k % 3:] + SIDES[:k % 3])
@@ -485,18 +494,20 @@ def main() -> int:
                       f"{x['statements_per_msg']:.3f} stmts/msg, others "
                       f"{x['others_pct']:.0f}%", flush=True)
             rounds.append(r)
+        fsyncs.append(("after", fsync_ceiling(scratch)))
         if not args.no_syscalls and shutil.which("strace"):
             sysc = syscall_run(scratch / "strace", cluster, env)
     finally:
         cluster.destroy()
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    text = report(rounds, sysc, args)
+    text = report(rounds, sysc, args, fsyncs)
     if label:
         text = text.replace("\n", f"\ncode: {label}\n", 1)
     print("\n" + text)
     out = write_results("nodes", text, {"machine": machine_info(), "args": vars(args),
-                                        "rounds": rounds, "syscalls": sysc})
+                                        "rounds": rounds, "syscalls": sysc,
+                                        "fsyncs": fsyncs})
     print(f"\nwritten: {out}")
     return 0
 
