@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import re
 import resource
 import shutil
@@ -80,6 +81,8 @@ SOURCE_TIMEOUT_PER_MESSAGE = 0.5
 SOURCE_TIMEOUT_MIN = 120.0
 # The strace run: messages (strace slows every system call; a few hundred show the pattern).
 SYSCALL_MESSAGES = 300
+# Uncached directory lookups timed for PostgreSQL's CPU per lookup (about a second).
+LOOKUP_COST_CALLS = 5000
 STRACE_CALLS = ("openat", "fsync", "fdatasync", "rename", "renameat", "renameat2", "link",
                 "linkat", "unlink", "unlinkat", "mkdir", "mkdirat")
 
@@ -371,6 +374,40 @@ def syscall_run(root: Path, cluster, env) -> dict:
                             sorted(counts.items())}}
 
 
+# --- what one directory miss costs PostgreSQL -------------------------------------------------
+
+def lookup_cost(cluster, root: Path, lookups: int = LOOKUP_COST_CALLS) -> dict:
+    """CPU of the cluster's processes per uncached `lookup_recipient` (one primary-key query,
+    as RCPT asks after a change emptied the cache), one call at a time from one thread."""
+    from mailappliance.users.pgstore import PgUserStore
+    dbname = cluster.create_database()
+    store = PgUserStore(cluster.uri(dbname), root / "lookup-mail", 4)
+    try:
+        store.add_domain(DOMAIN)
+        for i in range(100):
+            store.add_user(f"user{i}@{DOMAIN}", PW)
+        store.sync()
+        # a fresh upper/lower-case spelling each time: a new cache key for the same row
+        rng = random.Random(23)
+        names, seen = [], set()
+        while len(names) < lookups:
+            a = "".join(c.upper() if rng.random() < 0.5 else c
+                        for c in f"user{rng.randrange(100)}@{DOMAIN}")
+            if a not in seen:
+                seen.add(a)
+                names.append(a)
+        before = cpu_by_pid(process_tree(postmaster_pid(cluster)))
+        t0 = time.monotonic()
+        for name in names:
+            store.lookup_recipient(name)
+        wall = time.monotonic() - t0
+        cpu = pg_cpu(cluster, before)
+    finally:
+        store.close()
+        cluster.drop_database(dbname)
+    return {"lookups": lookups, "pg_us": 1e6 * cpu / lookups, "wall_us": 1e6 * wall / lookups}
+
+
 # --- report -------------------------------------------------------------------------------------
 
 def med(values):
@@ -379,7 +416,7 @@ def med(values):
 
 
 def report(rounds: list[dict], sysc: dict | None, args,
-           fsyncs: list[tuple[str, dict]] = ()) -> str:
+           fsyncs: list[tuple[str, dict]] = (), lookup: dict | None = None) -> str:
     lines = [f"nodes_bench: smtp-source, {args.sessions} sessions, {args.size} B, "
              f"{args.messages} messages per run, a new connection per message, every message "
              "verified in the Maildir; rate = end to end (last arrival in new/)",
@@ -404,7 +441,7 @@ def report(rounds: list[dict], sysc: dict | None, args,
         return [r[a][key] / r[b][key] for r in rounds if r[a][key] and r[b][key]]
     srows = []
     for a, b, what in (("pg", "sqlite", "PostgreSQL / SQLite, one node"),
-                       ("pg2", "pg", "two nodes / one node, PostgreSQL")):
+                       ("pg2", "pg", "two nodes / one node, PostgreSQL")) if rounds else ():
         rr, cr = ratios(a, b, "rate"), ratios(a, b, "server_ms")
         srows.append([what, len(rr), fmt(med([r[a]["rate"] for r in rounds]), 1),
                       fmt(med([r[b]["rate"] for r in rounds]), 1),
@@ -435,6 +472,10 @@ def report(rounds: list[dict], sysc: dict | None, args,
     if bad:
         lines += ["", "WARNING: runs with messages missing, duplicated or smtp-source errors:"]
         lines += [f"  {b}" for b in bad]
+    if lookup:
+        lines.append(f"one uncached lookup_recipient (a primary-key query; {lookup['lookups']} "
+                     f"one at a time): PostgreSQL CPU {lookup['pg_us']:.1f} us, wall "
+                     f"{lookup['wall_us']:.0f} us")
     for when, f in fsyncs:
         lines.append(f"disk ({when}): {f['fsyncs_per_s']:,.0f} fsyncs/s ({f['ms_per_fsync']:.2f} "
                      "ms each; one thread appending 2 KiB and fsyncing, on the scratch disk)")
@@ -473,6 +514,7 @@ def main() -> int:
     rounds: list[dict] = []
     sysc = None
     fsyncs: list[tuple[str, dict]] = []
+    lookup = None
     from benchmarks.postfix_bench import fsync_ceiling
     try:
         cluster.start()
@@ -495,19 +537,20 @@ def main() -> int:
                       f"{x['others_pct']:.0f}%", flush=True)
             rounds.append(r)
         fsyncs.append(("after", fsync_ceiling(scratch)))
+        lookup = lookup_cost(cluster, scratch)
         if not args.no_syscalls and shutil.which("strace"):
             sysc = syscall_run(scratch / "strace", cluster, env)
     finally:
         cluster.destroy()
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    text = report(rounds, sysc, args, fsyncs)
+    text = report(rounds, sysc, args, fsyncs, lookup)
     if label:
         text = text.replace("\n", f"\ncode: {label}\n", 1)
     print("\n" + text)
     out = write_results("nodes", text, {"machine": machine_info(), "args": vars(args),
                                         "rounds": rounds, "syscalls": sysc,
-                                        "fsyncs": fsyncs})
+                                        "fsyncs": fsyncs, "lookup_cost": lookup})
     print(f"\nwritten: {out}")
     return 0
 

@@ -14,8 +14,6 @@ import poplib
 import socket
 from pathlib import Path
 
-import pytest
-
 from tests.integration.server import ServerProcess
 from tests.pg_support import require_psycopg
 
