@@ -2,9 +2,10 @@
 
 dkimpy asks for key records through a synchronous `dnsfunc`. We never let it: `key_names()`
 lists the names the signatures need, the adapter looks them up with our asynchronous resolver
-(cached, with timeouts), and `verify()` then runs dkimpy -- in a pool thread, it is CPU -- with
-a dnsfunc that only reads those prefetched answers. A key whose lookup failed temporarily is a
-temperror without dkimpy ever seeing it; a missing or malformed key is a permerror.
+(cached, with timeouts), and `verify()` then checks each signature -- on a fast path through
+OpenSSL for the common case (see "the fast path" below), else with dkimpy and a dnsfunc that
+only reads those prefetched answers. A key whose lookup failed temporarily is a temperror
+without dkimpy ever seeing it; a missing or malformed key is a permerror.
 
 Results are RFC 8601 section 2.7.1 words: pass, fail (bad signature or body hash), neutral
 (a signature we cannot parse), policy (a key below RFC 8301's 1024 bits), temperror, permerror
@@ -121,7 +122,8 @@ def _key_text(answer: DNSResult | None) -> tuple[str, str]:
 
 def verify(message: bytes, sigs: Sequence[Signature],
            keys: Mapping[str, DNSResult]) -> list[DKIMResult]:
-    """One result per signature. CPU only (hashing, RSA/Ed25519): call it from a pool thread."""
+    """One result per signature. CPU only (hashing, RSA/Ed25519), no I/O: the caller chooses
+    the thread (service.py runs a small message on the reactor, INLINE_BYTES)."""
     if not sigs:
         return []
     wire = to_crlf(message)
