@@ -45,7 +45,8 @@ class Site:
         self.mail.mkdir()
         self.cluster = cluster
         config = (f'mailboxes = "{self.mail}"\n'
-                  f'[users]\ndatabase = "{uri}"\n')
+                  f'[users]\ndatabase = "{uri}"\n'
+                  "[submission]\nauth_plaintext_loopback = true\n")
         self.a = ServerProcess(root / "a", config, hostname="node-a.test")
         self.b = ServerProcess(root / "b", config, hostname="node-b.test")
 
@@ -182,6 +183,16 @@ def test_the_cli_of_a_node_whose_server_never_ran_works_on_the_shared_database(s
     pop3_login(site.a, "carol@test.com", PW).quit()
 
 
+def submission_auth(node: ServerProcess, user: str, password: str) -> int:
+    """The code of SMTP AUTH PLAIN on the submission port (235 accepted)."""
+    with smtplib.SMTP("127.0.0.1", node.port("submission"), timeout=WAIT) as c:
+        c.ehlo("client.test")
+        try:
+            return c.login(user, password)[0]
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code
+
+
 def advisory_locks(site: Site) -> int:
     with site.cluster.admin(site.dbname) as conn:
         return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
@@ -287,11 +298,13 @@ def test_database_stopped_mid_load_gives_temporary_errors_loses_nothing_and_reco
             for node in (site.a, site.b):
                 refusal = pop3_refusal(node, "test@test.com", PW)
                 assert refusal.startswith("-ERR [SYS/TEMP]"), refusal
+                assert submission_auth(node, "test@test.com", PW) == 454
         finally:
             site.cluster.start()
         for node in (site.a, site.b):
             wait_for(lambda: rcpt(node, "test@test.com")[0] == 250, "RCPT accepted again")
         pop3_login(site.b, "test@test.com", PW).quit()
+        assert submission_auth(site.a, "test@test.com", PW) == 235
     finally:
         stop.set()
         for t in threads:
