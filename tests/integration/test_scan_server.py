@@ -228,3 +228,37 @@ def test_kill_9_during_a_scan_loses_nothing_acknowledged(make_server, tmp_path):
     finally:
         proxy.close()
         daemon.cleanup()
+
+
+def test_clamd_killed_and_restarted_the_server_accepts_again_without_a_restart(
+        make_server, tmp_path):
+    """clamd dies with connections we keep between scans: mail gets 451 while it is down,
+    the outage is logged once, and once clamd is back mail is scanned and accepted again by
+    the same server process, its recovery logged once."""
+    daemon = ClamdDaemon(tmp_path / "clamd").start()
+    try:
+        srv = make(make_server, f'clamd = "{daemon.endpoint}"\n')
+        pid = srv.proc.pid
+        for i in range(3):                                   # connections are kept now
+            assert send(srv, clean(f"before-{i}")) == {}
+        daemon.kill()
+        for i in range(2):
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                send(srv, clean(f"down-{i}"))
+            assert e.value.smtp_code == 451
+        daemon.start()
+        assert send(srv, clean("after")) == {}
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            send(srv, eicar_attachment())
+        assert e.value.smtp_code == 554
+        assert srv.proc.pid == pid                           # the same server throughout
+        files = wait_until(lambda: len(maildir_files(srv)) == 4 and maildir_files(srv),
+                           what="the four clean messages' delivery")
+        bodies = b"".join(f.read_bytes() for f in files)
+        assert b"clean body after" in bodies and b"clean body down-" not in bodies
+        log = wait_for_log(srv, "scan: clamd available again after")
+        assert log.count("scan: clamd unavailable") == 1
+        assert log.count("scan: clamd available again after") == 1
+        assert "2 messages tempfailed meanwhile" in log
+    finally:
+        daemon.cleanup()
