@@ -27,6 +27,7 @@ def tls_server(tmp_path_factory):
               'smtp = ["tcp:0:interface=127.0.0.1"]\n'
               'submission = ["tcp:0:interface=127.0.0.1"]\n'
               'submissions = ["tcp:0:interface=127.0.0.1"]\n'
+              "pop3 = []\n"                    # not the embedded default's fixed port 2110
               '[routes]\n"" = "127.0.0.1:9"\n')
     s = ServerProcess(root, config)
     s.root.mkdir(parents=True, exist_ok=True)
