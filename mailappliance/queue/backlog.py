@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import heapq
 from array import array
-from typing import Iterator, NamedTuple
+from itertools import islice
+from typing import NamedTuple
 
 # Width of a bucket of future entries.  Retries are minutes to days apart (schedule.py:
 # 100 s, 400 s, 900 s ... for local, 400 s, 1600 s ... for remote), so a minute keeps the
@@ -279,25 +280,21 @@ class Backlog:
         """Those of `qids` that have an entry (one pass over the arrays, at C speed)."""
         hits: set[int] = set()
         if qids:
-            for b in self._blocks():
+            for b in self._buckets.values():
                 hits |= qids.intersection(b.qids)
+            hits |= qids.intersection(islice(self._due.qids, self._head, None))
         return hits
 
     def count_dest(self, dest: int) -> int:
-        return sum(b.dests.count(dest) for b in self._blocks())
+        due = self._due.dests
+        return (sum(b.dests.count(dest) for b in self._buckets.values())
+                + due.count(dest) - due[:self._head].count(dest))
 
     def oldest_birth(self) -> float | None:
         births = [min(b.births) for b in self._buckets.values() if len(b)]
         if self._head < len(self._due):
             births.append(min(self._due.births[self._head:]))
         return min(births, default=None)
-
-    def _blocks(self) -> Iterator[_Block]:
-        yield from self._buckets.values()
-        if self._head < len(self._due):
-            rest = _Block()
-            rest.extend(self._due, self._head)
-            yield rest
 
     def due_count(self) -> int:
         return len(self._due) - self._head

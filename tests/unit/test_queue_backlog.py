@@ -114,3 +114,14 @@ def test_the_due_list_drops_its_consumed_head():
     assert b.due_count() == 5_000
     assert b._head < 5_000, "the consumed head was dropped"
     assert [e.qid for e in b.take(T0, 2)] == [15_001, 15_002]
+
+
+def test_due_entries_count_and_are_known_until_taken():
+    b = Backlog()
+    d = b.dest_id("x.example")
+    for q in range(1, 6):
+        b.add_due(q, T0, T0, d)
+    b.add(9, T0 + 600, T0, d, now=T0)
+    assert b.count_dest(d) == 6 and b.known({1, 5, 9, 7}) == {1, 5, 9}
+    b.take(T0, 2)
+    assert b.count_dest(d) == 4 and b.known({1, 2, 3}) == {3}
