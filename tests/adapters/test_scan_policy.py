@@ -214,6 +214,31 @@ def test_cancelling_a_check_cancels_the_scans():
     assert clock.getDelayedCalls() == []                # both fakes' timers are gone
 
 
+def test_cancelling_a_virus_only_check_cancels_its_scan():
+    """clamd alone (or a trusted client): the scan's own Deferred carries the verdict, and
+    cancelling the check cancels the scan."""
+    for spam, trusted in ((False, False), (True, True)):
+        scanning, v, s, clock = make(spam=spam)
+        v.mode = "hang"
+        d = check(scanning, CLEAN_MSG, trusted=trusted)
+        assert not d.called and len(v.calls) == 1
+        d.cancel()
+        assert d.result.check(CancelledError)
+        d.addErrback(lambda f: None)
+        assert clock.getDelayedCalls() == []
+        assert scanning.counts == {}                      # no verdict was made
+
+
+def test_the_clean_verdict_of_a_virus_only_check_is_made_once():
+    scanning, v, _, _ = make(spam=False)
+    scanning.start()                                      # clamd answers its PING: known up
+    first, second = (check(scanning, CLEAN_MSG).result for _ in range(2))
+    assert first is second and first.outcome is Outcome.ACCEPT
+    assert first.header_bytes() == b"X-Virus-Scanned: clean (clamd) on mx.test\n"
+    assert check(scanning, VIRUS_MSG).result.outcome is Outcome.REFUSE_VIRUS
+    assert scanning.counts == {"accept": 2, "refuse-virus": 1}
+
+
 def test_a_scanner_that_raises_is_a_failure_not_a_crash():
     class Broken(FakeVirusScanner):
         def scan(self, message):
