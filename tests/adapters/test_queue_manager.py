@@ -788,3 +788,32 @@ def test_the_load_runs_several_batches_at_once_and_knows_each_message_once(tmp_p
     pool.run_all()
     assert len(w.manager.backlog) == 10 and not w.manager.status()["loading"]
     assert w.manager.backlog.known(set(w.store.list_ids())) == set(w.store.list_ids())
+
+
+def test_messages_waiting_for_a_dead_destination_still_bounce_at_the_end_of_their_life(
+        tmp_path):
+    w = World(tmp_path, lifetime=3600, destination_down=down)
+    w.remote.script.update({f"u{i}@dead.example": refused for i in range(3)})
+    qids = [w.inject("alice@test.com", [f"u{i}@dead.example"]) for i in range(3)]
+    for _ in range(100):
+        w.advance(60)
+        if not w.store.list_ids():
+            break
+    assert w.store.list_ids() == []
+    assert sorted(a for _q, a in w.local.calls) == ["alice@test.com"] * 3, "three bounces"
+    tried = [q for q, a in w.remote.calls if a[0].endswith("@dead.example")]
+    # the first attempt and one probe per pause (300, 600, 1200 s ...), not every retry of
+    # each message (4 each: at 0, 400, 1600 and 3600 s)
+    assert len(tried) <= 5, tried
+    assert set(qids) >= set(tried)
+
+
+def test_removing_a_message_that_waits_in_the_backlog(tmp_path):
+    w = World(tmp_path)
+    w.remote.script["b@example.org"] = deferral("451 later")
+    qid = w.inject("alice@test.com", ["b@example.org"])
+    assert w.manager.status()["backlog"] == 1
+    out = []
+    w.manager.remove(qid).addBoth(out.append)
+    assert out == [True] and w.store.list_ids() == []
+    assert w.manager.status()["backlog"] == 0 and w.manager.oldest_birth() is None
