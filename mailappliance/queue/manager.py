@@ -401,7 +401,7 @@ class QueueManager(service.Service):
         self.log.info("status: local {l}/{L} remote {r}/{R}", l=self.busy[LOCAL],
                       L=self.limit[LOCAL], r=self.busy[REMOTE], R=self.limit[REMOTE])
 
-    # -- loading the queue at start -----------------------------------------------------------------
+    # -- loading the queue at start ------------------------------------------------------------
     def _load(self) -> None:
         """Read the queue directory in the background, LOAD_BATCH files per thread call: each
         message becomes a backlog entry (due now or at its next try), and the window takes

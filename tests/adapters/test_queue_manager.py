@@ -549,7 +549,7 @@ def test_a_deferred_message_does_not_keep_its_bytes_in_memory(tmp_path):
     assert qid not in w.manager.jobs and w.manager.status()["backlog"] == 1
 
 
-# -- the active window and the backlog (issue 19) ---------------------------------------------------
+# -- the active window and the backlog (issue 19) -------------------------------------------
 
 def refused(dest="dead.example"):
     return deferral("Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
