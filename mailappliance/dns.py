@@ -1060,8 +1060,7 @@ class _ConnectedUDPSocket:
 
     def reuse(self, exchange: _UDPExchange) -> None:
         self.exchange = exchange
-        self.uses += 1
-        self._reactor.addReader(self)
+        self.uses += 1          # still watched by the reactor: no epoll_ctl per query
 
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
@@ -1074,6 +1073,9 @@ class _ConnectedUDPSocket:
             self.sock.send(data)
 
     def doRead(self) -> None:
+        if self.sock is not None and self.exchange is None:
+            self._idle_read()
+            return
         for _ in range(MAX_IGNORED_DATAGRAMS):
             exchange = self.exchange
             if self.sock is None or exchange is None or exchange.done:
@@ -1088,22 +1090,49 @@ class _ConnectedUDPSocket:
                 return
             exchange.datagram(data)
 
+    def _idle_read(self) -> None:
+        """Something arrived while the socket sat idle in the pool: nothing should have (its
+        last query ended with its own reply), so it is a late duplicate or a forgery. Drop it
+        and retire the socket: the pool only lends out ports nothing is aimed at."""
+        for _ in range(MAX_IGNORED_DATAGRAMS):
+            try:
+                self.sock.recv(MAX_TCP_MESSAGE)
+            except OSError:          # drained (EAGAIN), or an ICMP error: retired either way
+                break
+        self.retire()
+
     def connectionLost(self, reason=None) -> None:
         # The epoll reactor reports a socket error without readable data (EPOLLERR) this way.
         if self.exchange is not None:
             self.exchange.unreachable()
+        elif self.sock is not None:
+            self.retire()
 
     def close(self) -> None:
-        """The query is over: back to the pool when it ended cleanly, else really closed."""
+        """The query is over: back to the pool when it ended cleanly, else really closed.
+
+        A pooled socket stays registered with the reactor while idle: taking it off and on
+        again costs two epoll_ctl calls per query on the reactor thread (each gives up the
+        GIL), and staying watched lets `_idle_read` notice anything aimed at an idle port.
+        """
         if self.sock is None:
             return
-        self._reactor.removeReader(self)
         exchange, self.exchange = self.exchange, None
         if (self.pool is not None and exchange is not None and exchange.clean
                 and self.pool.give_back(self)):
             return
+        self._reactor.removeReader(self)
         self.sock.close()
         self.sock = None
+
+    def retire(self) -> None:
+        """Close an idle pooled socket for good (and take it out of its pool)."""
+        if self.pool is not None:
+            self.pool.forget(self)
+        if self.sock is not None:
+            self._reactor.removeReader(self)
+            self.sock.close()
+            self.sock = None
 
 
 class _UDPSocketPool:
@@ -1112,8 +1141,8 @@ class _UDPSocketPool:
     A fresh socket per query costs socket(), connect() and close() on the reactor thread for
     every DNSBL lookup of every connection, and each system call gives up the GIL. So a socket
     whose query ended with its own reply (no timeout, no garbage, no error: nothing can still
-    be on its way to it) goes back to an idle list, unwatched by the reactor, and the next
-    query to that server takes it. Source ports stay random -- each socket's port is chosen by
+    be on its way to it) goes back to an idle list, still watched by the reactor (anything that
+    arrives while it is idle retires it), and the next query to that server takes it. Source ports stay random -- each socket's port is chosen by
     the kernel -- and each port carries at most MAX_USES queries, each with its own random id,
     one at a time; a pool of up to MAX_IDLE such ports per server is the design dnsmasq uses
     (its RANDOM_SOCKS, 64). A socket that ended in any other way is closed, never reused.
@@ -1143,16 +1172,19 @@ class _UDPSocketPool:
         idle.append(sock)
         return True
 
+    def forget(self, sock: _ConnectedUDPSocket) -> None:
+        idle = self._idle.get(sock.server)
+        if idle and sock in idle:
+            idle.remove(sock)
+
     def idle(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
     def close(self) -> None:
-        for idle in self._idle.values():
-            for sock in idle:
-                if sock.sock is not None:
-                    sock.sock.close()
-                    sock.sock = None
-        self._idle.clear()
+        idle, self._idle = self._idle, {}
+        for socks in idle.values():
+            for sock in socks:
+                sock.retire()
 
 
 class _TCPExchange(protocol.Protocol):

@@ -11,6 +11,7 @@ import socket
 import time
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from mailappliance.access.dnsbl import DNSBLChecker, Refusal
@@ -32,6 +33,10 @@ ZONES = {
     "nomail.test": {"@": [["MX", "0 ."]]},
     "plain.test": {"@": [["A", "127.0.0.5"]]},
 }
+# Bounds for the stray-datagram test: our hand-made server's receive timeout, and how many
+# 10 ms reactor turns the resolver gets to read the unasked datagram (normally one).
+STRAY_WAIT = 5.0
+STRAY_TURNS = 200
 
 
 class Base(unittest.TestCase):
@@ -136,7 +141,7 @@ class ResolverTests(Base):
             (sock,) = pool._idle[self.address]
             ports.add(sock.sock.getsockname()[1])
         self.assertEqual((len(ports), pool.idle()), (1, 1))     # one port, one idle socket
-        self.assertNotIn(sock, reactor.getReaders())            # idle: not watched
+        self.assertIn(sock, reactor.getReaders())   # idle, still watched: no epoll_ctl per query
         answers = await defer.gatherResults([r.query(f"c{i}.bl.test", "A") for i in range(6)])
         self.assertEqual(len(answers), 6)
         self.assertEqual(pool.idle(), 6)
@@ -148,6 +153,36 @@ class ResolverTests(Base):
         with self.assertRaises(DNSTemporaryError):
             await r.query("sf.plain.test", "A")     # a clean reply, though an error: reused
         self.assertEqual(pool.idle(), 5)
+
+    async def test_anything_aimed_at_an_idle_socket_retires_it(self):
+        """A pooled socket stays watched while idle; a datagram from its server then (a late
+        duplicate or a forgery with the right port) closes it rather than meet the next query."""
+        import dns.message
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(STRAY_WAIT)
+        r = Resolver(reactor, [server.getsockname()], attempt_timeout=2, attempts=1)
+        self.addCleanup(r.close)
+        pool = r._open_udp
+        d = r.query("1.bl.test", "A")                   # sent at once, on a new socket
+        wire, client = server.recvfrom(4096)
+        reply = dns.message.make_response(dns.message.from_wire(wire))
+        server.sendto(reply.to_wire(), client)
+        self.assertTrue((await d).nodata)
+        self.assertEqual(pool.idle(), 1)
+        server.sendto(reply.to_wire(), client)         # the same reply again, now unasked
+        for _ in range(STRAY_TURNS):                   # reactor turns until it is read
+            if not pool.idle():
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(pool.idle(), 0)
+        self.assertEqual([s for s in reactor.getReaders()
+                          if getattr(s, "logPrefix", lambda: "")() == "dns-udp"], [])
+        d = r.query("2.bl.test", "A")                   # a fresh socket answers
+        wire, client2 = server.recvfrom(4096)
+        server.sendto(dns.message.make_response(dns.message.from_wire(wire)).to_wire(), client2)
+        self.assertTrue((await d).nodata)
 
     async def test_a_socket_retires_after_max_uses(self):
         from mailappliance.dns import _UDPSocketPool
