@@ -272,6 +272,11 @@ SUCCESS, DEFERRAL, FAILURE = "success", "deferral", "failure"
 class Result:
     status: str      # SUCCESS | DEFERRAL | FAILURE
     text: str        # the report: qmail-local/qmail-remote wording, may span lines
+    # A deferral that reached no server of the destination at all (every address refused,
+    # unreachable or silent at connect; no DNS answer): the queue manager treats the
+    # destination as dead for a while (queue/manager.py).  Set by the deliverer, never parsed
+    # back out of the text.
+    unreachable: bool = False
 
     def __post_init__(self) -> None:
         if self.status not in (SUCCESS, DEFERRAL, FAILURE):
@@ -282,8 +287,8 @@ def success(text: str) -> Result:
     return Result(SUCCESS, text)
 
 
-def deferral(text: str) -> Result:
-    return Result(DEFERRAL, text)
+def deferral(text: str, *, unreachable: bool = False) -> Result:
+    return Result(DEFERRAL, text, unreachable)
 
 
 def failure(text: str) -> Result:

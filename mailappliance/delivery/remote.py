@@ -431,7 +431,7 @@ class RemoteDeliverer:
             text = T_NO_CONNECTION
             if unreachable:
                 text += "\n" + "; ".join(unreachable)[:UNREACHABLE_TEXT_MAX]
-            return [deferral(text)] * len(rcpts)
+            return [deferral(text, unreachable=True)] * len(rcpts)
         return last
 
     def _attempt(self, ip: str, port: int, core: ClientCore, env: Envelope,
@@ -458,7 +458,7 @@ class RemoteDeliverer:
             except DNSPermanentError:
                 return failure(T_NO_HOST.format(domain=host))
             except DNSTemporaryError as e:
-                return deferral(T_DNS_TEMP.format(why=e))
+                return deferral(T_DNS_TEMP.format(why=e), unreachable=True)
             if not ips:
                 return failure(T_NO_HOST.format(domain=host))
             return [(ip, route.port, host) for ip in ips]
@@ -469,7 +469,7 @@ class RemoteDeliverer:
         except DNSPermanentError:
             return failure(T_NO_HOST.format(domain=domain))
         except DNSTemporaryError as e:
-            return deferral(T_DNS_TEMP.format(why=e))
+            return deferral(T_DNS_TEMP.format(why=e), unreachable=True)
         lookups = [self._addresses(host) for _pref, host in mxs]
         answers = yield defer.gatherResults(lookups)
         temp = False
@@ -485,7 +485,8 @@ class RemoteDeliverer:
             if prefme is not None:
                 return failure(T_LOOP)
             if temp:
-                return deferral(T_DNS_TEMP.format(why=f"no address for the MX hosts of {domain}"))
+                return deferral(T_DNS_TEMP.format(why=f"no address for the MX hosts of {domain}"),
+                                unreachable=True)
             return failure(T_NO_HOST.format(domain=domain))
         return out
 

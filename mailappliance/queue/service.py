@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Callable
 
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.delivery import remote as remote_mod
 from mailappliance.delivery.local import LocalDeliverer
 from mailappliance.delivery.remote import RemoteDeliverer, client_tls_options, make_is_me
 from mailappliance.envelope import DEFERRAL, Result
@@ -40,14 +39,12 @@ DESTINATION_CACHE = 10_000
 
 
 def destination_down(result: Result) -> bool:
-    """The remote deliverer reached no server of the destination at all: qmail-remote's text
-    for "no SMTP connection" (every address refused, unreachable or silent at connect,
-    #4.4.1) or a temporary DNS failure (#4.1.2).  The queue manager then treats the
-    destination as dead (manager.py); a server that answered, even with 4xx, is alive."""
-    if result.status != DEFERRAL:
-        return False
-    return (result.text.startswith(remote_mod.T_NO_CONNECTION)
-            or result.text.startswith(remote_mod.T_DNS_TEMP.partition("{")[0]))
+    """The remote deliverer reached no server of the destination at all (every address
+    refused, unreachable or silent at connect, #4.4.1, or a temporary DNS failure, #4.1.2):
+    it says so in `Result.unreachable`.  The queue manager then treats the destination as
+    dead (manager.py); a server that answered, even with 4xx or by dropping the connection,
+    is alive."""
+    return result.status == DEFERRAL and result.unreachable
 
 
 def destination_of(live: "LiveSettings") -> Callable[[str], str]:

@@ -127,6 +127,8 @@ def test_no_host_reachable_is_a_deferral(tmp_path):
     # qmail's text, then each address tried and what its connect said (host and errno).
     assert w.result()[0].text == (rm.T_NO_CONNECTION + "\n192.0.2.1:25: no answer within 60 s; "
                                   "192.0.2.2:25: Connection refused (errno 111)")
+    # ... and says so to the queue manager, which then treats the destination as dead.
+    assert all(r.unreachable for r in w.result())
 
 
 def test_greeting_421_tries_the_next_mx(tmp_path):
@@ -171,7 +173,7 @@ def test_servfail_is_temporary(tmp_path):
     w = World(tmp_path, rcpts=("x@broken.example",))
     w.deliver()
     [r] = w.result()
-    assert r.status == DEFERRAL and "(#4.1.2)" in r.text
+    assert r.status == DEFERRAL and "(#4.1.2)" in r.text and r.unreachable
 
 
 def test_mx_pointing_to_us_is_a_loop(tmp_path):
@@ -266,6 +268,7 @@ def test_slow_reply_after_the_message_is_a_deferral_naming_it(tmp_path):
     assert r.status == DEFERRAL
     assert r.text == ("Connected to 192.0.2.1 but it sent its reply to the message too "
                       "slowly: not complete within 600 s. (#4.4.2)")
+    assert not r.unreachable                    # it answered: alive, if slow
     assert len(w.reactor.tcpClients) == 1
 
 
