@@ -33,7 +33,7 @@ import socket
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable, NamedTuple, Sequence
 
 import dns.exception
 import dns.flags
@@ -241,11 +241,18 @@ _query_ids = _QueryIds()
 # RFC 1035 section 4.1.1: header flags and the OPT pseudo-record type of RFC 6891.
 _FLAG_QR, _FLAG_TC, _FLAG_RD, _OPCODE_MASK = 0x8000, 0x0200, 0x0100, 0x7800
 _TYPE_OPT, _CLASS_IN = 41, 1
+_HEADER = struct.Struct("!HHHHHH")
+_TYPE_CLASS = struct.Struct("!HH")
+# OPT: root owner, type 41, class = UDP payload size, TTL 0 (version 0, no DO), no options.
+_OPT_RECORD = b"\x00" + struct.pack("!HHIH", _TYPE_OPT, EDNS_PAYLOAD, 0, 0)
 
 
-@dataclass(frozen=True)
-class Query:
-    """One question as sent: its id, and the exact question section to match replies with."""
+class Query(NamedTuple):
+    """One question as sent: its id, and the exact question section to match replies with.
+
+    A named tuple rather than a frozen dataclass: one is built per DNSBL lookup of every
+    connection, and a frozen dataclass's __init__ sets each field through object.__setattr__.
+    """
 
     name: str
     rdtype: int
@@ -264,15 +271,16 @@ def make_query(name: str, rdtype: int, use_edns: bool = True, qid: int | None = 
     """
     qid = _query_ids.next() if qid is None else qid
     if len(name) <= MAX_NAME_TEXT and _LDH_NAME.fullmatch(name):
-        qname = b"".join([bytes((len(label),)) + label.encode("ascii")
-                          for label in name.split(".")]) + b"\x00"
+        qname = b"".join([bytes((len(label),)) + label
+                          for label in name.encode("ascii").split(b".")]) + b"\x00"
     else:
         qname = (dns.name.from_text(name) if name != "." else dns.name.root).to_wire()
-    question = qname + struct.pack("!HH", rdtype, _CLASS_IN)
-    header = struct.pack("!HHHHHH", qid, _FLAG_RD, 1, 0, 0, 1 if use_edns else 0)
-    # OPT: root owner, type 41, class = UDP payload size, TTL 0 (version 0, no DO), no options.
-    opt = b"\x00" + struct.pack("!HHIH", _TYPE_OPT, EDNS_PAYLOAD, 0, 0) if use_edns else b""
-    return Query(name, rdtype, qid, use_edns, header + question + opt, question)
+    question = qname + _TYPE_CLASS.pack(rdtype, _CLASS_IN)
+    if use_edns:
+        return Query(name, rdtype, qid, True,
+                     _HEADER.pack(qid, _FLAG_RD, 1, 0, 0, 1) + question + _OPT_RECORD, question)
+    return Query(name, rdtype, qid, False, _HEADER.pack(qid, _FLAG_RD, 1, 0, 0, 0) + question,
+                 question)
 
 
 def _answers(wire: bytes, query: Query) -> bool:
