@@ -3,7 +3,7 @@ the same server without them, in alternating runs of one invocation (issue 20).
 
     PYTHONPATH=. /work/venv/bin/python benchmarks/mailauth_bench.py [--rounds 3]
         [--messages 3000] [--sessions 20] [--size 2048] [--only sign,verify,both]
-        [--quiet-wait 30] [--source HEAD] [--scratch /var/tmp]
+        [--quiet-wait 30] [--rate R] [--source HEAD] [--scratch /var/tmp]
 
 Every run is a fresh `twistd -n mailappliance` (benchmarks/common.py's OurServer: domain
 test.com, user test@test.com, local delivery to its Maildir) listening on 127.0.0.1 and ::1,
@@ -42,12 +42,19 @@ and the DNS server), % of one core. The verdict compares the on/off msg/s ratio 
 (median and range) with issue 20's target: signing and verification together cost at most
 25 % of msg/s at 20 sessions, 2 KiB.
 
+With `--rate R` the load is an open loop instead: an asyncio client (in this process) starts
+message i at i/R seconds, at most `--sessions` at once, the streams taking turns, with the same
+messages (the "ours" ones shaped like smtp-source's). Both sides then run at the same pace,
+so CPU per message compares the work done, not the batching a busier or idler server gets
+(a server slowed by extra work also commits smaller groups, which costs CPU of its own).
+
 Results go to benchmarks/results/<time>-mailauth_bench.{txt,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -171,6 +178,79 @@ def smtp_source(stream: str, port4: int, port6: int, sessions: int, messages: in
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+# --- the open loop (--rate) -----------------------------------------------------------------------
+
+# One message's conversation must end within this; a hang is an error, not a stall.
+MESSAGE_TIMEOUT = 60.0
+
+
+def ours_message(i: int, size: int) -> bytes:
+    """Like smtp-source's own message: From: a@test.com, a unique Message-Id, filler lines."""
+    head = (f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nDate: Mon, 7 Dec 2026 12:00:00 +0000\r\n"
+            f"Message-Id: <rate.{i}@bench.test>\r\n\r\n").encode()
+    line = b"La de da de da %d.\r\n"
+    body = b""
+    n = 1
+    while len(head) + len(body) < size:
+        body += line % n
+        n += 1
+    return head + body
+
+
+async def _send(host: str, port: int, sender: str, message: bytes) -> None:
+    from benchmarks.e2e_bench import SMTPFailure, _reply
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        if (await _reply(reader))[0] != 220:
+            raise SMTPFailure("greeting")
+        writer.write(b"EHLO bench.test\r\n")
+        await _reply(reader)
+        writer.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
+        codes = [(await _reply(reader))[0] for _ in range(3)]
+        if codes != [250, 250, 354]:
+            raise SMTPFailure(f"MAIL/RCPT/DATA {codes}")
+        writer.write(message + b".\r\n")
+        code, text = await _reply(reader)
+        if code != 250:
+            raise SMTPFailure(f"after DATA {code} {text[:80]!r}")
+        writer.write(b"QUIT\r\n")
+    finally:
+        writer.close()
+
+
+async def open_loop(streams, port4: int, port6: int, count: int, sessions: int, size: int,
+                    eml: bytes, rate: float) -> list[str]:
+    """Message i starts at t0 + i/rate (streams taking turns), at most `sessions` at once: the
+    same pace on both sides, so CPU per message compares the work, not the batching a busier
+    or idler server gets."""
+    errors: list[str] = []
+    sem = asyncio.Semaphore(sessions)
+    internet = eml.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+    async def one(i: int) -> None:
+        try:
+            if streams[i % len(streams)] == "ours":
+                job = _send("::1", port6, SENDER, ours_message(i, size))
+            else:
+                job = _send("127.0.0.1", port4, OUTSIDE_SENDER, internet)
+            await asyncio.wait_for(job, MESSAGE_TIMEOUT)
+        except Exception as e:          # noqa: BLE001 - every failure is counted, none stops the run
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            sem.release()
+
+    t0 = time.monotonic()
+    tasks = []
+    for i in range(count):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await sem.acquire()
+        tasks.append(asyncio.ensure_future(one(i)))
+    await asyncio.gather(*tasks)
+    return errors
+
+
 def header_of(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -234,10 +314,15 @@ def one_run(scenario: str, side, rnd: int, root: Path, world: dict, args) -> dic
         r0 = os.times()
         with Meter(server.pid, tree=True) as meter:
             t0 = time.monotonic()
-            procs = [smtp_source(s, server.proc.ports["smtp"][0], server.proc.ports["smtp"][1],
-                                 sessions, per_stream, args.size, world["eml"])
-                     for s in streams]
+            procs = [] if args.rate else \
+                [smtp_source(s, server.proc.ports["smtp"][0], server.proc.ports["smtp"][1],
+                             sessions, per_stream, args.size, world["eml"]) for s in streams]
             errors = []
+            if args.rate:
+                errors += asyncio.run(open_loop(
+                    streams, server.proc.ports["smtp"][0], server.proc.ports["smtp"][1],
+                    per_stream * len(streams), args.sessions, args.size,
+                    world["eml"].read_bytes(), args.rate))[:5]
             for p in procs:
                 try:
                     _out, err = p.communicate(timeout=RUN_TIMEOUT)
@@ -252,7 +337,8 @@ def one_run(scenario: str, side, rnd: int, root: Path, world: dict, args) -> dic
         r1 = os.times()
         busy = system_busy_seconds() - busy0
         client_cpu = (r1.children_user - r0.children_user) + \
-            (r1.children_system - r0.children_system)
+            (r1.children_system - r0.children_system) + \
+            ((r1.user - r0.user) + (r1.system - r0.system) if args.rate else 0.0)
         dns_cpu = cpu_seconds([dns.proc.pid]) - dns_cpu0
         dns_queries = dns.count() - dns_q0
         disk = check_disk(server, streams, per_stream, verify == VERIFY_ON)
@@ -325,6 +411,9 @@ def main(argv=None) -> int:
                     help="comma-separated scenarios among sign, verify, both")
     ap.add_argument("--quiet-wait", type=float, default=300.0,
                     help="seconds to wait before each round for the machine to be quiet")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="open loop at this many msg/s (an asyncio client instead of "
+                         "smtp-source), to compare CPU per message at the same pace")
     ap.add_argument("--source", default=None, help="run our server from this commit or tree")
     ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH)
     args = ap.parse_args(argv)
@@ -367,7 +456,9 @@ def main(argv=None) -> int:
         dns.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    lines = [f"mailauth_bench: {args.sessions} sessions, {args.size}-byte messages "
+    load = f"open loop at {args.rate:g} msg/s (asyncio client)" if args.rate else \
+        "closed loop (smtp-source)"
+    lines = [f"mailauth_bench: {load}, {args.sessions} sessions, {args.size}-byte messages "
              f"(internet stream: a {eml_size}-byte signed file), {args.messages} messages per "
              f"run, {args.rounds} rounds, sides alternating; source {source or 'working tree'}",
              f"machine: {machine_info()}"]
