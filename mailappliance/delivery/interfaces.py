@@ -59,6 +59,11 @@ class ILocalDeliverer(Interface):
         IMessageSource). -> Deferred[envelope.Result]; a failed Deferred counts as a
         deferral."""
 
+    def flush():
+        """Start now the deliveries the deliverer holds back to batch them (a gathering
+        window): the queue calls it when no further delivery can come (every local slot
+        taken, or the queue stops)."""
+
 
 class IRemoteDeliverer(Interface):
     """qmail-remote: the recipients of one message at one domain, in one SMTP transaction."""

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Callable
 
 from twisted.python.threadpool import ThreadPool
 
-from mailappliance.delivery.local import LocalDeliverer
+from mailappliance.delivery.local import GATHER_WINDOW, LocalDeliverer
 from mailappliance.delivery.remote import RemoteDeliverer, client_tls_options, make_is_me
 from mailappliance.envelope import DEFERRAL, Result
 from mailappliance.queue.inject import Injector
-from mailappliance.queue.manager import QueueManager, make_classifier
+from mailappliance.queue.manager import REMOVAL_WINDOW, QueueManager, make_classifier
 from mailappliance.queue.naming import queue_dir
 from mailappliance.queue.store import QueueStore
 
@@ -113,7 +113,8 @@ def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
     pool = delivery_threads or ThreadPool(1, min(DELIVERY_THREADS_MAX, q.concurrency_local + 2),
                                           name="delivery")
     local = LocalDeliverer(users, injector, reactor, pool,
-                           hostname=settings.hostname, default_domain=settings.default_domain)
+                           hostname=settings.hostname, default_domain=settings.default_domain,
+                           gather_window=GATHER_WINDOW)
     remote = RemoteDeliverer(reactor, resolver, pool, hostname=settings.hostname,
                              route_for=lambda domain: live.settings.route_for(domain),
                              connect_timeout=q.connect_timeout, reply_timeout=q.reply_timeout,
@@ -127,7 +128,7 @@ def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
                            concurrency_destination=q.concurrency_destination,
                            lifetime=q.lifetime_days * SECONDS_PER_DAY,
                            sign_bounce=sign_bounce, destination_of=destination_of(live),
-                           destination_down=destination_down)
+                           destination_down=destination_down, removal_window=REMOVAL_WINDOW)
 
     def follow(new: Settings) -> None:
         nq = new.queue

@@ -46,6 +46,7 @@ class FakeLocalDeliverer(_Scripted):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[int, str]] = []
+        self.flushes: list[int] = []
 
     def deliver(self, env: Envelope, index: int, messages) -> defer.Deferred:
         addr = env.recipients[index].address
@@ -56,6 +57,10 @@ class FakeLocalDeliverer(_Scripted):
             self.held.append(d)
             return d
         return defer.succeed(self._answer(addr, LOCAL_SUCCESS))
+
+    def flush(self) -> None:
+        """Records how many deliveries were held when the queue called it."""
+        self.flushes.append(len(self.held))
 
 
 @implementer(IRemoteDeliverer)

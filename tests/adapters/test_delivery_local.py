@@ -18,7 +18,7 @@ from mailappliance.users.store import UserStore
 
 
 class World:
-    def __init__(self, tmp_path, maildir_ops=None, injector=None):
+    def __init__(self, tmp_path, maildir_ops=None, injector=None, gather_window=0.0):
         self.reactor = ThreadlessReactor()
         self.reactor.advance(1_700_000_000)
         self.pool = ImmediateThreadPool()
@@ -29,7 +29,8 @@ class World:
         self.injector = injector or Injector(self.queue, self.reactor, self.pool)
         self.local = lo.LocalDeliverer(self.users, self.injector, self.reactor,
                                        self.pool, hostname="mail.test.com",
-                                       default_domain="test.com", maildir_ops=maildir_ops)
+                                       default_domain="test.com", maildir_ops=maildir_ops,
+                                       gather_window=gather_window)
 
     def run(self, rcpt, body=b"Subject: hi\n\nhello\n", sender="alice@example.org"):
         qid = self.queue.inject(body, sender, [rcpt], trigger=False)
@@ -276,3 +277,24 @@ def test_delivery_reads_the_message_from_the_source_it_is_handed(tmp_path):
     assert sorted(len(m) - m.index(b"Subject:") for m in w.mailbox(w.test)) == \
         [len(small), len(big)]
     assert len(source.opened) == 2 and all(r.closed for r in source.opened)
+
+
+def test_deliveries_within_the_gathering_window_share_one_trip(tmp_path):
+    window = 1 / 128                           # binary fractions: exact sums on the fake clock
+    w = World(tmp_path, gather_window=window)
+    out = []
+    for k in range(2):
+        qid = w.queue.inject(b"Subject: %d\n\nhello\n" % k, "a@example.org",
+                             ["test@test.com"], trigger=False)
+        w.local.deliver(w.queue.read_envelope(qid), 0, w.queue).addBoth(out.append)
+        w.reactor.advance(window / 4)
+    assert out == [] and w.mailbox(w.test) == []
+    calls = w.pool.calls
+    w.reactor.advance(window / 2)              # the first delivery's window ends
+    assert [(r.status, r.text) for r in out] == [(SUCCESS, "did 1+0+0/")] * 2
+    assert w.pool.calls == calls + 1 and len(w.mailbox(w.test)) == 2
+    qid = w.queue.inject(b"Subject: 3\n\nhello\n", "a@example.org", ["test@test.com"],
+                         trigger=False)
+    w.local.deliver(w.queue.read_envelope(qid), 0, w.queue).addBoth(out.append)
+    w.local.flush()                            # the queue stops: no wait for the window
+    assert len(out) == 3 and len(w.mailbox(w.test)) == 3

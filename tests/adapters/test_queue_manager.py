@@ -817,3 +817,35 @@ def test_removing_a_message_that_waits_in_the_backlog(tmp_path):
     w.manager.remove(qid).addBoth(out.append)
     assert out == [True] and w.store.list_ids() == []
     assert w.manager.status()["backlog"] == 0 and w.manager.oldest_birth() is None
+
+
+def test_removals_gather_within_the_window_and_stop_flushes_them(tmp_path):
+    """Finished messages wait at most REMOVAL_WINDOW for others to share one pool trip; their
+    queue files stay until then (removal comes after delivery, never before). The stop
+    starts whatever waits in the window."""
+    window = 1 / 128                           # binary fractions: exact sums on the fake clock
+    w = World(tmp_path, removal_window=window)
+    first = w.inject("a@example.org", ["test@test.com"])
+    w.advance(window / 2)
+    second = w.inject("a@example.org", ["test@test.com"])
+    assert sorted(w.store.list_ids()) == sorted([first, second])   # both delivered, waiting
+    calls = w.pool.calls
+    w.advance(window / 2)                      # the first removal's window ends
+    assert w.store.list_ids() == [] and w.pool.calls == calls + 1  # one trip for both
+    third = w.inject("a@example.org", ["test@test.com"])
+    assert w.store.list_ids() == [third]
+    w.manager.stopService()
+    assert w.store.list_ids() == []
+    assert [a for _q, a in w.local.calls] == ["test@test.com"] * 3
+
+
+def test_with_every_local_slot_taken_the_gathering_window_ends_at_once(tmp_path):
+    """The local deliverer's window waits for deliveries that cannot come while all
+    concurrency_local slots are taken: the manager ends it then."""
+    local = FakeLocalDeliverer()
+    local.hold = True
+    w = World(tmp_path, local=local, concurrency_local=2)
+    w.inject("a@example.org", ["r1@test.com"])
+    assert local.flushes == []
+    w.inject("a@example.org", ["r2@test.com"])
+    assert local.flushes == [2]

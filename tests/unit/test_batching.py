@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
 
 from mailappliance.batching import Batcher
 
@@ -74,3 +76,81 @@ def test_no_limit_takes_everything_waiting():
         b.submit(i)
     run.trips[0][1].callback([None])
     assert len(run.trips[1][0]) == 499
+
+
+# -- the gathering window ---------------------------------------------------------------------
+
+def test_items_arriving_within_the_window_go_in_one_trip():
+    clock, run = Clock(), Trips()
+    b = Batcher(run, max_batch=8, window=0.010, clock=clock)
+    ds = [b.submit("a")]
+    assert run.trips == [] and b.gathering
+    clock.advance(0.004)
+    ds.append(b.submit("b"))
+    clock.advance(0.004)
+    ds.append(b.submit("c"))
+    assert run.trips == []
+    clock.advance(0.002)                       # 10 ms after the first item: the window ends
+    assert [items for items, _ in run.trips] == [["a", "b", "c"]] and not b.gathering
+    run.trips[0][1].callback(["A", "B", "C"])
+    assert [d.result for d in ds] == ["A", "B", "C"]
+
+
+def test_the_window_never_delays_beyond_its_bound():
+    clock, run = Clock(), Trips()
+    window = 1 / 128                           # binary fractions: exact sums on the fake clock
+    b = Batcher(run, max_batch=8, window=window, clock=clock)
+    b.submit("a")
+    clock.advance(window - 1 / 1024)
+    assert run.trips == []
+    b.submit("b")                              # a late arrival does not extend the window
+    clock.advance(1 / 1024)
+    assert [items for items, _ in run.trips] == [["a", "b"]]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_full_batch_goes_at_once_without_waiting():
+    clock, run = Clock(), Trips()
+    b = Batcher(run, max_batch=3, window=0.010, clock=clock)
+    b.submit(1)
+    b.submit(2)
+    assert run.trips == []
+    b.submit(3)
+    assert [items for items, _ in run.trips] == [[1, 2, 3]]
+    assert clock.getDelayedCalls() == [] and not b.gathering   # the timer is cancelled
+
+
+def test_items_arriving_during_a_trip_go_right_after_it_without_a_window():
+    clock, run = Clock(), Trips()
+    b = Batcher(run, max_batch=8, window=0.010, clock=clock)
+    b.submit(1)
+    clock.advance(0.010)
+    b.submit(2)
+    b.submit(3)
+    run.trips[0][1].callback([None])
+    assert [items for items, _ in run.trips] == [[1], [2, 3]]   # no second wait under load
+    run.trips[1][1].callback([None, None])
+    b.submit(4)                                # idle again: the next item gathers
+    assert len(run.trips) == 2 and b.gathering
+
+
+def test_flush_starts_the_waiting_items_now():
+    clock, run = Clock(), Trips()
+    b = Batcher(run, max_batch=None, window=0.010, clock=clock)
+    b.flush()                                  # nothing waiting: nothing happens
+    assert run.trips == []
+    b.submit("a")
+    b.submit("b")
+    b.flush()
+    assert [items for items, _ in run.trips] == [["a", "b"]]
+    assert clock.getDelayedCalls() == [] and not b.gathering
+    b.submit("c")
+    b.flush()                                  # a trip is running: "c" goes right after it
+    assert len(run.trips) == 1
+    run.trips[0][1].callback([None, None])
+    assert [items for items, _ in run.trips][-1] == ["c"]
+
+
+def test_a_window_needs_a_clock():
+    with pytest.raises(ValueError):
+        Batcher(Trips(), window=0.010)
