@@ -244,14 +244,18 @@ class Backlog:
             except ValueError:
                 continue
             entry = block.entry(i)
-            block.drop(i)
-            if not len(block):
-                del self._buckets[key]
-                self._keys.remove(key)
-                heapq.heapify(self._keys)
-            self._count -= 1
+            self._drop(key, block, i)
             return entry
         return None
+
+    def _drop(self, key, block, i: int) -> None:
+        """Take entry `i` out of the bucket `key` (the bucket goes when it is empty)."""
+        block.drop(i)
+        if not len(block):
+            del self._buckets[key]
+            self._keys.remove(key)
+            heapq.heapify(self._keys)
+        self._count -= 1
 
     # -- admin ----------------------------------------------------------------------------------
     def remove(self, qid: int) -> bool:
@@ -267,12 +271,7 @@ class Backlog:
                 i = block.qids.index(qid)
             except ValueError:
                 continue
-            block.drop(i)
-            if not len(block):
-                del self._buckets[key]
-                self._keys.remove(key)
-                heapq.heapify(self._keys)
-            self._count -= 1
+            self._drop(key, block, i)
             return True
         return False
 

@@ -92,7 +92,22 @@ def _send_now(transport, data: bytes) -> None:
 
 
 @implementer(IPullProducer)
-class _Exchange(Protocol):
+class _Pushing(Protocol):
+    """A protocol that is its transport's producer while a request is still being written
+    (`_producing`): stopped by the transport, or by itself once everything is sent."""
+
+    _producing = False
+
+    def stopProducing(self) -> None:
+        self._producing = False
+
+    def _stop_producing(self) -> None:
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+
+
+class _Exchange(_Pushing):
     """One request and one reply. Subclasses say what a reply chunk or the close means."""
 
     def __init__(self, pieces: Iterator[list], call: "_Call") -> None:
@@ -139,13 +154,6 @@ class _Exchange(Protocol):
         if self.sent_all:
             self._stop_producing()
 
-    def stopProducing(self) -> None:
-        self._producing = False
-
-    def _stop_producing(self) -> None:
-        if self._producing:
-            self._producing = False
-            self.transport.unregisterProducer()
 
     def dataReceived(self, data: bytes) -> None:
         if self._call.done:
@@ -240,7 +248,7 @@ def _consume(batch: list, sent: int) -> None:
 
 
 @implementer(IPullProducer)
-class _Session(Protocol):
+class _Session(_Pushing):
     """One clamd IDSESSION connection. It serves one scan (`call`) at a time; in between it
     waits in its scanner's idle list."""
 
@@ -317,13 +325,6 @@ class _Session(Protocol):
         if self._producing:
             self._push()
 
-    def stopProducing(self) -> None:
-        self._producing = False
-
-    def _stop_producing(self) -> None:
-        if self._producing:
-            self._producing = False
-            self.transport.unregisterProducer()
 
     def dataReceived(self, data: bytes) -> None:
         call = self.call
