@@ -134,13 +134,13 @@ LOAD_PARALLEL = 3
 # a long queue must never keep the server from starting.  SMTP is served meanwhile anyway.
 LOAD_READY_WAIT = 30.0
 # How long a finished message's removal that finds no removal under way waits for others to
-# share its pool trip (the Batcher's gathering window), in seconds.  At one SMTP session each
-# message finishes alone, so without it every message costs its own trip (a thread wake-up and
-# a callFromThread back: the futexes and epoll wake-ups issue 19's strace counted).  The
-# removal is off the client's path (after the 250, after the Maildir delivery is on disk); a
-# message whose removal waits is delivered again only after a crash in those ms, as after a
-# crash just before any removal.  The queue's service passes it; the class's default is none.
-REMOVAL_WINDOW = 0.010
+# share its pool trip (the Batcher's gathering window), in seconds: none.  A removal is an
+# unlink without fsync, so a window saves only the thread trip, and measured end to end it
+# saved nothing (ab_bench, 1 session x 2 KiB, 5 pairs on a quiet machine: without the window
+# 1.01x, range 0.93-1.09), while every message waiting in it is delivered a second time after a
+# kill -9 (tests/integration/test_crash_delivery.py saw 28 duplicates with 10 ms).  Deliveries
+# keep their window (delivery/local.py GATHER_WINDOW): there it saves a directory fsync.
+REMOVAL_WINDOW = 0.0
 # A deferred message due within this long stays in the window (with its exact timer); one due
 # later leaves it for the backlog.  The backlog's bucket width: a message taken from a bucket
 # that has begun is due within it.
