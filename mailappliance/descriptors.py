@@ -32,8 +32,8 @@ from dataclasses import dataclass
 # and waker descriptors. Counted on a running server (ls /proc/PID/fd): about 40 with the
 # default configuration; 64 leaves room.
 RESERVE_BASE = 64
-# The inject socket's sessions ([listen] inject): pickup/service.py's MAX_CONNECTIONS (32; a
-# test keeps the two equal) at once, each holding its socket and the queue file it writes.
+# The inject socket's sessions ([listen] inject): at most this many at once (pickup/service.py's
+# MAX_CONNECTIONS is this number), each holding its socket and the queue file it writes.
 INJECT_SESSIONS = 32
 INJECT_DESCRIPTORS_PER_SESSION = 2
 # Scrapes of [listen] metrics at once (metrics.py refuses more with 503): Prometheus scrapes a

@@ -32,8 +32,8 @@ While checks run, the session waits like for any pending decision: replies to pi
 commands leave in order, and nothing blocks the reactor for long, so other sessions never
 wait (each check does its slow work -- DNS, a scanner's socket -- asynchronously, and CPU work
 of more than about a millisecond in the thread pool; mail authentication verifies and signs a
-small message on the reactor thread, docs/MAILAUTH.md says why). A client that disconnects while its checks run gets nothing queued (it never
-saw a 250 and will send again).
+small message on the reactor thread, docs/MAILAUTH.md says why). A client that disconnects
+while its checks run gets nothing queued (it never saw a 250 and will send again).
 
 The sendmail command and bounces do not pass here (no SMTP session): they are signed by the
 same signing core (mailauth/sign.py) at their own injection.

@@ -29,14 +29,16 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
 from mailappliance import stats as stats_mod
+from mailappliance.descriptors import INJECT_SESSIONS
 from mailappliance.enddata import HeldMessage
 from mailappliance.envelope import check_envelope
 from mailappliance.pickup import core
 from mailappliance.queue.inject import QueueWriteError
 
-# Injections at once. Each holds at most a request line and a header block in memory (about
-# 1.3 MiB), so 32 cost at most ~40 MiB; a cron burst beyond that waits in the client's retry.
-MAX_CONNECTIONS = 32
+# Injections at once: descriptors.INJECT_SESSIONS (32), which the descriptor reserve counts.
+# Each holds at most a request line and a header block in memory (about 1.3 MiB), so 32 cost
+# at most ~40 MiB; a cron burst beyond that waits in the client's retry.
+MAX_CONNECTIONS = INJECT_SESSIONS
 # Seconds from connect to the end of the message. The client has the whole message in memory
 # before it connects, so even 10 MiB arrive in well under a second; only a stuck or hostile
 # client gets near this.
