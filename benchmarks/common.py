@@ -850,6 +850,28 @@ def write_results(name: str, text: str, data: dict) -> Path:
     return base.with_suffix(".txt")
 
 
+async def paced(count: int, rate: float, sessions: int, one) -> None:
+    """An open loop: `one(i)` (a coroutine function that records its own result) starts at
+    t0 + i/rate, at most `sessions` at once; returns when all `count` have ended."""
+    sem = asyncio.Semaphore(sessions)
+
+    async def run(i: int) -> None:
+        try:
+            await one(i)
+        finally:
+            sem.release()
+
+    t0 = time.monotonic()
+    tasks = []
+    for i in range(count):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await sem.acquire()
+        tasks.append(asyncio.ensure_future(run(i)))
+    await asyncio.gather(*tasks)
+
+
 def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile (p in 0..100)."""
     if not values:

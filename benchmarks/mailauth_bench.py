@@ -69,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (DEFAULT_SCRATCH, RCPT, SENDER, SMTP_SOURCE,  # noqa: E402
                                HeaderCache, Meter, OurServer, cpu_seconds, machine_info,
-                               prepare_source, settle, system_busy_seconds, table,
+                               paced, prepare_source, settle, system_busy_seconds, table,
                                wait_quiet, write_results)
 
 SESSIONS = 20
@@ -224,7 +224,6 @@ async def open_loop(streams, port4: int, port6: int, count: int, sessions: int, 
     same pace on both sides, so CPU per message compares the work, not the batching a busier
     or idler server gets."""
     errors: list[str] = []
-    sem = asyncio.Semaphore(sessions)
     internet = eml.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
     async def one(i: int) -> None:
@@ -236,18 +235,8 @@ async def open_loop(streams, port4: int, port6: int, count: int, sessions: int, 
             await asyncio.wait_for(job, MESSAGE_TIMEOUT)
         except Exception as e:          # noqa: BLE001 - every failure is counted, none stops the run
             errors.append(f"{type(e).__name__}: {e}")
-        finally:
-            sem.release()
 
-    t0 = time.monotonic()
-    tasks = []
-    for i in range(count):
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await sem.acquire()
-        tasks.append(asyncio.ensure_future(one(i)))
-    await asyncio.gather(*tasks)
+    await paced(count, rate, sessions, one)
     return errors
 
 

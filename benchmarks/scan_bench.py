@@ -52,8 +52,8 @@ from benchmarks.common import (DEFAULT_SCRATCH, HOST, RCPT, SENDER, Meter,  # no
                                OurServer, percentile, settle, system_busy_seconds,
                                write_results)
 from benchmarks.e2e_bench import SMTPFailure, _reply, make_message  # noqa: E402
-from benchmarks.common import (cpu_seconds, process_tree, thread_cpu_seconds,  # noqa: E402
-                               wait_quiet)
+from benchmarks.common import (cpu_seconds, paced, process_tree,  # noqa: E402
+                               thread_cpu_seconds, wait_quiet)
 from tests.scanners import ClamdDaemon, RspamdDaemon  # noqa: E402
 
 SESSIONS = 20
@@ -129,7 +129,6 @@ async def open_loop(port: int, run: str, count: int, sessions: int, size: int,
     not saturated does less per event loop turn, whatever the reason it is not saturated)."""
     latencies: list[float] = []
     errors: list[str] = []
-    sem = asyncio.Semaphore(sessions)
 
     async def one(i: int) -> None:
         try:
@@ -137,18 +136,8 @@ async def open_loop(port: int, run: str, count: int, sessions: int, size: int,
                 send_one(port, make_message(run, i, size)), MESSAGE_TIMEOUT))
         except (OSError, SMTPFailure, asyncio.TimeoutError) as e:
             errors.append(f"{type(e).__name__}: {e}")
-        finally:
-            sem.release()
 
-    t0 = time.monotonic()
-    tasks = []
-    for i in range(count):
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await sem.acquire()
-        tasks.append(asyncio.ensure_future(one(i)))
-    await asyncio.gather(*tasks)
+    await paced(count, rate, sessions, one)
     return {"latencies": latencies, "errors": errors}
 
 
