@@ -149,7 +149,6 @@ class _SMTPClientProtocol(Protocol):
         self._paused = False
         self._resume: defer.Deferred | None = None
         self._sending = False
-        self.timed_out = False
         self.ends = ends                  # the whole attempt's end (reactor seconds)
         self._deadline: Deadline | None = None
         self._mark: tuple | None = None   # (replies received, what we wait for) last seen
@@ -202,7 +201,6 @@ class _SMTPClientProtocol(Protocol):
         seconds = self.d.attempt_lifetime if whole else deadline.timeout
         stage = self.core.awaiting
         self.core.deadline_passed(seconds, whole_attempt=whole)
-        self.timed_out = True
         self.d.log.info("remote: {ip} too slow: {what} deadline of {s} s passed",
                         ip=self.core.host, what="attempt" if whole else stage, s=seconds)
         self._sending = False
