@@ -79,6 +79,11 @@ class _Block:
             a[i] = a[-1]
             a.pop()
 
+    def delete(self, i: int) -> None:
+        """Remove entry i, keeping the order of the others."""
+        for a in (self.qids, self.times, self.births, self.dests):
+            del a[i]
+
     def split(self, keep) -> "_Block":
         """Remove the entries whose destination `keep` refuses; return them as a block."""
         out, rest = _Block(), _Block()
@@ -198,12 +203,10 @@ class Backlog:
                 del self._buckets[key]
             else:
                 block = block.split(lambda d: d != dest)
-            block.times = array("d", [now]) * len(block)
-            self._due.extend(block)
+            self._make_due(block, now)
             moved += n
         if moved:
-            self._keys = list(self._buckets)
-            heapq.heapify(self._keys)
+            self._rebuild_keys()
         return moved
 
     def release_all(self, now: float) -> int:
@@ -212,8 +215,7 @@ class Backlog:
         for key in sorted(self._buckets):
             block = self._buckets[key]
             moved += len(block)
-            block.times = array("d", [now]) * len(block)
-            self._due.extend(block)
+            self._make_due(block, now)
         self._buckets.clear()
         self._keys.clear()
         return moved
@@ -231,9 +233,17 @@ class Backlog:
             if not len(block):
                 del self._buckets[key]
         self._count -= len(out)
+        self._rebuild_keys()
+        return out
+
+    def _make_due(self, block: _Block, now: float) -> None:
+        """A block taken out of its bucket joins the due list, every entry due at `now`."""
+        block.times = array("d", [now]) * len(block)
+        self._due.extend(block)
+
+    def _rebuild_keys(self) -> None:
         self._keys = list(self._buckets)
         heapq.heapify(self._keys)
-        return out
 
     def probe(self, dest: int) -> Entry | None:
         """Take one waiting entry of `dest` (the one that tells whether it is back)."""
@@ -262,8 +272,7 @@ class Backlog:
         """Forget `qid` (removed by an operator) -> whether it was here."""
         for i in range(self._head, len(self._due)):
             if self._due.qids[i] == qid:
-                for a in (self._due.qids, self._due.times, self._due.births, self._due.dests):
-                    del a[i]
+                self._due.delete(i)
                 self._count -= 1
                 return True
         for key, block in list(self._buckets.items()):
