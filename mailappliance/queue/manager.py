@@ -485,8 +485,7 @@ class QueueManager(service.Service):
             except Exception:  # noqa: BLE001 - CorruptEntry, EIO: handled as a pick-up's
                 out.append((qid, Failure(), None, None, None, None))
                 continue
-            channels = {r.index: self.classify(r.address)
-                        for r in env.recipients if r.state == TODO}
+            channels = self._channels(env)
             out.append((qid, mtime, env.birth, self._single_destination(env, cache),
                         env, channels))
         return out, not files.done
@@ -645,8 +644,7 @@ class QueueManager(service.Service):
             self.backlog.add_due(env.qid, self.now(), env.birth)
             return
         try:
-            channels = {r.index: self.classify(r.address)
-                        for r in env.recipients if r.state == TODO}
+            channels = self._channels(env)
         except Exception as e:  # noqa: BLE001 - the store is unreadable: take the slow path
             env.data = None
             self.log.warn("classifying msg {qid} failed ({why}); reading it again",
@@ -756,11 +754,11 @@ class QueueManager(service.Service):
 
     def _read(self, qid: int):
         env = self.store.read_envelope(qid)
-        channels = {}
-        for r in env.recipients:
-            if r.state == TODO:
-                channels[r.index] = self.classify(r.address)
-        return env, channels, self.store.next_try(qid)
+        return env, self._channels(env), self.store.next_try(qid)
+
+    def _channels(self, env: Envelope) -> dict[int, str]:
+        """Recipient index -> LOCAL or REMOTE, for the recipients still to do."""
+        return {r.index: self.classify(r.address) for r in env.recipients if r.state == TODO}
 
     def _pick_failed(self, f: Failure, qid: int) -> None:
         self.picking.discard(qid)
