@@ -675,10 +675,7 @@ class QueueManager(service.Service):
             new = set(ids).difference(self.jobs, self.picking)
             new -= self.backlog.known(new)
             for qid in sorted(new):
-                if self._room() > 0:
-                    self._pickup(qid)
-                else:
-                    self.backlog.add_due(qid, self.now(), self.now())
+                self.notify(qid)
 
         def done(result):
             if isinstance(result, Failure):
