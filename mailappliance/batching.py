@@ -74,8 +74,7 @@ class Batcher:
 
     def _window_over(self) -> None:
         self._timer = None
-        if not self._running and self._queued:
-            self._next()
+        self.flush()
 
     def _next(self) -> None:
         if self._timer is not None:
