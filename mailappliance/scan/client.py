@@ -364,11 +364,52 @@ class _Session(_Pushing):
             call.lost(clamd.closed_without_reply(self.reader, self.sent_all), retry)
 
 
-class _ScanCall:
+class _Deadlined:
+    """What a clamd scan (_ScanCall) and a one-connection call (_Call) share: the connect
+    callbacks, the deadline, finishing once, cancelling. Subclasses set `client`, `done`,
+    `connecting`, `deadline` and `result`, and say what closing means (`_close`)."""
+
+    client: "_Client"
+
+    def _connected(self, proto) -> None:
+        self.connecting = None
+        return None
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.connecting = None
+        if not self.done:
+            why = failure.getErrorMessage()
+            self.finish(ScanFailure(f"cannot connect to {self.client.name}: {why}"))
+        return None
+
+    def _expire(self) -> None:
+        self.deadline = None
+        if not self.done:
+            self.finish(ScanFailure(f"no answer within {self.client.timeout:g} s"))
+
+    def finish(self, result) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._close()
+        self.result.callback(result)
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, d: Deferred) -> None:
+        # The caller gave up (the SMTP client left): close the connection; the Deferred then
+        # fails with CancelledError.
+        if not self.done:
+            self.done = True
+            self._close()
+
+
+class _ScanCall(_Deadlined):
     """One scan: an idle session connection or a new one, the deadline, the result."""
 
     def __init__(self, scanner: "ClamdScanner", chunks) -> None:
-        self.scanner = scanner
+        self.client = scanner
         self.chunks = chunks
         self.done = False
         self.retried = False
@@ -383,24 +424,14 @@ class _ScanCall:
             self.session = session
             session.serve(self)
             return
-        self.session = session = _Session(self.scanner, self)
+        self.session = session = _Session(self.client, self)
         try:
-            connecting = self.scanner.endpoint.connect(_OneShot(session))
+            connecting = self.client.endpoint.connect(_OneShot(session))
         except Exception as e:                       # a broken endpoint must not break SMTP
-            self.finish(ScanFailure(f"cannot connect to clamd: {e}"))
+            self.finish(ScanFailure(f"cannot connect to {self.client.name}: {e}"))
             return
         self.connecting = connecting
         connecting.addCallbacks(self._connected, self._connect_failed)
-
-    def _connected(self, proto) -> None:
-        self.connecting = None
-        return None
-
-    def _connect_failed(self, failure: Failure) -> None:
-        self.connecting = None
-        if not self.done:
-            self.finish(ScanFailure(f"cannot connect to clamd: {failure.getErrorMessage()}"))
-        return None
 
     def lost(self, failure: ScanFailure, retry: bool) -> None:
         """The session connection ended before the answer. `retry`: it was a reused
@@ -412,18 +443,6 @@ class _ScanCall:
             self._attach(None)
             return
         self.finish(failure)
-
-    def _expire(self) -> None:
-        self.deadline = None
-        if not self.done:
-            self.finish(ScanFailure(f"no answer within {self.scanner.timeout:g} s"))
-
-    def finish(self, result) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._close()
-        self.result.callback(result)
 
     def _close(self) -> None:
         if self.deadline is not None and self.deadline.active():
@@ -439,13 +458,6 @@ class _ScanCall:
             elif connecting is not None:
                 connecting.cancel()
 
-    def _cancel(self, d: Deferred) -> None:
-        # The caller gave up (the SMTP client left): close the connection; the Deferred then
-        # fails with CancelledError.
-        if not self.done:
-            self.done = True
-            self._close()
-
 
 class _OneShot(Factory):
     """Hands out the one protocol of a call. Not `noisy`: Twisted's factories log "Starting
@@ -460,7 +472,7 @@ class _OneShot(Factory):
         return self.proto
 
 
-class _Call:
+class _Call(_Deadlined):
     """One connection's lifetime: connect, exchange, deadline, result."""
 
     def __init__(self, client: "_Client", make: Callable[["_Call"], _Exchange]) -> None:
@@ -479,22 +491,6 @@ class _Call:
             return
         self.connecting.addCallbacks(self._connected, self._connect_failed)
 
-    def _connected(self, proto) -> None:
-        self.connecting = None
-        return None
-
-    def _connect_failed(self, failure: Failure) -> None:
-        self.connecting = None
-        if not self.done:
-            why = failure.getErrorMessage()
-            self.finish(ScanFailure(f"cannot connect to {self.client.name}: {why}"))
-        return None
-
-    def _expire(self) -> None:
-        self.deadline = None
-        if not self.done:
-            self.finish(ScanFailure(f"no answer within {self.client.timeout:g} s"))
-
     def _close(self) -> None:
         if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
@@ -505,19 +501,6 @@ class _Call:
             proto.transport.abortConnection()
         elif connecting is not None:
             connecting.cancel()
-
-    def finish(self, result) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._close()
-        self.result.callback(result)
-
-    def _cancel(self, d: Deferred) -> None:
-        # The caller gave up: close everything; Deferred then fails with CancelledError.
-        if not self.done:
-            self.done = True
-            self._close()
 
 
 class _Client:
