@@ -8,20 +8,13 @@ import dkim
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mailappliance.mailauth import dkimverify, keys, sign
+from mailappliance.mailauth import dkimverify, sign
 from mailappliance.mailauth.lookup import DNSResult
+from tests.dkim_support import NOW, keypair  # noqa: F401 - keypair is a fixture
 
 MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\n"
            b"Subject: hello   there\r\n\tfolded\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
            b"Message-ID: <1@example.com>\r\n\r\nbody \t line  \r\n\r\nmore\r\n\r\n\r\n")
-NOW = 1_700_000_000
-
-
-@pytest.fixture(scope="module")
-def keypair(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    return (keys.generate(data, "example.com", "mail", "rsa"),
-            keys.generate(data, "example.com", "ed", "ed25519"))
 
 
 def fast(message: bytes, key, record: str | None = None, index: int = 0) -> bool:
