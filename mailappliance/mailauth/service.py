@@ -351,33 +351,40 @@ class Signer:
 
     def sign(self, message: bytes, mail_from: str, from_domain: str | None = None,
              linesep: bytes | None = None) -> Deferred:
-        if self._inline(message):
-            return defer.execute(self.sign_now, message, mail_from, from_domain, linesep)
-        return deferToThreadPool(self.reactor, self.threadpool, self.sign_now, message,
-                                 mail_from, from_domain, linesep)
+        return self._run(self._sign, message, mail_from, from_domain, linesep)
 
-    def _inline(self, message: bytes) -> bool:
-        """Small (INLINE_BYTES: no line can need re-encoding work worth a thread either), and
-        the keys in memory are current, so no file is read: sign on the reactor thread."""
-        return len(message) <= INLINE_BYTES and not self.registry.needs_scan()
+    def fit_and_sign(self, message: bytes, mail_from: str,
+                     linesep: bytes | None = None) -> Deferred:
+        return self._run(self._fit_and_sign, message, mail_from, linesep)
+
+    def _run(self, work, message: bytes, *args) -> Deferred:
+        """`work(refresh, message, *args)`: on the reactor thread when the message is small
+        (INLINE_BYTES: no line can need re-encoding work worth a thread either) and the keys
+        in memory are current -- this one stat says so, and `work` then signs with the keys
+        in memory (refresh=False), so no file is read here; otherwise in the thread pool,
+        where it checks the directory itself."""
+        if len(message) <= INLINE_BYTES and not self.registry.needs_scan():
+            return defer.execute(work, False, message, *args)
+        return deferToThreadPool(self.reactor, self.threadpool, work, True, message, *args)
 
     def sign_now(self, message: bytes, mail_from: str, from_domain: str | None = None,
                  linesep: bytes | None = None) -> bytes:
         """The blocking part (pool thread, or a tool without a reactor)."""
-        return sign_with_registry(self.registry, message, mail_from, int(self.clock()),
-                                  from_domain, linesep)
+        return self._sign(True, message, mail_from, from_domain, linesep)
 
-    def fit_and_sign(self, message: bytes, mail_from: str,
-                     linesep: bytes | None = None) -> Deferred:
-        if self._inline(message):
-            return defer.execute(self.fit_and_sign_now, message, mail_from, linesep)
-        return deferToThreadPool(self.reactor, self.threadpool, self.fit_and_sign_now, message,
-                                 mail_from, linesep)
+    def _sign(self, refresh: bool, message: bytes, mail_from: str,
+              from_domain: str | None, linesep: bytes | None) -> bytes:
+        return sign_with_registry(self.registry, message, mail_from, int(self.clock()),
+                                  from_domain, linesep, refresh=refresh)
 
     def fit_and_sign_now(self, message: bytes, mail_from: str,
                          linesep: bytes | None = None) -> tuple[bytes, bytes]:
+        return self._fit_and_sign(True, message, mail_from, linesep)
+
+    def _fit_and_sign(self, refresh: bool, message: bytes, mail_from: str,
+                      linesep: bytes | None) -> tuple[bytes, bytes]:
         fitted = fit_lines(message)
-        return self.sign_now(fitted, mail_from, None, linesep), fitted
+        return self._sign(refresh, fitted, mail_from, None, linesep), fitted
 
 
 # --- the end-of-DATA checks (mailappliance/enddata.py) ------------------------------------------

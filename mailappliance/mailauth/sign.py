@@ -161,12 +161,16 @@ def sign_message(message: bytes, keys: Sequence[DKIMKey], now: int,
 
 
 def sign_with_registry(registry, message: bytes, mail_from: str, now: int,
-                       from_domain: str | None = None, linesep: bytes | None = None) -> bytes:
-    """The signing core every path uses (the server's Signer in a pool thread, the sendmail
-    command in its own process): DKIM-Signature fields for `message` from the keys of its
-    signing domain in `registry` (keys.KeyRegistry, re-read when data/dkim changed), or b""
-    when no key applies. Blocking (one stat, perhaps a directory scan), no Twisted."""
-    registry.refresh()
+                       from_domain: str | None = None, linesep: bytes | None = None, *,
+                       refresh: bool = True) -> bytes:
+    """The signing core every path uses (the server's Signer, the sendmail command in its own
+    process): DKIM-Signature fields for `message` from the keys of its signing domain in
+    `registry` (keys.KeyRegistry, re-read when data/dkim changed), or b"" when no key
+    applies. Blocking (one stat, perhaps a directory scan), no Twisted. `refresh=False`: the
+    caller has just seen that the keys in memory are current (KeyRegistry.needs_scan), so
+    no stat and no file read (the Signer on the reactor thread)."""
+    if refresh:
+        registry.refresh()
     fields, _ = split_message(message)
     domain = signing_domain(fields, mail_from, registry.has_keys, from_domain)
     if domain is None:
