@@ -351,10 +351,7 @@ class KeyRegistry:
         scan): False only when the last scan found no key and the directory has not changed
         since. Callers that would hold a message in memory for signing ask this first, so a
         server without keys streams every message as it always did."""
-        if self._by_domain:
-            return True
-        token, racy = self._look()
-        return token != self._seen or racy
+        return bool(self._by_domain) or self.needs_scan()
 
     def keys_for(self, domain: str) -> list[DKIMKey]:
         self.refresh()
