@@ -74,13 +74,18 @@ SESSION_IDLE_SECONDS = 4.0
 _MORE = object()     # reply_data: the reply is not complete yet
 
 
+def _drained(t) -> bool:
+    """Is a plain transport connected with nothing in Twisted's write buffer? Then bytes
+    written straight to its socket keep their order."""
+    return (t.connected and not t.disconnecting and not t._writeDisconnected
+            and not t._tempDataBuffer and t.offset == len(t.dataBuffer))
+
+
 def _send_now(transport, data: bytes) -> None:
     """transport.write, but sent at once when the socket takes it (as mailappliance/netwrite.py
     does for the server side): a plain client transport with nothing queued."""
     t = transport
-    if (type(t) in _PLAIN_CLIENTS and t.connected and not t.disconnecting
-            and not t._writeDisconnected and t.producer is None and not t._tempDataBuffer
-            and t.offset == len(t.dataBuffer)):
+    if type(t) in _PLAIN_CLIENTS and t.producer is None and _drained(t):
         try:
             sent = t.socket.send(data)
         except OSError:
@@ -212,13 +217,6 @@ class _HTTPExchange(_Exchange):
         if isinstance(got, ScanFailure):
             return got
         return self.parse(*got)
-
-
-def _drained(t) -> bool:
-    """Is a plain transport connected with nothing in Twisted's write buffer? Then bytes
-    written straight to its socket keep their order."""
-    return (t.connected and not t.disconnecting and not t._writeDisconnected
-            and not t._tempDataBuffer and t.offset == len(t.dataBuffer))
 
 
 def _take(buffers: Iterator, limit: int) -> list:
