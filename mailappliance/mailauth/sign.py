@@ -4,7 +4,7 @@ Pure computation: message bytes, keys and the time in, header fields out. The cr
 OpenSSL's through the `cryptography` package (an RSA-2048 signature costs about 0.6 ms there
 and releases the GIL while it runs; dkimpy's own pure-Python RSA costs 13 ms holding it);
 canonicalisation is dkimpy's algorithm (canon.py: the same bytes, fewer passes), which our
-verifier uses too, checked against OpenDKIM's verifier in tests/integration/test_mailauth_dkim.py.
+verifier uses too, checked against OpenDKIM's verifier in tests/integration/test_mailauth_opendkim.py.
 
 What is signed: the header fields RFC 6376 section 5.4.1 recommends plus the ones that change
 how the body is shown (Message-ID, MIME-Version, Content-Type, Content-Transfer-Encoding),
