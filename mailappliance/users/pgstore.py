@@ -104,6 +104,19 @@ BREAKER_SECONDS = 1.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.2, 5.0
 # Entries per cache; past it the cache starts over (as SQLite's _Tx.MAX_CACHED).
 MAX_CACHED = 10_000
+# A write transaction that PostgreSQL rolls back for a deadlock or a serialization failure
+# (two nodes, or the server and the CLI, writing at once) is run again this many times in all:
+# the usual answer to those errors, and the retried work is a few rows.
+WRITE_ATTEMPTS = 3
+# Writes that depend on what else a domain holds (a user, an alias of the same address, the
+# first user becoming postmaster) take the domain's row for update first, so two of them on one
+# domain run one after the other: with FOR SHARE both held the row and both then upgraded it
+# (a deadlock), and each could miss the other's new address (a user and an alias of one
+# address). FOR NO KEY UPDATE leaves the users' and aliases' foreign-key checks unblocked.
+_LOCK_DOMAIN = "SELECT 1 FROM domains WHERE name=%s FOR NO KEY UPDATE"
+# SQLSTATE class 40 (psycopg does not make the specific ones subclasses of TransactionRollback).
+_ROLLED_BACK = (psycopg.errors.TransactionRollback, psycopg.errors.SerializationFailure,
+                psycopg.errors.DeadlockDetected)
 
 
 def describe(database: str) -> str:
@@ -370,6 +383,9 @@ class PgDatabase:
             raise DirectoryUnavailable(f"database {self.description}: no connection within "
                                        f"{POOL_TIMEOUT:g} s" + (f" ({last})" if last else "")
                                        ) from None
+        except _ROLLED_BACK as e:
+            # A deadlock or a serialization failure says nothing about the database's health.
+            raise DirectoryUnavailable(f"database {self.description}: {_one_line(e)}") from None
         except psycopg.OperationalError as e:
             self._broken_until = self.monotonic() + BREAKER_SECONDS
             raise DirectoryUnavailable(f"database {self.description}: {_one_line(e)}") from None
@@ -621,8 +637,13 @@ class PgUserStore:
         """`fn(conn)` in one transaction; this process's caches forget at once after it."""
         try:
             with self.db.connection() as conn:
-                with conn.transaction():
-                    return fn(conn)
+                for attempt in range(1, WRITE_ATTEMPTS + 1):
+                    try:
+                        with conn.transaction():
+                            return fn(conn)
+                    except _ROLLED_BACK:
+                        if attempt == WRITE_ATTEMPTS:
+                            raise
         finally:
             self.db.directory_cache.invalidate()
 
@@ -734,8 +755,7 @@ class PgUserStore:
         maildir = self.maildir_for(local, domain)
 
         def tx(conn):
-            if conn.execute("SELECT 1 FROM domains WHERE name=%s FOR SHARE",
-                            (domain,)).fetchone() is None:
+            if conn.execute(_LOCK_DOMAIN, (domain,)).fetchone() is None:
                 raise StoreError(f"no such domain: {domain}")
             # One address, one meaning (as UserStore).
             alias = conn.execute("SELECT targets FROM aliases WHERE domain=%s AND local=%s",
@@ -834,8 +854,7 @@ class PgUserStore:
             raise StoreError("an alias cannot point to itself")
 
         def tx(conn):
-            if conn.execute("SELECT 1 FROM domains WHERE name=%s FOR SHARE",
-                            (domain,)).fetchone() is None:
+            if conn.execute(_LOCK_DOMAIN, (domain,)).fetchone() is None:
                 raise StoreError(f"no such domain: {domain}")
             if conn.execute("SELECT 1 FROM users WHERE domain=%s AND local=%s",
                             (domain, local)).fetchone():

@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from mailappliance.users import passwords
 from mailappliance.users.backend import open_directory
-from mailappliance.users.directory import IRemoteDirectory, IUserDirectory
+from mailappliance.users.directory import DirectoryUnavailable, IRemoteDirectory, IUserDirectory
 from mailappliance.users.store import StoreError, UserStore, _Tx
 
 RECHECK_SECONDS = _Tx.RECHECK_SECONDS
@@ -194,8 +194,10 @@ def test_refusals_are_store_errors(store):
         store.add_alias("x@test.com", ["not an address"])
 
 
-def _writer(spec: tuple, n: int, worker: int) -> None:
+def _writer(spec: tuple, n: int, worker: int, start=None) -> None:
     s = open_spec(spec)
+    if start is not None:
+        start.wait(60)          # every writer's first user at once: the domain's first user
     for i in range(n):
         s.add_alias(f"w{worker}-{i}@test.com", [f"t{i}@example.org"])
         if i % 5 == 0:
@@ -208,7 +210,8 @@ def test_concurrent_writer_processes_lose_nothing(store, backend):
     (PostgreSQL: its own locking; several nodes write at once)."""
     store.add_domain("test.com")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(backend.spec, 40, w)) for w in range(4)]
+    start = ctx.Barrier(4)      # (all four racing to become its postmaster once deadlocked)
+    procs = [ctx.Process(target=_writer, args=(backend.spec, 40, w, start)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
@@ -217,6 +220,37 @@ def test_concurrent_writer_processes_lose_nothing(store, backend):
     aliases = {a for a, _ in store.list_aliases()}
     assert all(f"w{w}-{i}@test.com" in aliases for w in range(4) for i in range(40))
     assert len(store.list_users("test.com")) == 4 * 8
+
+
+def test_a_write_rolled_back_by_the_database_is_run_again(pg_database, tmp_path):
+    """PostgreSQL answers two writers that lock each other out (a deadlock, a serialization
+    failure) by rolling one back: that write runs again, and the circuit breaker that guards
+    against a database that is down does not trip for it."""
+    import psycopg
+
+    backend = Backend("postgresql", tmp_path, *pg_database)
+    store = backend.open()
+    store.add_domain("test.com")
+    tries = []
+
+    def tx(conn):
+        conn.execute("INSERT INTO aliases(domain, local, targets) VALUES "
+                     "('test.com', 'x', ARRAY['y@example.org'])")
+        tries.append(1)
+        if len(tries) < 3:
+            raise (psycopg.errors.DeadlockDetected if len(tries) == 1
+                   else psycopg.errors.SerializationFailure)("rolled back")
+        return "done"
+    assert store._write(tx) == "done"
+    assert len(tries) == 3
+    assert store.get_alias("x@test.com") == ["y@example.org"]       # one row: earlier tries undone
+
+    def always(conn):
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+    with pytest.raises(DirectoryUnavailable, match="deadlock detected"):
+        store._write(always)
+    assert store.has_domain("test.com")                                # no breaker: answers at once
+    backend.close_all()
 
 
 def test_a_second_store_sees_changes_at_once(backend, tmp_path):
