@@ -3,6 +3,8 @@ come in as arguments)."""
 
 from __future__ import annotations
 
+import random
+
 from mailappliance.queue.backlog import BUCKET_SECONDS, UNKNOWN, Backlog
 
 T0 = 1_700_000_040.0          # a bucket boundary (a multiple of 60)
@@ -125,3 +127,41 @@ def test_due_entries_count_and_are_known_until_taken():
     assert b.count_dest(d) == 6 and b.known({1, 5, 9, 7}) == {1, 5, 9}
     b.take(T0, 2)
     assert b.count_dest(d) == 4 and b.known({1, 2, 3}) == {3}
+
+
+def test_oldest_birth_stays_exact_through_every_change():
+    """The oldest birth is remembered per block (no pass over a million entries per metrics
+    scrape); every operation that removes or moves entries keeps the answer exact."""
+    rng = random.Random(7)
+    b = Backlog()
+    alive: dict[int, float] = {}
+    dests = [b.dest_id(f"d{k}.test") for k in range(3)]
+    now = T0
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.45:
+            qid = step + 1
+            birth = T0 - rng.uniform(0, 10_000)
+            b.add(qid, now + rng.uniform(-100, 3000), birth, rng.choice(dests + [UNKNOWN]),
+                  now=now)
+            alive[qid] = birth
+        elif op < 0.6:
+            for e in b.take(now, rng.randint(1, 20)):
+                del alive[e.qid]
+        elif op < 0.7 and alive:
+            qid = rng.choice(list(alive))
+            assert b.remove(qid)
+            del alive[qid]
+        elif op < 0.75:
+            e = b.probe(rng.choice(dests))
+            if e is not None:
+                del alive[e.qid]
+        elif op < 0.8:
+            b.release(rng.choice(dests), now)
+        elif op < 0.82:
+            for e in b.take_unknown():
+                b.add(e.qid, e.next_try, e.birth, UNKNOWN, now=now)
+        else:
+            now += rng.uniform(0, 120)
+        assert b.oldest_birth() == min(alive.values(), default=None), step
+        assert len(b) == len(alive)
