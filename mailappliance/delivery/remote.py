@@ -74,6 +74,10 @@ ATTEMPT_LIFETIME = 3600
 # its delivery: this many at once. Each is at most [smtp] databytes (10 MiB by default) and up
 # to three times that as quoted-printable of 8-bit text: 60 MiB of the unit's MemoryMax=512M.
 REFIT_AT_ONCE = 2
+# Whether a message over PRELOAD_MAX has such a line is found by reading it through once, and
+# remembered for this many messages (by queue id and token, about 100 bytes each), so its
+# attempts at other domains and its retries do not read it twice each.
+LONG_LINE_MEMORY = 4096
 
 T_NO_HOST = "Sorry, I couldn't find any host named {domain}. (#5.1.2)"
 T_DNS_TEMP = "Sorry, I couldn't find any host by that name: {why} (#4.1.2)"
@@ -351,6 +355,7 @@ class RemoteDeliverer:
         self.is_me = is_me or make_is_me()
         self.mx_port = mx_port
         self._refit = defer.DeferredSemaphore(REFIT_AT_ONCE)
+        self._long_lines: dict[tuple, bool] = {}
 
     def _defer(self, f, *args):
         return deferToThreadPool(self.reactor, self.threadpool, f, *args)
@@ -369,7 +374,7 @@ class RemoteDeliverer:
         try:
             if env.size <= PRELOAD_MAX:
                 preloaded, fitted = yield self._defer(read_fitted, messages, env)
-            elif (yield self._defer(has_long_line_streamed, messages, env)):
+            elif (yield self._has_long_line(messages, env)):
                 # Re-encoded, a large message is held whole: REFIT_AT_ONCE at a time (a wait
                 # bounded by the ATTEMPT_LIFETIME of those ahead; it does not count in ours).
                 yield self._refit.acquire()
@@ -393,6 +398,21 @@ class RemoteDeliverer:
             if held:
                 self._refit.release()
         return results
+
+    def _has_long_line(self, messages: IMessageSource, env: Envelope) -> defer.Deferred:
+        """Deferred[bool]: does the stored message have a line over MAX_LINE (read once per
+        message, LONG_LINE_MEMORY)?"""
+        key = (env.qid, env.token)
+        known = self._long_lines.get(key)
+        if known is not None:
+            return defer.succeed(known)
+
+        def remember(found: bool) -> bool:
+            if len(self._long_lines) >= LONG_LINE_MEMORY:
+                del self._long_lines[next(iter(self._long_lines))]      # the oldest
+            self._long_lines[key] = found
+            return found
+        return self._defer(has_long_line_streamed, messages, env).addCallback(remember)
 
     @defer.inlineCallbacks
     def _try_targets(self, env: Envelope, rcpts: list[str], targets: list, messages,

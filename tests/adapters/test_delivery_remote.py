@@ -396,3 +396,55 @@ def test_local_addresses_include_loopback():
     is_me = rm.make_is_me()
     assert is_me("127.0.0.1") and is_me("::1") and is_me("0.0.0.0")
     assert not is_me("192.0.2.1") and not is_me("not an ip")
+
+
+def test_a_large_message_is_read_for_long_lines_once_not_at_every_attempt(tmp_path):
+    """Over PRELOAD_MAX a message is streamed; whether it must be re-encoded first takes a
+    read through it, done once per message (LONG_LINE_MEMORY), not at every attempt."""
+    body = (b"x" * 99 + b"\n") * 5000 + b".\n"          # 500 KB > PRELOAD_MAX, no long line
+    w = World(tmp_path, rcpts=("a@example.org",), body=body)
+    opened = []
+    real_open = w.queue.open_message
+
+    def counting_open(env, *a, **kw):
+        opened.append(env.qid)
+        return real_open(env, *a, **kw)
+    w.queue.open_message = counting_open
+    for attempt in range(3):
+        before = len(opened)
+        w.rd.deliver(w.env, [0], w.queue).addBoth(w.out.append)
+        _, _f, proto, tr = w.connection()
+        converse(proto, tr, [b"220 mx\r\n", b"250-mx\r\n250 PIPELINING\r\n",
+                             b"250 ok\r\n250 ok\r\n354 go\r\n", b"451 try later\r\n",
+                             b"221 bye\r\n"])
+        finish(proto, tr)
+        assert w.out[attempt][0].status == DEFERRAL
+        # the first attempt reads it twice (the scan, then the stream), the others once
+        assert len(opened) - before == (2 if attempt == 0 else 1)
+    assert list(w.rd._long_lines.values()) == [False]
+
+
+def test_the_memory_of_long_lines_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(rm, "LONG_LINE_MEMORY", 3)
+    w = World(tmp_path, rcpts=("a@example.org",), body=(b"y" * 99 + b"\n") * 3000)
+    for n in range(5):
+        w.env.qid, w.env.token = 1000 + n, f"t{n}"
+        assert result_of(w.rd._has_long_line(FixedSource(), w.env)) is (n % 2 == 1)
+    assert list(w.rd._long_lines) == [(1002, "t2"), (1003, "t3"), (1004, "t4")]
+
+
+class FixedSource:
+    """A message source whose odd-numbered messages have a line over MAX_LINE."""
+
+    def open_message(self, env):
+        import io
+        data = b"z" * 2000 + b"\n" if env.qid % 2 else b"short\n"
+        reader = io.BytesIO(data)
+        reader.read = lambda n=65536, _r=reader.read: _r(n)
+        return reader
+
+
+def result_of(d):
+    out = []
+    d.addBoth(out.append)
+    return out[0]
