@@ -1306,15 +1306,12 @@ class QueueManager(service.Service):
             return True
         b_sender, b_rcpt = target
         try:
-            failures, original = yield self._defer(self._bounce_material, env)
+            # Read and composed in the pool: up to BOUNCE_MAX_COPY of the original, whose long
+            # lines are re-encoded (reencode.py), is too much work for the reactor thread.
+            text = yield self._defer(self._bounce_text, env, b_rcpt, self.now(), self.hostname)
         except Exception as e:  # noqa: BLE001
             self.log.error("cannot read msg {qid} to bounce it: {why}", qid=_name(env), why=str(e))
             return False
-        data, truncated = original
-        text = bounce_mod.bounce_message(
-            hostname=self.hostname, sender=env.sender, recipient=b_rcpt, failures=failures,
-            original=data, truncated=truncated, now=self.now(),
-            message_id="%d.%d.bounce" % (int(self.now()), env.qid), arrival=env.birth)
         if self.sign_bounce is not None:
             try:
                 fields = yield self.sign_bounce(text)
@@ -1331,6 +1328,14 @@ class QueueManager(service.Service):
         self.stats["double_bounces" if b_sender else "bounces"] += 1
         self.log.info("bounce msg {qid} qp {qp}", qid=_name(env), qp=bqid)
         return True
+
+    def _bounce_text(self, env: Envelope, recipient: str, now: float, hostname: str) -> bytes:
+        """The bounce of env's failures to `recipient` (pool thread)."""
+        failures, (data, truncated) = self._bounce_material(env)
+        return bounce_mod.bounce_message(
+            hostname=hostname, sender=env.sender, recipient=recipient, failures=failures,
+            original=data, truncated=truncated, now=now,
+            message_id="%d.%d.bounce" % (int(now), env.qid), arrival=env.birth)
 
     def _bounce_material(self, env: Envelope):
         recorded = self.store.failures(env)

@@ -849,3 +849,37 @@ def test_with_every_local_slot_taken_the_gathering_window_ends_at_once(tmp_path)
     assert local.flushes == []
     w.inject("a@example.org", ["r2@test.com"])
     assert local.flushes == [2]
+
+
+class FlaggingPool(ImmediateThreadPool):
+    """Runs calls at once, and says whether one is running (as a pool thread would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = False
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kw):
+        self.inside = True
+        try:
+            return super().callInThreadWithCallback(onResult, func, *args, **kw)
+        finally:
+            self.inside = False
+
+
+def test_a_bounce_is_read_and_composed_in_the_pool_not_on_the_reactor(tmp_path, monkeypatch):
+    """Up to 100 KB of the original, its long lines re-encoded: thread-pool work."""
+    w = World(tmp_path, start=False)
+    w.pool = w.manager.threadpool = w.injector.threadpool = FlaggingPool()
+    where = []
+    real = qm.bounce_mod.bounce_message
+
+    def composing(**kw):
+        where.append(w.pool.inside)
+        return real(**kw)
+    monkeypatch.setattr(qm.bounce_mod, "bounce_message", composing)
+    w.manager.startService()
+    w.local.script["nobody@test.com"] = failure("No mailbox here by that name. (#5.1.1)")
+    w.inject("alice@test.com", ["nobody@test.com"],
+             body=b"Subject: t\n\n" + b"long " * 400 + b"\n")
+    assert where == [True]
+    assert w.manager.stats["bounces"] == 1
