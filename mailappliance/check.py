@@ -315,11 +315,13 @@ def check_dkim(settings: Settings, user: ServerUser) -> list[str]:
         if why:
             problems.append(why)
             unreadable.add(str(directory / name))
-    _found, unusable = keys.scan(settings.data)
+    scanned = keys.scan(settings.data)
+    unusable = scanned[1]
     for line in unusable:                       # "<path>: what is wrong"
         if line.split(": ", 1)[0] not in unreadable:
             problems.append(f"dkim: unusable key file, not signing with it: {line}")
-    problems += [f"dkim: {line}" for line in keys.check(settings.data) if line not in unusable]
+    problems += [f"dkim: {line}" for line in keys.check(settings.data, scanned)
+                 if line not in unusable]
     return problems
 
 

@@ -265,10 +265,13 @@ def scan(data: Path) -> tuple[list[DKIMKey], list[str]]:
     return keys, problems
 
 
-def check(data: Path) -> list[str]:
-    """`mailappliance check`: one line per unusable key file or unsafe permission."""
+def check(data: Path, scanned: tuple[list[DKIMKey], list[str]] | None = None) -> list[str]:
+    """`mailappliance check`: one line per unusable key file or unsafe permission.
+    `scanned`: what scan(data) returned, when the caller has it already (one read of each
+    key file, not two)."""
     directory = key_dir(data)
-    keys, problems = scan(data)
+    keys, problems = scanned if scanned is not None else scan(data)
+    problems = list(problems)
     if not directory.exists():
         return problems
     st = os.stat(directory)

@@ -247,3 +247,16 @@ def test_mailappliance_check_names_each_unusable_or_unreadable_key_once(tmp_path
     assert lines[-1] == f"dkim: {d}: mode 0755 lets others in; chmod 700"
     # run() includes it.
     assert any(good.path.name in p for p in check.run(settings, "nobody")[1])
+
+
+def test_mailappliance_check_reads_each_key_file_once(tmp_path, monkeypatch):
+    from mailappliance import check
+    from mailappliance.config import load_settings
+    settings = load_settings(None, {"data": str(tmp_path)}, cwd=tmp_path)
+    keys.generate(tmp_path, "example.com", "mail", "ed25519")
+    keys.generate(tmp_path, "example.com", "rsa", "rsa")
+    reads = []
+    real = keys.read_key
+    monkeypatch.setattr(keys, "read_key", lambda path: reads.append(path) or real(path))
+    assert check.check_dkim(settings, check.ServerUser("root", 0, frozenset({0}))) == []
+    assert len(reads) == 2
