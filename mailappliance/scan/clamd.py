@@ -21,7 +21,8 @@ from __future__ import annotations
 import struct
 from typing import Iterator
 
-from mailappliance.scan.interfaces import Message, ScanFailure, VirusReport, VirusResult
+from mailappliance.scan.interfaces import (Message, ScanFailure, VirusReport, VirusResult,
+                                          batches)
 
 INSTREAM = b"zINSTREAM\0"
 PING = b"zPING\0"
@@ -56,32 +57,7 @@ def instream_request(message: Message, frame_bytes: int = FRAME_BYTES
     and the pieces of the message it covers, then the end marker. The pieces are the
     message's own chunks or memoryview slices of them: nothing of the message is copied."""
     yield INSTREAM
-    parts: list = []
-    total = 0
-    for chunk in message:
-        view = chunk if type(chunk) is bytes else memoryview(chunk).cast("B")
-        n = len(view)
-        if total + n <= frame_bytes:             # the common case: the chunk fits whole
-            if n:
-                parts.append(view)
-                total += n
-            if total == frame_bytes:
-                yield _LENGTH.pack(total)
-                yield from parts
-                parts, total = [], 0
-            continue
-        whole = memoryview(view)
-        pos = 0
-        while pos < n:
-            take = min(frame_bytes - total, n - pos)
-            parts.append(whole[pos:pos + take])
-            total += take
-            pos += take
-            if total == frame_bytes:
-                yield _LENGTH.pack(total)
-                yield from parts
-                parts, total = [], 0
-    if total:
+    for total, parts in batches(message, frame_bytes, views=True):
         yield _LENGTH.pack(total)
         yield from parts
     yield END_OF_STREAM

@@ -29,19 +29,24 @@ def message_size(message: Message) -> int:
     return sum(len(c) for c in message)
 
 
-def batches(message: Message, size: int) -> Iterator[tuple[int, list[bytes]]]:
-    """The message as (length, [bytes, ...]) pieces of `size` bytes (the last one may be
-    shorter), gathered across chunk boundaries. A chunk that fits whole is passed on as it is
-    (no copy); only a chunk cut at a piece boundary is sliced. (Twisted's writeSequence takes
-    bytes only, not memoryviews.)"""
-    parts: list[bytes] = []
+def batches(message: Message, size: int, views: bool = False
+            ) -> Iterator[tuple[int, list]]:
+    """The message as (length, [piece, ...]) runs of `size` bytes (the last one may be
+    shorter), gathered across chunk boundaries. A chunk that fits whole is passed on as it is;
+    only a chunk cut at a run boundary is sliced. The pieces are bytes (a chunk of another
+    type, or a slice, copied: Twisted's writeSequence takes bytes only), or with `views`
+    memoryviews of the message's own chunks where they are not bytes (for socket.sendmsg:
+    nothing of the message is copied)."""
+    parts: list = []
     total = 0
     for chunk in message:
+        if type(chunk) is not bytes:
+            chunk = memoryview(chunk).cast("B")      # its length in bytes, not in items
         n = len(chunk)
         if not n:
             continue
         if total + n <= size:
-            parts.append(chunk if type(chunk) is bytes else bytes(chunk))
+            parts.append(chunk if views or type(chunk) is bytes else bytes(chunk))
             total += n
             if total == size:
                 yield total, parts
@@ -50,7 +55,7 @@ def batches(message: Message, size: int) -> Iterator[tuple[int, list[bytes]]]:
         view = memoryview(chunk).cast("B")
         while len(view):
             take = min(size - total, len(view))
-            parts.append(bytes(view[:take]))
+            parts.append(view[:take] if views else bytes(view[:take]))
             total += take
             view = view[take:]
             if total == size:

@@ -156,3 +156,19 @@ def test_any_bytes_from_the_peer_give_a_result_never_an_exception(pieces):
             break
     else:
         assert isinstance(closed_without_reply(r, sent_all=True), ScanFailure)
+
+
+def test_batches_copy_or_view_the_same_bytes_whatever_the_chunk_type():
+    """scan/interfaces.batches serves both clients: bytes pieces for Twisted (rspamd's
+    body), memoryviews for sendmsg (clamd's INSTREAM); a chunk's length counts in bytes."""
+    from mailappliance.scan.interfaces import batches
+    wide = memoryview(bytearray(b"abcdefgh")).cast("I")        # 2 items of 4 bytes
+    chunks = [b"0123", wide, bytearray(b"xyz"), b"", memoryview(b"tail")]
+    for views in (False, True):
+        runs = list(batches(chunks, 5, views=views))
+        assert [n for n, _ in runs] == [5, 5, 5, 4]
+        assert all(n == sum(len(p) for p in parts) for n, parts in runs)
+        assert b"".join(bytes(p) for _, parts in runs for p in parts) == \
+            b"0123abcdefghxyztail"
+        kinds = {type(p) for _, parts in runs for p in parts}
+        assert kinds == ({bytes, memoryview} if views else {bytes})
