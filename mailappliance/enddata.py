@@ -32,8 +32,12 @@ While checks run, the session waits like for any pending decision: replies to pi
 commands leave in order, and nothing blocks the reactor for long, so other sessions never
 wait (each check does its slow work -- DNS, a scanner's socket -- asynchronously, and CPU work
 of more than about a millisecond in the thread pool; mail authentication verifies and signs a
-small message on the reactor thread, docs/MAILAUTH.md says why). A client that disconnects
-while its checks run gets nothing queued (it never saw a 250 and will send again).
+small message on the reactor thread, docs/MAILAUTH.md says why). A client whose connection
+ends while its checks run gets nothing queued (it never saw a 250 and will send again), and
+its checks are stopped: the session cancels `run_checks`' Deferred, which cancels the check
+in progress (a scanner's connection is closed, a DNS question dropped) and runs no further
+one. (A client that only shuts down its sending side may still read the reply: it is
+answered, so its checks run to the end.)
 
 The sendmail command and bounces do not pass here (no SMTP session): they are signed by the
 same signing core (mailauth/sign.py) at their own injection.
@@ -146,6 +150,8 @@ async def _run(checks: list[EndOfDataCheck], tx: Transaction, message: bytes) ->
             outcome = c.check(tx, result.message)
             if isinstance(outcome, Deferred):
                 outcome = await outcome
+        except defer.CancelledError:
+            raise                           # the session ended: nobody waits for a verdict
         except Exception:
             log.failure("end-of-data check {name} failed: rip={ip}", Failure(),
                         ip=tx.client_ip, name=c.name)

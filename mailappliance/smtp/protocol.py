@@ -144,6 +144,7 @@ class SMTPServerProtocol(protocol.Protocol):
         self._spf = None               # mailauth's SPF result of this transaction's MAIL FROM
         self._tx: enddata.Transaction | None = None    # while end-of-data checks are due
         self._checks: list = []        # the app.end_of_data checks this transaction wants
+        self._checking: Deferred | None = None   # their run, while the client waits for it
         self._mid_scan: MessageIdScanner | None = None   # while DATA runs: the Message-ID
         self._connected_at: float | None = None          # a session (not a refusal) started
         self._granted = False          # the roaming grant as last known (relay_client())
@@ -276,6 +277,11 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        checking, self._checking = self._checking, None
+        if checking is not None:
+            # Nobody waits for the verdict: stop the checks (a scanner's connection is
+            # closed, a DNS question dropped) instead of letting them run to the end.
+            checking.cancel()
         if self.auth is not None:
             self.auth.connection_lost()
         if self.counted:
@@ -726,9 +732,9 @@ class SMTPServerProtocol(protocol.Protocol):
         tx, self._tx = self._tx, None
         if checks:
             # The end-of-data hook point (enddata.py): every check, then the commit.
-            d = enddata.run_checks(checks, tx, writer.data())
+            d = self._checking = enddata.run_checks(checks, tx, writer.data())
             writer.abort()           # the checks have the bytes now
-            return d.addCallback(self._checked, ev, trace)
+            return d.addBoth(self._checks_ended, d).addCallback(self._checked, ev, trace)
         try:
             d = writer.commit(ev.sender, list(ev.recipients), trace)
         except ValueError as e:
@@ -736,6 +742,15 @@ class SMTPServerProtocol(protocol.Protocol):
                            why=str(e))
             return replies.QQ_TEMPORARY
         return d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(writer,))
+
+    def _checks_ended(self, result, d: Deferred):
+        if self._checking is d:
+            self._checking = None
+        if isinstance(result, Failure) and result.check(defer.CancelledError):
+            self.log.info("client gone during the end-of-data checks: rip={ip}; checks "
+                          "stopped, nothing queued", ip=self.ip)
+            return enddata.Result(b"", replies.QQ_TEMPORARY)
+        return result
 
     def _checked(self, result: enddata.Result, ev: MessageEnd, trace: str | None = None
                  ) -> Reply | Deferred:

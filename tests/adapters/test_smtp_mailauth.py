@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from twisted.logger import capturedLogs, formatEvent
 
 from mailappliance import enddata
 from mailappliance.config import DKIMSettings, SubmissionSettings, VerifySettings
@@ -152,10 +153,21 @@ def test_client_gone_while_checks_run_gets_nothing_queued(tmp_path):
     spf = w.verifier.pending.pop(0)
     spf.callback(spf.value)
     c.chat(b"RCPT TO:<alice@test.com>\r\nDATA\r\n" + MESSAGE)
-    c.lose()
     check = w.verifier.pending.pop(0)
-    check.callback(check.value)
+    signed = []
+    w.signer.fit_and_sign = lambda *a, **kw: signed.append(a)
+    with capturedLogs() as events:
+        c.lose()
+    # The check in progress is cancelled (a scanner's connection closed, a DNS question
+    # dropped), the ones after it never run, nothing is queued, one line says so.
+    assert check.called                     # fired by cancel(): the test never fired it
+    check.callback(check.value)             # a verdict after all is ignored (Twisted's cancel)
+    assert signed == []
     assert w.queued() == []
+    lines = [formatEvent(e) for e in events]
+    assert ("client gone during the end-of-data checks: rip=127.0.0.5; checks stopped, "
+            "nothing queued") in lines
+    assert not any("failed" in line for line in lines), lines
 
 
 def test_a_failing_check_is_451_and_nothing_is_queued(tmp_path):

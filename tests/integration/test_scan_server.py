@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.policy
 import smtplib
 import socket
+import struct
 import time
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
@@ -195,6 +196,32 @@ def test_a_hanging_scanner_tempfails_within_the_timeout_and_other_sessions_go_on
         assert queue_ids(srv) == [] and maildir_files(srv) == []
         log = wait_for_log(srv, "scan: clamd unavailable: no answer within 3 s")
         assert log.count("scan: clamd unavailable") == 1    # once, not per message
+    finally:
+        hang.close()
+
+
+def test_a_client_whose_connection_breaks_mid_scan_stops_its_scan(make_server):
+    """A reset connection: nobody waits for the verdict any more, so the scanner's connection
+    is closed at once (its work stopped), not held until the answer or the timeout; nothing
+    is queued. (A client that only closes its sending side may still be reading: it is
+    answered as usual.)"""
+    hang = ScannerProxy()                                   # accepts, never answers
+    try:
+        srv = make(make_server, f'clamd = "{hang.endpoint}"\ntimeout = 60\n')
+        a = Raw(srv.port("smtp"))
+        a.send(b"HELO a\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<test@test.com>\r\nDATA\r\n")
+        assert [a.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+        a.send(clean("leaving") + b".\r\n")
+        wait_until(lambda: hang.held >= len(clean("leaving")),
+                   what="the scanner to get the message")
+        before = len(hang.clients)           # the scan's connection (and a health probe's)
+        a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        a.close()                             # linger 0: a reset, as a crashed peer's
+        wait_until(lambda: len(hang.clients) < before, timeout=5,
+                   what="the scan connection to close")
+        wait_for_log(srv, "client gone during the end-of-data checks: rip=127.0.0.1; "
+                          "checks stopped, nothing queued")
+        assert queue_ids(srv) == [] and maildir_files(srv) == []
     finally:
         hang.close()
 
