@@ -164,16 +164,22 @@ def test_pipelined_commands_behind_a_scanned_message_get_their_replies_in_order(
     assert len(wait_until(lambda: maildir_files(srv), what="delivery")) == 1
 
 
+def held_in_scan(srv, hang: ScannerProxy, name: str) -> Raw:
+    """A session whose message `name` the hanging scanner behind `hang` has got whole."""
+    a = Raw(srv.port("smtp"))
+    a.send(b"HELO a\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<test@test.com>\r\nDATA\r\n")
+    assert [a.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+    a.send(clean(name) + b".\r\n")
+    wait_until(lambda: hang.held >= len(clean(name)), what="the scanner to get the message")
+    return a
+
+
 def test_a_hanging_scanner_tempfails_within_the_timeout_and_other_sessions_go_on(make_server):
     hang = ScannerProxy()                                   # accepts, never answers
     try:
         srv = make(make_server, f'clamd = "{hang.endpoint}"\ntimeout = 3\n')
-        a = Raw(srv.port("smtp"))
-        a.send(b"HELO a\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<test@test.com>\r\nDATA\r\n")
-        assert [a.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
         started = time.monotonic()
-        a.send(clean("hang") + b".\r\n")
-        wait_until(lambda: hang.held >= len(clean("hang")), what="the scanner to get the message")
+        a = held_in_scan(srv, hang, "hang")
         # Another session, meanwhile: every reply comes while A still waits for its verdict.
         b = Raw(srv.port("smtp"))
         b.send(b"HELO b\r\n")
@@ -208,12 +214,7 @@ def test_a_client_whose_connection_breaks_mid_scan_stops_its_scan(make_server):
     hang = ScannerProxy()                                   # accepts, never answers
     try:
         srv = make(make_server, f'clamd = "{hang.endpoint}"\ntimeout = 60\n')
-        a = Raw(srv.port("smtp"))
-        a.send(b"HELO a\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<test@test.com>\r\nDATA\r\n")
-        assert [a.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
-        a.send(clean("leaving") + b".\r\n")
-        wait_until(lambda: hang.held >= len(clean("leaving")),
-                   what="the scanner to get the message")
+        a = held_in_scan(srv, hang, "leaving")
         before = len(hang.clients)           # the scan's connection (and a health probe's)
         a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         a.close()                             # linger 0: a reset, as a crashed peer's
