@@ -65,3 +65,31 @@ def verify_password(password: str, hashed: str) -> bool:
         return bcrypt.checkpw(pw, hashed.encode("ascii"))
     except ValueError:
         return False
+
+
+# One bcrypt hash per cost, checked when the address is unknown (dummy_hash).
+_dummies: dict[int, str] = {}
+
+
+def dummy_hash(cost: int) -> str:
+    """A hash to check a password against when there is no user: an unknown address costs
+    one bcrypt too, so timing does not tell which addresses exist."""
+    hashed = _dummies.get(cost)
+    if hashed is None:
+        hashed = _dummies[cost] = hash_password("dummy-password-1!", cost)
+    return hashed
+
+
+def login(user, password: str, cost: int, rehash):
+    """What both user stores do with the user a login names (None: no such user): the user
+    when `password` is right, else None; an imported crypt(3) hash just proved right is
+    replaced through `rehash(user, password)`, which returns the user as stored then."""
+    if user is None:
+        verify_password(password, dummy_hash(cost))
+        return None
+    if not verify_password(password, user.password_hash):
+        return None
+    if needs_rehash(user.password_hash) and \
+            len(password.encode("utf-8")) <= MAX_PASSWORD_BYTES:
+        return rehash(user, password)
+    return user

@@ -618,7 +618,6 @@ class PgUserStore:
         self.description = self.db.description
         self.bcrypt_cost = bcrypt_cost
         self.domains_dir = Path(mailboxes)
-        self._dummy_hash: str | None = None
         try:
             self.domains_dir.mkdir(parents=True, exist_ok=True)
             if migrate:
@@ -951,17 +950,7 @@ class PgUserStore:
             user = None
         else:
             user = self.db.read(lambda conn: self._fetch_user(conn, local, domain))
-        if user is None:
-            if self._dummy_hash is None:
-                self._dummy_hash = passwords.hash_password("dummy-password-1!", self.bcrypt_cost)
-            passwords.verify_password(password, self._dummy_hash)
-            return None
-        if not passwords.verify_password(password, user.password_hash):
-            return None
-        if passwords.needs_rehash(user.password_hash) and \
-                len(password.encode("utf-8")) <= passwords.MAX_PASSWORD_BYTES:
-            user = self._rehash(user, password)
-        return user
+        return passwords.login(user, password, self.bcrypt_cost, self._rehash)
 
     def _rehash(self, user: User, password: str) -> User:
         """An imported crypt(3) hash becomes bcrypt after a login proved the password, only

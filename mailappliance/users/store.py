@@ -169,7 +169,6 @@ class UserStore:
         self.generation = _Generation(self.data_dir / "users.sqlite-gen", like=self.path,
                                       opener=opener)
         self._db().executescript(SCHEMA)
-        self._dummy_hash: str | None = None
 
     # -- connections: one per thread (the reactor thread and the pool's threads) --------------
     def _db(self) -> sqlite3.Connection:
@@ -470,17 +469,7 @@ class UserStore:
     def check_password(self, address: str, password: str) -> User | None:
         """Blocking bcrypt check. Unknown users cost one bcrypt too, so timing reveals nothing."""
         user = self.get_user(address)
-        if user is None:
-            if self._dummy_hash is None:
-                self._dummy_hash = passwords.hash_password("dummy-password-1!", self.bcrypt_cost)
-            passwords.verify_password(password, self._dummy_hash)
-            return None
-        if not passwords.verify_password(password, user.password_hash):
-            return None
-        if passwords.needs_rehash(user.password_hash) and \
-                len(password.encode("utf-8")) <= passwords.MAX_PASSWORD_BYTES:
-            user = self._rehash(user, password)
-        return user
+        return passwords.login(user, password, self.bcrypt_cost, self._rehash)
 
     def _rehash(self, user: User, password: str) -> User:
         """Replace an imported crypt(3) hash with bcrypt after a login proved the password.
