@@ -56,6 +56,7 @@ from mailappliance.users.directory import (
 from mailappliance.users.store import (
     MAX_ALIAS_TARGETS,
     ROLE_ALIASES,
+    MailboxTree,
     StoreError,
     User,
     _check_target,
@@ -605,7 +606,7 @@ class PgMailboxLocks:
 
 
 @implementer(IRemoteDirectory)
-class PgUserStore:
+class PgUserStore(MailboxTree):
     """IUserDirectory on PostgreSQL; Maildirs under `mailboxes` (a tree shared by the nodes)."""
 
     def __init__(self, database: str | PgDatabase, mailboxes: Path | str,
@@ -657,15 +658,6 @@ class PgUserStore:
         """POP3's one-session lock across the nodes (see PgMailboxLocks)."""
         return self.db.locks
 
-    # -- paths -------------------------------------------------------------------------------
-    def maildir_for(self, local: str, domain: str) -> Path:
-        return self.domains_dir / domain / local / "Maildir"
-
-    @staticmethod
-    def _make_maildir(path: Path) -> None:
-        for sub in ("tmp", "new", "cur"):
-            (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-
     # -- domains -----------------------------------------------------------------------------
     def add_domain(self, name: str, postmaster: str | None = None) -> str:
         domain = normalize_domain(name)
@@ -691,10 +683,6 @@ class PgUserStore:
             conn.execute("INSERT INTO aliases(domain, local, targets) SELECT %s, %s, %s "
                          "WHERE NOT EXISTS (SELECT 1 FROM users WHERE domain=%s AND local=%s) "
                          "ON CONFLICT DO NOTHING", (domain, role, [target], domain, role))
-
-    def count_domain_mail(self, name: str) -> int:
-        """Messages in the Maildirs of a domain's users (as UserStore.count_domain_mail)."""
-        return _count_mail(self.domains_dir / normalize_domain(name))
 
     def del_domain(self, name: str, force: bool = False) -> int:
         """As UserStore.del_domain: refused while its mailboxes hold mail, unless `force`."""

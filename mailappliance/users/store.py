@@ -142,7 +142,27 @@ def _check_target(target: str) -> str:
     return f"{local}@{normalize_domain(domain)}"
 
 
-class UserStore:
+class MailboxTree:
+    """Where the users' Maildirs are, for both user stores: `domains_dir`/domain/local/Maildir
+    (names validated before they get here)."""
+
+    domains_dir: Path
+
+    def maildir_for(self, local: str, domain: str) -> Path:
+        return self.domains_dir / domain / local / "Maildir"
+
+    @staticmethod
+    def _make_maildir(path: Path) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def count_domain_mail(self, name: str) -> int:
+        """Messages in the Maildirs (new/ and cur/) of a domain's users: what `domain del`
+        would remove. Bounded by the mailboxes' size; a directory walk, no database."""
+        return _count_mail(self.domains_dir / normalize_domain(name))
+
+
+class UserStore(MailboxTree):
     """The user directory of one data directory.
 
     `clock` (monotonic seconds) paces the cache's safety-net check of SQLite's data_version,
@@ -192,16 +212,6 @@ class UserStore:
         self.generation.close()
 
     # -- paths -------------------------------------------------------------------------------
-    def maildir_for(self, local: str, domain: str) -> Path:
-        # Both parts are validated names; resolve() guards against a symlinked escape too.
-        path = self.domains_dir / domain / local / "Maildir"
-        return path
-
-    @staticmethod
-    def _make_maildir(path: Path) -> None:
-        for sub in ("tmp", "new", "cur"):
-            (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-
     # -- domains -----------------------------------------------------------------------------
     def add_domain(self, name: str, postmaster: str | None = None) -> str:
         domain = normalize_domain(name)
@@ -227,12 +237,6 @@ class UserStore:
                 continue
             db.execute("INSERT OR IGNORE INTO aliases(domain, local, targets) VALUES (?,?,?)",
                        (domain, role, json.dumps([target])))
-
-    def count_domain_mail(self, name: str) -> int:
-        """Messages in the Maildirs (new/ and cur/) of a domain's users: what `domain del`
-        would remove. Bounded by the mailboxes' size; a directory walk, no database."""
-        domain = normalize_domain(name)
-        return _count_mail(self.domains_dir / domain)
 
     def del_domain(self, name: str, force: bool = False) -> int:
         """Delete a domain, its users, aliases and mailboxes; -> messages removed. Refused
