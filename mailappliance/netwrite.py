@@ -33,11 +33,17 @@ def write_now(transport, data: bytes) -> None:
             and not t._writeDisconnected
             and (t.producer is None or (t.streamingProducer and not t.producerPaused))
             and not t._tempDataBuffer and t.offset == len(t.dataBuffer)):
-        try:
-            sent = t.socket.send(data)
-        except OSError:
-            sent = 0            # EAGAIN or an error: transport.write finds out
-        if sent == len(data):
-            return
-        data = data[sent:]
-    t.write(data)
+        send_then_write(t, data)
+    else:
+        t.write(data)
+
+
+def send_then_write(t, data: bytes) -> None:
+    """What the socket of `t` takes now, the rest through t.write (the caller has checked that
+    nothing waits in t's buffer, so the order of bytes is kept)."""
+    try:
+        sent = t.socket.send(data)
+    except OSError:
+        sent = 0            # EAGAIN or an error: transport.write finds out
+    if sent != len(data):
+        t.write(data[sent:])

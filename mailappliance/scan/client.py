@@ -41,6 +41,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailappliance.netwrite import send_then_write
 from mailappliance.scan import clamd, rspamd
 from mailappliance.scan.endpoints import endpoint_description
 from mailappliance.scan.interfaces import (
@@ -86,14 +87,9 @@ def _send_now(transport, data: bytes) -> None:
     does for the server side): a plain client transport with nothing queued."""
     t = transport
     if type(t) in _PLAIN_CLIENTS and t.producer is None and _drained(t):
-        try:
-            sent = t.socket.send(data)
-        except OSError:
-            sent = 0            # EAGAIN or an error: transport.write finds out
-        if sent == len(data):
-            return
-        data = data[sent:]
-    t.write(data)
+        send_then_write(t, data)
+    else:
+        t.write(data)
 
 
 @implementer(IPullProducer)
