@@ -187,6 +187,9 @@ class Verdict:
     dkim: tuple[DKIMResult, ...] | None
     dmarc: DMARCResult | None
     log: str = ""
+    # False when the message had no Authentication-Results field at all (the checker saw its
+    # header): apply() then has nothing to strip and does not look again.
+    strip: bool = True
 
     def headers(self, linesep: bytes = b"\r\n") -> bytes:
         out = authentication_results(self.authserv_id, self.spf, self.dkim, self.dmarc,
@@ -198,12 +201,14 @@ class Verdict:
         return out
 
     def apply(self, message: bytes, linesep: bytes = b"\r\n") -> bytes:
-        cleaned, _removed = strip_forged(message, self.authserv_id)
-        return self.headers(linesep) + cleaned
+        if self.strip:
+            message, _removed = strip_forged(message, self.authserv_id)
+        return self.headers(linesep) + message
 
 
 def decide(authserv_id: str, spf: SPFResult | None, dkim: Sequence[DKIMResult] | None,
-           dmarc: DMARCResult | None, dmarc_mode: str) -> Verdict:
+           dmarc: DMARCResult | None, dmarc_mode: str, strip: bool = True) -> Verdict:
+    """`strip=False`: the message has no Authentication-Results field (Verdict.strip)."""
     action, reply = "accept", None
     if dmarc is not None and dmarc_mode == "enforce" and dmarc.result == "fail":
         if dmarc.disposition == "reject":
@@ -218,4 +223,4 @@ def decide(authserv_id: str, spf: SPFResult | None, dkim: Sequence[DKIMResult] |
     if dmarc is not None:
         parts.append(f"dmarc={dmarc.result}:{dmarc.domain or '-'}:{dmarc.disposition}")
     return Verdict(authserv_id, action, reply, spf, tuple(dkim) if dkim is not None else None,
-                   dmarc, " ".join(parts))
+                   dmarc, " ".join(parts), strip)

@@ -327,7 +327,9 @@ class Verifier:
             dmarc_result = dmarc.combine(domains, problem, discovered, spf_word, spf_domain,
                                          passes, self.rng.random())
         spf_shown = spf_result if self.spf_mode != "off" else None
-        return decide(self.hostname, spf_shown, dkim_results, dmarc_result, self.dmarc_mode)
+        forged = any(f.lname == b"authentication-results" for f in fields)
+        return decide(self.hostname, spf_shown, dkim_results, dmarc_result, self.dmarc_mode,
+                      strip=forged)
 
 
 # --- the signer ---------------------------------------------------------------------------------

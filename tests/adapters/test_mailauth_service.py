@@ -156,6 +156,13 @@ def test_forged_authentication_results_is_removed_by_apply(env):
     out = verdict.apply(message)
     assert out.count(b"Authentication-Results: mx.test;") == 1
     assert b"MX.TEST; dmarc=pass" not in out and b"other.example; spf=pass" in out
+    # A folded one is found too; a message without any is not searched again.
+    folded = body("a@plain.test", b"Authentication-Results:\r\n mx.test; dkim=pass\r\n")
+    verdict = result_of(verifier().check_message(folded, None))
+    assert verdict.strip and b"dkim=pass" not in verdict.apply(folded)
+    clean = body("a@plain.test")
+    verdict = result_of(verifier().check_message(clean, None))
+    assert not verdict.strip and verdict.apply(clean) == verdict.headers() + clean
 
 
 def test_signer_sees_a_new_key_without_restart_and_skips_foreign_domains(env):
