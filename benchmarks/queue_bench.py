@@ -1,7 +1,7 @@
 """A large deferred queue: memory, start-up, dead destinations and the drain (issue 19).
 
     python benchmarks/queue_bench.py [--messages 100000 1000000] [--base REV] [--new REV]
-        [--dead-messages 2000] [--drain-seconds 60] [--quiet-wait 30] [--keep]
+        [--dead-messages 2000] [--drain-seconds 60] [--quiet-wait 30] [--keep] [--cold]
 
 For each size N and each side (the base: a `git archive` of the code before the queue's
 active window; new: the working tree or --new), in the same run, one after the other:
@@ -204,6 +204,20 @@ class Side:
                 self.proc.wait(30)
 
 
+def drop_caches() -> bool:
+    """--cold: write back and drop the page cache, dentries and inodes (root only), so the
+    server reads the queue from the disk as after a reboot. -> whether it was done."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError as e:
+        print(f"--cold: cannot drop the page cache ({e.strerror}); the run is warm",
+              flush=True)
+        return False
+
+
 def run_side(side: Side, master: Path, n: int, args) -> dict:
     r: dict = {"side": side.name, "messages": n}
     side.cli("domain", "add", "test.com")
@@ -214,6 +228,8 @@ def run_side(side: Side, master: Path, n: int, args) -> dict:
     subprocess.run(["cp", "-al", str(master / "queue"), str(side.data / "queue")], check=True)
     r["link_s"] = round(time.monotonic() - t0, 1)
     r["others_before"] = round(wait_quiet(args.quiet_wait), 1)
+    if args.cold:
+        r["cold"] = drop_caches()
     sys0 = system_busy_seconds()
     t_start = time.monotonic()
     side.start()
@@ -322,6 +338,8 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=300)
     ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before each start (root): a start after a reboot")
     args = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="queue-bench-", dir=args.scratch))
     rows, results = [], []
