@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import re
 from email.message import Message
 
@@ -44,7 +45,15 @@ ENCODED_LINE = 76
 MIME_NESTING_LIMIT = 100
 
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-_ENDING = re.compile(rb"(\r\n|\r|\n)\Z")
+_EOL = re.compile(rb"\r\n?|\n")
+
+
+def _final_ending(data: bytes) -> bytes:
+    """The line end `data` ends with (b"" if none): a look at its last octets, not a search
+    from its start."""
+    if data[-2:] == b"\r\n":
+        return b"\r\n"
+    return data[-1:] if data[-1:] in (b"\r", b"\n") else b""
 
 
 def has_long_line(message: bytes) -> bool:
@@ -83,7 +92,31 @@ def fit_lines(message: bytes) -> bytes:
     if not has_long_line(message):
         return message
     nl = _first_line_end(message)
-    return _entity(message, nl, depth=0, top=True, default_type="text/plain")
+    return _entity(message, nl, depth=0, top=True, default_type="text/plain",
+                   long=_LongLines(message), base=0)
+
+
+class _LongLines:
+    """Where the message's long lines start, found in one pass: whether a piece of it has one
+    is then a search in that short list, not a pass over the piece again at each level of
+    nesting (a hostile message nested MIME_NESTING_LIMIT deep cost 100 passes: 23 s for
+    10 MB). Pieces are named by their offsets in the whole message."""
+
+    __slots__ = ("starts",)
+
+    def __init__(self, message: bytes) -> None:
+        starts: list[int] = []
+        pos = 0
+        for line in message.splitlines(keepends=True):
+            if len(line.rstrip(b"\r\n")) > MAX_LINE:
+                starts.append(pos)
+            pos += len(line)
+        self.starts = starts
+
+    def within(self, start: int, end: int) -> bool:
+        """Does a long line start in message[start:end] (a run of whole lines)?"""
+        i = bisect.bisect_left(self.starts, start)
+        return i < len(self.starts) and self.starts[i] < end
 
 
 # --- entities ---------------------------------------------------------------------------------
@@ -96,19 +129,24 @@ def _first_line_end(data: bytes) -> bytes:
 def _split_entity(data: bytes) -> tuple[list[bytes], bytes, bytes]:
     """(header fields, each with its continuation lines and line ends; the blank line or b"";
     the body).  A line that is neither a field nor a continuation starts the body, as in
-    mailauth/message.py split_message."""
+    mailauth/message.py split_message.  Reads only as far as the header goes (the body may be
+    megabytes, looked at once per level of nesting)."""
     fields: list[bytes] = []
     pos = 0
-    for line in data.splitlines(keepends=True):
+    n = len(data)
+    while pos < n:
+        m = _EOL.search(data, pos)
+        nxt = m.end() if m else n
+        line = data[pos:nxt]
         if line in (b"\r\n", b"\n", b"\r"):
-            return fields, line, data[pos + len(line):]
+            return fields, line, data[nxt:]
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += line
         elif _FIELD.match(line):
             fields.append(line)
         else:
             return fields, b"", data[pos:]
-        pos += len(line)
+        pos = nxt
     return fields, b"", b""
 
 
@@ -136,13 +174,16 @@ def _content_type(fields: list[bytes], default_type: str) -> tuple[str, str | No
     return m.get_content_type(), m.get_boundary(), True
 
 
-def _entity(data: bytes, nl: bytes, depth: int, top: bool, default_type: str) -> bytes:
+def _entity(data: bytes, nl: bytes, depth: int, top: bool, default_type: str,
+            long: _LongLines, base: int) -> bytes:
+    """`data` is message[base:base + len(data)]."""
     fields, blank, body = _split_entity(data)
     fields = [_fold_field(f, nl) for f in fields]
     ctype, boundary, typed = _content_type(fields, default_type)
     cte = (_field_value(fields, b"content-transfer-encoding") or "").lower()
     head = b"".join(fields) + blank
-    if not has_long_line(body):
+    body_at = base + len(data) - len(body)           # the body is the end of data
+    if not long.within(body_at, body_at + len(body)):
         return head + body
     if depth >= MIME_NESTING_LIMIT:
         return head + _break_lines(body, nl)
@@ -151,14 +192,15 @@ def _entity(data: bytes, nl: bytes, depth: int, top: bool, default_type: str) ->
             return head + _break_lines(body, nl)
         inner = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
         return head + _multipart(body, boundary.encode("latin-1", "replace"), nl, depth,
-                                 inner)
+                                 inner, long, body_at)
     if ctype in ("message/rfc822", "message/global"):
         if cte not in ("", "7bit", "8bit", "binary"):
             return head + _break_lines(body, nl)
-        return head + _entity(body, nl, depth + 1, top=True, default_type="text/plain")
+        return head + _entity(body, nl, depth + 1, top=True, default_type="text/plain",
+                              long=long, base=body_at)
     # A leaf: its content as a reader would decode it, encoded again with short lines.
-    ending = _ENDING.search(body)
-    content = body[:ending.start()] if ending else body
+    ending = _final_ending(body)
+    content = body[:len(body) - len(ending)]
     if cte == "base64":
         try:
             # As a lenient reader decodes it: stray characters skipped, padding completed.
@@ -185,39 +227,59 @@ def _entity(data: bytes, nl: bytes, depth: int, top: bool, default_type: str) ->
         fields = _set_field(fields, b"Content-Type", b"text/plain; charset=" + charset, nl)
     if top and _field_value(fields, b"mime-version") is None:
         fields = _set_field(fields, b"MIME-Version", b"1.0", nl)
-    return b"".join(fields) + (blank or nl) + encoded + (ending.group(0) if ending else b"")
+    return b"".join(fields) + (blank or nl) + encoded + ending
 
 
-def _multipart(body: bytes, boundary: bytes, nl: bytes, depth: int, inner: str) -> bytes:
+def _multipart(body: bytes, boundary: bytes, nl: bytes, depth: int, inner: str,
+               long: _LongLines, base: int) -> bytes:
     """Each part between the delimiter lines (RFC 2046 section 5.1.1) fitted on its own; the
-    line end before a delimiter belongs to the delimiter, not to the part."""
-    dash = b"--" + boundary
+    line end before a delimiter belongs to the delimiter, not to the part. `body` is
+    message[base:...]. The delimiter lines are found with bytes.find, not by walking every
+    line of the body in Python (which each level of nesting did again)."""
     out: list[bytes] = []
-    part: list[bytes] = []
+    pos = 0                       # where the current piece (preamble, part) begins
     where = "preamble"
-
-    def flush() -> None:
-        data = b"".join(part)
+    for line_at, line_end, closing in _delimiters(body, b"--" + boundary):
+        data = body[pos:line_at]
         if where == "part":
-            ending = _ENDING.search(data)
-            content = data[:ending.start()] if ending else data
-            out.append(_entity(content, nl, depth + 1, top=False, default_type=inner))
-            out.append(ending.group(0) if ending else b"")
+            ending = _final_ending(data)
+            out.append(_entity(data[:len(data) - len(ending)], nl, depth + 1, top=False,
+                               default_type=inner, long=long, base=base + pos))
+            out.append(ending)
         else:
             out.append(_break_lines(data, nl))
-        part.clear()
-
-    for line in body.splitlines(keepends=True):
-        bare = line.rstrip(b"\r\n")
-        if where != "epilogue" and bare.startswith(dash) and \
-                bare[len(dash):].rstrip(b" \t") in (b"", b"--"):
-            flush()
-            out.append(line)
-            where = "epilogue" if bare[len(dash):].rstrip(b" \t") == b"--" else "part"
-        else:
-            part.append(line)
-    flush()
+        out.append(body[line_at:line_end])
+        pos = line_end
+        if closing:
+            where = "epilogue"
+            break
+        where = "part"
+    rest = body[pos:]
+    if where == "part":
+        ending = _final_ending(rest)
+        out.append(_entity(rest[:len(rest) - len(ending)], nl, depth + 1, top=False,
+                           default_type=inner, long=long, base=base + pos))
+        out.append(ending)
+    else:
+        out.append(_break_lines(rest, nl))
     return b"".join(out)
+
+
+def _delimiters(body: bytes, dash: bytes):
+    """(start, end with its line end, whether it closes) of each delimiter line of `body`:
+    a line (CR, LF and CRLF end one) that is `dash`, or `dash` + "--", then only white
+    space."""
+    i = body.find(dash)
+    while i >= 0:
+        if i == 0 or body[i - 1] in (10, 13):                 # at the start of a line
+            m = _EOL.search(body, i)
+            eol, end = (m.start(), m.end()) if m else (len(body), len(body))
+            rest = body[i + len(dash):eol].rstrip(b" \t")
+            if rest in (b"", b"--"):
+                yield i, end, rest == b"--"
+                i = body.find(dash, end)
+                continue
+        i = body.find(dash, i + 1)
 
 
 # --- encodings ----------------------------------------------------------------------------------
@@ -228,7 +290,7 @@ def _quoted_printable(text: bytes, nl: bytes) -> bytes:
     for line in text.splitlines():
         encoded = binascii.b2a_qp(line, quotetabs=False, istext=False, header=False)
         out.append(encoded.replace(b"\n", nl))
-    if re.search(rb"(\r\n|\r|\n)\Z", text):
+    if _final_ending(text):
         out.append(b"")
     return nl.join(out)
 

@@ -209,3 +209,24 @@ def test_the_scanner_agrees_with_has_long_line(m, size):
     for i in range(0, len(m), size):
         s.feed(m[i:i + size])
     assert s.found == has_long_line(m)
+
+
+def test_a_long_line_deep_in_nested_parts_is_re_encoded_and_only_that_leaf():
+    """Each level of nesting is looked at without reading its whole body again (the long
+    lines are found once): a part 60 levels down is re-encoded, its siblings on the way stay
+    byte for byte, and the content decodes the same."""
+    leaf = b"Content-Type: text/plain\n\n" + b"z" * 5000 + b"\n"
+    m = leaf
+    for d in range(60):
+        b = b"n%d" % d
+        m = (b"Content-Type: multipart/mixed; boundary=\"" + b + b"\"\n\npreamble\n--" + b +
+             b"\nContent-Type: text/plain\n\nsibling %d\n--" % d + b + b"\n" + m +
+             b"\n--" + b + b"--\nepilogue\n")
+    m = b"From: a@example.org\nMIME-Version: 1.0\n" + m
+    out = fit_lines(m)
+    assert longest(out) <= MAX_LINE
+    same_content(m, out)
+    assert out.count(b"Content-Transfer-Encoding: quoted-printable") == 1
+    assert all(b"\nsibling %d\n" % d in out for d in range(60))
+    assert out.replace(b"Content-Transfer-Encoding: quoted-printable\n", b"").split(
+        b"z" * 10)[0] == m.split(b"z" * 10)[0]            # everything before the leaf kept
