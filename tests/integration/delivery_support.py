@@ -34,12 +34,15 @@ def wait_until(predicate, timeout: float = DELIVERY_WAIT, what: str = "condition
         time.sleep(POLL)
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def closed_port() -> int:
+    """A loopback port nobody listens on (kernel-chosen, then released): connections to it
+    are refused, and a server may take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+free_port = closed_port
 
 
 def maildir_files(server, address: str = "test@test.com") -> list[Path]:

@@ -136,3 +136,26 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(STOP_TIMEOUT)
+
+
+def tls_submission_server(root: Path, extra: str = "") -> ServerProcess:
+    """A server (not started) with a certificate made for the test, SMTP, submission and
+    submissions on loopback (no POP3: not the embedded default's fixed port), remote mail
+    routed to a closed port, and the domain test.com; `server.cert`, `server.key` name the
+    certificate's files. The caller adds users."""
+    from tests.pop3_support import make_cert
+    cert, key = make_cert(root / "tls")
+    config = (f'default_domain = "test.com"\n'
+              f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
+              "[listen]\n"
+              'smtp = ["tcp:0:interface=127.0.0.1"]\n'
+              'submission = ["tcp:0:interface=127.0.0.1"]\n'
+              'submissions = ["tcp:0:interface=127.0.0.1"]\n'
+              "pop3 = []\n"
+              '[routes]\n"" = "127.0.0.1:9"\n' + extra)
+    server = ServerProcess(root, config)
+    server.root.mkdir(parents=True, exist_ok=True)
+    server._write_config()
+    server.cli("domain", "add", "test.com")
+    server.cert, server.key = cert, key
+    return server

@@ -3,25 +3,15 @@ deferred, shows in stat and queue list, is retried by flush and bounced by remov
 
 from __future__ import annotations
 
-import json
 import re
 import smtplib
-import socket
 
 import pytest
 
+from tests.integration.delivery_support import closed_port
 from tests.integration.opstools import admin, wait_for
 
 PASSWORD = "Qu3ue-Test!"
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (kernel-chosen, then released)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailappliance.testing.dnsserver import DNSServerProcess
+from tests.integration.delivery_support import closed_port
 from tests.integration.opstools import log_text, wait_for
 from tests.integration.test_fail2ban import pop3_login
 from tests.integration.test_pop3_server import PASSWORD, start_with_user, tls_config
@@ -39,14 +40,6 @@ def scrape(srv, path="/metrics") -> dict:
 
 def value(samples, name, **labels):
     return samples[(name, frozenset(labels.items()))]
-
-
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 # For the DNS counters: the DNSBL bl.test answers (NXDOMAIN: not listed); dead.test's name

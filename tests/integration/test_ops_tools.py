@@ -13,6 +13,7 @@ import sys
 import pytest
 
 import mailappliance
+from tests.integration.delivery_support import closed_port
 from tests.integration.opstools import log_text, wait_for
 
 
@@ -44,13 +45,6 @@ def test_stat_json_is_one_document_matching_stat(server):
 
 # --- the queue commands ----------------------------------------------------------------------
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 @pytest.fixture
 def queue_server(make_server):
@@ -64,7 +58,7 @@ def queue_server(make_server):
     srv.root.mkdir(parents=True, exist_ok=True)
     rules = srv.root / "tcp.smtp"
     rules.write_text('127.0.0.1:allow,RELAYCLIENT=""\n')
-    srv.closed_port = _closed_port()
+    srv.closed_port = closed_port()
     srv.config_text = (f'default_domain = "test.com"\n[smtp]\nrules = "{rules}"\n'
                        f'[routes]\n"example.org" = "127.0.0.1:{srv.closed_port}"\n'
                        f'"hang.example" = "127.0.0.1:{silent.getsockname()[1]}"\n')

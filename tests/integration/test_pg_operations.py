@@ -11,9 +11,9 @@ command, `twistd -n mailappliance`, poplib.
 from __future__ import annotations
 
 import poplib
-import socket
 from pathlib import Path
 
+from tests.integration.delivery_support import closed_port
 from tests.integration.server import ServerProcess
 from tests.pg_support import require_psycopg
 
@@ -43,12 +43,6 @@ def check_problems(srv: ServerProcess) -> list[str]:
     lines = res.stderr.splitlines()
     assert all(line.startswith("mailappliance: ") for line in lines), res.stderr
     return lines
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]           # nothing listens there once closed
 
 
 def test_check_creates_the_schema_and_reports_database_problems_in_one_line(

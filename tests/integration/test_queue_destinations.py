@@ -5,23 +5,13 @@ backlog drains when it is back; slow destinations cannot take every remote slot.
 from __future__ import annotations
 
 import re
-import socket
 
 from mailappliance.queue.store import QueueStore
-from tests.integration.delivery_support import (SmtpSink, TrickleMX, queue_ids, wait_until)
+from tests.integration.delivery_support import (SmtpSink, TrickleMX, closed_port, queue_ids,
+                                                wait_until)
 
 # Messages waiting for the dead destination: many, for one attempt.
 DEAD_MESSAGES = 30
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (kernel-chosen, then released): connections to it
-    are refused."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def routed(make_server, routes: dict[str, int], queue: str = ""):

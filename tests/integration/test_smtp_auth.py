@@ -22,6 +22,8 @@ import base64
 import pytest
 
 from tests.conftest import require_tool
+from tests.integration.opstools import wait_for
+from tests.integration.server import tls_submission_server
 from tests.integration.test_smtp_server import IO_TIMEOUT, message_bytes
 from tests.pop3_support import make_cert
 
@@ -32,24 +34,10 @@ RELOAD_TIMEOUT = 15.0
 
 
 def _server(root, *, extra=""):
-    from tests.integration.server import ServerProcess
-    cert, key = make_cert(root / "tls")
-    config = (f'default_domain = "test.com"\n'
-              f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
-              "[listen]\n"
-              'smtp = ["tcp:0:interface=127.0.0.1"]\n'
-              'submission = ["tcp:0:interface=127.0.0.1"]\n'
-              'submissions = ["tcp:0:interface=127.0.0.1"]\n'
-              'pop3 = []\n'
-              '[routes]\n"" = "127.0.0.1:9"\n' + extra)
-    s = ServerProcess(root, config)
-    s.root.mkdir(parents=True, exist_ok=True)
-    s._write_config()
-    s.cli("domain", "add", "test.com")
+    s = tls_submission_server(root, extra)
     s.cli("user", "add", USER, "--password-stdin", input=PASSWORD + "\n")
     s.cli("user", "add", "other@test.com", "--password-stdin", input=PASSWORD + "\n")
     s.cli("alias", "add", "info@test.com", USER)
-    s.cert, s.key = cert, key
     return s
 
 
@@ -80,16 +68,6 @@ def swaks(srv, *args, port_kind="submission"):
         capture_output=True, text=True, timeout=90)
 
 
-def wait_for(predicate, what: str, timeout: float = RELOAD_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # --- swaks --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mech, login, ip", [
@@ -104,7 +82,7 @@ def test_swaks_starttls_auth_and_relay(srv, mech, login, ip):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "<~  235 2.7.0 ok, go ahead (#2.0.0)" in res.stdout
     assert re.search(r"<~  250 2\.0\.0 ok \d+ qp \d+", res.stdout)
-    data = wait_for(lambda: message_bytes(srv, marker), "the queued message")
+    data = wait_for(lambda: message_bytes(srv, marker), RELOAD_TIMEOUT, "the queued message")
     assert b"with ESMTPSA;" in data
     assert PASSWORD not in srv.output()
 
@@ -116,7 +94,7 @@ def test_swaks_implicit_tls_port(srv):
                 "--from", "info@test.com", "--to", USER, "--body", marker,
                 port_kind="submissions")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert wait_for(lambda: message_bytes(srv, marker), "the message")
+    assert wait_for(lambda: message_bytes(srv, marker), RELOAD_TIMEOUT, "the message")
 
 
 def test_swaks_wrong_password_is_refused(srv):
@@ -143,7 +121,8 @@ def test_smtplib_starttls_login_and_send(srv):
         refused = s.sendmail(USER, ["far@remote.example", USER],
                              f"From: {USER}\r\nSubject: auth\r\n\r\n{marker}\r\n")
         assert refused == {}
-    assert b"with ESMTPSA;" in wait_for(lambda: message_bytes(srv, marker), "the message")
+    assert b"with ESMTPSA;" in wait_for(lambda: message_bytes(srv, marker), RELOAD_TIMEOUT,
+                                        "the message")
 
 
 def test_auth_before_starttls_is_refused(srv):
@@ -183,7 +162,7 @@ def test_a_wrong_password_is_delayed_and_logged_for_fail2ban(srv):
         assert s.noop()[0] == 250
     current = srv.data / "log" / "current"          # the mail log fail2ban would read
     log = wait_for(lambda: (text := current.read_text()).count(f"auth failed: rip={ip} ") == 1
-                   and text, "the failure line")
+                   and text, RELOAD_TIMEOUT, "the failure line")
     failregex = re.compile(r"^\S+ smtp: auth failed: rip=(?P<host>\S+) user=<(?P<user>[^>]*)>",
                            re.M)
     hits = [m.groups() for m in failregex.finditer(log) if m.group("host") == ip]
@@ -207,7 +186,8 @@ def test_sender_binding_on_mail_from_and_from_header(srv):
         assert err.value.smtp_code == 553 and b"From: header" in err.value.smtp_error
         s.sendmail("info@test.com", ["far@remote.example"],
                    f"From: Info <info@test.com>\r\nSubject: x\r\n\r\n{marker}-yes\r\n")
-    assert wait_for(lambda: message_bytes(srv, f"{marker}-yes"), "the alias's message")
+    assert wait_for(lambda: message_bytes(srv, f"{marker}-yes"), RELOAD_TIMEOUT,
+                    "the alias's message")
     assert message_bytes(srv, f"{marker}-no") == b""
 
 
@@ -265,7 +245,7 @@ def test_new_certificate_is_served_after_reload_and_sighup(tmp_path):
         third = der(s.cert)
         os.kill(s.proc.pid, signal.SIGHUP)
         wait_for(lambda: served_certificate(s, "submissions", "127.0.0.44") == third,
-                 "the certificate after SIGHUP")
+                 RELOAD_TIMEOUT, "the certificate after SIGHUP")
         # Sessions still work with the new certificate.
         with submission(s, "127.0.0.45") as c:
             c.starttls(context=insecure_context())

@@ -12,30 +12,15 @@ import time
 import pytest
 
 from tests.conftest import require_tool
+from tests.integration.server import tls_submission_server
 from tests.integration.test_smtp_server import IO_TIMEOUT, find_message, message_bytes
-from tests.pop3_support import make_cert
 
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
-    from tests.integration.server import ServerProcess
-    root = tmp_path_factory.mktemp("smtp-tls")
-    cert, key = make_cert(root / "tls")
-    config = (f'default_domain = "test.com"\n'
-              f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
-              "[listen]\n"
-              'smtp = ["tcp:0:interface=127.0.0.1"]\n'
-              'submission = ["tcp:0:interface=127.0.0.1"]\n'
-              'submissions = ["tcp:0:interface=127.0.0.1"]\n'
-              "pop3 = []\n"                    # not the embedded default's fixed port 2110
-              '[routes]\n"" = "127.0.0.1:9"\n')
-    s = ServerProcess(root, config)
-    s.root.mkdir(parents=True, exist_ok=True)
-    s._write_config()
-    s.cli("domain", "add", "test.com")
+    s = tls_submission_server(tmp_path_factory.mktemp("smtp-tls"))
     s.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
     s.start()
-    s.cert = cert
     yield s
     s.stop()
 
