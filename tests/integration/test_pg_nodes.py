@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.delivery_support import wait_until
 from tests.integration.server import ServerProcess
 from tests.pg_support import require_psycopg
 
@@ -28,14 +29,7 @@ WAIT = 30.0
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return wait_until(predicate, timeout, what)
 
 
 class Site:
