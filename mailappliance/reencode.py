@@ -239,8 +239,10 @@ def _multipart(body: bytes, boundary: bytes, nl: bytes, depth: int, inner: str,
     out: list[bytes] = []
     pos = 0                       # where the current piece (preamble, part) begins
     where = "preamble"
-    for line_at, line_end, closing in _delimiters(body, b"--" + boundary):
-        data = body[pos:line_at]
+
+    def piece(end: int) -> None:
+        """body[pos:end]: a part fitted on its own, or the preamble or epilogue."""
+        data = body[pos:end]
         if where == "part":
             ending = _final_ending(data)
             out.append(_entity(data[:len(data) - len(ending)], nl, depth + 1, top=False,
@@ -248,20 +250,16 @@ def _multipart(body: bytes, boundary: bytes, nl: bytes, depth: int, inner: str,
             out.append(ending)
         else:
             out.append(_break_lines(data, nl))
+
+    for line_at, line_end, closing in _delimiters(body, b"--" + boundary):
+        piece(line_at)
         out.append(body[line_at:line_end])
         pos = line_end
         if closing:
             where = "epilogue"
             break
         where = "part"
-    rest = body[pos:]
-    if where == "part":
-        ending = _final_ending(rest)
-        out.append(_entity(rest[:len(rest) - len(ending)], nl, depth + 1, top=False,
-                           default_type=inner, long=long, base=base + pos))
-        out.append(ending)
-    else:
-        out.append(_break_lines(rest, nl))
+    piece(len(body))
     return b"".join(out)
 
 
