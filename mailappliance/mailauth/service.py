@@ -254,7 +254,9 @@ class Verifier:
         self.threadpool = threadpool
         self.hostname = hostname
         self.set_modes(spf, dkim, dmarc)
-        self.rng = rng or random.SystemRandom()
+        # DMARC's pct= sampling needs no secret randomness: a generator seeded once, not a
+        # read of os.urandom per message.
+        self.rng = rng or random.Random(random.SystemRandom().random())
         self.spf_timeout = spf_timeout
         self.message_timeout = message_timeout
 
