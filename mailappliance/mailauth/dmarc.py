@@ -69,6 +69,7 @@ def aligned(identifier: str, from_domain: str, mode: str) -> bool:
     return org_domain(identifier) == org_domain(from_domain)
 
 
+@lru_cache(maxsize=1024)          # a busy sender's record is parsed once (at most 4 MB kept)
 def parse_record(text: str) -> DMARCRecord:
     """Section 6.3 tags; DMARCSyntaxError when no usable p= (see section 6.6.3 for what that
     means: with a valid rua= it counts as p=none, else as no record)."""
