@@ -406,13 +406,16 @@ class RemoteDeliverer:
         known = self._long_lines.get(key)
         if known is not None:
             return defer.succeed(known)
+        d = self._defer(has_long_line_streamed, messages, env)
+        if not env.token:
+            return d        # a queue file older than tokens: its id alone may be reused
 
         def remember(found: bool) -> bool:
             if len(self._long_lines) >= LONG_LINE_MEMORY:
                 del self._long_lines[next(iter(self._long_lines))]      # the oldest
             self._long_lines[key] = found
             return found
-        return self._defer(has_long_line_streamed, messages, env).addCallback(remember)
+        return d.addCallback(remember)
 
     @defer.inlineCallbacks
     def _try_targets(self, env: Envelope, rcpts: list[str], targets: list, messages,

@@ -431,6 +431,9 @@ def test_the_memory_of_long_lines_is_bounded(tmp_path, monkeypatch):
         w.env.qid, w.env.token = 1000 + n, f"t{n}"
         assert result_of(w.rd._has_long_line(FixedSource(), w.env)) is (n % 2 == 1)
     assert list(w.rd._long_lines) == [(1002, "t2"), (1003, "t3"), (1004, "t4")]
+    w.env.qid, w.env.token = 1005, ""          # no token (an old queue file): not remembered
+    assert result_of(w.rd._has_long_line(FixedSource(), w.env)) is True
+    assert (1005, "") not in w.rd._long_lines
 
 
 class FixedSource:
