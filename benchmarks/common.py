@@ -437,6 +437,38 @@ def maildir_files(maildir: Path) -> list[Path]:
     return out
 
 
+def count_new(maildir: Path) -> int:
+    """Files in maildir/new (0 while it does not exist yet)."""
+    try:
+        return sum(1 for _ in os.scandir(maildir / "new"))
+    except FileNotFoundError:
+        return 0
+
+
+# How long a run's deliveries may take in all, and how long nothing may arrive before the
+# wait gives up (delivery is not running); how often the Maildir is counted.
+DELIVERY_TIMEOUT = 180.0
+DELIVERY_STALL = 15.0
+DELIVERY_POLL = 0.02
+
+
+def wait_delivered(maildir: Path, before: int, count: int,
+                   timeout: float = DELIVERY_TIMEOUT) -> float:
+    """Wait until `count` more files are in maildir/new than `before`, or nothing new came for
+    DELIVERY_STALL seconds; -> seconds waited."""
+    t0 = last_change = time.monotonic()
+    last = -1
+    while time.monotonic() - t0 < timeout:
+        n = count_new(maildir) - before
+        now = time.monotonic()
+        if n != last:
+            last, last_change = n, now
+        if n >= count or now - last_change > DELIVERY_STALL:
+            break
+        time.sleep(DELIVERY_POLL)
+    return time.monotonic() - t0
+
+
 _HEADER_RE = {
     "message-id": re.compile(rb"^message-id:[ \t]*(\S+)", re.I | re.M),
     "x-bench-id": re.compile(rb"^x-bench-id:[ \t]*(\S+)", re.I | re.M),

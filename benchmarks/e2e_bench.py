@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import DELIVERY_TIMEOUT, wait_delivered  # noqa: E402
 from benchmarks.common import (DEFAULT_SCRATCH, HOST, RCPT, SENDER,  # noqa: E402
                                HeaderCache, MaildirWatcher, Meter, OurServer, PostfixPeer,
                                ServerUnavailable, fmt, machine_info, percentile,
@@ -60,11 +61,9 @@ HALF_SECONDS = 15.0
 MESSAGE_TIMEOUT = 60.0
 # Reply lines read per reply at most (a multi-line EHLO reply has about ten).
 MAX_REPLY_LINES = 100
-# After the last 250, how long the harness waits for the remaining deliveries.
-DELIVERY_TIMEOUT = 180.0
-# ... but stop waiting when nothing arrived for this long: the server is not delivering
-# (Postfix and a working queue deliver a backlog of thousands within seconds here).
-DELIVERY_STALL = 15.0
+# After the last 250 the harness waits for the remaining deliveries (common.wait_delivered:
+# at most DELIVERY_TIMEOUT, and not once nothing arrived for DELIVERY_STALL: the server is not
+# delivering; Postfix and a working queue deliver a backlog of thousands within seconds here).
 # Issue 4 targets.
 TARGET_P99_MS = 100.0
 # A phase during which other processes on the shared machine used more than this much CPU (% of
@@ -195,23 +194,6 @@ async def open_loop(port: int, run: str, count: int, senders: int, size: int,
             "late_starts": late}
 
 
-def wait_delivered(server, before: int, count: int, timeout: float) -> float:
-    """Wait until `count` more files are in Maildir/new than `before`, or no new file came
-    for DELIVERY_STALL seconds (delivery not running); seconds waited."""
-    t0 = time.monotonic()
-    new = server.maildir / "new"
-    last, last_change = -1, t0
-    while time.monotonic() - t0 < timeout:
-        n = sum(1 for _ in new.iterdir()) - before
-        now = time.monotonic()
-        if n != last:
-            last, last_change = n, now
-        if n >= count or now - last_change >= DELIVERY_STALL:
-            break
-        time.sleep(0.05)
-    return time.monotonic() - t0
-
-
 def measure(server, label: str, run: str, sent: dict, arrivals: dict[str, float],
             overflow: int, ids: HeaderCache) -> dict:
     """Match arrivals to messages; latency and rates."""
@@ -268,7 +250,8 @@ def phase(server, label: str, run: str, coro_factory, count: int, scratch: Path,
             if profile_out is not None:
                 spy = py_spy_record(server.pid, PROFILE_SECONDS, profile_out)
             sent = asyncio.run(coro_factory())
-            waited = wait_delivered(server, before, len(sent["accepted"]), DELIVERY_TIMEOUT)
+            waited = wait_delivered(server.maildir, before, len(sent["accepted"]),
+                                    DELIVERY_TIMEOUT)
     finally:
         arrivals, overflow = watcher.stop()
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -299,7 +282,7 @@ def smtp_source_phase(server, count: int, senders: int, size: int, scratch: Path
             t0 = time.monotonic()
             r = run_smtp_source(server.port, senders, count, size,
                                 timeout=max(60.0, count * 0.1))
-            wait_delivered(server, before, count, DELIVERY_TIMEOUT)
+            wait_delivered(server.maildir, before, count, DELIVERY_TIMEOUT)
     finally:
         arrivals, _overflow = watcher.stop()
     waited = round(time.monotonic() - t0 - r["wall"], 2)

@@ -61,6 +61,7 @@ from benchmarks.common import (DEFAULT_SCRATCH, HOST, RCPT, SENDER,  # noqa: E40
                                check_smtp, cpu_seconds, fmt, machine_info, maildir_files,
                                prepare_source, process_tree, system_busy_seconds, table,
                                wait_quiet, write_results)
+from benchmarks.common import count_new, wait_delivered  # noqa: E402
 
 SIDES = ("sqlite", "pg", "pg2")
 DOMAIN = "test.com"
@@ -69,10 +70,7 @@ WARM_UP_ID = b"<warm-up@bench.test>"
 # Our server's limits raised for the benchmark (the defaults, 40 connections and 10 per IP,
 # would refuse 20 sessions from 127.0.0.1), as benchmarks/common.py OurServer does.
 MAX_CONNECTIONS = 1200
-# After smtp-source ends, wait for the remaining deliveries at most this long; stop waiting
-# when nothing arrived for DELIVERY_STALL seconds (delivery is not running).
-DELIVERY_TIMEOUT = 180.0
-DELIVERY_STALL = 15.0
+# Polling interval of the warm-up wait below.
 POLL = 0.02
 # The warm-up message (one per node) reaches the Maildir in milliseconds; bound the wait.
 WARM_UP_TIMEOUT = 30.0
@@ -234,22 +232,6 @@ def smtp_sources(ports: list[int], sessions: int, messages: int, size: int) -> d
             + (r1.children_system - r0.children_system)}
 
 
-def wait_delivered(site: Site, messages: int, before: int) -> None:
-    last_n, last_change = -1, time.monotonic()
-    deadline = last_change + DELIVERY_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            n = sum(1 for _ in os.scandir(site.maildir / "new")) - before
-        except FileNotFoundError:
-            n = 0
-        now = time.monotonic()
-        if n != last_n:
-            last_n, last_change = n, now
-        if n >= messages or now - last_change > DELIVERY_STALL:
-            return
-        time.sleep(POLL)
-
-
 NODE_OF_NAME = re.compile(r"\.(node-[ab])\.bench\.test")
 
 
@@ -260,7 +242,7 @@ def one_run(side: str, root: Path, cluster, args, env) -> dict:
     try:
         if site.dbname:
             statements_reset(cluster, site.dbname)
-        before = len(list((site.maildir / "new").iterdir()))
+        before = count_new(site.maildir)
         watcher = MaildirWatcher(site.maildir / "new", root / "arrivals.txt")
         watcher.start()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -269,7 +251,7 @@ def one_run(side: str, root: Path, cluster, args, env) -> dict:
         sys0 = system_busy_seconds()
         try:
             res = smtp_sources(site.ports, args.sessions, args.messages, args.size)
-            wait_delivered(site, args.messages, before)
+            wait_delivered(site.maildir, before, args.messages)
         finally:
             arrivals, overflow = watcher.stop()
         wall = time.monotonic() - res["t0"]
@@ -332,9 +314,9 @@ def syscall_run(root: Path, cluster, env) -> dict:
                                    "trace=" + ",".join(STRACE_CALLS), "-p",
                                    str(site.pids[0])], stderr=subprocess.PIPE)
         time.sleep(1.0)      # strace attaches to every thread before the load starts
-        before = len(list((site.maildir / "new").iterdir()))
+        before = count_new(site.maildir)
         smtp_sources(site.ports, 20, SYSCALL_MESSAGES, 2048)
-        wait_delivered(site, SYSCALL_MESSAGES, before)
+        wait_delivered(site.maildir, before, SYSCALL_MESSAGES)
         tracer.terminate()
         tracer.wait(30)
     finally:

@@ -61,16 +61,12 @@ from benchmarks.common import (DEFAULT_SCRATCH, HeaderCache, MaildirWatcher,  # 
                                Meter, OurServer, PostfixPeer, ServerUnavailable, fmt,
                                machine_info, prepare_source, run_smtp_source, settle,
                                table, wait_quiet, write_results)
+from benchmarks.common import count_new, wait_delivered  # noqa: E402
 
 # name -> (sessions, bytes, messages at --scale 1): about 2-6 s per run here.
 CASES = {"1x2k": (1, 2048, 600), "20x2k": (20, 2048, 3000), "20x100k": (20, 102400, 800)}
 # Issue 19's targets per case: (msg/s ratio at least, CPU per message ratio at most).
 TARGETS = {"1x2k": (1.0, 0.7), "20x2k": (1.5, 0.7), "20x100k": (1.0, 1.0)}
-# After smtp-source ends, how long to wait for the remaining deliveries; and stop waiting when
-# nothing arrived for DELIVERY_STALL seconds (delivery is not running).
-DELIVERY_TIMEOUT = 180.0
-DELIVERY_STALL = 15.0
-POLL = 0.02
 # The fsync ceiling: this many fsyncs of a 2 KiB append, one thread.
 FSYNC_LOOPS = 300
 WARM_UP_ID = b"<warm-up@bench.test>"
@@ -187,13 +183,6 @@ class Side:
                 os.environ["PYTHONPATH"] = saved
 
 
-def count_new(maildir: Path) -> int:
-    try:
-        return sum(1 for _ in os.scandir(maildir / "new"))
-    except FileNotFoundError:
-        return 0
-
-
 def one_run(side: Side, case: str, root: Path, scale: float) -> dict:
     sessions, size, base_count = CASES[case]
     messages = max(sessions, int(base_count * scale))
@@ -212,16 +201,7 @@ def one_run(side: Side, case: str, root: Path, scale: float) -> dict:
                 t0 = time.monotonic()
                 res = run_smtp_source(server.port, sessions, messages, size,
                                       timeout=max(120.0, messages * 0.5))
-                last_n, last_change = -1, time.monotonic()
-                deadline = last_change + DELIVERY_TIMEOUT
-                while time.monotonic() < deadline:
-                    n = count_new(server.maildir) - before
-                    now = time.monotonic()
-                    if n != last_n:
-                        last_n, last_change = n, now
-                    if n >= messages or now - last_change > DELIVERY_STALL:
-                        break
-                    time.sleep(POLL)
+                wait_delivered(server.maildir, before, messages)
         finally:
             arrivals, overflow = watcher.stop()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
