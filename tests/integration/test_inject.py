@@ -74,6 +74,16 @@ def sendmail(python, env, *args, user=None, input=b"Subject: hi\n\nhello\n", ext
                           extra_groups=None if user is None else [])
 
 
+def send_marked(srv, python, env, tag: str, subject: str, user=None) -> str:
+    """`mailappliance-sendmail --config ... test@test.com` (as `user`) with a message carrying
+    a unique marker; it must exit 0 and say nothing. -> the marker."""
+    marker = f"{tag}-{time.monotonic_ns()}"
+    res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com", user=user,
+                   input=f"Subject: {subject}\n\n{marker}\n".encode())
+    assert (res.returncode, res.stderr) == (0, b""), res.stderr
+    return marker
+
+
 def delivered(srv, marker: str) -> bytes:
     new = srv.data / "domains" / "test.com" / "test" / "Maildir" / "new"
     hits = wait_for(lambda: [p for p in new.iterdir() if marker.encode() in p.read_bytes()],
@@ -97,10 +107,7 @@ def test_a_user_who_cannot_write_the_queue_sends_through_the_socket(nobody):
         srv.start()
         sock = root / "run" / "inject.sock"
         assert oct(os.stat(sock).st_mode & 0o777) == "0o666"
-        marker = f"from-nobody-{time.monotonic_ns()}"
-        res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
-                       user=user.pw_uid, input=f"Subject: web app\n\n{marker}\n".encode())
-        assert (res.returncode, res.stderr) == (0, b""), res.stderr
+        marker = send_marked(srv, python, env, "from-nobody", "web app", user=user.pw_uid)
         data = delivered(srv, marker)
         head = data.split(b"\n\n", 1)[0]
         assert (f"Received: (mailappliance-sendmail invoked by uid {user.pw_uid} (nobody) "
@@ -147,10 +154,7 @@ def test_with_the_server_down_nobody_gets_75_and_root_injects_directly(nobody):
     assert "uid 65534 may not write" in line
     assert queue_files(srv) == before                 # nothing written anywhere
 
-    marker = f"root-direct-{time.monotonic_ns()}"
-    res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
-                   input=f"Subject: cron\n\n{marker}\n".encode())
-    assert (res.returncode, res.stderr) == (0, b""), res.stderr
+    marker = send_marked(srv, python, env, "root-direct", "cron")
     queued = [p for p in queue_files(srv) if marker.encode() in Path(p).read_bytes()]
     assert len(queued) == 1
     assert b"invoked by uid 0 (root)); " in Path(queued[0]).read_bytes()
@@ -292,10 +296,7 @@ def test_inject_under_a_privilege_drop_and_a_config_without_a_socket(nobody, mon
     srv.cli("user", "add", "test@test.com", "--password-stdin", input="Passw0rd!\n")
     try:
         srv.start()
-        marker = f"under-uid-{time.monotonic_ns()}"
-        res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
-                       user=caller.pw_uid, input=f"Subject: d\n\n{marker}\n".encode())
-        assert (res.returncode, res.stderr) == (0, b""), res.stderr
+        marker = send_marked(srv, python, env, "under-uid", "d", user=caller.pw_uid)
         data = delivered(srv, marker)
         assert b"invoked by uid 1 (daemon) via the inject socket" in data
         new = srv.data / "domains" / "test.com" / "test" / "Maildir" / "new"
@@ -329,10 +330,7 @@ def test_a_tls_key_the_caller_cannot_read_does_not_stop_sendmail(nobody):
     os.chmod(srv.config_path, 0o644)
     try:
         srv.start()
-        marker = f"unreadable-key-{time.monotonic_ns()}"
-        res = sendmail(python, env, "--config", str(srv.config_path), "test@test.com",
-                       user=user.pw_uid, input=f"Subject: k\n\n{marker}\n".encode())
-        assert (res.returncode, res.stderr) == (0, b""), res.stderr
+        marker = send_marked(srv, python, env, "unreadable-key", "k", user=user.pw_uid)
         delivered(srv, marker)
     finally:
         srv.stop()
