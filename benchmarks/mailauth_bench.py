@@ -198,24 +198,8 @@ def ours_message(i: int, size: int) -> bytes:
 
 
 async def _send(host: str, port: int, sender: str, message: bytes) -> None:
-    from benchmarks.e2e_bench import SMTPFailure, _reply
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        if (await _reply(reader))[0] != 220:
-            raise SMTPFailure("greeting")
-        writer.write(b"EHLO bench.test\r\n")
-        await _reply(reader)
-        writer.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
-        codes = [(await _reply(reader))[0] for _ in range(3)]
-        if codes != [250, 250, 354]:
-            raise SMTPFailure(f"MAIL/RCPT/DATA {codes}")
-        writer.write(message + b".\r\n")
-        code, text = await _reply(reader)
-        if code != 250:
-            raise SMTPFailure(f"after DATA {code} {text[:80]!r}")
-        writer.write(b"QUIT\r\n")
-    finally:
-        writer.close()
+    from benchmarks.e2e_bench import smtp_send
+    await smtp_send(host, port, sender, RCPT, message)
 
 
 async def open_loop(streams, port4: int, port6: int, count: int, sessions: int, size: int,

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (DEFAULT_SCRATCH, HOST, RCPT, SENDER, Meter,  # noqa: E402
                                OurServer, percentile, settle, system_busy_seconds,
                                write_results)
-from benchmarks.e2e_bench import SMTPFailure, _reply, make_message  # noqa: E402
+from benchmarks.e2e_bench import SMTPFailure, make_message, smtp_send  # noqa: E402
 from benchmarks.common import (cpu_seconds, paced, process_tree,  # noqa: E402
                                thread_cpu_seconds, wait_quiet)
 from tests.scanners import ClamdDaemon, RspamdDaemon  # noqa: E402
@@ -83,26 +83,7 @@ def tree_cpu(pid: int) -> float:
 
 async def send_one(port: int, message: bytes) -> float:
     """One transaction on a new connection; seconds from the final dot to the 250."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        if (await _reply(reader))[0] != 220:
-            raise SMTPFailure("greeting")
-        writer.write(b"EHLO bench.test\r\n")
-        await _reply(reader)
-        writer.write(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
-        codes = [(await _reply(reader))[0] for _ in range(3)]
-        if codes != [250, 250, 354]:
-            raise SMTPFailure(f"MAIL/RCPT/DATA {codes}")
-        writer.write(message + b".\r\n")
-        t_dot = time.monotonic()
-        code, text = await _reply(reader)
-        t_250 = time.monotonic()
-        if code != 250:
-            raise SMTPFailure(f"after DATA {code} {text[:80]!r}")
-        writer.write(b"QUIT\r\n")
-        return t_250 - t_dot
-    finally:
-        writer.close()
+    return await smtp_send(HOST, port, SENDER, RCPT, message)
 
 
 async def closed_loop(port: int, run: str, count: int, sessions: int, size: int) -> dict:
