@@ -1,9 +1,10 @@
 """`Batcher`: one trip to the thread pool at a time, for many items.
 
 Items submitted while a batch is in the pool wait and go together in the next one (up to
-`max_batch`; None: all that waits). With light load a batch is one item and nothing waits; under load one thread
-does the work of many items, instead of one pool thread per item contending for the GIL (the
-dominant cost at high rates: docs/ARCHITECTURE.md, "Threads, the GIL and batches").
+`max_batch`; None: all that waits). With light load a batch is one item and nothing waits;
+under load one thread does the work of many items, instead of one pool thread per item
+contending for the GIL (the dominant cost at high rates: docs/ARCHITECTURE.md, "Threads, the
+GIL and batches").
 
     batcher = Batcher(run, max_batch=64)
     d = batcher.submit(item)        # Deferred[outcome of this item]

@@ -1150,10 +1150,10 @@ class _UDPSocketPool:
     every DNSBL lookup of every connection, and each system call gives up the GIL. So a socket
     whose query ended with its own reply (no timeout, no garbage, no error: nothing can still
     be on its way to it) goes back to an idle list, still watched by the reactor (anything that
-    arrives while it is idle retires it), and the next query to that server takes it. Source ports stay random -- each socket's port is chosen by
-    the kernel -- and each port carries at most MAX_USES queries, each with its own random id,
-    one at a time; a pool of up to MAX_IDLE such ports per server is the design dnsmasq uses
-    (its RANDOM_SOCKS, 64). A socket that ended in any other way is closed, never reused.
+    arrives while it is idle retires it), and the next query to that server takes it. Source
+    ports stay random -- each socket's port is chosen by the kernel -- and each port carries
+    at most MAX_USES queries, each with its own random id, one at a time; a pool of up to
+    MAX_IDLE such ports per server is the design dnsmasq uses (its RANDOM_SOCKS, 64). A socket that ended in any other way is closed, never reused.
     """
 
     MAX_USES = 100
