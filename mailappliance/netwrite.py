@@ -13,7 +13,8 @@ goes through transport.write as usual, which pauses that producer when the buffe
 
 from __future__ import annotations
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.python import failure
 
 # The bound on replies a peer has not read (docs/LIMITS.md): every session (SMTP, submission,
 # POP3, admin) is its transport's streaming producer for its whole life, so Twisted pauses it
@@ -32,10 +33,45 @@ def write_now(transport, data: bytes) -> None:
     if (type(t) is tcp.Server and not t.TLS and t.connected and not t.disconnecting
             and not t._writeDisconnected
             and (t.producer is None or (t.streamingProducer and not t.producerPaused))
-            and not t._tempDataBuffer and t.offset == len(t.dataBuffer)):
+            and _nothing_waits(t)):
         send_then_write(t, data)
     else:
         t.write(data)
+
+
+def _nothing_waits(t) -> bool:
+    return not t._tempDataBuffer and t.offset == len(t.dataBuffer)
+
+
+def close_now(transport) -> None:
+    """transport.loseConnection(), without the trip through epoll when nothing waits unsent.
+
+    Twisted's loseConnection always registers for writability and closes when epoll reports
+    it, in a later iteration: three epoll_ctl calls, an event dispatched, and a shutdown(2)
+    that fails once the peer has closed first (an SMTP client after 221). With an empty
+    buffer and no producer there is nothing to flush, so the socket stops being read now and
+    is closed from a timer of the next reactor turn (never inside the caller: a protocol's
+    connectionLost must not run within its own dataReceived). Bytes written in between are
+    still sent first: the close then takes Twisted's usual path."""
+    t = transport
+    if (type(t) is not tcp.Server or t.TLS or not t.connected or t.disconnecting
+            or t._writeDisconnected or t.producer is not None or not _nothing_waits(t)):
+        t.loseConnection()
+        return
+    t.stopReading()
+    t.disconnecting = 1
+    t._shouldShutdown = False        # close(2) alone sends the FIN after what was sent
+    t.reactor.callLater(0, _close_quiet, t)
+
+
+def _close_quiet(t) -> None:
+    if not t.connected:
+        return                       # aborted or reset meanwhile: already closed
+    if not _nothing_waits(t):
+        t.startWriting()             # written after close_now: doWrite flushes, then closes
+        return
+    t.stopWriting()
+    t.connectionLost(failure.Failure(main.CONNECTION_DONE))
 
 
 def send_then_write(t, data: bytes) -> None:

@@ -58,7 +58,7 @@ from mailappliance.access.rules import DEFAULT_ALLOW
 from mailappliance.address import classify
 from mailappliance.deadline import SMTP_SESSION_LIFETIME, Deadline
 from mailappliance import enddata
-from mailappliance.netwrite import REPLY_FLUSH_BYTES, write_now
+from mailappliance.netwrite import REPLY_FLUSH_BYTES, close_now, write_now
 from mailappliance.queue.inject import QueueWriteError
 from mailappliance.smtp import replies
 from mailappliance.smtp.core import (
@@ -340,7 +340,7 @@ class SMTPServerProtocol(protocol.Protocol):
             self._writer.abort()
             self._writer = None
         self._unregister()
-        self.transport.loseConnection()
+        close_now(self.transport)
 
     def _abort(self) -> None:
         if self._writer is not None:
