@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailappliance import stats
-from mailappliance.netwrite import REPLY_FLUSH_BYTES, write_now
+from mailappliance.netwrite import REPLY_FLUSH_BYTES, close_now, write_now
 from mailappliance.access.checkslot import CheckSlot
 from mailappliance.access.relay import normalize_ip
 from mailappliance.deadline import POP3_SESSION_LIFETIME, Deadline
@@ -407,7 +407,7 @@ class POP3ServerProtocol(Protocol):
     def _close_transport(self) -> None:
         self._closed = True
         self._unregister()
-        self.transport.loseConnection()
+        close_now(self.transport)
 
     def _flush(self, out: list[bytes]) -> None:
         """Send the replies gathered so far, at once when the socket takes them (netwrite)."""
