@@ -167,14 +167,15 @@ class Meter:
         with Meter(pid) as m: ...;   m.cpu, m.peak_rss_kib, m.wall
     """
 
-    def __init__(self, pid: int, tree: bool = False) -> None:
-        self.pid = pid
+    def __init__(self, pid: int | list[int], tree: bool = False) -> None:
+        self.pid = pid          # or several: the sum over their processes (trees)
         self.tree = tree
         self.peak_rss_kib = 0
         self._stop = threading.Event()
 
     def pids(self) -> list[int]:
-        return process_tree(self.pid) if self.tree else [self.pid]
+        roots = self.pid if isinstance(self.pid, list) else [self.pid]
+        return [p for r in roots for p in process_tree(r)] if self.tree else roots
 
     def _sample(self) -> None:
         deadline = time.monotonic() + 24 * 3600

@@ -27,7 +27,9 @@ Sides (`--side`, twice; the ratio is the first over the second):
   (hostname, data, the smtp listener, max_per_ip 40 so that 20 sessions from 127.0.0.1 are
   admitted: with 20, a new connection of smtp-source often arrives before the server has seen
   the close of the one before it, gets 421 and smtp-source gives up; everything else the product's defaults: SPF/DKIM/DMARC verification of internet
-  mail, bcrypt cost 12); ``plain@COMMIT`` likewise;
+  mail, bcrypt cost 12); ``plain@COMMIT`` likewise; ``ours*K`` (also ``ours@COMMIT*K+FILE``)
+  runs K independent servers side by side, each given 1/K of the sessions and messages, all
+  verified, their CPU summed: the most K receiving processes could give, sharing nothing;
 - ``postfix``: the private instance of benchmarks/peers/postfix.py (virtual Maildir, its
   defaults); ``postfix:KEY=VALUE,KEY=VALUE`` adds main.cf settings (e.g. in_flow_delay=0s).
 
@@ -52,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,11 +121,18 @@ class Side:
     def __init__(self, spec: str, scratch: Path, default_source: str | None) -> None:
         self.spec = spec
         self.kind, self.extra, self.postfix_set, source = "postfix", "", [], default_source
+        self.instances = 1
         if spec.startswith("postfix"):
             rest = spec[len("postfix"):].lstrip(":")
             self.postfix_set = [kv.strip() for kv in rest.split(",") if kv.strip()]
         else:
             head, _, extra_file = spec.partition("+")
+            head, star, copies = head.rpartition("*")
+            if not star:
+                head, copies = copies, "1"
+            self.instances = int(copies)
+            if self.instances < 1:
+                raise SystemExit(f"--side {spec!r}: *K needs K >= 1")
             self.kind, _, commit = head.partition("@")
             if self.kind not in ("ours", "plain"):
                 raise SystemExit(f"--side {spec!r}: ours, plain or postfix")
@@ -189,27 +199,58 @@ def one_run(side: Side, case: str, root: Path, scale: float) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     root.chmod(0o755)
-    server = side.start(root)
+    # `ours*K`: K independent servers, each given its share of the sessions and messages:
+    # what K receiving processes could do at most, with nothing shared between them.
+    k = side.instances
+    shares = [(sessions // k + (i < sessions % k), messages // k + (i < messages % k))
+              for i in range(k)]
+    servers = []
     try:
-        settle(server, 1)
-        before = count_new(server.maildir)
-        watcher = MaildirWatcher(server.maildir / "new", root / "arrivals.txt")
-        watcher.start()
+        for i in range(k):
+            servers.append(side.start(root if k == 1 else root / f"instance{i}"))
+        for server in servers:
+            settle(server, 1)
+        befores = [count_new(server.maildir) for server in servers]
+        watchers = [MaildirWatcher(server.maildir / "new", root / f"arrivals{i}.txt")
+                    for i, server in enumerate(servers)]
+        for w in watchers:
+            w.start()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        arrivals, overflow = {}, 0
         try:
-            with Meter(server.pid, tree=True) as meter:
+            with Meter([server.pid for server in servers], tree=True) as meter:
                 t0 = time.monotonic()
-                res = run_smtp_source(server.port, sessions, messages, size,
-                                      timeout=max(120.0, messages * 0.5))
-                wait_delivered(server.maildir, before, messages)
+                results = [None] * k
+
+                def load(i: int) -> None:
+                    results[i] = run_smtp_source(servers[i].port, *shares[i], size,
+                                                 timeout=max(120.0, messages * 0.5))
+                    wait_delivered(servers[i].maildir, befores[i], shares[i][1])
+                threads = [threading.Thread(target=load, args=(i,)) for i in range(k)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
         finally:
-            arrivals, overflow = watcher.stop()
+            for w in watchers:
+                got, lost = w.stop()
+                arrivals.update(got)
+                overflow += lost
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
-        settle(server, messages + 1)
-        ids = HeaderCache("message-id").ids(server.message_files())
+        ids: dict = {}
+        for server, (_s, count) in zip(servers, shares):
+            settle(server, count + 1)
+            for mid, n in HeaderCache("message-id").ids(server.message_files()).items():
+                ids[mid] = ids.get(mid, 0) + n
         ids.pop(WARM_UP_ID, None)
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+    res = {"rc": max((r["rc"] for r in results if r), default=-1),
+           "stderr": " | ".join(r["stderr"] for r in results if r and r["stderr"]),
+           "client_cpu": sum(r["client_cpu"] for r in results if r)}
+    if any(r is None for r in results):
+        res["rc"] = -1
     times = sorted(t for t in arrivals.values() if t >= t0)
     found = len(ids)
     got = min(len(times), found)
@@ -217,9 +258,10 @@ def one_run(side: Side, case: str, root: Path, scale: float) -> dict:
     others = meter.system_busy_pct - 100.0 * (meter.cpu + res["client_cpu"] + harness) / meter.wall
     out = {
         "side": side.spec, "case": case, "sessions": sessions, "size": size, "sent": messages,
+        "instances": k,
         "rc": res["rc"], "stderr": res["stderr"][-300:], "found": found,
         "duplicates": sum(n - 1 for n in ids.values() if n > 1), "inotify_overflows": overflow,
-        "accept_rate": messages / res["wall"] if res["rc"] == 0 else None,
+        "accept_rate": messages / max(r["wall"] for r in results) if res["rc"] == 0 else None,
         "rate": got / (times[got - 1] - t0) if got else None,
         "cpu_ms": 1000.0 * meter.cpu / max(found, 1),
         "server_cpu_pct": 100.0 * meter.cpu / meter.wall,
@@ -353,7 +395,7 @@ def main() -> int:
                     help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--scale", type=float, default=1.0, help="times the messages per run")
     ap.add_argument("--side", action="append",
-                    help="ours[@COMMIT][+TOML], plain[@COMMIT][+TOML] or postfix[:K=V,...]; "
+                    help="ours[@COMMIT][*K][+TOML], plain[@COMMIT][*K][+TOML] or postfix[:K=V,...]; "
                     "twice (default: ours, postfix)")
     ap.add_argument("--source", help="our code for ours/plain sides without @COMMIT")
     ap.add_argument("--no-ceiling", action="store_true")
