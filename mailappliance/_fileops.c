@@ -12,15 +12,18 @@
  * (tests that make a chosen call fail). Built as the top-level module mailappliance_fileops
  * (setup.py says why).
  *
- *   create_files(paths, mode) -> [(fd, inode) | (-errno, 0)]
- *       open(O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC) and fstat each path.
+ *   create_files(paths, mode, create=True) -> [(fd, inode) | (-errno, 0)]
+ *       open(O_WRONLY|O_CREAT|O_EXCL|O_CLOEXEC) and fstat each path; with create false,
+ *       open(O_WRONLY|O_CLOEXEC) an existing file instead (the queue's recycled files).
  *   commit(items, dirs, writeback) -> ([None | (step, errno)], [errno])
- *       items: (fd, data or None, src or None, dst or None). Write all data of every item;
+ *       items: (fd, data or None, src or None, dst or None[, size]). Write all data of every
+ *       item, then ftruncate it to size when one is given (>= 0; a failure is step 1);
  *       with writeback and more than one item, POSIX_FADV_DONTNEED each (starts writeback);
  *       then per item fsync, close, rename(src, dst). An item stops at its first failing step
  *       (1 write, 2 fsync, 3 close, 4 rename); its fd is still open after a failed write or
  *       fsync, closed after the others. Then fsync each dir (a path, or an open fd).
  *   unlink_many(paths) -> [errno or 0]
+ *   rename_many(srcs, dsts) -> [errno or 0]
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -54,8 +57,8 @@ static void free_paths(PyObject **conv, Py_ssize_t n) {
 
 static PyObject *create_files(PyObject *self, PyObject *args) {
     PyObject *paths;
-    int mode = 0600;
-    if (!PyArg_ParseTuple(args, "O|i:create_files", &paths, &mode)) return NULL;
+    int mode = 0600, create = 1;
+    if (!PyArg_ParseTuple(args, "O|ip:create_files", &paths, &mode, &create)) return NULL;
     PyObject *seq = PySequence_Fast(paths, "paths must be a sequence");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -66,13 +69,14 @@ static PyObject *create_files(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         const char *path = PyBytes_AS_STRING(conv[i]);
-        int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+        int fd = create ? open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+                        : open(path, O_WRONLY | O_CLOEXEC);
         if (fd < 0) { res[2 * i] = -errno; continue; }
         struct stat st;
         if (fstat(fd, &st) < 0) {
             int e = errno;
             close(fd);
-            unlink(path);
+            if (create) unlink(path);
             res[2 * i] = -e;
             continue;
         }
@@ -88,7 +92,10 @@ static PyObject *create_files(PyObject *self, PyObject *args) {
     }
     if (!out) {         /* cannot report: close what was opened rather than leak it */
         for (Py_ssize_t i = 0; i < n; i++)
-            if (res[2 * i] >= 0) { close((int)res[2 * i]); unlink(PyBytes_AS_STRING(conv[i])); }
+            if (res[2 * i] >= 0) {
+                close((int)res[2 * i]);
+                if (create) unlink(PyBytes_AS_STRING(conv[i]));
+            }
     }
     PyMem_Free(res);
     free_paths(conv, n);
@@ -101,6 +108,7 @@ typedef struct {
     int has_data;
     Py_buffer data;
     PyObject *src, *dst;          /* bytes, or NULL */
+    long long size;               /* >= 0: ftruncate to it after the write */
     int step, err;
 } item_t;
 
@@ -124,8 +132,9 @@ static PyObject *commit(PyObject *self, PyObject *args) {
     if (!it || !dv) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *data, *src, *dst;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "iOOO:commit item",
-                              &it[i].fd, &data, &src, &dst))
+        it[i].size = -1;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "iOOO|L:commit item",
+                              &it[i].fd, &data, &src, &dst, &it[i].size))
             goto done;
         if (data != Py_None) {
             if (PyObject_GetBuffer(data, &it[i].data, PyBUF_SIMPLE) < 0) goto done;
@@ -164,6 +173,10 @@ static PyObject *commit(PyObject *self, PyObject *args) {
             p += w; left -= w;
         }
     }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!it[i].step && it[i].size >= 0 && ftruncate(it[i].fd, (off_t)it[i].size) < 0) {
+            it[i].step = ST_WRITE; it[i].err = errno;
+        }
     if (writeback && n > 1)
         for (Py_ssize_t i = 0; i < n; i++)
             if (!it[i].step) (void)posix_fadvise(it[i].fd, 0, 0, POSIX_FADV_DONTNEED);
@@ -223,38 +236,65 @@ done:
     return out;
 }
 
-static PyObject *unlink_many(PyObject *self, PyObject *args) {
-    PyObject *paths;
-    if (!PyArg_ParseTuple(args, "O:unlink_many", &paths)) return NULL;
-    PyObject *seq = PySequence_Fast(paths, "paths must be a sequence");
+/* unlink each path (dsts NULL), or rename each src to its dst, with the GIL released once. */
+static PyObject *path_batch(PyObject *srcs, PyObject *dsts) {
+    PyObject *seq = PySequence_Fast(srcs, "paths must be a sequence"), *seq2 = NULL;
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **conv = convert_paths(seq, n);
-    if (!conv) { Py_DECREF(seq); return NULL; }
-    int *err = PyMem_Calloc(n ? n : 1, sizeof(int));
-    if (!err) { free_paths(conv, n); Py_DECREF(seq); return PyErr_NoMemory(); }
+    PyObject **conv = NULL, **conv2 = NULL, *out = NULL;
+    int *err = NULL;
+    if (dsts) {
+        seq2 = PySequence_Fast(dsts, "paths must be a sequence");
+        if (!seq2) goto done;
+        if (PySequence_Fast_GET_SIZE(seq2) != n) {
+            PyErr_SetString(PyExc_ValueError, "rename_many: as many targets as sources");
+            goto done;
+        }
+        if (!(conv2 = convert_paths(seq2, n))) goto done;
+    }
+    if (!(conv = convert_paths(seq, n))) goto done;
+    err = PyMem_Calloc(n ? n : 1, sizeof(int));
+    if (!err) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (unlink(PyBytes_AS_STRING(conv[i])) < 0) err[i] = errno;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *p = PyBytes_AS_STRING(conv[i]);
+        if ((conv2 ? rename(p, PyBytes_AS_STRING(conv2[i])) : unlink(p)) < 0) err[i] = errno;
+    }
     Py_END_ALLOW_THREADS
-    PyObject *out = PyList_New(n);
+    out = PyList_New(n);
     for (Py_ssize_t i = 0; out && i < n; i++) {
         PyObject *r = PyLong_FromLong(err[i]);
         if (!r) { Py_CLEAR(out); break; }
         PyList_SET_ITEM(out, i, r);
     }
+done:
     PyMem_Free(err);
-    free_paths(conv, n);
+    if (conv) free_paths(conv, n);
+    if (conv2) free_paths(conv2, n);
+    Py_XDECREF(seq2);
     Py_DECREF(seq);
     return out;
 }
 
+static PyObject *unlink_many(PyObject *self, PyObject *args) {
+    PyObject *paths;
+    if (!PyArg_ParseTuple(args, "O:unlink_many", &paths)) return NULL;
+    return path_batch(paths, NULL);
+}
+
+static PyObject *rename_many(PyObject *self, PyObject *args) {
+    PyObject *srcs, *dsts;
+    if (!PyArg_ParseTuple(args, "OO:rename_many", &srcs, &dsts)) return NULL;
+    return path_batch(srcs, dsts);
+}
+
 static PyMethodDef methods[] = {
     {"create_files", create_files, METH_VARARGS,
-     "create_files(paths, mode=0o600) -> [(fd, inode) or (-errno, 0)]"},
+     "create_files(paths, mode=0o600, create=True) -> [(fd, inode) or (-errno, 0)]"},
     {"commit", commit, METH_VARARGS,
      "commit(items, dirs, writeback=True) -> ([None or (step, errno)], [errno or 0])"},
     {"unlink_many", unlink_many, METH_VARARGS, "unlink_many(paths) -> [errno or 0]"},
+    {"rename_many", rename_many, METH_VARARGS, "rename_many(srcs, dsts) -> [errno or 0]"},
     {NULL, NULL, 0, NULL}
 };
 

@@ -22,6 +22,8 @@ try:   # optional C helper (setup.py): a batch of file system calls with the GIL
     import mailappliance_fileops as _native
 except ImportError:     # pragma: no cover - built wherever a C compiler is
     _native = None
+if _native is not None and not hasattr(_native, "rename_many"):    # pragma: no cover
+    _native = None      # a build of an older _fileops.c: its calls take other arguments
 
 
 class FileOps:
@@ -32,8 +34,16 @@ class FileOps:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                        0o600)
 
+    def open_existing(self, path: str) -> int:
+        """Open a file that is there for writing, from its start (the queue's recycled
+        files): nothing created, nothing truncated."""
+        return os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+
     def write(self, fd: int, data) -> int:
         return os.write(fd, data)
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -104,15 +114,18 @@ class FileOps:
         cls = type(self)
         return cls is FileOps or all(getattr(cls, n) is getattr(FileOps, n) for n in names)
 
-    def create_many(self, paths: list[str]) -> list:
-        """open_excl each path -> per path (fd, inode number) or the OSError it met."""
-        if self._native_for("open_excl"):
+    def create_many(self, paths: list[str], create: bool = True) -> list:
+        """open_excl each path (with `create` false: open_existing) -> per path (fd, inode
+        number) or the OSError it met."""
+        opener = "open_excl" if create else "open_existing"
+        if self._native_for(opener):
             return [(fd, ino) if fd >= 0 else _os_error(-fd, path)
-                    for path, (fd, ino) in zip(paths, _native.create_files(paths, 0o600))]
+                    for path, (fd, ino) in zip(paths,
+                                               _native.create_files(paths, 0o600, create))]
         out: list = []
         for path in paths:
             try:
-                fd = self.open_excl(path)
+                fd = getattr(self, opener)(path)
             except OSError as e:
                 out.append(e)
                 continue
@@ -120,36 +133,43 @@ class FileOps:
                 out.append((fd, os.fstat(fd).st_ino))
             except OSError as e:
                 self.close(fd)
-                self.unlink(path)
+                if create:
+                    self.unlink(path)
                 out.append(e)
         return out
 
     def commit_many(self, items: list[tuple], dirs: list[str]) -> tuple[list, list]:
         """The group commit of several files: `items` are (fd, data or None, src or None,
-        dst or None). Writes every item's data; with more than one item, `start_writeback`
+        dst or None[, size]). Writes every item's data, then truncates it to `size` when
+        one is given (a recycled file may have been longer; a failure counts as "write");
+        with more than one item, `start_writeback`
         for each; then per item fsync, close, rename(src, dst); then `fsync_dir` each of
         `dirs`. -> (per item None or (step, OSError) with step "write", "fsync", "close" or
         "rename"; per dir None or OSError). An item stops at its first failure; its fd is
         still open after a failed write or fsync and closed after the others."""
-        if self._native_for("write", "start_writeback", "fsync", "close", "rename",
-                            "fsync_dir"):
+        if self._native_for("write", "truncate", "start_writeback", "fsync", "close",
+                            "rename", "fsync_dir"):
             held = getattr(self, "_held", None) or {}
             res, dres = _native.commit(items, [held.get(d, d) for d in dirs], True)
             errs = [None if r is None else (_STEPS[r[0]], _os_error(r[1], items[k][2]))
                     for k, r in enumerate(res)]
             return errs, [_os_error(e, d) if e else None for e, d in zip(dres, dirs)]
         errs: list = [None] * len(items)
-        for k, (fd, data, _src, _dst) in enumerate(items):
-            if data:
-                try:
+        for k, item in enumerate(items):
+            fd, data = item[0], item[1]
+            size = item[4] if len(item) > 4 else -1
+            try:
+                if data:
                     write_all(self, fd, data)
-                except OSError as e:
-                    errs[k] = ("write", e)
+                if size >= 0:
+                    self.truncate(fd, size)
+            except OSError as e:
+                errs[k] = ("write", e)
         if len(items) > 1:
             for k, item in enumerate(items):
                 if errs[k] is None:
                     self.start_writeback(item[0])
-        for k, (fd, _data, src, dst) in enumerate(items):
+        for k, (fd, _data, src, dst, *_size) in enumerate(items):
             if errs[k] is not None:
                 continue
             step = "fsync"
@@ -163,6 +183,13 @@ class FileOps:
             except OSError as e:
                 errs[k] = (step, e)
         return errs, _each(self.fsync_dir, dirs)
+
+    def rename_many(self, srcs: list[str], dsts: list[str]) -> list:
+        """rename each of `srcs` to its `dsts` -> per pair None or the OSError it met."""
+        if self._native_for("rename"):
+            return [_os_error(e, p) if e else None
+                    for e, p in zip(_native.rename_many(srcs, dsts), srcs)]
+        return _each(lambda pair: self.rename(*pair), list(zip(srcs, dsts)))
 
     def unlink_many(self, paths: list[str]) -> list:
         """unlink each path -> per path None or the OSError it met."""

@@ -1200,7 +1200,7 @@ class QueueManager(service.Service):
             self.store.release_data(env)
         if not remaining and nothing_failed and not job.busy.difference(unit):
             # Everything delivered: no marks needed, the message just goes.
-            d = self._remove_soon(env.qid, env.bounce_file)
+            d = self._remove_soon(env.qid, env.bounce_file, env.size)
             done_all = True
         else:
             pending = [t for ch, t in job.next_try.items()
@@ -1219,12 +1219,14 @@ class QueueManager(service.Service):
         self._pump()
         return d
 
-    def _remove_soon(self, qid: int, bounce_file: bool = True) -> defer.Deferred:
+    def _remove_soon(self, qid: int, bounce_file: bool = True,
+                     size: int | None = None) -> defer.Deferred:
         """Remove a finished message; removals that pile up while one batch is being removed
-        go together in the next (one thread hand-off for many messages under load)."""
-        return self._remover.submit((qid, bounce_file))
+        go together in the next (one thread hand-off for many messages under load). With its
+        size the store may keep its file for reuse (QueueStore.remove_many)."""
+        return self._remover.submit((qid, bounce_file, size))
 
-    def _remove_many(self, items: list[tuple[int, bool]]) -> list[None]:
+    def _remove_many(self, items: list[tuple]) -> list[None]:
         """In a thread: remove the messages; an error fails the whole batch (as before)."""
         self.store.remove_many(items)
         return [None] * len(items)

@@ -6,6 +6,7 @@ Layout under ``<data>/queue`` (queue/store.py, its only writer, describes each p
     mess/<N>                           a committed message; N is its inode number
     bounce/<N>                         failure reports of message N
     defer/<N>                          per recipient: attempts, last try and last deferral text
+    free/<N>                           a finished message's file kept for reuse (the server's)
     corrupt/<N>.<time>                 entries that could not be parsed, moved aside
     trigger                            unix datagram socket of the running manager
 
@@ -30,6 +31,7 @@ from mailappliance.fileops import process_id
 
 TMP, MESS, BOUNCE, CORRUPT = "tmp", "mess", "bounce", "corrupt"
 DEFER = "defer"
+FREE = "free"
 TRIGGER = "trigger"
 # tmp/ subdirectories, one per concurrent writer thread (more than the thread pool's size):
 # concurrent creates and fsyncs in one directory contend (measured here: 8 writers reach

@@ -93,7 +93,7 @@ def build_queue(live: LiveSettings, reactor, threadpool, users: UserStore,
     `delivery_threads`, a pool instead of the delivery pool made here."""
     settings = live.settings
     if store is None:
-        store = QueueStore(queue_dir(settings))
+        store = QueueStore(queue_dir(settings), recycle=True)
     manager: QueueManager | None = None
 
     def sign_bounce(message: bytes):

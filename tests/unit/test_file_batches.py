@@ -259,3 +259,116 @@ def test_a_maildir_commit_call_that_raises_delivers_nothing_and_claims_nothing(t
     assert p.final is None and p.error is not None and p.error.temporary
     assert os.listdir(box / "tmp") == [] and os.listdir(box / "new") == []
     os.close(fd)                        # left open rather than closed twice
+
+
+# --- recycling: open_existing, truncate, rename_many, and the queue's free/ files --------------
+
+def test_open_existing_truncate_and_rename_many(tmp_path, ops):
+    old = tmp_path / "old"
+    old.write_bytes(b"x" * 10000)
+    [(fd, ino), missing] = ops.create_many([str(old), str(tmp_path / "none")], create=False)
+    assert isinstance(missing, FileNotFoundError)
+    assert ino == old.stat().st_ino
+    assert (tmp_path / "none").exists() is False            # nothing created
+    dst = tmp_path / "new"
+    errs, derrs = ops.commit_many([(fd, b"short", str(old), str(dst), 5)], [str(tmp_path)])
+    assert errs == [None] and derrs == [None]
+    assert dst.read_bytes() == b"short" and not old.exists()  # truncated, then renamed
+    (tmp_path / "a").write_bytes(b"a")
+    out = ops.rename_many([str(tmp_path / "a"), str(tmp_path / "gone")],
+                          [str(tmp_path / "b"), str(tmp_path / "c")])
+    assert out[0] is None and isinstance(out[1], FileNotFoundError)
+    assert (tmp_path / "b").read_bytes() == b"a"
+
+
+def _recycling_store(tmp_path, ops):
+    return qs.QueueStore(tmp_path / "queue", clock=lambda: 1_700_000_000.0, ops=ops,
+                         recycle=True)
+
+
+def _commit(store, data: bytes, rcpt: str = "b@y.test") -> int:
+    [tmp] = store.begin_many(1)
+    tmp.finish("a@x.test", [rcpt], data=data, write=False)
+    [qid] = store.complete_many([tmp])
+    assert isinstance(qid, int), qid
+    return qid
+
+
+def test_a_finished_message_file_is_reused_in_place_and_reads_back_exactly(tmp_path, ops):
+    store = _recycling_store(tmp_path, ops)
+    big = b"Subject: big\n\n" + b"y" * 20000 + b"\n"
+    qid = _commit(store, big, "first@y.test")
+    store.remove_many([(qid, True, len(big))])
+    assert os.listdir(store.mess_dir) == [] and os.listdir(store.free_dir) == [str(qid)]
+    small = b"Subject: small\n\nbody\n"
+    qid2 = _commit(store, small, "second@y.test")
+    assert qid2 == qid                        # the same inode, overwritten in place
+    assert os.listdir(store.free_dir) == [] and store.tmp_files() == []
+    env = store.read_envelope(qid2)
+    assert [r.address for r in env.recipients] == ["second@y.test"]
+    assert store.read_message(env) == small
+    # nothing of the longer message is left behind the new trailer
+    assert os.stat(store.message_path(qid2)).st_size < len(big)
+    # the sendmail command's one-call path reuses too, and truncates as well
+    store.remove_many([(qid2, True, len(small))])
+    qid3 = store.inject(b"z\n", "a@x.test", ["c@y.test"], trigger=False)
+    assert qid3 == qid and store.read_message(store.read_envelope(qid3)) == b"z\n"
+
+
+def test_large_messages_and_a_full_free_list_are_unlinked(tmp_path, ops, monkeypatch):
+    monkeypatch.setattr(qs, "FREE_MAX", 2)
+    store = _recycling_store(tmp_path, ops)
+    qids = [_commit(store, b"m%d\n" % k) for k in range(4)]
+    store.remove_many([(qids[0], False, qs.RECYCLE_MAX + 1),    # too large
+                       (qids[1], False, None),                   # size unknown
+                       (qids[2], False, 10), (qids[3], False, 10)])
+    assert sorted(os.listdir(store.free_dir)) == sorted([str(qids[2]), str(qids[3])])
+    assert os.listdir(store.mess_dir) == []
+    qid = _commit(store, b"more\n")
+    store.remove_many([(qid, False, 10)])        # room again after one was reused
+    assert store.free_count() == 2
+
+
+def test_free_files_are_taken_back_at_start_within_the_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(qs, "FREE_MAX", 2)
+    free = tmp_path / "queue" / "free"
+    free.mkdir(parents=True)
+    for name in ("11", "12", "13", "junk"):
+        (free / name).write_bytes(b"old")
+    store = _recycling_store(tmp_path, FileOps())
+    assert store.free_count() == 2 and sorted(os.listdir(free)) == ["11", "12"]
+
+
+def test_a_free_file_that_vanished_is_replaced_by_a_new_one(tmp_path, ops):
+    store = _recycling_store(tmp_path, ops)
+    qid = _commit(store, b"x\n")
+    store.remove_many([(qid, False, 2)])
+    os.unlink(os.path.join(store.free_dir, str(qid)))
+    qid2 = _commit(store, b"y\n")
+    assert store.read_message(store.read_envelope(qid2)) == b"y\n"
+
+
+def test_a_failed_truncate_fails_that_message_and_leaves_nothing(tmp_path):
+    class NoTruncate(FileOps):
+        def truncate(self, fd, size):
+            raise OSError(errno.EIO, "I/O error")
+
+    store = _recycling_store(tmp_path, NoTruncate())
+    qid = _commit(store, b"x" * 100 + b"\n")
+    store.remove_many([(qid, False, 101)])
+    [tmp] = store.begin_many(1)
+    tmp.finish("a@x.test", ["b@y.test"], data=b"y\n", write=False)
+    [out] = store.complete_many([tmp])
+    assert isinstance(out, qs.QueueWriteError)
+    assert os.listdir(store.mess_dir) == [] and os.listdir(store.free_dir) == []
+
+
+def test_stores_that_do_not_recycle_never_touch_free(tmp_path, ops):
+    server = _recycling_store(tmp_path, ops)
+    qid = _commit(server, b"x\n")
+    server.remove_many([(qid, False, 2)])
+    other = qs.QueueStore(tmp_path / "queue", ops=ops)     # the sendmail command's store
+    qid2 = other.inject(b"y\n", "a@x.test", ["b@y.test"], trigger=False)
+    assert qid2 != qid and os.listdir(other.free_dir) == [str(qid)]
+    other.remove_many([(qid2, False, 2)])
+    assert os.listdir(other.mess_dir) == [] and os.listdir(other.free_dir) == [str(qid)]
