@@ -342,13 +342,22 @@ class QueueStore:
             self._load_free()
 
     def _load_free(self) -> None:
-        """Take the free/ files left by the last run (at most FREE_MAX; the rest go)."""
+        """Take the free/ files left by the last run (at most FREE_MAX; the rest go).
+
+        A name that is also linked elsewhere is dropped, never reused: after a crash on a
+        file system without a journal, free/ may still show a file that was taken and
+        renamed into mess/ before it (only mess/ was fsynced), so the inode is a message."""
         for name in sorted(os.listdir(self.free_dir)):
             path = os.path.join(self.free_dir, name)
-            if name.isdigit() and len(self._free) < FREE_MAX:
+            try:
+                linked = os.lstat(path).st_nlink != 1 or os.path.lexists(
+                    os.path.join(self.mess_dir, name))
+            except FileNotFoundError:
+                continue
+            if name.isdigit() and not linked and len(self._free) < FREE_MAX:
                 self._free.append(int(name))
             else:
-                self._unlink_quietly(path)
+                self._unlink_quietly(path)        # the name only: a message keeps its own
 
     def free_count(self) -> int:
         return len(self._free)

@@ -372,3 +372,15 @@ def test_stores_that_do_not_recycle_never_touch_free(tmp_path, ops):
     assert qid2 != qid and os.listdir(other.free_dir) == [str(qid)]
     other.remove_many([(qid2, False, 2)])
     assert os.listdir(other.mess_dir) == [] and os.listdir(other.free_dir) == [str(qid)]
+
+
+def test_a_free_name_that_is_also_a_message_is_never_reused(tmp_path):
+    # After a crash without a journal free/ may still list a file that had been taken and
+    # renamed into mess/ (only mess/ was fsynced): the message must survive the next start.
+    store = _recycling_store(tmp_path, FileOps())
+    qid = _commit(store, b"precious\n")
+    os.link(store.message_path(qid), os.path.join(store.free_dir, str(qid)))
+    again = _recycling_store(tmp_path, FileOps())
+    assert again.free_count() == 0 and os.listdir(again.free_dir) == []
+    _commit(again, b"next\n")
+    assert again.read_message(again.read_envelope(qid)) == b"precious\n"
