@@ -101,10 +101,11 @@ DEFER_TEXT_MAX = 1000
 CTIME_SLACK = 2.0
 # `queue show` shows at most this much of a message's header.
 SHOW_HEADER_MAX = 64 * 1024
-# Recycling (see the module's docstring): messages up to this size leave their file in free/,
-# at most this many files (so free/ holds at most 16 MiB plus envelopes; a few hundred are
-# enough for the removals and injections of one moment to meet).
-RECYCLE_MAX = 64 * 1024
+# Recycling (see the module's docstring): messages up to this size leave their file in free/
+# (KEEP_DATA_MAX: a 100 KiB message included), at most this many files (so free/ holds at
+# most 32 MiB plus envelopes; a few hundred are enough for the removals and injections of one
+# moment to meet).
+RECYCLE_MAX = 128 * 1024
 FREE_MAX = 256
 
 
