@@ -1,4 +1,5 @@
-"""`write_now(transport, data)`: Twisted's transport.write, but sent at once when it can be.
+"""`write_now(transport, data)`: Twisted's transport.write, but sent at once when it can be;
+`close_now(transport)`: its loseConnection, without a trip through epoll when nothing waits.
 
 Twisted's write() only queues the bytes and registers for writability: they leave in the next
 reactor iteration, after two epoll_ctl calls. A line protocol without pipelining (SMTP from
