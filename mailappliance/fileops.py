@@ -143,9 +143,10 @@ class FileOps:
         dst or None[, size]). Writes every item's data, then truncates it to `size` when
         one is given (a recycled file may have been longer; a failure counts as "write");
         with more than one item, `start_writeback` for each; then per item fsync, close,
-        rename(src, dst); then `fsync_dir` each of `dirs`. -> (per item None or (step, OSError) with step "write", "fsync", "close" or
-        "rename"; per dir None or OSError). An item stops at its first failure; its fd is
-        still open after a failed write or fsync and closed after the others."""
+        rename(src, dst); then `fsync_dir` each of `dirs`. -> (per item None or (step,
+        OSError) with step "write", "fsync", "close" or "rename"; per dir None or OSError).
+        An item stops at its first failure; its fd is still open after a failed write or
+        fsync and closed after the others."""
         if self._native_for("write", "truncate", "start_writeback", "fsync", "close",
                             "rename", "fsync_dir"):
             held = getattr(self, "_held", None) or {}
