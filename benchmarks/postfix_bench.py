@@ -395,8 +395,8 @@ def main() -> int:
                     help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--scale", type=float, default=1.0, help="times the messages per run")
     ap.add_argument("--side", action="append",
-                    help="ours[@COMMIT][*K][+TOML], plain[@COMMIT][*K][+TOML] or postfix[:K=V,...]; "
-                    "twice (default: ours, postfix)")
+                    help="ours[@COMMIT][*K][+TOML], plain[@COMMIT][*K][+TOML] or "
+                    "postfix[:K=V,...]; twice (default: ours, postfix)")
     ap.add_argument("--source", help="our code for ours/plain sides without @COMMIT")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
