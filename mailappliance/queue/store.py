@@ -658,12 +658,13 @@ class QueueStore:
                     keep.append(int(item[0]))
                     room -= 1
         kept: set[int] = set()
+        freed: list[int] = []
         if keep:
             for qid, e in zip(keep, self.ops.rename_many(
                     [self.message_path(q) for q in keep],
                     [os.path.join(self.free_dir, str(q)) for q in keep])):
                 if e is None:
-                    self._free.append(qid)
+                    freed.append(qid)
                     kept.add(qid)
                 elif isinstance(e, FileNotFoundError):
                     kept.add(qid)           # already gone: nothing to unlink either
@@ -673,7 +674,11 @@ class QueueStore:
                   if item[1]]
         paths += [os.path.join(self.defer_dir, str(int(item[0]))) for item in items
                   if item[1]]
-        for e in self.ops.unlink_many(paths):
+        errors = self.ops.unlink_many(paths)
+        # Reusable only now: a new message with the same id must not lose its bounce/ or
+        # defer/ file to this removal's unlinks of the old message's.
+        self._free.extend(freed)
+        for e in errors:
             if e is not None and not isinstance(e, FileNotFoundError):
                 raise e
 

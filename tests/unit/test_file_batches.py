@@ -384,3 +384,21 @@ def test_a_free_name_that_is_also_a_message_is_never_reused(tmp_path):
     assert again.free_count() == 0 and os.listdir(again.free_dir) == []
     _commit(again, b"next\n")
     assert again.read_message(again.read_envelope(qid)) == b"precious\n"
+
+
+def test_a_recycled_id_is_reusable_only_after_its_old_side_files_are_gone(tmp_path):
+    # Another thread may take the file as soon as it is in the pool: by then the old
+    # message's bounce/ and defer/ files must be gone, or the new one could lose its own.
+    seen = []
+
+    class Watch(FileOps):
+        def unlink_many(self, paths):
+            seen.append(store.free_count())
+            return super().unlink_many(paths)
+
+    store = _recycling_store(tmp_path, Watch())
+    qid = _commit(store, b"x\n")
+    bounce = os.path.join(store.bounce_dir, str(qid))
+    open(bounce, "wb").close()
+    store.remove_many([(qid, True, 2)])
+    assert seen == [0] and store.free_count() == 1 and not os.path.exists(bounce)
