@@ -217,10 +217,9 @@ class TmpMessage:
         """The FileOps.commit_many item of an unsynced finish."""
         if self.closed or not self._unsynced:
             raise QueueWriteError("complete without an unsynced finish")
-        dst = os.path.join(self.store.mess_dir, str(self.envelope.qid))
-        if self.reused:
-            return (self.fd, self._tail, self.path, dst, self.file_size)
-        return (self.fd, self._tail, self.path, dst)
+        return (self.fd, self._tail, self.path,
+                os.path.join(self.store.mess_dir, str(self.envelope.qid)),
+                self.file_size if self.reused else -1)      # -1: a new file, no truncate
 
     def _committed(self, err) -> int:
         """Take commit_many's result for this message: its qid, or raise QueueWriteError

@@ -38,6 +38,17 @@ def fill_queue(srv, rcpt):
                      "test@test.com", [rcpt], trigger=False)
 
 
+def restart_and_count(srv, number_of) -> collections.Counter:
+    """Start the killed server again, wait until its queue is empty, and count the deliveries
+    of each message: `number_of(path, data)` checks a Maildir file and returns its number."""
+    srv.start()
+    wait_until(lambda: queue_ids(srv) == [], timeout=120, what="the queue to empty")
+    counts = collections.Counter()
+    for path in maildir_files(srv):
+        counts[number_of(path, path.read_bytes())] += 1
+    return counts
+
+
 def check(counts: collections.Counter, limit_in_flight: int):
     missing = [i for i in range(MESSAGES) if counts[i] == 0]
     assert missing == [], f"{len(missing)} messages lost, e.g. {missing[:5]}"
@@ -55,15 +66,13 @@ def test_kill_9_during_local_delivery_loses_nothing(make_server):
     srv.kill()
     left = len(queue_ids(srv))
     assert left > 0, "the crash came too late to test anything (all delivered already)"
-    srv.start()
-    wait_until(lambda: queue_ids(srv) == [], timeout=120, what="the queue to empty")
-    counts = collections.Counter()
-    for path in maildir_files(srv):
-        data = path.read_bytes()
+
+    def number_of(path, data):
         m = MARKER.search(data)
         assert m and data.endswith(m.group(0) + b"\n"), f"partial file in new/: {path}"
-        counts[int(m.group(1))] += 1
-    check(counts, limit_in_flight=10)
+        return int(m.group(1))
+
+    check(restart_and_count(srv, number_of), limit_in_flight=10)
 
 
 def test_kill_9_during_remote_delivery_loses_nothing(make_server, tmp_path):
@@ -128,16 +137,15 @@ def test_kill_9_while_mail_flows_through_recycled_queue_files_loses_nothing(make
     srv.kill()
     stop.set()
     t.join(30)
-    srv.start()
-    wait_until(lambda: queue_ids(srv) == [], timeout=120, what="the queue to empty")
-    counts = collections.Counter()
-    for path in maildir_files(srv):
-        data = path.read_bytes()
+
+    def number_of(path, data):
         found = MARKER.findall(data)
         assert len(found) == 1, f"{path} holds {len(found)} markers"
         i = int(found[0])
         assert data.endswith(body(i).replace(b"\r\n", b"\n")), f"{path} is not message {i}"
-        counts[i] += 1
+        return i
+
+    counts = restart_and_count(srv, number_of)
     missing = [i for i in accepted if counts[i] == 0]
     assert missing == [], f"{len(missing)} acknowledged messages lost, e.g. {missing[:5]}"
     assert sum(n - 1 for n in counts.values() if n > 1) <= 10     # only those in flight
